@@ -1,0 +1,201 @@
+"""The allocation file: where adapters go and how big they are.
+
+Every allocator writes this file and every trainer reads it (format ``floe-dist/allocation@1``)::
+
+    {"format": "floe-dist/allocation@1", "method": "uniform", "target_modules": ["q_proj", "v_proj"],
+     "alpha": 16.0, "dropout": 0.05,
+     "layers": {"0": {"q_proj": {"experts": 4, "ranks": [2, 2, 2, 2], "router": "topk", "top_k": 2}, ...}},
+     "trainable_parameters": 123456, "meta": {...}}
+
+Layers absent from ``layers`` get no adapter. ``trainable_parameters`` is the exact count of adapter
+parameters (experts + routers) on the model it was made for; it is checked against the built model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from floe_dist.modeling.lora_moe import ROUTERS, count_lora_parameters
+
+FORMAT = "floe-dist/allocation@1"
+
+
+class AllocationError(ValueError):
+    """An allocation that cannot be applied; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ModuleAllocation:
+    experts: int
+    ranks: tuple[int, ...]
+    router: str = "topk"
+    top_k: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"experts": self.experts, "ranks": list(self.ranks), "router": self.router, "top_k": self.top_k}
+
+
+@dataclass
+class Allocation:
+    method: str
+    target_modules: list[str]
+    layers: dict[int, dict[str, ModuleAllocation]]
+    alpha: float = 16.0
+    dropout: float = 0.0
+    trainable_parameters: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def uniform(cls, num_layers: int, target_modules: list[str], experts: int = 1, rank: int = 8,
+                router: str = "topk", top_k: int = 1, layers: list[int] | None = None,
+                alpha: float = 16.0, dropout: float = 0.0, method: str = "uniform") -> "Allocation":
+        """Same experts and rank on every chosen layer (all layers by default)."""
+        chosen = range(num_layers) if layers is None else sorted(layers)
+        module = ModuleAllocation(experts, (rank,) * experts, router, min(top_k, experts))
+        return cls(method=method, target_modules=list(target_modules),
+                   layers={i: {m: module for m in target_modules} for i in chosen}, alpha=alpha, dropout=dropout)
+
+    def with_parameter_count(self, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
+        self.trainable_parameters = self.count_parameters(shapes)
+        return self
+
+    def count_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
+        """Exact adapter parameter count, given ``{module name: (d_in, d_out)}``."""
+        return sum(count_lora_parameters(*shapes[name], m.ranks, m.router)
+                   for mods in self.layers.values() for name, m in mods.items())
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "method": self.method, "target_modules": list(self.target_modules),
+            "alpha": self.alpha, "dropout": self.dropout,
+            "layers": {str(i): {n: m.to_json() for n, m in mods.items()} for i, mods in sorted(self.layers.items())},
+            "trainable_parameters": self.trainable_parameters, "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic write (temp file + rename): a crash never leaves a half-written allocation."""
+        return write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Allocation":
+        problems: list[str] = []
+        if not isinstance(data, Mapping):
+            raise AllocationError("allocation must be a JSON object")
+        if data.get("format") != FORMAT:
+            problems.append(f"format must be {FORMAT!r}, got {data.get('format')!r}")
+        targets = data.get("target_modules")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            problems.append("target_modules must be a non-empty list of module names")
+            targets = []
+        raw_layers = data.get("layers")
+        layers: dict[int, dict[str, ModuleAllocation]] = {}
+        if not isinstance(raw_layers, Mapping) or not raw_layers:
+            problems.append("empty allocation: 'layers' names no layer, so nothing would be trained")
+            raw_layers = {}
+        for key, mods in raw_layers.items():
+            try:
+                idx = int(key)
+            except (TypeError, ValueError):
+                problems.append(f"layer key {key!r} is not an integer index")
+                continue
+            if not isinstance(mods, Mapping) or not mods:
+                problems.append(f"layer {key}: expected a non-empty mapping of module name -> spec")
+                continue
+            layers[idx] = {}
+            for name, spec in mods.items():
+                parsed = _parse_module(f"layer {key} module {name!r}", spec, problems)
+                if parsed is not None:
+                    layers[idx][name] = parsed
+        count = data.get("trainable_parameters")
+        if count is not None and (not isinstance(count, int) or count < 0):
+            problems.append(f"trainable_parameters must be a non-negative integer, got {count!r}")
+        if problems:
+            raise AllocationError("invalid allocation:\n  - " + "\n  - ".join(problems))
+        return cls(method=str(data.get("method", "unknown")), target_modules=list(targets), layers=layers,
+                   alpha=float(data.get("alpha", 16.0)), dropout=float(data.get("dropout", 0.0)),
+                   trainable_parameters=count, meta=dict(data.get("meta") or {}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Allocation":
+        path = Path(path)
+        if not path.is_file():
+            raise AllocationError(f"allocation file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise AllocationError(f"allocation file {path} is not valid JSON: {err}") from None
+        return cls.from_json(data)
+
+    # --------------------------------------------------------------- checking
+    def validate(self, num_layers: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Check this allocation against a model: layer range, module names, parameter count."""
+        problems = []
+        unknown_targets = sorted(set(self.target_modules) - set(shapes))
+        if unknown_targets:
+            problems.append(f"unknown target module(s) {unknown_targets}; the model has {sorted(shapes)}")
+        for idx, mods in sorted(self.layers.items()):
+            if not 0 <= idx < num_layers:
+                problems.append(f"layer {idx} is out of range: the model has layers 0..{num_layers - 1}")
+            for name in mods:
+                if name not in self.target_modules:
+                    problems.append(f"layer {idx}: module {name!r} is not in target_modules {self.target_modules}")
+                elif name not in shapes:
+                    problems.append(f"layer {idx}: unknown module name {name!r}; the model has {sorted(shapes)}")
+        if not problems and self.trainable_parameters is not None:
+            real = self.count_parameters(shapes)
+            if real != self.trainable_parameters:
+                problems.append(f"trainable_parameters says {self.trainable_parameters} but this model "
+                                f"would have {real}: the file was made for another model")
+        if problems:
+            raise AllocationError("allocation does not fit the model:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def is_plain_lora(self) -> bool:
+        """One expert per adapted module: exportable as a standard PEFT LoRA adapter."""
+        return all(m.experts == 1 for mods in self.layers.values() for m in mods.values())
+
+
+def _parse_module(where: str, spec: Any, problems: list[str]) -> ModuleAllocation | None:
+    if not isinstance(spec, Mapping):
+        problems.append(f"{where}: expected an object with experts/ranks/router/top_k")
+        return None
+    ranks = spec.get("ranks")
+    experts = spec.get("experts", len(ranks) if isinstance(ranks, list) else None)
+    router = spec.get("router", "topk")
+    top_k = spec.get("top_k", 1)
+    before = len(problems)
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
+        problems.append(f"{where}: ranks must be a non-empty list of integers")
+    elif min(ranks) <= 0:
+        problems.append(f"{where}: ranks must be >= 1, got {ranks}")
+    elif experts != len(ranks):
+        problems.append(f"{where}: experts={experts} but {len(ranks)} ranks given")
+    if router not in ROUTERS:
+        problems.append(f"{where}: router must be one of {list(ROUTERS)}, got {router!r}")
+    elif router == "dense" and isinstance(ranks, list) and len(set(ranks)) > 1:
+        problems.append(f"{where}: a dense router shares one A, so all ranks must be equal, got {ranks}")
+    if not isinstance(top_k, int) or top_k < 1:
+        problems.append(f"{where}: top_k must be an integer >= 1, got {top_k!r}")
+    elif isinstance(experts, int) and top_k > experts:
+        problems.append(f"{where}: top_k={top_k} is larger than experts={experts}")
+    if len(problems) > before:
+        return None
+    return ModuleAllocation(experts=experts, ranks=tuple(ranks), router=router, top_k=top_k)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to a temp file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

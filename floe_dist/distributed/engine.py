@@ -1,0 +1,108 @@
+"""DeepSpeed: merge a ``zero_configs/*.json`` file with the run's settings, initialise, gather.
+
+Keys the run decides (batch sizes, optimizer, scheduler, precision) are filled in only where the
+JSON leaves them out or says ``"auto"``, as in the Hugging Face integration; everything else in the
+JSON is the user's to tune.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+
+def zero_config_path(stage_or_path: str | int) -> Path:
+    """``3``/``2``/``0`` name the shipped configs; anything else is a path to a JSON file."""
+    text = str(stage_or_path)
+    path = ZERO_CONFIGS / f"zero{text}.json" if text in {"0", "1", "2", "3"} else Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    return path
+
+
+def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: int, world_size: int,
+                 lr: float, weight_decay: float) -> dict[str, Any]:
+    path = zero_config_path(stage_or_path)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    cfg = copy.deepcopy(cfg)
+
+    def fill(section: dict, key: str, value: Any) -> None:
+        if section.get(key, "auto") == "auto":
+            section[key] = value
+
+    fill(cfg, "train_micro_batch_size_per_gpu", micro_batch)
+    fill(cfg, "gradient_accumulation_steps", accumulation)
+    fill(cfg, "train_batch_size", micro_batch * accumulation * world_size)
+    cuda = torch.cuda.is_available()
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    fill(params, "lr", lr)
+    fill(params, "weight_decay", weight_decay)
+    if not cuda:
+        params.setdefault("torch_adam", True)  # avoids the fused_adam JIT build on CPU
+    bf16 = cfg.setdefault("bf16", {})
+    fill(bf16, "enabled", cuda)
+    return cfg
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
+    """lr multiplier for step s: linear warmup to 1 (the first step already learns), cosine to min_ratio."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def initialize(model: nn.Module, config: dict[str, Any], total_steps: int, warmup_steps: int):
+    """``deepspeed.initialize`` over the trainable (``lora_*``) parameters only.
+
+    Unless the JSON names a DeepSpeed scheduler, the lr follows ``warmup_cosine`` through a torch
+    LambdaLR that DeepSpeed steps and checkpoints (its WarmupCosineLR spends step 0 at lr 0).
+    """
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    # No set_z3_leaf_modules here: LoRAMoELinear never skips an expert, so every rank fetches the
+    # same parameters in the same order (marking it a leaf breaks its backward re-gather on CPU).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: the allocation placed no adapter")
+    schedule = None if "scheduler" in config else (
+        lambda opt: LambdaLR(opt, warmup_cosine(total_steps, warmup_steps)))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
+                                                   lr_scheduler=schedule)
+    return engine, scheduler
+
+
+def gather_full(named: dict[str, nn.Parameter], to_rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) CPU copies of parameters; collective under ZeRO-3: call on every rank.
+
+    This is what makes the ZeRO-3 "empty adapter" export bug impossible (peft #2892, DeepSpeed
+    #4295): partitioned parameters have ``numel() == 0`` locally and must be gathered first.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out: dict[str, torch.Tensor] = {}
+    params = list(named.values())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if rank == 0 or not to_rank0_only:
+            out = {k: p.detach().to("cpu", torch.float32).clone() for k, p in named.items()}
+    empty = [k for k, v in out.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"gathered adapter tensors are empty (ZeRO-3 partition not gathered): {empty[:3]}")
+    return out

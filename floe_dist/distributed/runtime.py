@@ -1,0 +1,98 @@
+"""Process-group setup for every way floe-dist is started.
+
+* ``deepspeed --num_gpus N ...`` and ``torchrun --nproc_per_node N ...`` set RANK / WORLD_SIZE /
+  LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS.
+* A plain ``python -m launcher.cli train`` sets nothing: it becomes a world of one, on a free port
+  (without this DeepSpeed falls back to MPI discovery and fails on a missing mpi4py).
+
+The backend follows the hardware: NCCL when CUDA is present, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover() -> DistInfo:
+    """Rank layout from the launcher's environment (torchrun/deepspeed, then Slurm, else one process)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    else:
+        rank, world, local, local_world = 0, 1, 0, 1
+    return DistInfo(rank, world, local, local_world)
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent); returns this process's place."""
+    import deepspeed
+    import torch.distributed as dist
+
+    info = discover()
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if info.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run: start with deepspeed, "
+                               "torchrun or srun (see slurm/), or export MASTER_ADDR/MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    else:
+        # The shared-memory comm op is a 70-90 s JIT build on every fresh machine; plain gloo is enough.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # The deepspeed launcher does not set OMP_NUM_THREADS: split the cores between local ranks.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False)
+    return info
+
+
+def device_for(info: DistInfo) -> torch.device:
+    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (no-op in a world of one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

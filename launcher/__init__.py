@@ -1,0 +1,1 @@
+"""CLI and launch glue: imports floe_dist, never the reverse."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: the model cache, a CLI runner for 1..N local ranks, process-group teardown."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FLOE_DIST_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def floe_command(args: list[str], nproc: int = 1) -> list[str]:
+    """`floe-dist ARGS` as one process, or under torchrun with nproc local ranks on a free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "launcher.cli", *args]
+    from floe_dist.distributed.runtime import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "launcher.cli", *args]
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(nproc: int) -> dict[str, str]:
+    """This process's environment without launcher variables (a child starts its own world)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["OMP_NUM_THREADS"] = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = clean_env(nproc)
+    proc = subprocess.run(floe_command(args, nproc), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"floe-dist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _teardown_process_group():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)  # init_distributed exports RANK/MASTER_PORT/... for in-process runs
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from floe_dist.modeling.backbone import resolve_model
+
+    return resolve_model("tiny")

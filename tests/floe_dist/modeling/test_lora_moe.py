@@ -1,0 +1,149 @@
+"""LoRAMoELinear against its definition, PEFT's LoRA and the routing rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from floe_dist.modeling.lora_moe import LoRAMoELinear, count_lora_parameters
+
+D_IN, D_OUT = 16, 12
+
+
+def _randomise(layer: LoRAMoELinear, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _naive(layer: LoRAMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """The formula in the module docstring, token by token, expert by expert."""
+    x2 = x.reshape(-1, D_IN)
+    out = layer.base(x2).clone()
+    experts = layer.expert_state()
+    for t in range(x2.shape[0]):
+        if layer.lora_router is None:
+            weights = {0: 1.0}
+        else:
+            probs = torch.softmax(layer.lora_router(x2[t]), -1)
+            if layer.router == "dense":
+                weights = dict(enumerate(probs.tolist()))
+            else:
+                top_w, top_i = probs.topk(layer.top_k)
+                weights = dict(zip(top_i.tolist(), (top_w / top_w.sum()).tolist()))
+        for e, w in weights.items():
+            a, b = experts[e]["A"], experts[e]["B"]
+            out[t] += w * (layer.alpha / layer.ranks[e]) * (b @ (a @ x2[t]))
+    return out.reshape(*x.shape[:-1], D_OUT)
+
+
+def test_single_expert_equals_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
+    peft_layer = peft_model.base_model.model[0]
+    ours = LoRAMoELinear(peft_layer.base_layer, ranks=[4], router="topk", top_k=1, alpha=8)
+    _randomise(ours)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(3, 5, D_IN)
+    assert (ours(x) - peft_model(x)).abs().max().item() <= 1e-6
+    assert not torch.equal(ours(x), ours.base(x))  # the adapter really contributes
+
+
+@pytest.mark.parametrize("router,ranks,top_k", [("topk", [4], 1), ("topk", [2, 2, 2, 2], 2), ("dense", [3, 3, 3], 3)])
+def test_zero_b_leaves_base_output_unchanged(router, ranks, top_k):
+    base = nn.Linear(D_IN, D_OUT)
+    layer = LoRAMoELinear(base, ranks, router=router, top_k=top_k)
+    x = torch.randn(2, 7, D_IN)
+    assert torch.equal(layer(x), base(x))
+
+
+@pytest.mark.parametrize("router,ranks,top_k", [("topk", [1, 3, 2], 2), ("topk", [2, 5], 1), ("dense", [3, 3, 3], 3)])
+def test_forward_matches_definition(router, ranks, top_k):
+    torch.manual_seed(1)
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), ranks, router=router, top_k=top_k, alpha=6)
+    _randomise(layer)
+    x = torch.randn(2, 4, D_IN)
+    torch.testing.assert_close(layer(x), _naive(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_heterogeneous_ranks_have_own_shapes_and_count():
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [1, 3, 2], router="topk", top_k=2)
+    shapes = [(e["A"].shape, e["B"].shape) for e in layer.expert_state()]
+    assert shapes == [((1, D_IN), (D_OUT, 1)), ((3, D_IN), (D_OUT, 3)), ((2, D_IN), (D_OUT, 2))]
+    n = sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
+    assert n == count_lora_parameters(D_IN, D_OUT, [1, 3, 2], "topk") == 6 * (D_IN + D_OUT) + 3 * D_IN
+    dense = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [4, 4], router="dense")
+    n = sum(p.numel() for n, p in dense.named_parameters() if "lora_" in n)
+    assert n == count_lora_parameters(D_IN, D_OUT, [4, 4], "dense") == 4 * D_IN + 8 * D_OUT + 2 * D_IN
+
+
+def test_balance_loss_is_one_under_uniform_routing():
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [2, 2, 2, 2], router="topk", top_k=4)
+    nn.init.zeros_(layer.lora_router.weight)  # softmax of zeros: every expert 1/E
+    layer(torch.randn(5, D_IN))
+    assert layer.balance_loss.item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(layer.expert_load, torch.full((4,), 0.25))
+
+
+def test_balance_loss_penalises_collapse():
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [2, 2, 2, 2], router="topk", top_k=1)
+    with torch.no_grad():
+        layer.lora_router.weight.zero_()
+        layer.lora_router.weight[0] = 50.0  # every positive input goes to expert 0
+    layer(torch.rand(6, D_IN) + 0.1)
+    assert layer.balance_loss.item() == pytest.approx(4.0, abs=1e-3)  # E * f_0 * P_0 = 4 * 1 * 1
+
+
+def test_adapter_scale_applies_once_and_only_to_adapter_output():
+    torch.manual_seed(2)
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [2, 2], router="topk", top_k=1)
+    _randomise(layer)
+    x = torch.randn(4, D_IN)
+    base_out = layer.base(x)
+    delta = layer(x) - base_out
+    mask = torch.tensor(0.25, requires_grad=True)
+    layer.adapter_scale = mask
+    out = layer(x)
+    torch.testing.assert_close(out - base_out, 0.25 * delta)
+    out.sum().backward()
+    torch.testing.assert_close(mask.grad, delta.sum(), rtol=1e-5, atol=1e-5)  # d/dm of m * delta
+    layer.adapter_scale = lambda: mask * 2  # a callable (Flexora's alpha-hat) works too
+    torch.testing.assert_close(layer(x) - base_out, 0.5 * delta)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(ranks=[0, 2]), "rank >= 1"),
+    (dict(ranks=[2, 2], top_k=3), "top_k=3"),
+    (dict(ranks=[2, 4], router="dense"), "all ranks must match"),
+    (dict(ranks=[2], router="sparse"), "router must be one of"),
+])
+def test_bad_layer_configs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAMoELinear(nn.Linear(D_IN, D_OUT), **kwargs)
+
+
+def test_4bit_base_forward_and_backward_train_only_adapters():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(3)
+    dense = nn.Linear(64, 32, bias=False)
+    q = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    layer = LoRAMoELinear(q, [2, 2], router="topk", top_k=1)
+    _ = layer(torch.randn(3, 64))  # first call packs the weight
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    out = layer(x)
+    assert out.shape == (3, 32)
+    assert (out - dense(x)).abs().mean() > 0  # 4-bit base plus a non-zero adapter
+    out.pow(2).mean().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in layer.base.parameters())

@@ -1,0 +1,41 @@
+"""The floe-dist command line: help, argument errors, and the tiny campaign end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.cli import build_parser, _stages
+from tests.conftest import run_floe
+
+
+def test_every_sub_command_has_help():
+    parser = build_parser(_stages())
+    for name in ("train", "evaluate", "export", "campaign"):
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([name, "--help"])
+        assert done.value.code == 0
+
+
+def test_bad_train_arguments_fail_before_any_work(tmp_path):
+    proc = run_floe(["train", "--model", "tiny", "--steps", "0", "--allocation", str(tmp_path / "x.json"),
+                     "--output", str(tmp_path / "o")], check=False)
+    assert proc.returncode == 2
+    assert "--steps must be >= 1" in proc.stderr and "x.json: file not found" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = run_floe(["train", "--model", "tiny", "--zero", str(tmp_path / "nope.json"),
+                     "--output", str(tmp_path / "o")], check=False)
+    assert proc.returncode == 2 and "DeepSpeed config not found" in proc.stderr
+
+
+def test_tiny_campaign_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "campaign"
+    proc = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
+    summary = json.loads((out / "campaign.json").read_text())
+    assert summary["ranks"] == 2 and summary["trainable_parameters"] > 0
+    assert 0.0 <= summary["zero_shot_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
+    assert set(summary["stage_seconds"]) == {"prepare", "zero_shot", "train", "final_eval"}
+    assert "final accuracy" in proc.stdout
+    assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    again = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
+    assert again.stdout.count("done earlier") == 4
