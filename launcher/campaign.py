@@ -3,8 +3,9 @@
     floe-dist campaign                  # SmolLM2-135M on SST-2, 2 local ranks under ZeRO-3
     floe-dist campaign --preset tiny    # the same path on a tiny random Llama, about a minute
 
-Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> train (a
-``torchrun`` group of ``--nproc`` ranks) -> accuracy of the exported adapter. A stage whose result
+Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> score (warm-up
+and Fisher layer selection, floe_dist/score.py) -> train the selected layers -> accuracy of the
+exported adapter. Score and train run as ``torchrun`` groups of ``--nproc`` ranks. A stage whose result
 file exists is skipped when the campaign is rerun, so an interrupted campaign continues where it
 stopped (training itself resumes from its last checkpoint).
 """
@@ -23,13 +24,16 @@ from floe_dist.config import arg
 from floe_dist.evaluate import EvalArgs
 from floe_dist.evaluate import run as evaluate
 from floe_dist.modeling.backbone import resolve_model
+from floe_dist.score import ScoreArgs
 from floe_dist.train import TrainArgs
 
 PRESETS = {
     # Real model and data; measured to finish well under 15 minutes on 2 CPU cores.
-    "default": dict(model="smollm2-135m", task="sst2", steps=40, micro_batch=4, nproc=2, eval_limit=None),
+    "default": dict(model="smollm2-135m", task="sst2", steps=40, micro_batch=4, nproc=2, eval_limit=None,
+                    score=dict(warmup_steps=20, proxy_examples=256, samples=256)),
     # Same code path on a random tiny Llama: a smoke test of the whole campaign.
-    "tiny": dict(model="tiny", task="sst2", steps=6, micro_batch=2, nproc=2, eval_limit=32),
+    "tiny": dict(model="tiny", task="sst2", steps=6, micro_batch=2, nproc=2, eval_limit=32,
+                 score=dict(warmup_steps=3, proxy_examples=32, samples=32, micro_batch=2)),
 }
 
 
@@ -41,7 +45,8 @@ class CampaignArgs:
     steps: int | None = arg(None, "training steps; default from the preset")
     zero: str = arg("3", "DeepSpeed config for training: 0, 2, 3 or a JSON path")
     quant: str = arg("none", "backbone for training and evaluation: none or nf4")
-    allocation: str | None = arg(None, "allocation.json to train; default: uniform from the train defaults")
+    allocation: str | None = arg(None, "allocation.json to train; skips the score stage")
+    select_k: int | None = arg(None, "layers the score stage keeps; default 25%% of the layers")
 
 
 def _stage(name: str, result_file: Path, timings: dict, fn):
@@ -59,12 +64,12 @@ def _stage(name: str, result_file: Path, timings: dict, fn):
     return result
 
 
-def train_command(train_args: TrainArgs, nproc: int) -> list[str]:
-    """A torchrun command line (argument list, never a shell string) for the train stage."""
+def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
+    """A torchrun command line (argument list, never a shell string) for a stage's dataclass args."""
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "launcher.cli", "train"]
-    for f in fields(TrainArgs):
-        value = getattr(train_args, f.name)
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "launcher.cli", stage]
+    for f in fields(stage_args):
+        value = getattr(stage_args, f.name)
         if value is None or value == f.default:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -92,22 +97,31 @@ def run(args: CampaignArgs) -> dict:
     eval_args = dict(model=preset["model"], task=preset["task"], quant=args.quant, limit=preset["eval_limit"])
     zero_shot = _stage("zero_shot", out / "zero_shot.json", timings, lambda: evaluate(EvalArgs(**eval_args)))
 
+    def launch(stage: str, stage_args, result: Path) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        code = subprocess.call(stage_command(stage, stage_args, nproc), env=env)
+        if code != 0:
+            raise RuntimeError(f"{stage} stage failed (exit {code}); rerun the campaign to resume it")
+        return json.loads(result.read_text())
+
+    allocation = args.allocation
+    if allocation is None:
+        score_args = ScoreArgs(model=preset["model"], task=preset["task"], output=str(out / "score"),
+                               zero=args.zero, quant=args.quant, k=args.select_k, **preset["score"])
+        scored = _stage("score", out / "score_stage.json", timings,
+                        lambda: launch("score", score_args, out / "score" / "fisher.json"))
+        print(f"[campaign] selected layers {scored['selected_layers']}")
+        allocation = str(out / "score" / "allocation.json")
     train_args = TrainArgs(model=preset["model"], task=preset["task"], output=str(out / "train"),
                            steps=args.steps or preset["steps"], micro_batch=preset["micro_batch"],
-                           zero=args.zero, quant=args.quant, allocation=args.allocation)
-
-    def train() -> dict:
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-        code = subprocess.call(train_command(train_args, nproc), env=env)
-        if code != 0:
-            raise RuntimeError(f"train stage failed (exit {code}); rerun the campaign to resume it")
-        return json.loads((out / "train" / "train.json").read_text())
-
-    trained = _stage("train", out / "train_stage.json", timings, train)
+                           zero=args.zero, quant=args.quant, allocation=allocation)
+    trained = _stage("train", out / "train_stage.json", timings,
+                     lambda: launch("train", train_args, out / "train" / "train.json"))
     final = _stage("final_eval", out / "final_eval.json", timings,
                    lambda: evaluate(EvalArgs(**eval_args, adapter=str(out / "train" / "adapter"))))
 
     summary = {"preset": args.preset, "model": preset["model"], "task": preset["task"], "ranks": nproc,
+               "allocation": allocation,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": timings,
                "args": asdict(args)}

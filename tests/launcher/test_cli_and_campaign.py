@@ -11,7 +11,7 @@ from tests.conftest import run_floe
 
 def test_every_sub_command_has_help():
     parser = build_parser(_stages())
-    for name in ("train", "evaluate", "export", "campaign"):
+    for name in ("score", "train", "evaluate", "export", "campaign"):
         with pytest.raises(SystemExit) as done:
             parser.parse_args([name, "--help"])
         assert done.value.code == 0
@@ -34,8 +34,12 @@ def test_tiny_campaign_runs_end_to_end_and_resumes(tmp_path):
     summary = json.loads((out / "campaign.json").read_text())
     assert summary["ranks"] == 2 and summary["trainable_parameters"] > 0
     assert 0.0 <= summary["zero_shot_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
-    assert set(summary["stage_seconds"]) == {"prepare", "zero_shot", "train", "final_eval"}
+    assert set(summary["stage_seconds"]) == {"prepare", "zero_shot", "score", "train", "final_eval"}
+    fisher = json.loads((out / "score" / "fisher.json").read_text())
+    assert fisher["world_size"] == 2 and len(fisher["selected_layers"]) == 1  # 25% of 4 layers
+    trained_layers = json.loads((out / "train" / "allocation.json").read_text())["layers"]
+    assert sorted(map(int, trained_layers)) == fisher["selected_layers"]
     assert "final accuracy" in proc.stdout
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
     again = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
-    assert again.stdout.count("done earlier") == 4
+    assert again.stdout.count("done earlier") == 5

@@ -1,0 +1,59 @@
+"""`floe-dist score`: 1 rank == 2 ZeRO-3 ranks, outputs that load back, resumable warm-up, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from floe_dist.allocation import Allocation
+from tests.conftest import run_floe
+
+COMMON = ["score", "--model", "tiny", "--warmup-steps", "3", "--proxy-examples", "64", "--samples", "64",
+          "--score-batch", "8", "--micro-batch", "2", "--zero", "3"]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """One warm-up + 1-rank scoring; later runs copy its warm-up folder."""
+    root = tmp_path_factory.mktemp("score")
+    run_floe([*COMMON, "--output", str(root / "one"), "--k", "2"])
+    return root
+
+
+@pytest.mark.parametrize("mode", ["mask", "param"])
+def test_two_rank_zero3_scores_equal_one_rank(warm, mode, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(warm / "one" / "warmup", d / "warmup")
+    run_floe([*COMMON, "--output", str(one), "--mode", mode, "--k", "2"])
+    run_floe([*COMMON, "--output", str(two), "--mode", mode, "--k", "2"], nproc=2)
+    a, b = (json.loads((d / "fisher.json").read_text()) for d in (one, two))
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["samples"] == b["samples"] == 64
+    for layer, score in a["scores"].items():
+        assert abs(score - b["scores"][layer]) <= 1e-5 * abs(score)
+    assert a["selected_layers"] == b["selected_layers"]
+
+
+def test_outputs_load_back_and_warmup_is_reused(warm):
+    from PIL import Image
+
+    out = warm / "one"
+    fisher = json.loads((out / "fisher.json").read_text())
+    assert fisher["mode"] == "mask" and len(fisher["selected_layers"]) == 2
+    assert set(fisher["seconds"]) == {"warmup", "score", "total"}
+    allocation = Allocation.load(out / "allocation.json")
+    assert sorted(allocation.layers) == fisher["selected_layers"]
+    assert allocation.method == "floe" and allocation.trainable_parameters == fisher["trainable_parameters"]
+    assert Image.open(out / "fisher.png").size[0] > 100
+    again = run_floe([*COMMON, "--output", str(out), "--k", "2", "--select", "refine"])
+    assert "trained" not in again.stdout  # the warm-up checkpoint was reused, not retrained
+
+
+def test_bad_inputs_fail_with_clear_errors(warm, tmp_path):
+    proc = run_floe([*COMMON, "--output", str(warm / "one"), "--k", "9"], check=False)
+    assert proc.returncode == 2 and "k=9 is larger than the number of scored layers (4)" in proc.stderr
+    proc = run_floe([*COMMON, "--output", str(tmp_path / "z"), "--samples", "0"], check=False)
+    assert proc.returncode == 2 and "zero samples" in proc.stderr
+    proc = run_floe([*COMMON, "--output", str(warm / "one"), "--warmup-steps", "5"], check=False)
+    assert proc.returncode == 2 and "warm-up made with other settings" in proc.stderr
