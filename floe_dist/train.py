@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import inject_adapters, lora_state_dict
-
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
 
 
 @dataclass

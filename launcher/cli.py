@@ -56,9 +56,24 @@ def build_parser(stages: dict) -> argparse.ArgumentParser:
     return parser
 
 
+def strip_launcher_flags(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher prepends --local_rank=N; LOCAL_RANK is in the environment too."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     stages = _stages()
-    ns = build_parser(stages).parse_args(argv)
+    ns = build_parser(stages).parse_args(strip_launcher_flags(sys.argv[1:] if argv is None else argv))
     cls, fn, _ = stages[ns.command]
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,9 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    # torch 2.13 warns on every ZeRO-3 step that all_gather_into_tensor/reduce_scatter_tensor are
+    # deprecated (DeepSpeed still calls them): one line per step drowns the progress bar.
+    warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
     info = discover()
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

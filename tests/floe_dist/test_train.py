@@ -46,6 +46,22 @@ def test_two_rank_zero3_matches_one_rank(zero3_runs):
     assert json.loads((zero3_runs[1] / "train.json").read_text())["world_size"] == 2
 
 
+def test_deepspeed_launcher_runs_the_same_training(zero3_runs, tmp_path):
+    """`deepspeed --num_gpus 2 --module launcher.cli train ...` (it prepends --local_rank=N)."""
+    from floe_dist.distributed.runtime import free_port
+
+    args = json.loads((zero3_runs[1] / "train_args.json").read_text())
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "launcher.cli", "train", "--model", "tiny", "--steps", "4", "--zero", "3", "--micro-batch", "2",
+           "--checkpoint-every", "2", "--balance-coef", "0", *MOE, "--output", str(out)]
+    assert args["micro_batch"] == 2 and args["steps"] == 4
+    subprocess.run(cmd, cwd=REPO, env=clean_env(2), check=True, capture_output=True, timeout=600)
+    for a, b in zip(_losses(zero3_runs[0]), _losses(out)):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert json.loads((out / "train.json").read_text())["world_size"] == 2
+
+
 def test_tensorboard_has_loss_lr_balance_and_expert_load(zero3_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
