@@ -95,7 +95,8 @@ def warm_up(args: ScoreArgs, out: Path) -> Path:
                       seed=args.seed, checkpoint_every=0)
     export = out / "warmup" / "adapter"
     saved = out / "warmup" / "train_args.json"
-    same = lambda a: {k: v for k, v in a.items() if k != "output"}  # a copied warm-up folder is fine
+    # A copied warm-up folder, or one made under another ZeRO stage, is the same warm-up.
+    same = lambda a: {k: v for k, v in a.items() if k not in ("output", "zero")}
     if saved.is_file() and same(json.loads(saved.read_text())) != same(json.loads(json.dumps(asdict(targs)))):
         raise ValueError(f"{out / 'warmup'} holds a warm-up made with other settings; use another --output")
     if not (export / "export.json").is_file():
@@ -137,15 +138,18 @@ def run(args: ScoreArgs) -> dict:
         raise ValueError(f"k={k} is larger than the number of scored layers ({len(adapters)})")
     config = ds.build_config(args.zero, micro_batch=args.score_batch, accumulation=1, world_size=info.world_size,
                              lr=1e-9, weight_decay=0.0)
-    engine, _ = ds.initialize(model, config, total_steps=1, warmup_steps=1)
-    engine.eval()  # no dropout: the Fisher of the deterministic model
+    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+        forward, _ = ds.initialize(model, config, total_steps=1, warmup_steps=1)  # partitioned backbone
+    else:
+        forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
+    forward.eval()  # no dropout: the Fisher of the deterministic model
 
     examples = load_task(args.task, "train")[: min(args.samples, args.proxy_examples)]
     batches = list(scoring_batches(examples, tokenizer, args.score_batch, info.rank, info.world_size))
     t1 = time.time()
-    local = accumulate_fisher(engine, adapters,
+    local = accumulate_fisher(forward, adapters,
                               ({k_: v.to(device) for k_, v in b.items()} for b in batches),
-                              lambda b: engine(**b)["ce"], with_param=args.mode == "param", device=device,
+                              lambda b: forward(**b)["ce"], with_param=args.mode == "param", device=device,
                               progress=lambda it: tqdm(it, total=len(batches), desc="fisher",
                                                        disable=not info.is_main))
     sums = local.reduce(all_reduce_sum)

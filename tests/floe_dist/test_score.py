@@ -35,6 +35,15 @@ def test_two_rank_zero3_scores_equal_one_rank(warm, mode, tmp_path):
     assert a["selected_layers"] == b["selected_layers"]
 
 
+def test_zero0_scores_equal_zero3_scores(warm, tmp_path):
+    """Without ZeRO-3 the scorer runs on the plain module (DeepSpeed's ZeRO-0 engine refuses autograd.grad)."""
+    shutil.copytree(warm / "one" / "warmup", tmp_path / "z0" / "warmup")
+    run_floe([*COMMON[:-2], "--zero", "0", "--output", str(tmp_path / "z0"), "--k", "2"])
+    a, b = (json.loads((d / "fisher.json").read_text()) for d in (warm / "one", tmp_path / "z0"))
+    for layer, score in a["scores"].items():
+        assert abs(score - b["scores"][layer]) <= 1e-5 * abs(score)
+
+
 def test_outputs_load_back_and_warmup_is_reused(warm):
     from PIL import Image
 

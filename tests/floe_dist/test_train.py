@@ -197,3 +197,12 @@ def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_p
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_curve(tmp_path):
+    common = ["train", "--model", "tiny", "--steps", "3", "--micro-batch", "2", "--zero", "0", "--dropout", "0",
+              *MOE[:-2]]
+    run_floe([*common, "--output", str(tmp_path / "plain")])
+    run_floe([*common, "--output", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")):
+        assert abs(a - b) <= 1e-6 * abs(a)
