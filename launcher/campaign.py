@@ -21,6 +21,7 @@ from pathlib import Path
 
 from floe_dist.allocation import write_json_atomic
 from floe_dist.config import arg
+from floe_dist.distributed.runtime import free_port
 from floe_dist.evaluate import EvalArgs
 from floe_dist.evaluate import run as evaluate
 from floe_dist.modeling.backbone import resolve_model
@@ -67,7 +68,7 @@ def _stage(name: str, result_file: Path, timings: dict, fn):
 def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
     """A torchrun command line (argument list, never a shell string) for a stage's dataclass args."""
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "launcher.cli", stage]
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli", stage]
     for f in fields(stage_args):
         value = getattr(stage_args, f.name)
         if value is None or value == f.default:
@@ -75,12 +76,6 @@ def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     return argv
-
-
-def _free_port() -> int:
-    from floe_dist.distributed.runtime import free_port
-
-    return free_port()
 
 
 def run(args: CampaignArgs) -> dict:

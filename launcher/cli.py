@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
-    from floe_dist import evaluate, export_run, score, train
+    from floe_dist import allocate, evaluate, export_run, score, train
     from launcher import campaign
 
     return {
         "score": (score.ScoreArgs, score.run, "warm up adapters, score layers by Fisher information, select"),
+        "allocate": (allocate.AllocateArgs, allocate.run, "write an allocation file with a registered method"),
         "train": (train.TrainArgs, train.run, "train adapters under DeepSpeed (ZeRO-0/2/3)"),
         "evaluate": (evaluate.EvalArgs, evaluate.run, "multiple-choice accuracy of a base model or adapter"),
         "export": (export_run.ExportArgs, export_run.run, "rebuild an adapter export from a checkpoint"),
