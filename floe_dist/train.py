@@ -101,6 +101,7 @@ def run(args: TrainArgs) -> dict:
     model = AnswerLM(lm, args.balance_coef)
 
     out = Path(args.output)
+    check_resumable(out, args)
     if info.is_main:
         allocation.save(out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
         write_json_atomic(out / "train_args.json", asdict(args))
@@ -157,6 +158,21 @@ def run(args: TrainArgs) -> dict:
         print(f"trained {allocation.trainable_parameters:,} adapter parameters for {args.steps} steps "
               f"on {info.world_size} rank(s) in {summary['seconds']:.0f}s -> {out / 'adapter'}")
     return summary
+
+
+RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "keep_checkpoints", "output"}
+
+
+def check_resumable(out: Path, args: TrainArgs) -> None:
+    """Refuse to resume checkpoints written with other settings (a silent mix would train a different run)."""
+    saved = out / "train_args.json"
+    if not (out / "checkpoints" / "latest").is_file() or not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    changed = sorted(k for k, v in asdict(args).items() if k not in RESUME_MAY_CHANGE and before.get(k) != v)
+    if changed:
+        raise ValueError(f"{out} holds checkpoints of a run with other settings ({', '.join(changed)}); "
+                         f"use another --output, or the same flags to resume it")
 
 
 def _latest_tag(ckpt_dir: Path) -> str | None:

@@ -187,6 +187,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     assert not (out / "adapter").exists()
 
 
+def test_resuming_with_other_settings_is_refused(zero3_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(zero3_runs[0], run)
+    proc = run_floe(["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--micro-batch", "4", "--rank", "8",
+                     "--output", str(run)], check=False)
+    assert proc.returncode == 2 and "run with other settings" in proc.stderr and "rank" in proc.stderr
+
+
 def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_path):
     run = zero3_runs[0]
     run_floe(["export", "--run", str(run), "--output", str(tmp_path / "again")])
