@@ -4,6 +4,7 @@
     floe-dist allocate --method random --k 8 --seed 1 --output alloc.json
     floe-dist allocate --method floe --scores runs/score/fisher.json --k 8 --output alloc.json
     floe-dist allocate --method hilo --expert-schedule 2468 --rank-schedule 2468 --output alloc.json
+    floe-dist allocate --method flexora --task sst2 --flexora-steps 50 --output alloc.json
 
 The model is built on the meta device from its config (no weights are loaded) to read its shapes.
 """
@@ -24,7 +25,7 @@ class ModelShape:
 
 @dataclass
 class AllocateArgs:
-    method: str = arg("uniform", "uniform, random, floe or hilo")
+    method: str = arg("uniform", "uniform, random, floe, flexora or hilo")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
     output: str = arg("allocation.json", "where to write the allocation file")
     targets: str = arg("q_proj,v_proj", "comma-separated module names")
@@ -34,12 +35,18 @@ class AllocateArgs:
     top_k: int = arg(1, "experts per token (topk router)")
     alpha: float = arg(16.0, "LoRA alpha")
     dropout: float = arg(0.05, "adapter input dropout")
-    k: int | None = arg(None, "random/floe: layers kept; default 25%% of the layers")
+    k: int | None = arg(None, "random/floe: layers kept (default 25%% of the layers); flexora: top-k "
+                              "instead of alpha > 0")
     seed: int = arg(0, "random: seed of the layer draw")
     budget: int | None = arg(None, "uniform/random/floe: pick the rank whose parameter count is closest")
     scores: str | None = arg(None, "floe: fisher.json written by `floe-dist score`")
     expert_schedule: str = arg("2468", "hilo: experts per layer group, e.g. 2468, 8642 or uniform")
     rank_schedule: str = arg("uniform", "hilo: rank per layer group, e.g. 2468, 8642 or uniform")
+    task: str = arg("sst2", "flexora: the task whose data the search trains and validates on")
+    flexora_steps: int = arg(50, "flexora: alternating steps (one LoRA step + one alpha step each)")
+    flexora_batch: int = arg(8, "flexora: training examples per LoRA step")
+    flexora_val: int = arg(200, "flexora: training examples held out for the alpha steps")
+    flexora_lr: float = arg(1e-3, "flexora: learning rate of the LoRA steps during the search")
 
     @property
     def target_list(self) -> list[str]:

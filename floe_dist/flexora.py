@@ -1,0 +1,88 @@
+"""Flexora (Wei et al., ACL 2025): layer selection as hyper-parameter optimisation, by unrolled
+differentiation in its first-order, alternating form (methods.md §3).
+
+Each adapted layer l gets a hyper-parameter alpha_l (init 0); its adapter output is scaled by
+alpha_hat_l = L * softmax(alpha)_l, once, through the LoRA-MoE ``adapter_scale`` hook. At init every
+alpha_hat is 1, so the model is exactly plain LoRA. Every step:
+
+1. LoRA step on a training batch with alpha_hat *detached* (AdamW on the adapters);
+2. alpha step: eval mode, alpha_hat attached, the gradient of the validation loss summed over
+   ``n_val`` held-out batches w.r.t. alpha only (no gradient reaches the adapters), one Adam step.
+
+Selection: layers with alpha > 0 (the official code's rule), or the top-k by alpha.
+Deliberate differences from the official code, documented: the scale is applied once (the code's
+pre-hooks on three LoRA sub-modules give alpha_hat^3), and never to the frozen base output.
+With data parallelism, pass ``all_reduce_mean``: adapter and alpha gradients are averaged over ranks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from floe_dist.modeling.lora_moe import LoRAMoELinear
+
+
+class LayerWeights:
+    """alpha (L,) and alpha_hat = L * softmax(alpha), wired into every adapter of each layer."""
+
+    def __init__(self, adapters_by_layer: dict[int, list[LoRAMoELinear]], device: torch.device | str = "cpu"):
+        self.layers = sorted(adapters_by_layer)
+        self.alpha = torch.zeros(len(self.layers), device=device, requires_grad=True)
+        self.detached = True
+        for i, layer in enumerate(self.layers):
+            for module in adapters_by_layer[layer]:
+                module.adapter_scale = lambda i=i: self._scale()[i]
+
+    def alpha_hat(self) -> torch.Tensor:
+        return len(self.layers) * torch.softmax(self.alpha, dim=0)
+
+    def _scale(self) -> torch.Tensor:
+        hat = self.alpha_hat()
+        return hat.detach() if self.detached else hat
+
+    def selected(self, k: int | None = None) -> list[int]:
+        """Layers with alpha > 0, or the k largest alphas."""
+        a = self.alpha.detach().cpu()
+        if k is None:
+            return [l for l, v in zip(self.layers, a.tolist()) if v > 0]
+        order = sorted(range(len(a)), key=lambda i: (-float(a[i]), i))[:k]
+        return sorted(self.layers[i] for i in order)
+
+
+def flexora_search(model: torch.nn.Module, adapters_by_layer: dict[int, list[LoRAMoELinear]],
+                   train_batches: Iterator[dict], val_batches: Callable[[], list[dict]],
+                   loss_fn: Callable[[dict], torch.Tensor], steps: int, lr_model: float = 1e-4,
+                   lr_alpha: float = 0.01, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                   device: torch.device | str = "cpu") -> LayerWeights:
+    """Run the alternating search; ``val_batches()`` returns the n_val batches of one alpha step."""
+    weights = LayerWeights(adapters_by_layer, device)
+    theta = [p for mods in adapters_by_layer.values() for m in mods
+             for n, p in m.named_parameters() if "lora_" in n]
+    opt_theta = torch.optim.AdamW(theta, lr=lr_model, weight_decay=0.0)
+    opt_alpha = torch.optim.Adam([weights.alpha], lr=lr_alpha)
+    for _ in range(steps):
+        model.train()
+        weights.detached = True
+        opt_theta.zero_grad(set_to_none=True)
+        loss_fn(next(train_batches)).backward()
+        for p in theta:
+            if p.grad is not None:
+                p.grad = all_reduce_mean(p.grad)
+        opt_theta.step()
+
+        model.eval()
+        weights.detached = False
+        val_loss = sum(loss_fn(b) for b in val_batches())
+        (grad,) = torch.autograd.grad(val_loss, [weights.alpha])  # alpha only: theta's .grad is untouched
+        weights.alpha.grad = all_reduce_mean(grad)
+        opt_alpha.step()
+        opt_alpha.zero_grad(set_to_none=True)
+    weights.detached = True
+    return weights
+
+
+def remove_weights(adapters_by_layer: dict[int, list[LoRAMoELinear]]) -> None:
+    for mods in adapters_by_layer.values():
+        for m in mods:
+            m.adapter_scale = None
