@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
     ap.add_argument("--output", default="runs/bench_floe")
     args = ap.parse_args()
     out = Path(args.output)
@@ -79,7 +80,7 @@ def main() -> None:
             train_seconds = floe("train", "--model", args.model, "--task", args.task, "--allocation", str(alloc),
                                  "--output", str(run), "--steps", str(args.steps), "--micro-batch",
                                  str(args.micro_batch), "--seed", str(seed), "--zero", "0", "--checkpoint-every", "0")
-            acc = _accuracy(run, args.model, args.task)
+            acc = _accuracy(run, args.model, args.task, args.eval_limit)
             record = {"seed": seed, "arm": arm, "layers": arms[arm], "accuracy": acc,
                       "trainable_parameters": json.loads((run / "train.json").read_text())["trainable_parameters"],
                       "train_seconds": train_seconds, "score_seconds": fisher["seconds"]["total"]}
@@ -89,14 +90,14 @@ def main() -> None:
     summarise(out, results_file, args)
 
 
-def _accuracy(run: Path, model: str, task: str) -> float:
+def _accuracy(run: Path, model: str, task: str, limit: int | None) -> float:
     """Test accuracy of a run's export (cached in <run>/eval.json)."""
     from floe_dist.evaluate import EvalArgs, run as evaluate
 
     cached = run / "eval.json"
     if cached.is_file():
         return json.loads(cached.read_text())["accuracy"]
-    result = evaluate(EvalArgs(model=model, task=task, adapter=str(run / "adapter")))
+    result = evaluate(EvalArgs(model=model, task=task, adapter=str(run / "adapter"), limit=limit))
     cached.write_text(json.dumps(result))
     return result["accuracy"]
 
