@@ -46,6 +46,14 @@ def test_two_rank_zero3_matches_one_rank(zero3_runs):
     assert json.loads((zero3_runs[1] / "train.json").read_text())["world_size"] == 2
 
 
+def test_two_rank_zero2_matches_one_rank(zero3_runs, tmp_path):
+    out = tmp_path / "zero2"
+    run_floe(["train", "--model", "tiny", "--steps", "4", "--zero", "2", "--micro-batch", "2", "--balance-coef", "0",
+              *MOE, "--output", str(out)], nproc=2)
+    for a, b in zip(_losses(zero3_runs[0]), _losses(out)):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
 def test_deepspeed_launcher_runs_the_same_training(zero3_runs, tmp_path):
     """`deepspeed --num_gpus 2 --module launcher.cli train ...` (it prepends --local_rank=N)."""
     from floe_dist.distributed.runtime import free_port
