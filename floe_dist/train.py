@@ -1,7 +1,7 @@
 """``floe-dist train``: LoRA-MoE adapters on a frozen (optionally 4-bit) backbone under DeepSpeed.
 
     floe-dist train --model tiny --task sst2 --steps 20 --output runs/tiny        # one process
-    deepspeed --num_gpus 2 -m launcher.cli train --model smollm2-135m --zero 3 ...  # ZeRO-3, 2 ranks
+    deepspeed --num_gpus 2 --module launcher.cli train --model smollm2-135m --zero 3 ...  # ZeRO-3, 2 ranks
     torchrun --nproc_per_node 2 -m launcher.cli train ...                          # same, torchrun
 
 Outputs in ``--output``: ``checkpoints/`` (DeepSpeed, resumed automatically: rerun the same

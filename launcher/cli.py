@@ -1,7 +1,7 @@
 """The ``floe-dist`` command: one sub-command per stage, flags generated from each stage's dataclass.
 
     floe-dist campaign [--preset tiny]      # the whole default campaign (see launcher/campaign.py)
-    floe-dist train ...                     # also under `deepspeed --num_gpus N -m launcher.cli train`
+    floe-dist train ...                     # also under `deepspeed --num_gpus N --module launcher.cli train`
     floe-dist evaluate ...
     floe-dist export --run DIR
 """
