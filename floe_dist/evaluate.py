@@ -59,11 +59,11 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
 
 
 def run(args: EvalArgs) -> dict:
-    from floe_dist.modeling.export import load_adapter, read_export
+    from floe_dist.modeling.export import export_meta, load_adapter
 
     start = time.time()
     if args.adapter:
-        meta, _, _ = read_export(args.adapter)  # fail early on a bad folder, before loading a model
+        meta = export_meta(args.adapter)  # fail early on a bad folder, before loading a model
         if meta.get("quant", "none") != args.quant:
             print(f"note: adapter was trained with quant={meta.get('quant')}, evaluating with {args.quant}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -87,8 +87,8 @@ def initialize(model: nn.Module, config: dict[str, Any], total_steps: int, warmu
     return engine, scheduler
 
 
-def gather_full(named: dict[str, nn.Parameter], to_rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Full (un-partitioned) CPU copies of parameters; collective under ZeRO-3: call on every rank.
+def gather_full(named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) CPU copies of parameters on rank 0; collective under ZeRO-3: call on every rank.
 
     This is what makes the ZeRO-3 "empty adapter" export bug impossible (peft #2892, DeepSpeed
     #4295): partitioned parameters have ``numel() == 0`` locally and must be gathered first.
@@ -100,7 +100,7 @@ def gather_full(named: dict[str, nn.Parameter], to_rank0_only: bool = True) -> d
     out: dict[str, torch.Tensor] = {}
     params = list(named.values())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if rank == 0 or not to_rank0_only:
+        if rank == 0:
             out = {k: p.detach().to("cpu", torch.float32).clone() for k, p in named.items()}
     empty = [k for k, v in out.items() if v.numel() == 0]
     if empty:

@@ -6,7 +6,6 @@ matmul (28M parameters on SmolLM2) costs a few rows instead of every position of
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from floe_dist.modeling.inject import LORA_TAG
@@ -69,8 +68,3 @@ class AnswerLM(nn.Module):
                 out[layer] = torch.stack(loads).mean(0)
         return out
 
-
-def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The same cross-entropy from full logits (B, T, V): used by tests as the plain definition."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)

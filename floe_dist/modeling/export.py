@@ -55,14 +55,20 @@ def save_peft_adapter(folder: Path, state: dict[str, torch.Tensor], allocation: 
     save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
-def read_export(folder: str | Path) -> tuple[dict, Allocation, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    meta_path = folder / "export.json"
+def export_meta(folder: str | Path) -> dict:
+    """``export.json`` of a complete export (it is written last); raises on anything else."""
+    meta_path = Path(folder) / "export.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} is not a complete floe-dist export (no export.json)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def read_export(folder: str | Path) -> tuple[dict, Allocation, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    meta = export_meta(folder)
     return meta, Allocation.load(folder / "allocation.json"), load_file(str(folder / "adapter_model.safetensors"))
 
 

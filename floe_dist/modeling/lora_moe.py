@@ -125,7 +125,7 @@ class LoRAMoELinear(nn.Module):
         return y + delta.reshape(*lead, self.out_features).to(y.dtype)
 
     def expert_state(self) -> list[dict[str, torch.Tensor]]:
-        """Per-expert views (A_e, B_e): what export and equality tests compare against."""
+        """Per-expert views (A_e, B_e) of the concatenated tensors: the readable form of the weights."""
         out, start = [], 0
         for e, r in enumerate(self.ranks):
             a = self.lora_A if self.shared_a else self.lora_A[start:start + r]

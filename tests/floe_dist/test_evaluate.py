@@ -5,7 +5,7 @@ import torch
 
 from floe_dist.data import Example, collate, encode
 from floe_dist.evaluate import accuracy, choice_scores
-from floe_dist.modeling.answer_lm import AnswerLM, answer_loss_reference
+from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from tests.conftest import run_floe
 
@@ -26,6 +26,12 @@ def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
             assert abs(score - manual) < 1e-4
     assert accuracy([[0.0, -1.0], [-3.0, -2.0, -9.0]], examples) == 0.0
     assert accuracy([[-1.0, 0.0], [-1.0, -2.0, -9.0]], examples) == 1.0
+
+
+def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain definition: cross-entropy of every labelled token from full logits (B, T, V)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 def test_answer_loss_equals_cross_entropy_on_full_logits(tiny_model_dir):
