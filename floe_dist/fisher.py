@@ -107,8 +107,7 @@ def accumulate_fisher(model: torch.nn.Module, adapters_by_layer: dict[int, list[
     ``param``), so nothing accumulates in ``.grad`` and no optimizer or gradient reduction runs.
     """
     masks = LayerMasks(adapters_by_layer, device)
-    layer_params = [[p for m in adapters_by_layer[l] for n, p in m.named_parameters() if "lora_" in n]
-                    for l in masks.layers]
+    layer_params = [[p for m in adapters_by_layer[l] for p in m.adapter_parameters()] for l in masks.layers]
     flat_params = [p for ps in layer_params for p in ps]
     sums = FisherSums(len(masks.layers), with_param)
     try:
@@ -126,6 +125,11 @@ def accumulate_fisher(model: torch.nn.Module, adapters_by_layer: dict[int, list[
 
 
 # --------------------------------------------------------------------------- selection
+def default_k(num_layers: int) -> int:
+    """FLoE's headline setting: adapters on a quarter of the layers (8 of 32)."""
+    return max(1, round(0.25 * num_layers))
+
+
 def select_top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices (into ``scores``) of the k largest, ties broken by lower index."""
     n = len(scores)

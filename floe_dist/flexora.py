@@ -57,8 +57,7 @@ def flexora_search(model: torch.nn.Module, adapters_by_layer: dict[int, list[LoR
                    device: torch.device | str = "cpu") -> LayerWeights:
     """Run the alternating search; ``val_batches()`` returns the n_val batches of one alpha step."""
     weights = LayerWeights(adapters_by_layer, device)
-    theta = [p for mods in adapters_by_layer.values() for m in mods
-             for n, p in m.named_parameters() if "lora_" in n]
+    theta = [p for mods in adapters_by_layer.values() for m in mods for p in m.adapter_parameters()]
     opt_theta = torch.optim.AdamW(theta, lr=lr_model, weight_decay=0.0)
     opt_alpha = torch.optim.Adam([weights.alpha], lr=lr_alpha)
     for _ in range(steps):

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from floe_dist.allocation import Allocation, ModuleAllocation, write_json_atomic
 from floe_dist.config import arg
 from floe_dist.data import collate, encode, load_task
-from floe_dist.fisher import MODES, accumulate_fisher, refine_with_block, select_budget, select_top_k
+from floe_dist.fisher import (MODES, accumulate_fisher, default_k, refine_with_block, select_budget,
+                              select_top_k)
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.runtime import all_reduce_sum, device_for, init_distributed
 from floe_dist.modeling.answer_lm import AnswerLM
@@ -104,6 +105,19 @@ def warm_up(args: ScoreArgs, out: Path) -> Path:
     return export
 
 
+def check_before_warmup(args: ScoreArgs, world_size: int) -> None:
+    """Errors knowable from the arguments and the model config alone."""
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers
+    if args.k is not None and args.k > num_layers:
+        raise ValueError(f"k={args.k} is larger than the number of scored layers ({num_layers})")
+    n_examples = min(args.samples, args.proxy_examples)
+    if n_examples // args.score_batch < world_size:
+        raise ValueError(f"zero samples to score: {n_examples} examples cannot fill one mini-batch of "
+                         f"{args.score_batch} per rank on {world_size} rank(s)")
+
+
 def scoring_batches(examples, tokenizer, batch: int, rank: int, world: int, max_length: int = 256):
     """Global mini-batch i (examples [i*batch, (i+1)*batch)) is scored by rank i % world."""
     n_batches = len(examples) // batch
@@ -122,6 +136,7 @@ def run(args: ScoreArgs) -> dict:
     info = init_distributed()
     device = device_for(info)
     out = Path(args.output)
+    check_before_warmup(args, info.world_size)  # minutes of warm-up must not precede a bad-input error
     t0 = time.time()
     export = warm_up(args, out)
     t_warm = time.time() - t0
@@ -132,10 +147,8 @@ def run(args: ScoreArgs) -> dict:
     load_adapter(lm, export)
     model = AnswerLM(lm)
     adapters = model.adapters_by_layer
-    n_layers, shapes = module_shapes(lm)
-    k = args.k if args.k is not None else max(1, round(0.25 * len(adapters)))
-    if k > len(adapters):
-        raise ValueError(f"k={k} is larger than the number of scored layers ({len(adapters)})")
+    _, shapes = module_shapes(lm)
+    k = args.k if args.k is not None else default_k(len(adapters))
     config = ds.build_config(args.zero, micro_batch=args.score_batch, accumulation=1, world_size=info.world_size,
                              lr=1e-9, weight_decay=0.0)
     if config.get("zero_optimization", {}).get("stage", 0) == 3:
@@ -156,8 +169,8 @@ def run(args: ScoreArgs) -> dict:
     t_score = time.time() - t1
 
     layers = sorted(adapters)
-    counts = torch.tensor([sum(p.numel() for m in adapters[l] for n, p in m.named_parameters() if "lora_" in n)
-                           for l in layers], dtype=torch.float64)
+    counts = torch.tensor([sum(p.numel() for m in adapters[l] for p in m.adapter_parameters()) for l in layers],
+                          dtype=torch.float64)
     scores = sums.scores(args.mode, counts if args.normalize_param else None)
     if args.select == "budget":
         kept_idx = select_budget(scores, counts.long().tolist(), args.budget)

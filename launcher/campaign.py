@@ -96,7 +96,8 @@ def run(args: CampaignArgs) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
         code = subprocess.call(stage_command(stage, stage_args, nproc), env=env)
         if code != 0:
-            raise RuntimeError(f"{stage} stage failed (exit {code}); rerun the campaign to resume it")
+            raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
+                                    f"rerun the campaign to resume it")
         return json.loads(result.read_text())
 
     allocation = args.allocation

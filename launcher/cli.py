@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     try:
         fn(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {ns.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

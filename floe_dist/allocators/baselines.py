@@ -5,10 +5,11 @@ import random
 
 from floe_dist.allocation import Allocation
 from floe_dist.allocators import register
+from floe_dist.fisher import default_k
 
 
 def uniform_on(layers, args, shape, method: str) -> Allocation:
-    """Same experts and rank on the given layers; with --budget, the largest rank that fits it."""
+    """Same experts and rank on the given layers; with --budget, the rank whose count is closest to it."""
     rank = args.rank
     if args.budget:
         rank = rank_for_budget(layers, args, shape)
@@ -18,15 +19,18 @@ def uniform_on(layers, args, shape, method: str) -> Allocation:
 
 
 def rank_for_budget(layers, args, shape) -> int:
-    """The rank whose parameter count is closest to --budget (ranks 1..1024)."""
+    """The rank whose parameter count is closest to --budget. The count is linear in the rank
+    (routers add a constant), so two evaluations give it."""
     def count(r: int) -> int:
         return Allocation.uniform(shape.num_layers, args.target_list, experts=args.experts, rank=r,
                                   router=args.router, top_k=args.top_k, layers=list(layers)).count_parameters(shape.shapes)
-    return min(range(1, 1025), key=lambda r: abs(count(r) - args.budget))
+    per_rank = count(2) - count(1)
+    guess = max(1, round((args.budget - (count(1) - per_rank)) / per_rank))
+    return min((r for r in (guess - 1, guess, guess + 1) if r >= 1), key=lambda r: abs(count(r) - args.budget))
 
 
 def k_layers(args, shape) -> int:
-    k = args.k if args.k is not None else max(1, round(0.25 * shape.num_layers))
+    k = args.k if args.k is not None else default_k(shape.num_layers)
     if not 1 <= k <= shape.num_layers:
         raise ValueError(f"k={k} must be between 1 and the number of layers ({shape.num_layers})")
     return k

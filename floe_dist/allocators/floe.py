@@ -1,5 +1,6 @@
 """FLoE: keep the top-k layers by the Fisher scores that ``floe-dist score`` wrote (re-select with another
-k without rescoring). Scoring itself lives in floe_dist/score.py and floe_dist/fisher.py."""
+k without rescoring), with adapters sized by this command's flags (``score``'s own allocation.json keeps
+the warm-up adapter's size instead). Scoring itself lives in floe_dist/score.py and floe_dist/fisher.py."""
 from __future__ import annotations
 
 import json

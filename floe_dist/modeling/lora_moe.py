@@ -124,6 +124,10 @@ class LoRAMoELinear(nn.Module):
             delta = delta * scale
         return y + delta.reshape(*lead, self.out_features).to(y.dtype)
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors of this adapter (A, B, router), without the frozen base."""
+        return [p for n, p in self.named_parameters() if n.startswith("lora_")]
+
     def expert_state(self) -> list[dict[str, torch.Tensor]]:
         """Per-expert views (A_e, B_e) of the concatenated tensors: the readable form of the weights."""
         out, start = [], 0

@@ -60,8 +60,12 @@ def test_outputs_load_back_and_warmup_is_reused(warm):
 
 
 def test_bad_inputs_fail_with_clear_errors(warm, tmp_path):
-    proc = run_floe([*COMMON, "--output", str(warm / "one"), "--k", "9"], check=False)
+    proc = run_floe([*COMMON, "--output", str(tmp_path / "k"), "--k", "9"], check=False)
     assert proc.returncode == 2 and "k=9 is larger than the number of scored layers (4)" in proc.stderr
+    assert not (tmp_path / "k" / "warmup").exists()  # refused before any warm-up work
+    proc = run_floe([*COMMON, "--output", str(tmp_path / "few"), "--samples", "4"], check=False)
+    assert proc.returncode == 2 and "cannot fill one mini-batch" in proc.stderr
+    assert not (tmp_path / "few" / "warmup").exists()
     proc = run_floe([*COMMON, "--output", str(tmp_path / "z"), "--samples", "0"], check=False)
     assert proc.returncode == 2 and "zero samples" in proc.stderr
     proc = run_floe([*COMMON, "--output", str(warm / "one"), "--warmup-steps", "5"], check=False)

@@ -28,6 +28,16 @@ def test_bad_train_arguments_fail_before_any_work(tmp_path):
     assert proc.returncode == 2 and "DeepSpeed config not found" in proc.stderr
 
 
+def test_a_failed_campaign_stage_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "floe-dist/allocation@1", "target_modules": ["q_proj"], "layers": {}}))
+    proc = run_floe(["campaign", "--preset", "tiny", "--output", str(tmp_path / "c"), "--allocation", str(bad)],
+                    check=False)
+    assert proc.returncode == 2
+    assert "train stage failed" in proc.stderr and "empty allocation" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("train stage failed")[-1]
+
+
 def test_tiny_campaign_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "campaign"
     proc = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
