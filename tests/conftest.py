@@ -35,8 +35,9 @@ def clean_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = clean_env(nproc)
+def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**clean_env(nproc), **(env or {})}
     proc = subprocess.run(floe_command(args, nproc), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

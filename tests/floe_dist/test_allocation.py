@@ -59,6 +59,19 @@ def test_uniform_builder_counts_match_model(tiny_model_dir):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == predicted
 
 
+def test_resized_keeps_layers_and_routers_and_counts_match_model(tiny_model_dir):
+    resized = Allocation.from_json(GOOD).resized(rank=3, experts=2, method="smac")
+    assert resized.method == "smac" and sorted(resized.layers) == [0, 2]
+    assert resized.layers[0]["q_proj"].to_json() == {"experts": 2, "ranks": [3, 3], "router": "topk", "top_k": 2}
+    assert resized.layers[2]["v_proj"].router == "dense"
+    assert resized.layers[2]["down_proj"].top_k == 1  # top-1 stays top-1
+    model = load_backbone(tiny_model_dir)
+    predicted = resized.count_parameters(module_shapes(model)[1])
+    inject_adapters(model, resized)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == predicted
+    assert Allocation.from_json(GOOD).resized(rank=5).layers[0]["q_proj"].ranks == (5, 5, 5)
+
+
 @pytest.mark.parametrize("data,message", [
     (_with("layers", {}), "empty allocation"),
     (_with("format", "v0"), "format must be"),

@@ -24,6 +24,15 @@ def test_sst2_split_is_600_train_272_test_disjoint_and_deterministic():
     assert 0.4 < sum(e.label for e in test) / len(test) < 0.6
 
 
+def test_search_splits_partition_train_and_never_touch_test():
+    train, fit, val = (load_task("sst2", s) for s in ("train", "fit", "val"))
+    assert (len(fit), len(val)) == (450, 150)
+    assert sorted(e.prompt for e in fit + val) == sorted(e.prompt for e in train)
+    assert not {e.prompt for e in val} & {e.prompt for e in load_task("sst2", "test")}
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_task("sst2", "dev")
+
+
 def test_boolq_loads_real_passages():
     data = load_task("boolq", "all")
     assert len(data) == 3270

@@ -1,10 +1,12 @@
 """Log-likelihood scoring against the plain full-logits definition, and the evaluate command."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from floe_dist.data import Example, collate, encode
-from floe_dist.evaluate import accuracy, choice_scores
+from floe_dist.evaluate import accuracy, choice_loss, choice_scores
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from tests.conftest import run_floe
@@ -26,6 +28,9 @@ def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
             assert abs(score - manual) < 1e-4
     assert accuracy([[0.0, -1.0], [-3.0, -2.0, -9.0]], examples) == 0.0
     assert accuracy([[-1.0, 0.0], [-1.0, -2.0, -9.0]], examples) == 1.0
+    # choice loss: -log of the right choice's softmax share; equal scores give log(#choices)
+    assert abs(choice_loss([[0.0, 0.0], [-5.0, -5.0, -5.0]], examples) - (math.log(2) + math.log(3)) / 2) < 1e-12
+    assert abs(choice_loss([[0.0, math.log(3)], [0.0, -50.0, -50.0]], examples) - math.log(4 / 3) / 2) < 1e-9
 
 
 def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""``floe-dist search`` on the planted-rank toy (tests/search_toy.py): every trial is a real process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from floe_dist.allocation import Allocation
+from tests.conftest import REPO, clean_env, floe_command, run_floe
+
+# Grid: 5 ranks x 3 learning rates at 270 steps = 15 full trials. Rank 4 is planted.
+SPACE = ["--model", "tiny", "--trial-module", "tests.search_toy", "--ranks", "1,2,4,8,16",
+         "--lr", "3e-3:3e-2", "--grid-lr-points", "3", "--min-steps", "30", "--max-steps", "270", "--workers", "2"]
+
+
+def ledger(out: Path) -> dict:
+    return json.loads((out / "search.json").read_text())
+
+
+def smac_runhistory(out: Path) -> list:
+    (path,) = (out / "smac").glob("*/*/runhistory.json")
+    return json.loads(path.read_text())["data"]
+
+
+def alive(pid: str) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    run_floe(["search", "--mode", "grid", "--output", str(out), *SPACE])
+    return out
+
+
+def test_grid_tries_every_point_and_finds_the_planted_rank(grid):
+    trials = ledger(grid)["trials"]
+    assert len(trials) == 15 and all(t["status"] == "success" and t["budget"] == 270 for t in trials)
+    assert len({(t["config"]["rank"], t["config"]["lr"]) for t in trials}) == 15
+    best = min(trials, key=lambda t: t["cost"])
+    assert best["config"]["rank"] == 4
+    chosen = Allocation.load(grid / "allocation.json")
+    assert {m.ranks for mods in chosen.layers.values() for m in mods.values()} == {(4,)}
+    assert chosen.meta["search"]["config"] == best["config"] and chosen.trainable_parameters > 0
+    assert (grid / "search.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compute(grid, tmp_path, seed):
+    grid_trials = ledger(grid)["trials"]
+    grid_compute = sum(t["budget"] for t in grid_trials)
+    grid_best = min(grid_trials, key=lambda t: t["cost"])
+    run_floe(["search", "--mode", "smac", "--seed", str(seed), "--output", str(tmp_path), *SPACE,
+              "--max-compute", str(0.35 * len(grid_trials))])
+    search = ledger(tmp_path)
+    compute = sum(t["budget"] for t in search["trials"])
+    assert compute <= 0.35 * grid_compute
+    assert len({t["budget"] for t in search["trials"]}) == 3  # multi-fidelity: 30, 90, 270 steps
+    incumbent = search["summary"]["incumbent"]
+    assert incumbent["config"]["rank"] == grid_best["config"]["rank"] and incumbent["budget"] == 270
+    assert incumbent["cost"] <= grid_best["cost"] * 1.05  # within noise of the grid's best point
+
+
+def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
+    args = ["search", "--output", str(tmp_path), *SPACE, "--max-compute", "3"]
+    proc = subprocess.Popen(floe_command(args), cwd=REPO, env=clean_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (tmp_path / "search.json").is_file() and \
+                sum(t["status"] == "success" for t in ledger(tmp_path)["trials"]) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t["id"]: t for t in ledger(tmp_path)["trials"]}
+    done_before = {i for i, t in before.items() if t["status"] == "success"}
+    running_before = {i for i, t in before.items() if t["status"] == "running"}
+    assert len(done_before) >= 5 and running_before, "the kill should land while trials are running"
+    time.sleep(0.5)  # the killed search's trials die with it (PR_SET_PDEATHSIG)
+    for i in running_before:  # (a trial asked for but not yet started has no worker)
+        if before[i]["worker"]:
+            assert not alive(before[i]["worker"].rsplit(":pid", 1)[1])
+
+    run_floe(args)
+    after = ledger(tmp_path)["trials"]
+    assert len({t["id"] for t in after}) == len(after)
+    assert len({(json.dumps(t["config"], sort_keys=True), t["budget"]) for t in after}) == len(after)
+    assert all(t["status"] == "success" for t in after)
+    by_id = {t["id"]: t for t in after}
+    for i in done_before:  # kept with its result, never started again
+        assert by_id[i]["cost"] == before[i]["cost"] and by_id[i]["attempts"] == 1
+        assert len((tmp_path / "trials" / f"{i:04d}" / "starts.log").read_text().split()) == 1
+    for i in running_before:  # issued again and finished
+        assert by_id[i]["attempts"] == before[i]["attempts"] + 1
+    history = smac_runhistory(tmp_path)
+    assert len(history) == len(after)  # SMAC knows every trial, none left RUNNING
+    assert sorted(round(entry["cost"], 10) for entry in history) == sorted(round(t["cost"], 10) for t in after)
+
+
+def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
+    args = ["search", "--output", str(tmp_path), *SPACE, "--ranks", "1,2,4", "--max-trials", "10",
+            "--max-compute", "10", "--trial-timeout", "6", "--workers", "2"]
+    proc = run_floe(args, env={"TOY_CRASH_RANK": "1", "TOY_HANG_RANK": "2"})
+    trials = ledger(tmp_path)["trials"]
+    by_rank = {r: [t for t in trials if t["config"]["rank"] == r] for r in (1, 2, 4)}
+    assert by_rank[1] and all(t["status"] == "crashed" and "planted crash for rank 1" in t["reason"]
+                              for t in by_rank[1])
+    assert by_rank[2] and all(t["status"] == "timeout" and "6s time limit" in t["reason"] for t in by_rank[2])
+    assert all(t["status"] == "success" for t in by_rank[4])
+    assert ledger(tmp_path)["summary"]["incumbent"]["config"]["rank"] == 4
+    assert "planted crash" in proc.stderr
+    for t in by_rank[2]:  # the hung process group was killed
+        pid = (tmp_path / "trials" / f"{t['id']:04d}" / "starts.log").read_text().split()[0]
+        assert not alive(pid)
+    statuses = {entry["status"] for entry in smac_runhistory(tmp_path)}
+    assert {1, 2, 3} <= statuses  # SMAC's StatusType: SUCCESS, CRASHED, TIMEOUT
+
+
+def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path):
+    run_floe(["search", "--mode", "grid", "--model", "tiny", "--task", "sst2", "--ranks", "2,4", "--lr", "1e-3",
+              "--max-steps", "2", "--micro-batch", "2", "--val-limit", "8", "--trial-nproc", "2", "--zero", "3",
+              "--workers", "1", "--output", str(tmp_path)])
+    trials = ledger(tmp_path)["trials"]
+    assert [t["status"] for t in trials] == ["success", "success"]
+    for t in trials:
+        trial_dir = tmp_path / "trials" / f"{t['id']:04d}"
+        assert json.loads((trial_dir / "train" / "train.json").read_text())["world_size"] == 2
+        assert json.loads((trial_dir / "train" / "train_args.json").read_text())["split"] == "fit"
+        assert t["metrics"]["val_examples"] == 8 and t["cost"] == t["metrics"]["val_loss"] > 0
+        ranks = {m.ranks for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
+                 for m in mods.values()}
+        assert ranks == {(t["config"]["rank"],)}
+    best = min(trials, key=lambda t: t["cost"])
+    assert Allocation.load(tmp_path / "allocation.json").meta["search"]["config"] == best["config"]
+
+
+def test_bad_search_arguments_and_changed_settings_fail_clearly(tmp_path):
+    proc = run_floe(["search", "--model", "tiny", "--ranks", "0,x", "--lr", "5:1", "--mode", "random",
+                     "--output", str(tmp_path / "s")], check=False)
+    assert proc.returncode == 2 and not (tmp_path / "s").exists()
+    for message in ("--ranks must be comma-separated integers", "--lr needs 0 < LO <= HI", "--mode must be one of"):
+        assert message in proc.stderr
+    args = ["search", "--mode", "grid", "--output", str(tmp_path / "g"), *SPACE, "--ranks", "4",
+            "--lr", "1e-2", "--max-steps", "30"]
+    run_floe(args)
+    proc = run_floe([*args[:-1], "60"], check=False)
+    assert proc.returncode == 2 and "other settings (max_steps)" in proc.stderr
