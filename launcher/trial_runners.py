@@ -152,6 +152,17 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait()
 
 
+def _final_state(job: str) -> str:
+    """JobState of a finished job: ``scontrol`` knows it for MinJobAge seconds and needs no
+    accounting database; ``sacct`` is the fallback. Empty when neither knows."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True, text=True)
+    return out.stdout.strip().split("\n")[0].split(" ")[0] if out.returncode == 0 else ""
+
+
 class SlurmRunner:
     """One ``sbatch`` job per trial (``--wrap`` of the trial command), at most ``workers`` queued."""
 
@@ -181,30 +192,31 @@ class SlurmRunner:
         if not worker.startswith("slurm:"):
             return False
         job = worker.split(":", 1)[1]
-        if job not in self._queued([job]):
+        if job not in (self._queued() or set()):
             return False
         self.running[job] = (launch, time.monotonic())
         return True
 
     @staticmethod
-    def _queued(jobs: list[str]) -> set[str]:
-        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True)
-        return set(out.stdout.split()) if out.returncode == 0 else set()
+    def _queued() -> set[str] | None:
+        """Ids of this user's queued or running jobs; None when the controller did not answer."""
+        out = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True)
+        return set(out.stdout.split()) if out.returncode == 0 else None
 
     def wait(self, poll_seconds: float = 2.0) -> list[Outcome]:
         while self.running:
-            queued = self._queued(list(self.running))
+            queued = self._queued()
+            if queued is None:  # controller busy or restarting: ask again later
+                time.sleep(poll_seconds)
+                continue
             done = []
             for job in [j for j in self.running if j not in queued]:
                 launch, start = self.running.pop(job)
-                state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job],
-                                       capture_output=True, text=True).stdout.strip().split("\n")[0]
-                seconds = time.monotonic() - start
-                if state.startswith("TIMEOUT"):
-                    done.append(_outcome(launch, None, True, seconds, f"slurm:{job}"))
+                state, seconds, worker = _final_state(job), time.monotonic() - start, f"slurm:{job}"
+                if state == "TIMEOUT":
+                    done.append(_outcome(launch, None, True, seconds, worker))
                 else:
-                    ok = state.startswith("COMPLETED") or (not state and (launch.trial_dir / "result.json").is_file())
-                    done.append(_outcome(launch, 0 if ok else 1, False, seconds, f"slurm:{job}"))
+                    done.append(_outcome(launch, 0 if state in ("COMPLETED", "") else 1, False, seconds, worker))
             if done:
                 return done
             time.sleep(poll_seconds)

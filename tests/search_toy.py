@@ -6,7 +6,8 @@ ones. Ranks below 4 cannot represent the change and ranks above it fit the noise
 at every learning rate in 3e-3..3e-2 (measured: 0.042 vs 0.083 for r=2 and >= 0.107 for r=8).
 
 Fault injection for the failure tests: ``TOY_CRASH_RANK=r`` makes rank-r trials raise,
-``TOY_HANG_RANK=r`` makes them sleep past any time limit. Every start appends to ``starts.log``.
+``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_DELAY=s`` makes every trial take
+``s`` seconds longer. Every start appends to ``starts.log``.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def main(trial_dir: Path) -> None:
         raise RuntimeError(f"planted crash for rank {rank}")
     if str(rank) == os.environ.get("TOY_HANG_RANK"):
         time.sleep(3600)
+    time.sleep(float(os.environ.get("TOY_DELAY", 0)))
     cost = toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"]))
     write_json_atomic(trial_dir / "result.json", {"cost": cost})
 
