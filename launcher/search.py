@@ -380,8 +380,8 @@ def trial_argv(args: SearchArgs, trial_dir: Path) -> list[str]:
     if args.trial_nproc == 1:
         return [sys.executable, "-m", args.trial_module, str(trial_dir)]
     if args.trial_launcher == "deepspeed":
-        return ["deepspeed", f"--num_gpus={args.trial_nproc}", f"--master_port={free_port()}", "--module",
-                args.trial_module, str(trial_dir)]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={args.trial_nproc}",
+                f"--master_port={free_port()}", "--module", args.trial_module, str(trial_dir)]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.trial_nproc}",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", args.trial_module, str(trial_dir)]
 

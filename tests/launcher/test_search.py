@@ -127,10 +127,11 @@ def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_comp
     assert {1, 2, 3} <= statuses  # SMAC's StatusType: SUCCESS, CRASHED, TIMEOUT
 
 
-def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher):
     run_floe(["search", "--mode", "grid", "--model", "tiny", "--task", "sst2", "--ranks", "2,4", "--lr", "1e-3",
               "--max-steps", "2", "--micro-batch", "2", "--val-limit", "8", "--trial-nproc", "2", "--zero", "3",
-              "--workers", "1", "--output", str(tmp_path)])
+              "--trial-launcher", launcher, "--workers", "1", "--output", str(tmp_path)])
     trials = ledger(tmp_path)["trials"]
     assert [t["status"] for t in trials] == ["success", "success"]
     for t in trials:
