@@ -7,8 +7,10 @@ result; ``timeout`` when it outlived its limit (its whole process group is kille
 otherwise, with the tail of its log as the reason. Nothing is retried here: the search decides.
 
 * :class:`LocalPool` — local processes, ``workers`` at a time, each pinned to its own CPU threads or
-  GPUs. Trials die with the search (``PR_SET_PDEATHSIG``), so a killed search leaves no orphans.
-* :class:`SlurmRunner` — one ``sbatch`` job per trial, polled with ``squeue``/``sacct``; a resumed
+  GPUs. Trials die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
+  groups), so a killed search leaves no orphans.
+* :class:`SlurmRunner` — one ``sbatch`` job per trial, polled with ``squeue`` (final state from
+  ``scontrol``, else ``sacct``); a resumed
   search re-attaches to jobs that are still queued or running instead of submitting them again.
 """
 from __future__ import annotations
@@ -67,10 +69,12 @@ def _outcome(launch: Launch, code: int | None, timed_out: bool, seconds: float, 
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: own process group, and SIGKILL when the search dies."""
+    """Runs in the child before exec: own process group, and SIGTERM when the search dies."""
     os.setsid()
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        # SIGTERM, not SIGKILL: torchrun and the deepspeed launcher start their ranks in sessions of
+        # their own and only take them down when they get the chance to (measured: SIGKILL orphans them).
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 

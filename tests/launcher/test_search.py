@@ -157,3 +157,23 @@ def test_bad_search_arguments_and_changed_settings_fail_clearly(tmp_path):
     run_floe(args)
     proc = run_floe([*args[:-1], "60"], check=False)
     assert proc.returncode == 2 and "other settings (max_steps)" in proc.stderr
+
+
+def test_killing_the_search_takes_down_the_ranks_of_group_trials(tmp_path):
+    """torchrun starts ranks in sessions of their own: they must still die with the search."""
+    args = ["search", "--mode", "grid", "--output", str(tmp_path), *SPACE, "--ranks", "4", "--lr", "1e-2",
+            "--trial-nproc", "2", "--workers", "1"]
+    proc = subprocess.Popen(floe_command(args), cwd=REPO, env={**clean_env(1), "TOY_DELAY": "60"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    starts = tmp_path / "trials" / "0000" / "starts.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (starts.is_file() and len(starts.read_text().split()) == 2):
+        time.sleep(0.2)
+    ranks = starts.read_text().split()
+    assert len(ranks) == 2 and all(alive(pid) for pid in ranks)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in ranks):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in ranks)
