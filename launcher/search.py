@@ -368,12 +368,10 @@ def check_resumable(out: Path, args: SearchArgs) -> None:
     write_json_atomic(saved, asdict(args))
 
 
-def base_allocation(args: SearchArgs) -> Allocation:
+def base_allocation(args: SearchArgs, shape) -> Allocation:
     if args.allocation:
         return Allocation.load(args.allocation)
-    from floe_dist.allocate import model_shape
-
-    return Allocation.uniform(model_shape(args.model).num_layers, ["q_proj", "v_proj"], rank=8, dropout=0.05)
+    return Allocation.uniform(shape.num_layers, ["q_proj", "v_proj"], rank=8, dropout=0.05)
 
 
 def trial_argv(args: SearchArgs, trial_dir: Path) -> list[str]:
@@ -392,7 +390,10 @@ def run(args: SearchArgs) -> dict:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, args)
-    base = base_allocation(args)
+    from floe_dist.allocate import model_shape
+
+    shape = model_shape(args.model)  # meta device: shapes only, no weights
+    base = base_allocation(args, shape)
     base_file = write_json_atomic(out / "base_allocation.json", base.to_json())
     settings = {"model": args.model, "task": args.task, "allocation": str(base_file.resolve()),
                 "micro_batch": args.micro_batch, "zero": args.zero, "quant": args.quant,
@@ -469,17 +470,14 @@ def run(args: SearchArgs) -> dict:
     finally:
         runner.shutdown()
         pbar.close()
-    return finish(args, out, ledger, base, time.time() - start)
+    return finish(args, out, ledger, base, shape, time.time() - start)
 
 
-def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, seconds: float) -> dict:
+def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape, seconds: float) -> dict:
     best = ledger.incumbent()
     if best is None:
         reasons = "\n  - ".join(f"trial {t.id}: {t.status}: {t.reason}" for t in ledger.finished()[-5:])
         raise ValueError(f"no trial succeeded, so there is no rank to choose; last failures:\n  - {reasons}")
-    from floe_dist.allocate import model_shape
-
-    shape = model_shape(args.model)
     chosen = base.resized(int(best.config["rank"]), best.config.get("experts"), method=f"{base.method}+{args.mode}")
     chosen.with_parameter_count(shape.shapes)
     chosen.meta["search"] = {"config": best.config, "cost": best.cost, "budget": best.budget,

@@ -96,7 +96,7 @@ class LocalPool:
 
         self.workers, self.nproc, self.threads = workers, nproc_per_trial, threads_per_rank
         self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        self.running: dict[int, tuple[Launch, subprocess.Popen, float, int]] = {}  # slot -> ...
+        self.running: dict[int, tuple[Launch, subprocess.Popen, float]] = {}  # slot -> (launch, process, start)
 
     @property
     def free_slots(self) -> int:
@@ -115,14 +115,14 @@ class LocalPool:
         with open(launch.trial_dir / "trial.log", "ab") as log:
             proc = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
                                     env=trial_env(self._slot_env(slot)), preexec_fn=_die_with_parent)
-        self.running[slot] = (launch, proc, time.monotonic(), proc.pid)
+        self.running[slot] = (launch, proc, time.monotonic())
         return f"local:{slot}:pid{proc.pid}"
 
     def wait(self, poll_seconds: float = 0.1) -> list[Outcome]:
         """Block until at least one trial ends; return every trial that ended."""
         while True:
             done = []
-            for slot, (launch, proc, start, pid) in list(self.running.items()):
+            for slot, (launch, proc, start) in list(self.running.items()):
                 code, timed_out = proc.poll(), False
                 if code is None and time.monotonic() - start > launch.timeout:
                     _kill_group(proc)
@@ -130,13 +130,13 @@ class LocalPool:
                 if code is not None:
                     del self.running[slot]
                     done.append(_outcome(launch, code, timed_out, time.monotonic() - start,
-                                         f"local:{slot}:pid{pid}"))
+                                         f"local:{slot}:pid{proc.pid}"))
             if done or not self.running:
                 return done
             time.sleep(poll_seconds)
 
     def shutdown(self) -> None:
-        for launch, proc, _, _ in self.running.values():
+        for _, proc, _ in self.running.values():
             _kill_group(proc)
         self.running.clear()
 
