@@ -3,9 +3,11 @@
     floe-dist train --model tiny --task sst2 --steps 20 --output runs/tiny        # one process
     deepspeed --num_gpus 2 --module launcher.cli train --model smollm2-135m --zero 3 ...  # ZeRO-3, 2 ranks
     torchrun --nproc_per_node 2 -m launcher.cli train ...                          # same, torchrun
+    torchrun --nproc_per_node 4 -m launcher.cli train --experts 8 --top-k 2 --ep-size 2 ...  # 2 EP x 2 DP
 
 Outputs in ``--output``: ``checkpoints/`` (DeepSpeed, resumed automatically: rerun the same
-command), ``metrics.jsonl`` and ``tensorboard/`` (loss, lr, balance loss, expert load per layer),
+command), ``metrics.jsonl`` and ``tensorboard/`` (loss, lr, balance loss, gradient norm, step time, expert
+load per layer, dropped picks with a capacity),
 ``adapter/`` (the export; see floe_dist.modeling.export) and ``train.json`` (summary).
 """
 from __future__ import annotations
@@ -23,11 +25,12 @@ from floe_dist.allocation import Allocation, write_json_atomic
 from floe_dist.config import arg
 from floe_dist.data import load_task, train_batch
 from floe_dist.distributed import engine as ds
+from floe_dist.distributed.expert_parallel import ExpertParallel, check_layout, create_groups
 from floe_dist.distributed.runtime import all_reduce_sum, device_for, init_distributed
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 from floe_dist.modeling.export import save_adapter
-from floe_dist.modeling.inject import inject_adapters, lora_state_dict
+from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
 
 
 @dataclass
@@ -59,16 +62,22 @@ class TrainArgs:
     checkpoint_every: int = arg(20, "save a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     gradient_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory")
+    ep_size: int = arg(1, "expert parallelism: ranks that split the experts of every MoE module between them "
+                          "(divides the world size; 1 = every rank holds every expert)")
+    capacity_factor: float = arg(0.0, "expert capacity as a multiple of an even share of the picks; "
+                                      "0 = never drop a token")
 
     def validate(self) -> None:
         problems = []
-        for name in ("steps", "micro_batch", "accumulation", "max_length", "keep_checkpoints"):
+        for name in ("steps", "micro_batch", "accumulation", "max_length", "keep_checkpoints", "ep_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
         if self.checkpoint_every < 0:
             problems.append("--checkpoint-every must be >= 0")
+        if self.capacity_factor < 0:
+            problems.append(f"--capacity-factor must be >= 0 (0 = no drop), got {self.capacity_factor}")
         if self.allocation and not Path(self.allocation).is_file():
             problems.append(f"--allocation {self.allocation}: file not found")
         if problems:
@@ -95,8 +104,16 @@ def run(args: TrainArgs) -> dict:
         raise ValueError(f"task {args.task!r} has no training examples")
     lm = load_backbone(model_dir, args.quant, device)
     allocation = build_allocation(args, lm.config.num_hidden_layers)
-    torch.manual_seed(args.seed)  # identical adapter init on every rank
+    torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
     inject_adapters(lm, allocation)  # validates first: a bad allocation raises before anything is written
+    config = ds.build_config(args.zero, micro_batch=args.micro_batch, accumulation=args.accumulation,
+                             world_size=info.world_size, lr=args.lr, weight_decay=args.weight_decay)
+    check_layout(allocation, args.ep_size, info.world_size, config.get("zero_optimization", {}).get("stage", 0))
+    for adapter in adapter_modules(lm).values():
+        adapter.capacity_factor = args.capacity_factor
+        if info.world_size > 1:
+            adapter.routing_stats_reducer = all_reduce_sum  # balance loss over the global batch
+    experts = ExpertParallel(lm, create_groups(args.ep_size)) if args.ep_size > 1 else None
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AnswerLM(lm, args.balance_coef)
@@ -106,14 +123,16 @@ def run(args: TrainArgs) -> dict:
     if info.is_main:
         allocation.save(out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
         write_json_atomic(out / "train_args.json", asdict(args))
-    config = ds.build_config(args.zero, micro_batch=args.micro_batch, accumulation=args.accumulation,
-                             world_size=info.world_size, lr=args.lr, weight_decay=args.weight_decay)
     engine, _ = ds.initialize(model, config, args.steps, max(1, round(args.warmup_ratio * args.steps)))
+    if experts:
+        experts.attach(engine, config)
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
         start_step = int(client["step"])
+        if experts:
+            experts.load(ckpt_dir / _latest_tag(ckpt_dir))
         if info.is_main:
             print(f"resumed from {ckpt_dir} at step {start_step}")
     log = MetricsLog(out, start_step) if info.is_main else None
@@ -121,7 +140,8 @@ def run(args: TrainArgs) -> dict:
     pbar = tqdm(range(start_step, args.steps), desc="train", disable=not info.is_main,
                 initial=start_step, total=args.steps)
     for step in pbar:
-        totals = torch.zeros(3, device=device)
+        step_start = time.perf_counter()
+        totals = torch.zeros(4, device=device)  # loss, ce, balance (rank means), dropped picks (sum)
         lr = engine.get_lr()[0]  # the rate this step uses
         for micro in range(args.accumulation):
             torch.manual_seed(hash((args.seed, step, micro, info.rank)) % 2**62)  # dropout, resumable
@@ -129,26 +149,38 @@ def run(args: TrainArgs) -> dict:
                                 world=info.world_size, micro_batch=args.micro_batch,
                                 accumulation=args.accumulation, seed=args.seed, max_length=args.max_length)
             result = engine(**{k: v.to(device) for k, v in batch.items()})
-            stats = all_reduce_sum(torch.stack([result["loss"], result["ce"], result["balance"]]).detach())
+            stats = all_reduce_sum(torch.stack([result["loss"], result["ce"], result["balance"],
+                                                model.dropped_picks().to(result["loss"])]).detach())
             if not torch.isfinite(stats).all():  # every rank sees the reduced value: all stop together
                 raise FloatingPointError(
                     f"loss is not finite at step {step} (micro-step {micro}); nothing was applied. "
                     f"Last good checkpoint: {_latest_tag(ckpt_dir) or 'none'} in {ckpt_dir}. "
                     f"Try a lower --lr or check the data.")
             engine.backward(result["loss"])
+            if experts:
+                experts.before_engine_step(engine)
             engine.step()
-            totals += stats / info.world_size / args.accumulation
-        loss, ce, balance = totals.tolist()
+            if experts:
+                experts.after_engine_step(engine, lr)
+            totals[:3] += stats[:3] / info.world_size / args.accumulation
+            totals[3] += stats[3]
+        loss, ce, balance, dropped = totals.tolist()
         if log:
+            extra = {"dropped_picks": dropped} if args.capacity_factor > 0 else {}
             log.write(step + 1, loss=loss, ce=ce, balance=balance, lr=lr,
+                      grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                      step_seconds=time.perf_counter() - step_start, **extra,
                       expert_load={k: v.tolist() for k, v in model.expert_load().items()})
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or step + 1 == args.steps:
-            save_checkpoint(engine, ckpt_dir, step + 1, args.keep_checkpoints, info.is_main)
+            save_checkpoint(engine, ckpt_dir, step + 1, args.keep_checkpoints, info.is_main, experts)
 
     state = ds.gather_full(lora_state_dict(lm))  # collective: every rank takes part
-    summary = {"steps": args.steps, "world_size": info.world_size, "trainable_parameters":
+    if experts:
+        state.update(experts.gather_full())  # the replicated layout: exports load with any --ep-size
+    summary = {"steps": args.steps, "world_size": info.world_size, "ep_size": args.ep_size, "trainable_parameters":
                allocation.trainable_parameters, "seconds": time.time() - t0, "resumed_from": start_step,
+               "adapter_state_bytes_rank0": ds.local_state_bytes(engine) + (experts.state_bytes() if experts else 0),
                "args": asdict(args)}
     if info.is_main:
         save_adapter(out / "adapter", state, allocation,
@@ -181,8 +213,12 @@ def _latest_tag(ckpt_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, is_main: bool) -> None:
-    """DeepSpeed writes the tag folder, then the ``latest`` pointer: a crash keeps the previous one."""
+def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, is_main: bool,
+                    experts: ExpertParallel | None = None) -> None:
+    """Expert shards first, then DeepSpeed's tag folder and its ``latest`` pointer: a crash at any
+    point leaves ``latest`` on the previous complete checkpoint."""
+    if experts:
+        experts.save(ckpt_dir / f"step_{step}")
     engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step},
                            exclude_frozen_parameters=True)
     if is_main:

@@ -106,3 +106,19 @@ def gather_full(named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     if empty:
         raise RuntimeError(f"gathered adapter tensors are empty (ZeRO-3 partition not gathered): {empty[:3]}")
     return out
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state tensors (AdamW: two moments per parameter) held by this rank."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim())
+
+
+def local_state_bytes(engine) -> int:
+    """Bytes of the engine's trainable parameters (this rank's ZeRO-3 partition) and optimizer state
+    held on this rank: what ZeRO saves, and what expert parallelism divides."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in params)
+    masters = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3's fp32 master copy
+    held += sum(t.numel() * t.element_size() for t in masters if torch.is_tensor(t))
+    return held + optimizer_state_bytes(getattr(engine.optimizer, "optimizer", engine.optimizer))

@@ -59,6 +59,11 @@ class AnswerLM(nn.Module):
                   if m.balance_loss is not None]
         return torch.stack(losses).sum() if losses else like.new_zeros(())
 
+    def dropped_picks(self) -> torch.Tensor:
+        """(token, expert) picks the capacity rule dropped in the last forward, over all modules."""
+        counts = [m.dropped for mods in self._adapters_by_layer.values() for m in mods if m.dropped is not None]
+        return torch.stack(counts).sum().float() if counts else torch.zeros(())
+
     def expert_load(self) -> dict[int, torch.Tensor]:
         """Per layer, the mean share of routing weight each expert received in the last forward."""
         out = {}

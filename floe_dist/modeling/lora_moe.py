@@ -15,7 +15,13 @@ d_out x sum(r)), so the forward pass is two matmuls whatever the routing: the ga
 expert is broadcast over its rank columns, and experts that were not picked get weight 0. For
 LoRA-sized experts that costs the same FLOPs as one LoRA of rank sum(r), and since no expert is
 ever skipped, ZeRO-3 sees the same parameter order on every rank (skipping empty experts breaks its
-prefetch bookkeeping). Token-sparse dispatch belongs to expert parallelism, applied from outside.
+prefetch bookkeeping). Token-sparse dispatch belongs to expert parallelism, applied from outside
+(floe_dist.distributed.expert_parallel) through ``expert_dispatch``.
+
+Capacity policy: no token is dropped unless ``capacity_factor`` > 0. Then each expert takes at most
+``ceil(capacity_factor * tokens * top_k / n_experts)`` of this rank's assignments, in token order;
+the rest get gate 0 (their adapter contribution is lost, the base output is kept) and are counted
+in ``dropped``. The rule lives here, so replicated and expert-parallel runs drop the same tokens.
 """
 from __future__ import annotations
 
@@ -77,8 +83,17 @@ class LoRAMoELinear(nn.Module):
         self.reset_lora_parameters()
 
         self.adapter_scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
+        self.capacity_factor = 0.0  # 0 = no-drop (see the module docstring)
+        # Sums routing counts over all ranks, so the balance loss sees the global token distribution
+        # (set by the trainer when there are several ranks; None = this rank's tokens only).
+        self.routing_stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Replaces the dense expert computation (expert parallelism): (x, gates, top_i, kept) -> delta.
+        self.expert_dispatch: Callable[..., torch.Tensor] | None = None
         self.balance_loss: torch.Tensor | None = None  # Switch-style aux loss of the last forward
         self.expert_load: torch.Tensor | None = None  # share of routing weight per expert, last forward
+        self.dropped: torch.Tensor | None = None  # assignments dropped by the capacity rule, last forward
+        self.top_i: torch.Tensor | None = None  # (T, k) experts picked per token, last forward
+        self.kept: torch.Tensor | None = None  # (T, k) False where the capacity rule dropped the pick
 
     def reset_lora_parameters(self) -> None:
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B = 0, so the wrapped layer equals the base."""
@@ -91,7 +106,8 @@ class LoRAMoELinear(nn.Module):
         return f"ranks={self.ranks}, router={self.router}, top_k={self.top_k}, alpha={self.alpha}"
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token expert weights (tokens, E); records the balance loss and the expert load."""
+        """Per-token expert weights (T, E); records the balance loss, expert load and the top-k picks."""
+        self.top_i = self.kept = self.dropped = None
         if self.lora_router is None:
             self.balance_loss, self.expert_load = None, None
             return x.new_ones(x.shape[0], 1)
@@ -102,27 +118,65 @@ class LoRAMoELinear(nn.Module):
         else:
             top_w, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)
             top_w = top_w / top_w.sum(-1, keepdim=True)
+            self.top_i = top_i
+            if self.capacity_factor > 0:
+                self.kept = self._within_capacity(top_i)
+                self.dropped = (~self.kept).sum()
+                top_w = top_w * self.kept
             gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-            # Switch Transformer: E * sum_i f_i * P_i, equal to 1 under uniform routing.
-            slot_share = F.one_hot(top_i, self.n_experts).float().mean(dim=(0, 1))  # f_i
-            self.balance_loss = self.n_experts * (slot_share * probs.mean(0)).sum()
+            self.balance_loss = self._balance_loss(probs, top_i)
         self.expert_load = gates.detach().mean(0)
         return gates
+
+    def _within_capacity(self, top_i: torch.Tensor) -> torch.Tensor:
+        """(T, k) mask of the assignments that fit: the first ``capacity`` per expert, in token order."""
+        capacity = math.ceil(self.capacity_factor * top_i.numel() / self.n_experts)
+        onehot = F.one_hot(top_i.reshape(-1), self.n_experts)  # (T*k, E), token-major
+        position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
+        return (position <= capacity).reshape(top_i.shape)
+
+    def _balance_loss(self, probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer: E * sum_i f_i * P_i (1 under uniform routing), f_i and P_i over all ranks.
+
+        f_i (share of picks) is a count and has no gradient. P_i (mean router probability) is made
+        global exactly: this rank contributes ``n_ranks * sum_local(p) / T_global``, so the ranks'
+        mean, which data parallelism differentiates, is the global value whatever each rank's T.
+        """
+        picks = F.one_hot(top_i, self.n_experts).sum((0, 1)).float()  # (E,)
+        stats = torch.cat([picks, picks.new_tensor([probs.shape[0], 1.0])])
+        if self.routing_stats_reducer is not None:
+            stats = self.routing_stats_reducer(stats)
+        picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
+        share = picks / (n_tokens * self.top_k)  # f_i
+        prob_mean = probs.sum(0) * (n_ranks / n_tokens)  # P_i, this rank's part
+        return self.n_experts * (share * prob_mean).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         lead = x.shape[:-1]
-        x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)  # (T, d_in)
-        h = F.linear(x2, self.lora_A)  # (T, sum r) or (T, r) with a shared A
-        if self.shared_a:
-            h = h.repeat(1, self.n_experts)  # (T, E*r): every head reads the same A x
+        x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(self.adapter_dtype)  # (T, d_in)
         gates = self.route(x2)  # (T, E)
-        h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
-        delta = F.linear(h, self.lora_B)  # (T, d_out)
+        if self.expert_dispatch is not None:
+            delta = self.expert_dispatch(x2, gates, self.top_i, self.kept)
+        else:
+            delta = self.dense_delta(x2, gates)
         scale = self.adapter_scale() if callable(self.adapter_scale) else self.adapter_scale
         if scale is not None:
             delta = delta * scale
         return y + delta.reshape(*lead, self.out_features).to(y.dtype)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """fp32 as built; bf16 once a DeepSpeed bf16 engine has cast the trainable tensors."""
+        return (self.lora_router.weight if self.lora_router is not None else self.lora_A).dtype
+
+    def dense_delta(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_e g_e (alpha/r_e) B_e A_e x for every token (T, d_out): two matmuls, no expert skipped."""
+        h = F.linear(x, self.lora_A)  # (T, sum r) or (T, r) with a shared A
+        if self.shared_a:
+            h = h.repeat(1, self.n_experts)  # (T, E*r): every head reads the same A x
+        h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
+        return F.linear(h, self.lora_B)  # (T, d_out)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable tensors of this adapter (A, B, router), without the frozen base."""

@@ -55,7 +55,7 @@ def test_grid_tries_every_point_and_finds_the_planted_rank(grid):
     assert (grid / "search.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0])  # seeds 1 and 2 pass too (BENCHMARKS.md); one keeps the suite short
 def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compute(grid, tmp_path, seed):
     grid_trials = ledger(grid)["trials"]
     grid_compute = sum(t["budget"] for t in grid_trials)
