@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, write_json_atomic
-from floe_dist.config import arg
+from floe_dist.config import arg, below_one
 from floe_dist.data import load_task, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.expert_parallel import ExpertParallel, check_layout, create_groups
@@ -68,10 +68,8 @@ class TrainArgs:
                                       "0 = never drop a token")
 
     def validate(self) -> None:
-        problems = []
-        for name in ("steps", "micro_batch", "accumulation", "max_length", "keep_checkpoints", "ep_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        problems = below_one(self, ("steps", "micro_batch", "accumulation", "max_length", "keep_checkpoints",
+                                    "ep_size"))
         if self.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
         if self.checkpoint_every < 0:

@@ -29,6 +29,7 @@ from floe_dist.evaluate import run as evaluate
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.score import ScoreArgs
 from floe_dist.train import TrainArgs
+from launcher.cluster import srun_stage_command
 from launcher.search import SearchArgs
 from launcher.search import run as search
 
@@ -58,6 +59,25 @@ class CampaignArgs:
     select_k: int | None = arg(None, "layers the score stage keeps; default 25%% of the layers")
     search: bool = arg(True, "search rank and learning rate with SMAC before training (--no-search: "
                              "train the allocation as scored, at the default learning rate)")
+    launcher: str = arg("local", "how score and train start their ranks: local (torchrun on this machine) "
+                                 "or srun (inside an sbatch job: --nodes x --nproc tasks; see slurm/)")
+    nodes: int = arg(1, "nodes for score and train with --launcher srun (--nproc is ranks per node)")
+
+    def validate(self) -> None:
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r}: choose one of {sorted(PRESETS)}")
+        if self.launcher not in ("local", "srun"):
+            problems.append(f"--launcher must be local or srun, got {self.launcher!r}")
+        if self.nodes < 1 or (self.nproc is not None and self.nproc < 1):
+            problems.append("--nodes and --nproc must be >= 1")
+        if self.nodes > 1 and self.launcher != "srun":
+            problems.append("--nodes > 1 needs --launcher srun (run the campaign from an sbatch script: "
+                            "floe-dist slurm render)")
+        if self.launcher == "srun" and "MASTER_ADDR" not in os.environ:
+            problems.append("--launcher srun needs MASTER_ADDR (the sbatch template exports it)")
+        if problems:
+            raise ValueError("bad campaign arguments:\n  - " + "\n  - ".join(problems))
 
 
 def _stage(name: str, result_file: Path, timings: dict, fn):
@@ -77,8 +97,14 @@ def _stage(name: str, result_file: Path, timings: dict, fn):
 
 def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
     """A torchrun command line (argument list, never a shell string) for a stage's dataclass args."""
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli", stage]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli",
+            *stage_argv(stage, stage_args)]
+
+
+def stage_argv(stage: str, stage_args) -> list[str]:
+    """``STAGE --flag value ...`` for the fields of a stage's dataclass that differ from their defaults."""
+    argv = [stage]
     for f in fields(stage_args):
         value = getattr(stage_args, f.name)
         if value is None or value == f.default:
@@ -89,8 +115,7 @@ def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
 
 
 def run(args: CampaignArgs) -> dict:
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+    args.validate()
     preset = PRESETS[args.preset]
     nproc = args.nproc or preset["nproc"]
     out = Path(args.output)
@@ -104,7 +129,12 @@ def run(args: CampaignArgs) -> dict:
 
     def launch(stage: str, stage_args, result: Path) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-        code = subprocess.call(stage_command(stage, stage_args, nproc), env=env)
+        if args.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
+            env["MASTER_PORT"] = str(free_port())
+            command = srun_stage_command(stage_argv(stage, stage_args), args.nodes, nproc)
+        else:
+            command = stage_command(stage, stage_args, nproc)
+        code = subprocess.call(command, env=env)
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
                                     f"rerun the campaign to resume it")
@@ -133,7 +163,7 @@ def run(args: CampaignArgs) -> dict:
     final = _stage("final_eval", out / "final_eval.json", timings,
                    lambda: evaluate(EvalArgs(**eval_args, adapter=str(out / "train" / "adapter"))))
 
-    summary = {"preset": args.preset, "model": preset["model"], "task": preset["task"], "ranks": nproc,
+    summary = {"preset": args.preset, "model": preset["model"], "task": preset["task"], "ranks": nproc * args.nodes,
                "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": timings,

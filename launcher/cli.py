@@ -5,6 +5,7 @@
     floe-dist train ...                     # also under `deepspeed --num_gpus N --module launcher.cli train`
     floe-dist evaluate ...
     floe-dist export --run DIR
+    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8   # memory per GPU before any run
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Any, Callable
 
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
-    from floe_dist import allocate, evaluate, export_run, score, train
-    from launcher import campaign, search
+    from floe_dist import allocate, evaluate, export_run, plan, score, train
+    from launcher import campaign, search, slurm
 
     return {
         "score": (score.ScoreArgs, score.run, "warm up adapters, score layers by Fisher information, select"),
@@ -29,6 +30,8 @@ def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "evaluate": (evaluate.EvalArgs, evaluate.run, "multiple-choice accuracy of a base model or adapter"),
         "export": (export_run.ExportArgs, export_run.run, "rebuild an adapter export from a checkpoint"),
         "campaign": (campaign.CampaignArgs, campaign.run, "run the stages end to end"),
+        "slurm": (slurm.SlurmArgs, slurm.run, "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
+        "plan": (plan.PlanArgs, plan.run, "predict per-GPU memory and step time of a layout before running it"),
     }
 
 

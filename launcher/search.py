@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, write_json_atomic
-from floe_dist.config import arg
+from floe_dist.config import arg, below_one
 from floe_dist.distributed.runtime import free_port
 from launcher.trial_runners import Launch, LocalPool, Outcome, SlurmRunner, default_workers
 
@@ -113,9 +113,8 @@ class SearchArgs:
         for name in ("eta",):
             if getattr(self, name) < 2:
                 problems.append(f"--{name} must be >= 2")
-        for name in ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "micro_batch", "initial_configs"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        problems += below_one(self, ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "micro_batch",
+                                     "initial_configs"))
         if self.workers is not None and self.workers < 1:
             problems.append("--workers must be >= 1")
         if self.max_compute <= 0 or self.trial_timeout <= 0:

@@ -1,7 +1,9 @@
 """Process-group setup for every way floe-dist is started.
 
 * ``deepspeed --num_gpus N ...`` and ``torchrun --nproc_per_node N ...`` set RANK / WORLD_SIZE /
-  LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS.
+  LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ``mpirun`` sets OMPI_COMM_WORLD_* (Open MPI) or PMI_*
+  (MPICH); Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS. MASTER_ADDR/PORT come from the
+  launcher or the sbatch script (slurm/), never from MPI itself.
 * A plain ``python -m launcher.cli train`` sets nothing: it becomes a world of one, on a free port
   (without this DeepSpeed falls back to MPI discovery and fails on a missing mpi4py).
 
@@ -42,10 +44,18 @@ def discover() -> DistInfo:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
         local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    elif "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI), e.g. deepspeed --launcher openmpi
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:  # mpirun (MPICH / Intel MPI), deepspeed --launcher mpich
+        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local = int(env.get("MPI_LOCALRANKID", env.get("PALS_LOCAL_RANKID", 0)))
+        local_world = int(env.get("MPI_LOCALNRANKS", env.get("PALS_LOCAL_SIZE", 1)))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0].split(",")[0])
     else:
         rank, world, local, local_world = 0, 1, 0, 1
     return DistInfo(rank, world, local, local_world)

@@ -6,17 +6,8 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from tests.conftest import REPO, clean_env, floe_command, run_floe
 from tests.launcher.test_search import SPACE, ledger
-from tests.slurm_cluster import LocalSlurm
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
 
 
 def test_trials_run_as_slurm_jobs_and_a_crash_is_recorded(slurm, tmp_path):

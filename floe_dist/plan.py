@@ -1,0 +1,265 @@
+"""``floe-dist plan``: per-GPU memory and time of a training layout, before any cluster hour is spent.
+
+    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8 --quant nf4 --experts 8 --rank 8
+    floe-dist plan --model path/to/config.json --allocation runs/x/allocation.json --gpu-memory 40
+
+Parameters are counted exactly on a model built on the meta device (no weights, no download) from a
+built-in Llama shape or any Hugging Face ``config.json``; adapter counts come from the allocation
+file (or a uniform one from the flags). Memory per GPU follows the model in
+``../shared/reference/landscape.md`` (ZeRO paper model states, Korthikanti et al. activations):
+
+    base      4-bit / 16-bit frozen weights, / N under ZeRO-3 (0 with --offload)
+    adapters  16 B per trainable parameter (16-bit weight, fp32 master, Adam m, v, grad),
+              / N under ZeRO-3; split experts / ep_size (they sit beside ZeRO-3, see expert_parallel)
+    ckpt      one activation per layer kept by gradient checkpointing (b*s*h)
+    layer     the working set of the layer being recomputed: b*s*(34h + 5*a*s), no 5as with flash attention
+    logits    answer positions only (floe-dist's loss), or b*s*V*10 bytes for a full-sequence loss
+    gather    ZeRO-3 prefetch of ~2 layers, one dequantized weight and the gathered 16-bit head
+    runtime   CUDA/NCCL context and allocator slack (GPU), or the Python/torch process (CPU)
+    total     1.2 x the sum on GPU (calibrated on the PEFT 70B run; the CPU factor is 1.0)
+
+Time: 6 Psi FLOP per token with checkpointing (4 Psi without) at an assumed MFU of the GPU's peak.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from floe_dist.allocation import Allocation
+from floe_dist.config import arg, below_one
+
+GIB = 2 ** 30
+# Llama shapes (public configs); vocabulary and tying decide the 16-bit embedding share.
+BUILTIN = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+BYTES_PER_WEIGHT = {"nf4": (4 + 32 / 64) / 8, "nf4-dq": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "bf16": 2.0, "fp32": 4.0}
+GPU_FACTOR = 1.2
+GPU_RUNTIME_BYTES = 1.5e9
+CPU_RUNTIME_BYTES = 457_520 * 1024  # measured: peak RSS of a process that only imports torch, transformers, deepspeed, peft
+
+
+@dataclass
+class PlanArgs:
+    model: str = arg("llama3-70b", f"built-in shape ({', '.join(BUILTIN)}), a config.json, or a model folder")
+    allocation: str | None = arg(None, "allocation.json; none = uniform from the flags below")
+    targets: str = arg(ALL_LINEAR, "uniform allocation: comma-separated module names")
+    experts: int = arg(1, "uniform allocation: experts per module")
+    rank: int = arg(16, "uniform allocation: rank of every expert")
+    top_k: int = arg(2, "uniform allocation: experts per token")
+    nodes: int = arg(1, "nodes")
+    gpus_per_node: int = arg(8, "GPUs (ranks) per node")
+    zero: int = arg(3, "ZeRO stage: 0, 2 or 3")
+    quant: str = arg("nf4", "frozen base storage: nf4, nf4-dq (double quantization), bf16, fp32")
+    ep_size: int = arg(1, "expert-parallel size (divides the world size)")
+    micro_batch: int = arg(1, "sequences per GPU per micro-step")
+    seq_len: int = arg(2048, "tokens per sequence")
+    accumulation: int = arg(1, "micro-steps per optimizer step")
+    gradient_checkpointing: bool = arg(True, "recompute layer activations in backward")
+    flash_attention: bool = arg(True, "attention without the s^2 score matrix (FlashAttention/SDPA)")
+    full_sequence_loss: bool = arg(False, "logits at every position (PEFT/TRL SFT) instead of answer tokens only")
+    offload: bool = arg(False, "parameters and optimizer state in CPU memory (ZeRO-Infinity / FSDP offload)")
+    device: str = arg("gpu", "gpu (bf16 activations) or cpu (fp32, predicts peak RSS of a rank)")
+    gpu_memory: float = arg(80.0, "GiB per GPU to fit into (H100: 80)")
+    peak_tflops: float = arg(989.0, "dense bf16 peak per GPU (H100 SXM: 989)")
+    mfu: float = arg(0.3, "assumed model FLOPs utilisation (QLoRA runs reach 0.25-0.4)")
+    output: str | None = arg(None, "also write the plan as JSON here")
+
+    def validate(self) -> None:
+        problems = below_one(self, ("nodes", "gpus_per_node", "micro_batch", "seq_len", "accumulation",
+                                    "experts", "rank", "ep_size"))
+        world = max(1, self.nodes) * max(1, self.gpus_per_node)
+        if self.ep_size >= 1 and world % self.ep_size:
+            problems.append(f"--ep-size {self.ep_size} must divide the world size {world}")
+        if self.ep_size > 1 and self.zero != 3:
+            problems.append("--ep-size > 1 runs beside ZeRO-3 (as floe-dist train does): use --zero 3")
+        if self.zero not in (0, 2, 3):
+            problems.append(f"--zero must be 0, 2 or 3, got {self.zero}")
+        if self.quant not in BYTES_PER_WEIGHT:
+            problems.append(f"--quant must be one of {sorted(BYTES_PER_WEIGHT)}, got {self.quant!r}")
+        if self.device not in ("gpu", "cpu"):
+            problems.append(f"--device must be gpu or cpu, got {self.device!r}")
+        if not 0 < self.mfu <= 1:
+            problems.append(f"--mfu must be in (0, 1], got {self.mfu}")
+        if self.allocation and not Path(self.allocation).is_file():
+            problems.append(f"--allocation {self.allocation}: file not found")
+        if problems:
+            raise ValueError("bad plan arguments:\n  - " + "\n  - ".join(problems))
+
+
+def model_config(name: str):
+    """A transformers config from a built-in shape, a config.json, or a model folder (no weights read)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name in BUILTIN:
+        return LlamaConfig(**BUILTIN[name])
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        return AutoConfig.for_model(**data) if "model_type" in data else LlamaConfig(**data)
+    from floe_dist.modeling.backbone import resolve_model  # tiny, smollm2-135m: converted folders
+
+    return AutoConfig.from_pretrained(resolve_model(name))
+
+
+@dataclass
+class ModelCount:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    linear: int  # parameters of the decoder layers' linear modules (quantized by nf4)
+    other: int  # embeddings, head, norms (kept 16-bit)
+    shapes: dict[str, tuple[int, int]]
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.other
+
+
+def count_model(config) -> ModelCount:
+    """Exact parameter counts from the model built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from floe_dist.modeling.inject import find_layer_linears, module_shapes
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = sum(m.weight.numel() for mods in find_layer_linears(model).values() for _, m in mods.values())
+    total = sum(p.numel() for p in model.parameters())
+    layers, shapes = module_shapes(model)
+    return ModelCount(layers=layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                      heads=config.num_attention_heads, vocab=config.vocab_size, linear=linear,
+                      other=total - linear, shapes=shapes)
+
+
+def expert_parameters(allocation: Allocation, shapes: dict[str, tuple[int, int]]) -> int:
+    """Parameters of multi-expert modules' experts (A and B, not routers): what --ep-size splits."""
+    from floe_dist.modeling.lora_moe import count_lora_parameters
+
+    n = 0
+    for mods in allocation.layers.values():
+        for name, m in mods.items():
+            if m.experts > 1:
+                d_in, d_out = shapes[name]
+                n += count_lora_parameters(d_in, d_out, m.ranks, m.router) - m.experts * d_in
+    return n
+
+
+def plan(args: PlanArgs) -> dict:
+    """The memory terms (bytes per GPU or per CPU rank), their total, tokens and time per step."""
+    args.validate()
+    config = model_config(args.model)
+    count = count_model(config)
+    if args.allocation:
+        allocation = Allocation.load(args.allocation)
+        allocation.validate(count.layers, count.shapes)
+    else:
+        allocation = Allocation.uniform(count.layers, [t for t in args.targets.split(",") if t],
+                                        experts=args.experts, rank=args.rank, top_k=min(args.top_k, args.experts))
+        allocation.validate(count.layers, count.shapes)
+    trainable = allocation.count_parameters(count.shapes)
+    experts = expert_parameters(allocation, count.shapes) if args.ep_size > 1 else 0
+
+    n = args.nodes * args.gpus_per_node
+    b, s, h, L = args.micro_batch, args.seq_len, count.hidden, count.layers
+    gpu = args.device == "gpu"
+    act = 2 if gpu else 4  # bytes per activation value
+    wq = BYTES_PER_WEIGHT[args.quant]
+    w16 = 2 if gpu else 4  # embeddings and head: bf16 on GPU, fp32 on CPU
+    shard = n if args.zero == 3 else 1
+
+    base = 0.0 if args.offload else (wq * count.linear + w16 * count.other) / shard
+    state_per_param = 16 if gpu else 20  # CPU/fp32: weight, fp32 master, grad, m, v (4 B each)
+    if args.offload:
+        adapters = 0.0
+    else:
+        dense = (trainable - experts) * (state_per_param / shard if args.zero == 3 else
+                                         2 + (state_per_param - 2) / (n if args.zero == 2 else 1))
+        adapters = dense + experts * 16 / args.ep_size  # split experts: fp32 weight, grad, m, v
+    ckpt = L * b * s * h * act if args.gradient_checkpointing else 0.0
+    per_layer = b * s * (34 * h + (0 if args.flash_attention else 5 * count.heads * s)) * act / 2
+    layer = per_layer if args.gradient_checkpointing else per_layer * L
+    logits = 10 * b * s * count.vocab * (act / 2) if args.full_sequence_loss else 10 * b * count.vocab * (act / 2)
+    # ZeRO-3 (or offload) gathers: ~2 prefetched layers, one dequantized weight, and the 16-bit head,
+    # live together at the loss, where backward starts recomputing the last layers.
+    head = count.vocab * h * w16
+    gather = (2 * wq * count.linear / L + 2 * h * count.intermediate + head) if (args.zero == 3 or args.offload) else 0.0
+    # router logits (fp32) and the experts' low-rank activations, kept per MoE module until backward
+    moe = b * s * sum(m.experts * 4 + m.top_k * max(m.ranks) * 2 * 3
+                      for mods in allocation.layers.values() for m in mods.values() if m.experts > 1)
+    runtime = GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
+    terms = {"base": base, "adapters": adapters, "ckpt": ckpt, "layer": layer, "logits": logits,
+             "gather": gather, "moe": moe, "runtime": runtime}
+    total = (GPU_FACTOR if gpu else 1.0) * sum(terms.values())
+
+    tokens = b * s * n * args.accumulation
+    flops = (6 if args.gradient_checkpointing else 4) * count.total * tokens
+    seconds = flops / (n * args.peak_tflops * 1e12 * args.mfu)
+    fits = total <= args.gpu_memory * GIB
+    return {"args": asdict(args), "model": {"layers": L, "hidden": h, "parameters": count.total,
+                                           "quantized_linear": count.linear, "other": count.other},
+            "world_size": n, "trainable_parameters": trainable, "split_expert_parameters": experts,
+            "bytes": terms, "total_bytes": total, "fits": fits, "tokens_per_step": tokens,
+            "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, total)}
+
+
+def advice(args: PlanArgs, terms: dict[str, float], total: float) -> list[str]:
+    """What would make a plan that does not fit fit, largest saving first."""
+    need = total - args.gpu_memory * GIB
+    tips = []
+    if args.zero != 3:
+        tips.append("use --zero 3: the base and adapter states are then divided by the world size")
+    if args.quant in ("bf16", "fp32"):
+        tips.append("use --quant nf4: the frozen linear weights take 4.5 bits instead of 16")
+    if not args.gradient_checkpointing:
+        tips.append("turn on gradient checkpointing: one activation per layer instead of every layer's working set")
+    states = terms["base"] + terms["adapters"]
+    room = args.gpu_memory * GIB / GPU_FACTOR - (sum(terms.values()) - states)  # what states may take
+    if args.zero == 3 and states > 0 and room > 0:
+        ranks = states * args.nodes * args.gpus_per_node / room
+        tips.append(f"use --nodes {math.ceil(ranks / args.gpus_per_node)} (ZeRO-3 divides the base and "
+                    f"adapter states by the world size)")
+    if terms["logits"] > need / 2 and args.full_sequence_loss:
+        tips.append("compute the loss on answer tokens only (floe-dist's default) or use chunked cross-entropy")
+    if args.micro_batch > 1:
+        tips.append(f"use --micro-batch {max(1, args.micro_batch // 2)} with --accumulation {args.accumulation * 2}")
+    if not args.offload:
+        tips.append("offload parameters and optimizer state to CPU (--offload; slower, needs host RAM)")
+    return tips or ["no setting of this planner makes it fit: use GPUs with more memory"]
+
+
+def run(args: PlanArgs) -> dict:
+    result = plan(args)
+    gib = {k: v / GIB for k, v in result["bytes"].items()}
+    where = "per GPU" if args.device == "gpu" else "per CPU rank (peak RSS)"
+    print(f"{args.model}: {result['model']['parameters'] / 1e9:.2f}B parameters, "
+          f"{result['trainable_parameters']:,} trainable; {result['world_size']} ranks, ZeRO-{args.zero}, "
+          f"{args.quant}, ep_size {args.ep_size}, b={args.micro_batch} s={args.seq_len}")
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in gib.items()) + "  (GiB)")
+    print(f"  total {result['total_bytes'] / GIB:.2f} GiB {where} -> "
+          + ("fits" if result["fits"] else f"DOES NOT FIT in {args.gpu_memory:g} GiB"))
+    print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
+    for tip in result["advice"]:
+        print(f"  to fit: {tip}")
+    if args.output:
+        from floe_dist.allocation import write_json_atomic
+
+        write_json_atomic(Path(args.output), result)
+    return result

@@ -1,0 +1,98 @@
+"""Multi-node launch glue: hosts of a Slurm allocation, DeepSpeed hostfiles, per-stage launch lines.
+
+Three ways to put one stage (score, train) on several nodes, all reading the same rank variables
+(floe_dist/distributed/runtime.py):
+
+* ``srun`` (default under Slurm): one task per rank; ranks come from SLURM_PROCID/SLURM_NTASKS and
+  MASTER_ADDR/MASTER_PORT from the sbatch script (first host of the allocation).
+* ``deepspeed --hostfile H --master_addr A --launcher pdsh|slurm|openmpi|mpich``: the DeepSpeed
+  launcher over a hostfile written here (``host slots=N`` per line).
+* ``torchrun`` on one node (local processes), as the campaign does without Slurm.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+DEEPSPEED_LAUNCHERS = ("pdsh", "slurm", "openmpi", "mpich")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)$")
+
+
+def need_command(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FileNotFoundError(f"`{name}` is not on PATH: {hint}")
+    return path
+
+
+def slurm_hosts(nodelist: str | None = None) -> list[str]:
+    """Host names of a Slurm node list (``node[1-4]``), expanded by ``scontrol show hostnames``."""
+    nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise ValueError("no node list: run inside a Slurm allocation (SLURM_JOB_NODELIST) or pass --nodelist")
+    scontrol = need_command("scontrol", "expanding a Slurm node list needs the Slurm client")
+    proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True)
+    hosts = proc.stdout.split()
+    if proc.returncode != 0 or not hosts:
+        raise ValueError(f"scontrol could not expand node list {nodelist!r}: {proc.stderr.strip()}")
+    return hosts
+
+
+def render_hostfile(hosts: list[str], slots: int) -> str:
+    """DeepSpeed's hostfile: ``host slots=N`` per line."""
+    if slots < 1:
+        raise ValueError(f"slots per host must be >= 1, got {slots}")
+    bad = [h for h in hosts if not _HOST.match(h)]
+    if bad or not hosts:
+        raise ValueError(f"not host names: {bad or hosts}")
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def parse_hostfile(path: str | Path) -> dict[str, int]:
+    """{host: slots} of a DeepSpeed hostfile; every line that is not ``host slots=N`` is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hostfile {path} not found")
+    hosts: dict[str, int] = {}
+    problems = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _HOSTFILE_LINE.match(line)
+        if not match or not _HOST.match(match["host"]):
+            problems.append(f"line {number}: {raw.strip()!r} is not 'hostname slots=N'")
+        elif int(match["slots"]) < 1:
+            problems.append(f"line {number}: slots must be >= 1")
+        elif match["host"] in hosts:
+            problems.append(f"line {number}: host {match['host']} listed twice")
+        else:
+            hosts[match["host"]] = int(match["slots"])
+    if not hosts and not problems:
+        problems.append("no hosts")
+    if problems:
+        raise ValueError(f"bad hostfile {path}:\n  - " + "\n  - ".join(problems))
+    return hosts
+
+
+def srun_stage_command(stage_argv: list[str], nodes: int, tasks_per_node: int) -> list[str]:
+    """One Slurm task per rank; the ranks find each other through MASTER_ADDR/MASTER_PORT."""
+    return [need_command("srun", "the srun launcher runs inside a Slurm allocation"),
+            f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1",
+            "--gpu-bind=none", "--export=ALL", sys.executable, "-m", "launcher.cli", *stage_argv]
+
+
+def deepspeed_stage_command(stage_argv: list[str], hostfile: str | Path, master_addr: str, master_port: int,
+                            launcher: str = "pdsh") -> list[str]:
+    """``deepspeed --hostfile ... --module launcher.cli STAGE ...`` (validates the hostfile first)."""
+    if launcher not in DEEPSPEED_LAUNCHERS:
+        raise ValueError(f"--launcher must be one of {DEEPSPEED_LAUNCHERS}, got {launcher!r}")
+    parse_hostfile(hostfile)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+            "--master_addr", master_addr, "--master_port", str(master_port), "--launcher", launcher,
+            "--module", "launcher.cli", *stage_argv]

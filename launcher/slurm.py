@@ -1,0 +1,121 @@
+"""``floe-dist slurm``: render and submit the sbatch templates in ``slurm/``, write DeepSpeed hostfiles.
+
+    floe-dist slurm --action render --template campaign --nodes 2 --tasks-per-node 4 --gpus-per-node 4 \\
+        --output runs/c70b --args="--preset default"          # -> runs/c70b/campaign.sbatch
+    floe-dist slurm --action submit ...                        # render, then sbatch; prints the job id
+    floe-dist slurm --action hostfile --hostfile H --slots 8   # inside an allocation: DeepSpeed hostfile
+
+Templates use ``@{name}`` placeholders (bash keeps its own ``${...}``). The stage's flags (``--args``)
+are passed through verbatim, and ``--output`` is also the stage's output folder, so a requeued job
+finds its checkpoints there.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from floe_dist.config import arg, below_one
+from launcher.cluster import DEEPSPEED_LAUNCHERS, need_command, render_hostfile, slurm_hosts
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+REPO = TEMPLATES.parent
+_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+
+
+class _At(Template):
+    delimiter = "@"
+
+
+@dataclass
+class SlurmArgs:
+    action: str = arg("render", "render (write the sbatch script), submit (render + sbatch) or hostfile")
+    template: str = arg("campaign", "campaign or train (slurm/<template>.sbatch)")
+    output: str = arg("runs/slurm", "run folder: the script, Slurm's log and the stage's outputs go here")
+    args: str = arg("", "flags of the stage, passed through; write --args=\"--preset tiny\" (--output is added)")
+    nodes: int = arg(1, "nodes (#SBATCH --nodes)")
+    tasks_per_node: int = arg(1, "ranks per node (GPUs per node on a GPU cluster)")
+    gpus_per_node: int = arg(0, "GPUs per node to request (#SBATCH --gpus-per-node); 0 on CPU clusters")
+    cpus_per_task: int = arg(1, "CPU cores per rank")
+    time: str = arg("04:00:00", "wall-time limit, [D-]HH:MM:SS")
+    partition: str | None = arg(None, "partition (#SBATCH --partition)")
+    sbatch_args: str = arg("", "more #SBATCH options, e.g. \"--account=abc --qos=high\"")
+    launch: str = arg("srun", "train template: srun (one task per rank) or deepspeed (hostfile launch)")
+    deepspeed_launcher: str = arg("slurm", f"with --launch deepspeed: one of {DEEPSPEED_LAUNCHERS}")
+    job_name: str = arg("floe-dist", "job name")
+    hostfile: str = arg("hostfile", "hostfile action: where to write it")
+    nodelist: str | None = arg(None, "hostfile action: node list (default: this allocation's)")
+    slots: int = arg(1, "hostfile action: ranks per host")
+
+    def validate(self) -> None:
+        problems = []
+        if self.action not in ("render", "submit", "hostfile"):
+            problems.append(f"--action must be render, submit or hostfile, got {self.action!r}")
+        if self.template not in ("campaign", "train"):
+            problems.append(f"--template must be campaign or train, got {self.template!r}")
+        problems += below_one(self, ("nodes", "tasks_per_node", "cpus_per_task", "slots"))
+        if self.gpus_per_node < 0:
+            problems.append("--gpus-per-node must be >= 0")
+        if not _TIME.match(self.time):
+            problems.append(f"--time {self.time!r} is not [D-]HH:MM:SS")
+        if self.launch not in ("srun", "deepspeed"):
+            problems.append(f"--launch must be srun or deepspeed, got {self.launch!r}")
+        if self.deepspeed_launcher not in DEEPSPEED_LAUNCHERS:
+            problems.append(f"--deepspeed-launcher must be one of {DEEPSPEED_LAUNCHERS}")
+        if "--output" in shlex.split(self.args):
+            problems.append("--args must not set --output: the run folder is --output of this command")
+        if problems:
+            raise ValueError("bad slurm arguments:\n  - " + "\n  - ".join(problems))
+
+
+def render(args: SlurmArgs) -> str:
+    out = Path(args.output).resolve()
+    stage_args = shlex.split(args.args) + ["--output", str(out)]
+    lines = [f"#SBATCH --partition={args.partition}"] if args.partition else []
+    if args.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
+    lines += [f"#SBATCH {opt}" for opt in shlex.split(args.sbatch_args)]
+    python = shlex.quote(sys.executable)
+    quoted = " ".join(shlex.quote(a) for a in stage_args)
+    if args.launch == "srun":
+        launch = f"exec srun --kill-on-bad-exit=1 --gpu-bind=none {python} -m launcher.cli train {quoted}"
+    else:
+        hostfile = shlex.quote(str(out / "hostfile"))
+        launch = (f"{python} -m launcher.cli slurm --action hostfile --hostfile {hostfile} "
+                  f"--slots {args.tasks_per_node}\n"
+                  f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
+                  f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher} --module launcher.cli "
+                  f"train {quoted}")
+    text = (TEMPLATES / f"{args.template}.sbatch").read_text()
+    return _At(text).substitute(
+        job_name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        time=args.time, output=str(out), sbatch_lines="\n".join(lines), workdir=shlex.quote(str(REPO)),
+        python=python, args=quoted, launch=launch)
+
+
+def run(args: SlurmArgs) -> dict:
+    args.validate()
+    if args.action == "hostfile":
+        text = render_hostfile(slurm_hosts(args.nodelist), args.slots)
+        Path(args.hostfile).write_text(text)
+        print(text, end="")
+        return {"hostfile": args.hostfile}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / f"{args.template}.sbatch"
+    script.write_text(render(args))
+    print(f"wrote {script}")
+    result = {"script": str(script)}
+    if args.action == "submit":
+        sbatch = need_command("sbatch", "submitting needs the Slurm client (or use --action render and copy "
+                                        "the script to a login node)")
+        proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ChildProcessError(f"sbatch refused {script}: {proc.stderr.strip()}")
+        result["job_id"] = proc.stdout.strip().split(";")[0]
+        print(f"submitted job {result['job_id']}; log: {out.resolve()}/slurm-{result['job_id']}.out")
+    return result

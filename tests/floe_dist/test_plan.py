@@ -1,0 +1,66 @@
+"""``floe-dist plan`` against published 70B figures, exact meta-device counts, advice and bad inputs."""
+from __future__ import annotations
+
+import pytest
+
+from floe_dist.plan import GIB, PlanArgs, count_model, model_config, plan
+from tests.conftest import run_floe
+
+
+def test_meta_device_counts_equal_the_loaded_model(tiny_model_dir):
+    from floe_dist.modeling.backbone import load_backbone
+
+    count = count_model(model_config(str(tiny_model_dir)))
+    model = load_backbone(tiny_model_dir)
+    assert count.total == sum(p.numel() for p in model.parameters())
+    assert count.layers == 4 and count.shapes["q_proj"] == (64, 64)
+
+
+def test_llama2_70b_matches_the_published_peft_zero3_qlora_run():
+    """PEFT docs: Llama-2-70B, ZeRO-3 + QLoRA (double quant), 2 GPUs, b=2, s=2048, r=8 all-linear:
+    36.6 GB per GPU."""
+    result = plan(PlanArgs(model="llama2-70b", gpus_per_node=2, rank=8, micro_batch=2, seq_len=2048,
+                           quant="nf4-dq", full_sequence_loss=True))
+    assert result["model"]["parameters"] == 68_976_648_192  # Llama-2-70B, exactly
+    assert abs(result["total_bytes"] / 1e9 - 36.6) <= 0.2 * 36.6
+
+
+def test_llama2_70b_with_offload_matches_answer_ai():
+    """Answer.AI FSDP+QLoRA: Llama-2-70B on 2 x 24 GB with CPU offload, b=2, s=2048: 14.92 GiB peak."""
+    result = plan(PlanArgs(model="llama2-70b", gpus_per_node=2, rank=8, micro_batch=2, seq_len=2048,
+                           quant="nf4-dq", full_sequence_loss=True, offload=True, gpu_memory=24))
+    assert abs(result["total_bytes"] / GIB - 14.92) <= 0.2 * 14.92
+    assert result["fits"]
+
+
+def test_a_plan_that_does_not_fit_says_what_would():
+    result = plan(PlanArgs(model="llama3-70b", gpus_per_node=1, quant="bf16", gpu_memory=80))
+    assert not result["fits"]
+    tips = " | ".join(result["advice"])
+    assert "--quant nf4" in tips and "--nodes" in tips
+    nodes = int(tips.split("use --nodes ")[1].split()[0])
+    assert plan(PlanArgs(model="llama3-70b", nodes=nodes, gpus_per_node=1, quant="bf16", gpu_memory=80))["fits"]
+
+
+def test_split_experts_hold_their_whole_state_on_an_ep_shard():
+    """Split experts keep weight, grad and AdamW moments (16 B) on each of ep_size ranks; everything
+    else is divided by the world size under ZeRO-3. So --ep-size saves communication (no expert
+    gathers), not state memory, against ZeRO-3 partitioned replicas: the planner must say so."""
+    common = dict(model="llama3-8b", gpus_per_node=8, experts=8, rank=8, targets="gate_proj,up_proj,down_proj")
+    replicated, split = plan(PlanArgs(**common)), plan(PlanArgs(**common, ep_size=2))
+    experts, total = split["split_expert_parameters"], split["trainable_parameters"]
+    assert 0 < experts < total
+    assert split["bytes"]["adapters"] == pytest.approx(16 * experts / 2 + 16 * (total - experts) / 8)
+    assert replicated["bytes"]["adapters"] == pytest.approx(16 * total / 8)
+
+
+def test_bad_plan_inputs_fail_clearly(tmp_path):
+    for flags, message in [(["--nodes", "0"], "--nodes must be >= 1"),
+                           (["--ep-size", "3"], "--ep-size 3 must divide the world size 8"),
+                           (["--zero", "1"], "--zero must be 0, 2 or 3"),
+                           (["--ep-size", "2", "--zero", "2"], "runs beside ZeRO-3"),
+                           (["--allocation", str(tmp_path / "missing.json")], "file not found")]:
+        proc = run_floe(["plan", *flags], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match="--quant must be one of"):
+        plan(PlanArgs(quant="int3"))
