@@ -70,7 +70,8 @@ class SearchArgs:
     val_limit: int | None = arg(None, "score trials on the first N validation examples only")
     seed: int = arg(0, "seed of SMAC's sampling")
     trial_seed: int = arg(0, "seed of every trial's training (the same for all: a deterministic objective)")
-    runner: str = arg("local", "local (worker processes) or slurm (one sbatch job per trial)")
+    runner: str = arg("local", "local (worker processes), slurm (one sbatch job per trial) or slurm-array "
+                               "(trials that start together go out as one job array, slurm/search_array.sbatch)")
     workers: int | None = arg(None, "concurrent trials; default: as many as the machine holds")
     trial_nproc: int = arg(1, "ranks per trial; > 1 launches each trial with --trial-launcher")
     trial_launcher: str = arg("torchrun", "torchrun or deepspeed (for trials of more than one rank)")
@@ -103,8 +104,8 @@ class SearchArgs:
                 check()
             except ValueError as err:
                 problems.append(str(err))
-        choices = {"mode": MODES, "brackets": ("sh", "hyperband"), "objective": ("loss", "error"), "runner": ("local", "slurm"),
-                   "trial_launcher": ("torchrun", "deepspeed")}
+        choices = {"mode": MODES, "brackets": ("sh", "hyperband"), "objective": ("loss", "error"),
+                   "runner": ("local", "slurm", "slurm-array"), "trial_launcher": ("torchrun", "deepspeed")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -400,27 +401,34 @@ def run(args: SearchArgs) -> dict:
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
     workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
-    runner = (SlurmRunner(workers, args.sbatch_args) if args.runner == "slurm"
-              else LocalPool(workers, args.trial_nproc, args.trial_threads))
+    runner = (SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
+              if args.runner.startswith("slurm") else LocalPool(workers, args.trial_nproc, args.trial_threads))
     by_id = {t.id: t for t in ledger.trials}
     cap = args.max_compute * args.max_steps
 
-    def launch(trial: Trial) -> None:
+    def prepare(trial: Trial) -> Launch | None:
+        """The trial's launch, with its trial.json written; None when there is nothing to start."""
         trial_dir = out / "trials" / f"{trial.id:04d}"
         result = trial_dir / "result.json"
         if trial.attempts and result.is_file():  # finished while the search was down (a Slurm job)
             record(Outcome(trial.id, "success", trial.seconds or 0.0, trial.worker))
-            return
+            return None
         job = Launch(trial.id, trial_argv(args, trial_dir), trial_dir, args.trial_timeout)
         if trial.attempts and isinstance(runner, SlurmRunner) and runner.adopt(job, trial.worker):
-            return
+            return None
         result.unlink(missing_ok=True)
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(trial_dir / "trial.json", {"trial_id": trial.id, "config": trial.config,
                                                      "budget": trial.budget, "seed": trial.seed,
                                                      "settings": settings})
-        trial.worker, trial.attempts, trial.status = runner.submit(job), trial.attempts + 1, "running"
-        ledger.save()
+        return job
+
+    def submit_batch(batch: list[tuple[Trial, Launch]]) -> None:
+        """Submit trials that start together (one job array with --runner slurm-array)."""
+        for (trial, _), worker in zip(batch, runner.submit_all([job for _, job in batch])):
+            trial.worker, trial.attempts, trial.status = worker, trial.attempts + 1, "running"
+        if batch:
+            ledger.save()
 
     def record(outcome: Outcome) -> None:
         trial = by_id[outcome.trial_id]
@@ -450,7 +458,8 @@ def run(args: SearchArgs) -> dict:
                 bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} full trials [{elapsed}{postfix}]")
     try:
         while True:
-            while runner.free_slots > 0:
+            batch: list[tuple[Trial, Launch]] = []
+            while runner.free_slots - len(batch) > 0:
                 if pending:
                     trial = pending.pop(0)
                 elif args.mode == "grid" or (len(ledger.trials) < args.max_trials
@@ -461,7 +470,10 @@ def run(args: SearchArgs) -> dict:
                     by_id[trial.id] = trial
                 else:
                     break
-                launch(trial)
+                job = prepare(trial)
+                if job is not None:
+                    batch.append((trial, job))
+            submit_batch(batch)
             if not runner.running:
                 break
             for outcome in runner.wait():

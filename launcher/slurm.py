@@ -27,8 +27,13 @@ REPO = TEMPLATES.parent
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 
 
-class _At(Template):
+class SbatchTemplate(Template):
+    """``slurm/<name>.sbatch`` with ``@{field}`` placeholders (bash keeps its ``${...}``)."""
     delimiter = "@"
+
+    @classmethod
+    def named(cls, name: str) -> "SbatchTemplate":
+        return cls((TEMPLATES / f"{name}.sbatch").read_text())
 
 
 @dataclass
@@ -90,8 +95,7 @@ def render(args: SlurmArgs) -> str:
                   f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
                   f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher} --module launcher.cli "
                   f"train {quoted}")
-    text = (TEMPLATES / f"{args.template}.sbatch").read_text()
-    return _At(text).substitute(
+    return SbatchTemplate.named(args.template).substitute(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         time=args.time, output=str(out), sbatch_lines="\n".join(lines), workdir=shlex.quote(str(REPO)),
         python=python, args=quoted, launch=launch)

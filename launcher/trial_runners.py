@@ -9,9 +9,10 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 * :class:`LocalPool` — local processes, ``workers`` at a time, each pinned to its own CPU threads or
   GPUs. Trials die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
   groups), so a killed search leaves no orphans.
-* :class:`SlurmRunner` — one ``sbatch`` job per trial, polled with ``squeue`` (final state from
-  ``scontrol``, else ``sacct``); a resumed
-  search re-attaches to jobs that are still queued or running instead of submitting them again.
+* :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
+  together as one job array (slurm/search_array.sbatch, one task per trial); polled with ``squeue``
+  (final state from ``scontrol``, else ``sacct``); a resumed search re-attaches to jobs or array
+  tasks that are still queued or running instead of submitting them again.
 """
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ class LocalPool:
         self.running[slot] = (launch, proc, time.monotonic())
         return f"local:{slot}:pid{proc.pid}"
 
+    def submit_all(self, launches: list[Launch]) -> list[str]:
+        return [self.submit(launch) for launch in launches]
+
     def wait(self, poll_seconds: float = 0.1) -> list[Outcome]:
         """Block until at least one trial ends; return every trial that ended."""
         while True:
@@ -168,11 +172,39 @@ def _final_state(job: str) -> str:
 
 
 class SlurmRunner:
-    """One ``sbatch`` job per trial (``--wrap`` of the trial command), at most ``workers`` queued."""
+    """One ``sbatch`` job per trial (``--wrap`` of the trial command), or one job array per batch of
+    trials (``array``); at most ``workers`` queued."""
 
-    def __init__(self, workers: int, sbatch_args: str = ""):
-        self.workers, self.sbatch_args = workers, shlex.split(sbatch_args)
-        self.running: dict[str, tuple[Launch, float]] = {}  # job id -> ...
+    def __init__(self, workers: int, sbatch_args: str = "", array: bool = False):
+        self.workers, self.sbatch_args, self.array = workers, shlex.split(sbatch_args), array
+        self.running: dict[str, tuple[Launch, float]] = {}  # job id (JOB or JOB_TASK) -> ...
+
+    def submit_all(self, launches: list[Launch]) -> list[str]:
+        """Worker ids (``slurm:JOB`` or ``slurm:JOB_TASK``) of trials submitted together."""
+        if not self.array or len(launches) < 2:
+            return [self.submit(launch) for launch in launches]
+        from launcher.slurm import REPO, SbatchTemplate
+
+        for launch in launches:
+            launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        first = launches[0]
+        tasks = first.trial_dir.parent / f"array-{first.trial_id:04d}.tasks"
+        tasks.write_text("".join(f"{shlex.join(l.argv)} > {shlex.quote(str(l.trial_dir / 'trial.log'))} 2>&1\n"
+                                 for l in launches))
+        script = tasks.with_suffix(".sbatch")
+        script.write_text(SbatchTemplate.named("search_array").substitute(workdir=shlex.quote(str(REPO))))
+        minutes = max(1, int(max(l.timeout for l in launches) // 60) + 1)
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(launches) - 1}", f"--time={minutes}",
+               f"--output={tasks.parent}/array-%A_%a.log", *self.sbatch_args, str(script), str(tasks)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=trial_env())
+        if out.returncode != 0:
+            raise ChildProcessError(f"sbatch --array failed ({out.returncode}): {out.stderr.strip()}")
+        job = out.stdout.strip().split(";")[0]
+        workers = []
+        for task, launch in enumerate(launches):
+            self.running[f"{job}_{task}"] = (launch, time.monotonic())
+            workers.append(f"slurm:{job}_{task}")
+        return workers
 
     @property
     def free_slots(self) -> int:
@@ -204,7 +236,7 @@ class SlurmRunner:
     @staticmethod
     def _queued() -> set[str] | None:
         """Ids of this user's queued or running jobs; None when the controller did not answer."""
-        out = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True)
+        out = subprocess.run(["squeue", "-h", "--me", "--array", "-o", "%i"], capture_output=True, text=True)
         return set(out.stdout.split()) if out.returncode == 0 else None
 
     def wait(self, poll_seconds: float = 2.0) -> list[Outcome]:

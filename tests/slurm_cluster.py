@@ -72,6 +72,9 @@ class LocalSlurm:
             f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.%n.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "MinJobAge=600",
+            # Job credentials live 120 s by default, and a requeued job may only restart once its old
+            # credential expired (Slurm holds it that long): 10 s keeps the requeue test short.
+            "AuthInfo=cred_expire=10", "SchedulerParameters=bf_interval=2,sched_interval=2",
             "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
             f"NodeName=node[1-{self.nodes}] NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 "
             f"CPUs={cpus} RealMemory={mem} Port={','.join(map(str, node_ports))}",

@@ -197,6 +197,10 @@ class ExpertParallel:
         ZeRO-3 clips by the norm of the groups ``_get_norm_groups`` returns (a private method of the
         pinned DeepSpeed); adding the experts' norm makes one global norm, as with replicated experts.
         """
+        kind = ds_config["optimizer"].get("type", "AdamW")
+        if kind.lower() not in ("adam", "adamw") or ds_config["optimizer"].get("params", {}).get("adam_w_mode") is False:
+            raise ValueError(f"split experts are stepped with AdamW like the engine's parameters; the DeepSpeed "
+                             f"config asks for {kind!r}: use AdamW, or --ep-size 1")
         params = {k: v for k, v in ds_config["optimizer"].get("params", {}).items()
                   if k not in ("torch_adam", "adam_w_mode")}
         self.optimizer = torch.optim.AdamW(self.parameters(), **params)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, clean_env, floe_command, read_metrics, run_floe
+from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, run_floe
 
 MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
 PROBE = "tests/floe_dist/logits_probe.py"
@@ -144,11 +144,8 @@ def test_plain_lora_export_loads_with_peft(tmp_path):
     torch.testing.assert_close(peft_logits, ours, rtol=0, atol=1e-6)
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
-    common = ["train", "--model", "tiny", "--steps", "40", "--micro-batch", "2", "--zero", "3",
-              "--checkpoint-every", "5", *MOE[:-2], "--dropout", "0.1"]  # dropout on: its RNG must resume too
-    run_floe([*common, "--output", str(tmp_path / "straight")], nproc=2)
-
+def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted_run, tmp_path):
+    common = ["train", *RESUMABLE_RUN]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(floe_command([*common, "--output", str(killed)], nproc=2), cwd=REPO, env=clean_env(2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -165,7 +162,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
 
     resumed = run_floe([*common, "--output", str(killed)], nproc=2)
     assert "resumed from" in resumed.stdout + resumed.stderr
-    straight, again = _losses(tmp_path / "straight"), _losses(killed)
+    straight, again = _losses(uninterrupted_run), _losses(killed)
     assert len(again) == 40
     for a, b in zip(straight, again):
         assert abs(a - b) <= 1e-5 * abs(a)

@@ -10,11 +10,15 @@ from tests.conftest import REPO, clean_env, floe_command, run_floe
 from tests.launcher.test_search import SPACE, ledger
 
 
-def test_trials_run_as_slurm_jobs_and_a_crash_is_recorded(slurm, tmp_path):
-    run_floe(["search", "--mode", "grid", "--runner", "slurm", "--output", str(tmp_path), *SPACE,
+def test_trials_run_as_a_slurm_job_array_and_a_crash_is_recorded(slurm, tmp_path):
+    """2 workers: trials 0 and 1 go out as one 2-task array, trial 2 alone when a slot frees."""
+    run_floe(["search", "--mode", "grid", "--runner", "slurm-array", "--output", str(tmp_path), *SPACE,
               "--ranks", "1,2,4", "--lr", "1e-2", "--max-steps", "90"], env={"TOY_CRASH_RANK": "1"})
     trials = {t["config"]["rank"]: t for t in ledger(tmp_path)["trials"]}
-    assert all(t["worker"].startswith("slurm:") for t in trials.values())
+    array_job = trials[1]["worker"].split(":")[1].split("_")[0]
+    assert [trials[1]["worker"], trials[2]["worker"]] == [f"slurm:{array_job}_0", f"slurm:{array_job}_1"]
+    assert len((tmp_path / "trials" / "array-0000.tasks").read_text().splitlines()) == 2
+    assert trials[4]["worker"].startswith("slurm:")
     assert trials[1]["status"] == "crashed" and "planted crash for rank 1" in trials[1]["reason"]
     assert trials[2]["status"] == trials[4]["status"] == "success"
     assert ledger(tmp_path)["summary"]["incumbent"]["config"]["rank"] == 4
