@@ -190,8 +190,9 @@ def plan(args: PlanArgs) -> dict:
     if args.offload:
         adapters = 0.0
     else:
+        weight = 2 if gpu else 4  # the replicated working copy under ZeRO-0/2
         dense = (trainable - experts) * (state_per_param / shard if args.zero == 3 else
-                                         2 + (state_per_param - 2) / (n if args.zero == 2 else 1))
+                                         weight + (state_per_param - weight) / (n if args.zero == 2 else 1))
         adapters = dense + experts * 16 / args.ep_size  # split experts: fp32 weight, grad, m, v
     ckpt = L * b * s * h * act if args.gradient_checkpointing else 0.0
     per_layer = b * s * (34 * h + (0 if args.flash_attention else 5 * count.heads * s)) * act / 2

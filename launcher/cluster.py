@@ -6,7 +6,7 @@ Three ways to put one stage (score, train) on several nodes, all reading the sam
 * ``srun`` (default under Slurm): one task per rank; ranks come from SLURM_PROCID/SLURM_NTASKS and
   MASTER_ADDR/MASTER_PORT from the sbatch script (first host of the allocation).
 * ``deepspeed --hostfile H --master_addr A --launcher pdsh|slurm|openmpi|mpich``: the DeepSpeed
-  launcher over a hostfile written here (``host slots=N`` per line).
+  launcher over a hostfile written here (``host slots=N`` per line); slurm/train.sbatch renders it.
 * ``torchrun`` on one node (local processes), as the campaign does without Slurm.
 """
 from __future__ import annotations
@@ -85,14 +85,3 @@ def srun_stage_command(stage_argv: list[str], nodes: int, tasks_per_node: int) -
     return [need_command("srun", "the srun launcher runs inside a Slurm allocation"),
             f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1",
             "--gpu-bind=none", "--export=ALL", sys.executable, "-m", "launcher.cli", *stage_argv]
-
-
-def deepspeed_stage_command(stage_argv: list[str], hostfile: str | Path, master_addr: str, master_port: int,
-                            launcher: str = "pdsh") -> list[str]:
-    """``deepspeed --hostfile ... --module launcher.cli STAGE ...`` (validates the hostfile first)."""
-    if launcher not in DEEPSPEED_LAUNCHERS:
-        raise ValueError(f"--launcher must be one of {DEEPSPEED_LAUNCHERS}, got {launcher!r}")
-    parse_hostfile(hostfile)
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-            "--master_addr", master_addr, "--master_port", str(master_port), "--launcher", launcher,
-            "--module", "launcher.cli", *stage_argv]

@@ -90,11 +90,13 @@ def render(args: SlurmArgs) -> str:
         launch = f"exec srun --kill-on-bad-exit=1 --gpu-bind=none {python} -m launcher.cli train {quoted}"
     else:
         hostfile = shlex.quote(str(out / "hostfile"))
+        no_ssh = " --no_ssh_check" if args.deepspeed_launcher == "slurm" else ""  # srun starts the ranks, not ssh
         launch = (f"{python} -m launcher.cli slurm --action hostfile --hostfile {hostfile} "
                   f"--slots {args.tasks_per_node}\n"
                   f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
-                  f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher} --module launcher.cli "
-                  f"train {quoted}")
+                  f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher}{no_ssh} "
+                  f"{shlex.quote(str(REPO / 'launcher' / 'cli.py'))} train {quoted}")  # a script path: the slurm
+        # backend of deepspeed 0.19.8 drops --module and would run `python launcher.cli`
     return SbatchTemplate.named(args.template).substitute(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         time=args.time, output=str(out), sbatch_lines="\n".join(lines), workdir=shlex.quote(str(REPO)),

@@ -74,6 +74,18 @@ def test_hostfile_from_a_slurm_node_list(slurm, tmp_path):
     assert parse_hostfile(path) == {"node1": 4, "node2": 4}
 
 
+def test_rendered_deepspeed_launch_runs_over_two_nodes(slurm, tmp_path):
+    """train.sbatch with --launch deepspeed: a hostfile from the allocation, then the deepspeed
+    launcher's slurm backend starts one rank per node."""
+    job = submit(tmp_path, "--template", "train", "--nodes", "2", "--launch", "deepspeed",
+                 "--args=--model tiny --steps 2 --micro-batch 2")
+    state = wait_for(job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert parse_hostfile(tmp_path / "hostfile") == {"node1": 1, "node2": 1}
+    assert json.loads((tmp_path / "train.json").read_text())["world_size"] == 2
+
+
 def test_rendered_deepspeed_launch_uses_the_hostfile(tmp_path):
     run_floe(["slurm", "--action", "render", "--template", "train", "--nodes", "2", "--tasks-per-node", "8",
               "--gpus-per-node", "8", "--launch", "deepspeed", "--partition", "gpu", "--output", str(tmp_path),
