@@ -69,6 +69,8 @@ class SlurmArgs:
             problems.append(f"--time {self.time!r} is not [D-]HH:MM:SS")
         if self.launch not in ("srun", "deepspeed"):
             problems.append(f"--launch must be srun or deepspeed, got {self.launch!r}")
+        elif self.launch == "deepspeed" and self.template != "train":
+            problems.append("--launch deepspeed applies to the train template (a campaign starts its stages with srun)")
         if self.deepspeed_launcher not in DEEPSPEED_LAUNCHERS:
             problems.append(f"--deepspeed-launcher must be one of {DEEPSPEED_LAUNCHERS}")
         if "--output" in shlex.split(self.args):

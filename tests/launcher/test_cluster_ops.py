@@ -115,6 +115,7 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
         (["slurm", "--nodes", "0", "--output", str(tmp_path / "a")], "--nodes must be >= 1"),
         (["slurm", "--time", "soon", "--output", str(tmp_path / "b")], "is not [D-]HH:MM:SS"),
         (["slurm", "--args=--output elsewhere", "--output", str(tmp_path / "c")], "must not set --output"),
+        (["slurm", "--launch", "deepspeed", "--output", str(tmp_path / "f")], "applies to the train template"),
         (["campaign", "--nodes", "2", "--output", str(tmp_path / "d")], "needs --launcher srun"),
     ]
     for argv, message in cases:
