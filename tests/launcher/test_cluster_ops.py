@@ -54,7 +54,8 @@ def test_requeued_training_resumes_the_same_loss_curve(slurm, uninterrupted_run,
     job = submit(tmp_path, "--template", "train", "--nodes", "2", f"--args={shlex.join(RESUMABLE_RUN)}")
     deadline = time.time() + 300
     while not (tmp_path / "metrics.jsonl").is_file() or len(read_metrics(tmp_path)) < 12:
-        assert time.time() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), job_state(job)
+        if time.time() > deadline or job_state(job) not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise TimeoutError(f"job {job} is {job_state(job)} and has not reached step 12")
         time.sleep(0.1)
     subprocess.run(["scontrol", "requeue", job], check=True)
     state = wait_for(job)
