@@ -7,6 +7,7 @@ Every allocator writes this file and every trainer reads it (format ``floe-dist/
      "layers": {"0": {"q_proj": {"experts": 4, "ranks": [2, 2, 2, 2], "router": "topk", "top_k": 2}, ...}},
      "trainable_parameters": 123456, "meta": {...}}
 
+A ``topk`` module may add ``"top_p"`` and ``"min_k"`` (top-p activation, see LoRAMoELinear).
 Layers absent from ``layers`` get no adapter. ``trainable_parameters`` is the exact count of adapter
 parameters (experts + routers) on the model it was made for; it is checked against the built model.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from floe_dist.modeling.lora_moe import ROUTERS, count_lora_parameters
+from floe_dist.modeling.lora_moe import ROUTERS, count_active_parameters, count_lora_parameters
 
 FORMAT = "floe-dist/allocation@1"
 
@@ -34,9 +35,14 @@ class ModuleAllocation:
     ranks: tuple[int, ...]
     router: str = "topk"
     top_k: int = 1
+    top_p: float = 0.0  # > 0: top-p activation capped at top_k, at least min_k experts (HILO)
+    min_k: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"experts": self.experts, "ranks": list(self.ranks), "router": self.router, "top_k": self.top_k}
+        out = {"experts": self.experts, "ranks": list(self.ranks), "router": self.router, "top_k": self.top_k}
+        if self.top_p:
+            out.update(top_p=self.top_p, min_k=self.min_k)
+        return out
 
 
 @dataclass
@@ -53,10 +59,13 @@ class Allocation:
     @classmethod
     def uniform(cls, num_layers: int, target_modules: list[str], experts: int = 1, rank: int = 8,
                 router: str = "topk", top_k: int = 1, layers: list[int] | None = None,
-                alpha: float = 16.0, dropout: float = 0.0, method: str = "uniform") -> "Allocation":
+                alpha: float = 16.0, dropout: float = 0.0, method: str = "uniform", top_p: float = 0.0,
+                min_k: int = 1) -> "Allocation":
         """Same experts and rank on every chosen layer (all layers by default)."""
         chosen = range(num_layers) if layers is None else sorted(layers)
-        module = ModuleAllocation(experts, (rank,) * experts, router, min(top_k, experts))
+        top_k = min(top_k, experts)
+        module = ModuleAllocation(experts, (rank,) * experts, router, top_k,
+                                  top_p if experts > 1 and router == "topk" else 0.0, min(min_k, top_k))
         return cls(method=method, target_modules=list(target_modules),
                    layers={i: {m: module for m in target_modules} for i in chosen}, alpha=alpha, dropout=dropout)
 
@@ -65,11 +74,35 @@ class Allocation:
         given): how a rank search applies its choice to the layers that scoring selected."""
         def resize(m: ModuleAllocation) -> ModuleAllocation:
             n = m.experts if experts is None else experts
-            return ModuleAllocation(n, (rank,) * n, m.router, min(m.top_k, n))
+            top_k = min(m.top_k, n)
+            return ModuleAllocation(n, (rank,) * n, m.router, top_k, m.top_p if n > 1 else 0.0, min(m.min_k, top_k))
 
         return Allocation(method=method or self.method, target_modules=list(self.target_modules),
                           layers={i: {name: resize(m) for name, m in mods.items()} for i, mods in self.layers.items()},
                           alpha=self.alpha, dropout=self.dropout, meta=dict(self.meta))
+
+    def scaled_to_budget(self, budget: int, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
+        """Every rank times one factor f (rounded, at least 1), f chosen so the parameter count is closest
+        to ``budget``: the shape of a schedule (which layers and experts get more) is kept, its size is
+        matched. The count never decreases as f grows, so bisection finds the two counts around it."""
+        if budget <= 0:
+            raise ValueError(f"budget must be a positive parameter count, got {budget}")
+
+        def scaled(f: float) -> "Allocation":
+            def scale(m: ModuleAllocation) -> ModuleAllocation:
+                return replace(m, ranks=tuple(max(1, round(r * f)) for r in m.ranks))
+            return replace(self, layers={i: {n: scale(m) for n, m in mods.items()} for i, mods in self.layers.items()},
+                           meta=dict(self.meta))
+
+        lo, hi = 1e-6, 1.0
+        while scaled(hi).count_parameters(shapes) < budget and hi < 1e6:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if scaled(mid).count_parameters(shapes) < budget else (lo, mid)
+        best = min((scaled(lo), scaled(hi)), key=lambda a: abs(a.count_parameters(shapes) - budget))
+        best.meta["budget"] = budget
+        return best.with_parameter_count(shapes)
 
     def with_parameter_count(self, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
         self.trainable_parameters = self.count_parameters(shapes)
@@ -78,6 +111,12 @@ class Allocation:
     def count_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
         """Exact adapter parameter count, given ``{module name: (d_in, d_out)}``."""
         return sum(count_lora_parameters(*shapes[name], m.ranks, m.router)
+                   for mods in self.layers.values() for name, m in mods.items())
+
+    def count_active_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
+        """Most adapter parameters one token can use (routers + its top-k largest experts per module);
+        with top-p routing or unequal ranks the measured mean is lower (see evaluate)."""
+        return sum(count_active_parameters(*shapes[name], m.ranks, m.router, m.top_k)
                    for mods in self.layers.values() for name, m in mods.items())
 
     # ------------------------------------------------------------ (de)serialise
@@ -180,6 +219,7 @@ def _parse_module(where: str, spec: Any, problems: list[str]) -> ModuleAllocatio
     experts = spec.get("experts", len(ranks) if isinstance(ranks, list) else None)
     router = spec.get("router", "topk")
     top_k = spec.get("top_k", 1)
+    top_p, min_k = spec.get("top_p", 0.0), spec.get("min_k", 1)
     before = len(problems)
     if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
         problems.append(f"{where}: ranks must be a non-empty list of integers")
@@ -195,9 +235,15 @@ def _parse_module(where: str, spec: Any, problems: list[str]) -> ModuleAllocatio
         problems.append(f"{where}: top_k must be an integer >= 1, got {top_k!r}")
     elif isinstance(experts, int) and top_k > experts:
         problems.append(f"{where}: top_k={top_k} is larger than experts={experts}")
+    if not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1:
+        problems.append(f"{where}: top_p must be a number in [0, 1] (0 = plain top-k), got {top_p!r}")
+    elif top_p and (router != "topk" or not isinstance(min_k, int) or not 1 <= min_k <= top_k):
+        problems.append(f"{where}: top_p needs router 'topk' and min_k in [1, top_k={top_k}], got "
+                        f"router={router!r} min_k={min_k!r}")
     if len(problems) > before:
         return None
-    return ModuleAllocation(experts=experts, ranks=tuple(ranks), router=router, top_k=top_k)
+    return ModuleAllocation(experts=experts, ranks=tuple(ranks), router=router, top_k=top_k,
+                            top_p=float(top_p), min_k=min_k)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

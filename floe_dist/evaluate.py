@@ -82,9 +82,13 @@ def run(args: EvalArgs) -> dict:
     if args.adapter:
         load_adapter(lm, args.adapter)
     examples = load_task(args.task, args.split)[: args.limit]
-    scores = choice_scores(AnswerLM(lm), tokenizer, examples, args.batch_size, args.max_length, device)
+    model = AnswerLM(lm)
+    model.reset_activity()
+    scores = choice_scores(model, tokenizer, examples, args.batch_size, args.max_length, device)
     result = {"task": args.task, "split": args.split, "examples": len(examples),
-              "accuracy": accuracy(scores, examples), "choice_loss": choice_loss(scores, examples), "adapter": args.adapter, "seconds": time.time() - start}
+              "accuracy": accuracy(scores, examples), "choice_loss": choice_loss(scores, examples),
+              "active_parameters_per_token": model.active_parameters_per_token() if args.adapter else 0,
+              "adapter": args.adapter, "seconds": time.time() - start}
     print(f"{args.task}/{args.split}: accuracy {result['accuracy']:.4f} on {len(examples)} examples "
           f"({'adapter ' + args.adapter if args.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
     return result

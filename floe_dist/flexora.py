@@ -12,7 +12,9 @@ alpha_hat is 1, so the model is exactly plain LoRA. Every step:
 Selection: layers with alpha > 0 (the official code's rule), or the top-k by alpha.
 Deliberate differences from the official code, documented: the scale is applied once (the code's
 pre-hooks on three LoRA sub-modules give alpha_hat^3), and never to the frozen base output.
-With data parallelism, pass ``all_reduce_mean``: adapter and alpha gradients are averaged over ranks.
+With data parallelism each rank takes its share of every training batch and of the validation batches:
+pass ``all_reduce_mean`` (adapter gradients, a mean over the batch) and ``all_reduce_sum`` (the alpha
+gradient of the summed validation loss), and N ranks take the steps one process would.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def flexora_search(model: torch.nn.Module, adapters_by_layer: dict[int, list[LoR
                    train_batches: Iterator[dict], val_batches: Callable[[], list[dict]],
                    loss_fn: Callable[[dict], torch.Tensor], steps: int, lr_model: float = 1e-4,
                    lr_alpha: float = 0.01, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                    device: torch.device | str = "cpu") -> LayerWeights:
     """Run the alternating search; ``val_batches()`` returns the n_val batches of one alpha step."""
     weights = LayerWeights(adapters_by_layer, device)
@@ -72,9 +75,11 @@ def flexora_search(model: torch.nn.Module, adapters_by_layer: dict[int, list[LoR
 
         model.eval()
         weights.detached = False
-        val_loss = sum(loss_fn(b) for b in val_batches())
-        (grad,) = torch.autograd.grad(val_loss, [weights.alpha])  # alpha only: theta's .grad is untouched
-        weights.alpha.grad = all_reduce_mean(grad)
+        val_loss = sum((loss_fn(b) for b in val_batches()), weights.alpha.new_zeros(()))
+        # alpha only: theta's .grad is untouched (a rank with no validation batch contributes zeros)
+        grad = (torch.autograd.grad(val_loss, [weights.alpha])[0] if val_loss.requires_grad
+                else torch.zeros_like(weights.alpha))
+        weights.alpha.grad = all_reduce_sum(grad)
         opt_alpha.step()
         opt_alpha.zero_grad(set_to_none=True)
     weights.detached = True

@@ -14,7 +14,8 @@ file (or a uniform one from the flags). Memory per GPU follows the model in
     ckpt      one activation per layer kept by gradient checkpointing (b*s*h)
     layer     the working set of the layer being recomputed: b*s*(34h + 5*a*s), no 5as with flash attention
     logits    answer positions only (floe-dist's loss), or b*s*V*10 bytes for a full-sequence loss
-    gather    ZeRO-3 prefetch of ~2 layers, one dequantized weight and the gathered 16-bit head
+    gather    ZeRO-3 prefetch of ~2 layers, one dequantized weight and the gathered 16-bit head, or, when
+              larger, the weights kept gathered until their backward use (reuse distance, below)
     runtime   CUDA/NCCL context and allocator slack (GPU), or the Python/torch process (CPU)
     total     1.2 x the sum on GPU (calibrated on the PEFT 70B run; the CPU factor is 1.0)
 
@@ -47,6 +48,11 @@ BUILTIN = {
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BYTES_PER_WEIGHT = {"nf4": (4 + 32 / 64) / 8, "nf4-dq": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "bf16": 2.0, "fp32": 4.0}
 GPU_FACTOR = 1.2
+# ZeRO-3 does not release a gathered parameter whose next use (in backward) is fewer than
+# stage3_max_reuse_distance elements away (1e9, DeepSpeed's default and zero_configs/zero3.json). In
+# forward that distance is about twice the parameters after it, so the last ~5e8 elements stay gathered:
+# a model smaller than that stays gathered whole (SmolLM2, one process: +655 MiB measured over ZeRO-0).
+REUSE_KEPT_ELEMENTS = 1e9 / 2
 GPU_RUNTIME_BYTES = 1.5e9
 CPU_RUNTIME_BYTES = 457_520 * 1024  # measured: peak RSS of a process that only imports torch, transformers, deepspeed, peft
 
@@ -201,7 +207,9 @@ def plan(args: PlanArgs) -> dict:
     # ZeRO-3 (or offload) gathers: ~2 prefetched layers, one dequantized weight, and the 16-bit head,
     # live together at the loss, where backward starts recomputing the last layers.
     head = count.vocab * h * w16
-    gather = (2 * wq * count.linear / L + 2 * h * count.intermediate + head) if (args.zero == 3 or args.offload) else 0.0
+    prefetch = 2 * wq * count.linear / L + 2 * h * count.intermediate + head
+    kept = min(wq * count.linear + w16 * count.other, REUSE_KEPT_ELEMENTS * w16)
+    gather = max(prefetch, kept) if (args.zero == 3 or args.offload) else 0.0
     # router logits (fp32) and the experts' low-rank activations, kept per MoE module until backward
     moe = b * s * sum(m.experts * 4 + m.top_k * max(m.ranks) * 2 * 3
                       for mods in allocation.layers.values() for m in mods.values() if m.experts > 1)

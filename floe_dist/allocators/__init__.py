@@ -28,4 +28,4 @@ def get(name: str) -> Callable:
     return REGISTRY[name]
 
 
-from floe_dist.allocators import baselines, flexora, floe, hilo  # noqa: E402,F401  (registration)
+from floe_dist.allocators import baselines, flexora, floe, guilomo, hilo  # noqa: E402,F401  (registration)

@@ -9,24 +9,11 @@ from floe_dist.fisher import default_k
 
 
 def uniform_on(layers, args, shape, method: str) -> Allocation:
-    """Same experts and rank on the given layers; with --budget, the rank whose count is closest to it."""
-    rank = args.rank
-    if args.budget:
-        rank = rank_for_budget(layers, args, shape)
-    return Allocation.uniform(shape.num_layers, args.target_list, experts=args.experts, rank=rank, router=args.router,
-                              top_k=args.top_k, layers=list(layers), alpha=args.alpha, dropout=args.dropout,
-                              method=method).with_parameter_count(shape.shapes)
-
-
-def rank_for_budget(layers, args, shape) -> int:
-    """The rank whose parameter count is closest to --budget. The count is linear in the rank
-    (routers add a constant), so two evaluations give it."""
-    def count(r: int) -> int:
-        return Allocation.uniform(shape.num_layers, args.target_list, experts=args.experts, rank=r,
-                                  router=args.router, top_k=args.top_k, layers=list(layers)).count_parameters(shape.shapes)
-    per_rank = count(2) - count(1)
-    guess = max(1, round((args.budget - (count(1) - per_rank)) / per_rank))
-    return min((r for r in (guess - 1, guess, guess + 1) if r >= 1), key=lambda r: abs(count(r) - args.budget))
+    """Same experts and rank on the given layers (allocate's --budget then rescales the rank)."""
+    return Allocation.uniform(shape.num_layers, args.target_list, experts=args.experts, rank=args.rank,
+                              router=args.router, top_k=args.top_k, layers=list(layers), alpha=args.alpha,
+                              dropout=args.dropout, method=method, top_p=args.top_p,
+                              min_k=args.min_k).with_parameter_count(shape.shapes)
 
 
 def k_layers(args, shape) -> int:

@@ -4,7 +4,10 @@ Confirmed by the abstract: expert count and rank are both set per layer, to matc
 complexity. A documented assumption (methods.md §4.2, not checked against the paper): schedules
 are written MoLA-style, one digit per equal group of consecutive layers, so "2468" over 32 layers
 means 2 for layers 0-7, 4 for 8-15, 6 for 16-23 and 8 for 24-31 (higher layers get more). The
-activation policy beyond top-k (top-p routing) is not implemented yet.
+activation policy is top-k, or top-p with min/max experts (``--top-p``, ``--min-k``, ``--top-k``; an
+assumption too: methods.md §4.2 reads "dynamic activation" as threshold routing). ``--budget`` is the
+budget-driven schedule: every rank scaled by one factor until the count matches (allocate.py).
+Active parameters per token are reported next to trainable ones (allocate, evaluate).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def hilo(args, shape) -> Allocation:
     layers = {}
     for layer in range(shape.num_layers):
         e, r = experts[layer], ranks[layer]
-        module = ModuleAllocation(e, (r,) * e, "topk", min(args.top_k, e))
+        top_k = min(args.top_k, e)
+        module = ModuleAllocation(e, (r,) * e, "topk", top_k, args.top_p if e > 1 else 0.0, min(args.min_k, top_k))
         layers[layer] = {name: module for name in args.target_list}
     return Allocation(method="hilo", target_modules=args.target_list, layers=layers, alpha=args.alpha,
                       dropout=args.dropout, meta={"expert_schedule": args.expert_schedule,

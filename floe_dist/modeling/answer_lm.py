@@ -64,6 +64,16 @@ class AnswerLM(nn.Module):
         counts = [m.dropped for mods in self._adapters_by_layer.values() for m in mods if m.dropped is not None]
         return torch.stack(counts).sum().float() if counts else torch.zeros(())
 
+    def active_parameters_per_token(self) -> float:
+        """Adapter parameters a token used on average since the modules' last reset_activity (summed
+        over modules; padding positions count as tokens)."""
+        return sum(m.active_parameters_per_token() for mods in self._adapters_by_layer.values() for m in mods)
+
+    def reset_activity(self) -> None:
+        for mods in self._adapters_by_layer.values():
+            for m in mods:
+                m.reset_activity()
+
     def expert_load(self) -> dict[int, torch.Tensor]:
         """Per layer, the mean share of routing weight each expert received in the last forward."""
         out = {}

@@ -57,7 +57,8 @@ def inject_adapters(model: nn.Module, allocation: Allocation) -> dict[int, list[
         adapters[layer] = []
         for name, spec in mods.items():
             full_name, base = linears[layer][name]
-            wrapped = LoRAMoELinear(base, spec.ranks, spec.router, spec.top_k, allocation.alpha, allocation.dropout)
+            wrapped = LoRAMoELinear(base, spec.ranks, spec.router, spec.top_k, allocation.alpha, allocation.dropout,
+                                    spec.top_p, spec.min_k)
             parent_name, _, child = full_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, wrapped)
             adapters[layer].append(wrapped)

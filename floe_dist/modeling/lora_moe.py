@@ -5,6 +5,8 @@
 * ``W0`` is the frozen base layer (``nn.Linear`` or bitsandbytes ``Linear4bit``), never touched.
 * Expert ``e`` has its own rank ``r_e`` (GuiLoMo/HILO allocate heterogeneous ranks).
 * ``router="topk"`` (MoLA/MixLoRA): ``g = renormalised top-k of softmax(W_r x)``; each expert owns its A.
+  With ``top_p`` > 0 (HILO's activation policy) a token takes the fewest of its top-k experts whose
+  probability mass reaches ``top_p``, but at least ``min_k``: easy tokens use fewer experts.
   ``router="dense"`` (HydraLoRA, the FLoE variant): ``g = softmax(W_r x)`` over all heads, one shared A.
   With one expert there is no router and ``g = 1``: the layer is exactly PEFT's LoRA.
 * ``m`` is the per-layer *adapter scale* (a Fisher mask or Flexora's alpha-hat), applied once,
@@ -46,6 +48,8 @@ class LoRAMoELinear(nn.Module):
         top_k: int = 2,
         alpha: float = 16.0,
         dropout: float = 0.0,
+        top_p: float = 0.0,
+        min_k: int = 1,
     ):
         super().__init__()
         ranks = [int(r) for r in ranks]
@@ -58,12 +62,15 @@ class LoRAMoELinear(nn.Module):
         n_experts = len(ranks)
         if router == "topk" and not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k={top_k} must be in [1, {n_experts}]")
+        if not 0.0 <= top_p <= 1.0 or (top_p > 0 and not 1 <= min_k <= top_k):
+            raise ValueError(f"top_p={top_p} must be in [0, 1] (0 = off) and min_k={min_k} in [1, top_k={top_k}]")
 
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.ranks, self.router, self.alpha = ranks, router, float(alpha)
         self.n_experts = n_experts
         self.top_k = top_k if router == "topk" else n_experts
+        self.top_p, self.min_k = (float(top_p), int(min_k)) if router == "topk" and n_experts > 1 else (0.0, 1)
         self.shared_a = router == "dense" and n_experts > 1
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -80,6 +87,7 @@ class LoRAMoELinear(nn.Module):
         self.register_buffer("expert_of_col", expert_of_col, persistent=False)
         self.register_buffer("col_scale", self.alpha / torch.tensor(ranks, dtype=torch.float32, device=dev)[
             expert_of_col], persistent=False)
+        self.register_buffer("expert_ranks", torch.tensor(ranks, dtype=torch.float32, device=dev), persistent=False)
         self.reset_lora_parameters()
 
         self.adapter_scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
@@ -93,7 +101,10 @@ class LoRAMoELinear(nn.Module):
         self.expert_load: torch.Tensor | None = None  # share of routing weight per expert, last forward
         self.dropped: torch.Tensor | None = None  # assignments dropped by the capacity rule, last forward
         self.top_i: torch.Tensor | None = None  # (T, k) experts picked per token, last forward
-        self.kept: torch.Tensor | None = None  # (T, k) False where the capacity rule dropped the pick
+        self.kept: torch.Tensor | None = None  # (T, k) False where top-p or the capacity rule dropped the pick
+        # Running sums for the active-parameter report (reset_activity / active_parameters_per_token).
+        self.routed_tokens = torch.zeros((), dtype=torch.float64, device=dev)
+        self.active_rank_sum = torch.zeros((), dtype=torch.float64, device=dev)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B = 0, so the wrapped layer equals the base."""
@@ -103,51 +114,104 @@ class LoRAMoELinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_router.weight, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
-        return f"ranks={self.ranks}, router={self.router}, top_k={self.top_k}, alpha={self.alpha}"
+        top_p = f", top_p={self.top_p}, min_k={self.min_k}" if self.top_p else ""
+        return f"ranks={self.ranks}, router={self.router}, top_k={self.top_k}{top_p}, alpha={self.alpha}"
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token expert weights (T, E); records the balance loss, expert load and the top-k picks."""
         self.top_i = self.kept = self.dropped = None
         if self.lora_router is None:
             self.balance_loss, self.expert_load = None, None
+            self._count_activity(x.new_ones(x.shape[0], 1))
             return x.new_ones(x.shape[0], 1)
-        probs = F.softmax(self.lora_router(x).float(), dim=-1)  # (T, E)
+        probs = F.softmax(self.router_logits(x).float(), dim=-1)  # (T, E)
         if self.router == "dense":
             gates = probs
             self.balance_loss = None  # HydraLoRA trains its dense router without a balance loss
         else:
-            top_w, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)
+            top_w, top_i = probs.topk(self.top_k, dim=-1)  # (T, k), descending
+            active = self._top_p_active(top_w) if self.top_p else None
+            if active is not None:
+                top_w = top_w * active
             top_w = top_w / top_w.sum(-1, keepdim=True)
             self.top_i = top_i
+            self.kept = active
             if self.capacity_factor > 0:
-                self.kept = self._within_capacity(top_i)
-                self.dropped = (~self.kept).sum()
+                within = self._within_capacity(top_i, active)
+                self.dropped = (within.logical_not() if active is None else active & ~within).sum()
+                self.kept = within if active is None else active & within
+            if self.kept is not None:
                 top_w = top_w * self.kept
             gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-            self.balance_loss = self._balance_loss(probs, top_i)
+            self.balance_loss = self._balance_loss(probs, top_i, active)
         self.expert_load = gates.detach().mean(0)
+        self._count_activity(gates)
         return gates
 
-    def _within_capacity(self, top_i: torch.Tensor) -> torch.Tensor:
-        """(T, k) mask of the assignments that fit: the first ``capacity`` per expert, in token order."""
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) router logits; GuiLoMo's search adds its expert mask here (floe_dist/guilomo.py)."""
+        return self.lora_router(x)
+
+    def down_weight(self) -> torch.Tensor:
+        """The stacked A actually applied; GuiLoMo's search scales its rows (rank mask)."""
+        return self.lora_A
+
+    def _top_p_active(self, top_w: torch.Tensor) -> torch.Tensor:
+        """(T, k) mask: slot j is used while the mass of the slots before it is below top_p (>= min_k)."""
+        mass_before = top_w.cumsum(-1) - top_w
+        active = mass_before < self.top_p
+        active[:, : self.min_k] = True
+        return active
+
+    def _count_activity(self, gates: torch.Tensor) -> None:
+        """Add this batch to the running count of ranks used per token (the active-parameter report)."""
+        with torch.no_grad():
+            used = gates.detach() > 0  # (T, E)
+            self.routed_tokens += gates.shape[0]
+            self.active_rank_sum += (used.double() @ self.expert_ranks.double()).sum()
+
+    def reset_activity(self) -> None:
+        self.routed_tokens.zero_()
+        self.active_rank_sum.zero_()
+
+    def active_parameters_per_token(self) -> float:
+        """Adapter parameters one token actually used, averaged over the tokens routed since the last
+        ``reset_activity``: the router plus the A and B of the experts it was sent to (a shared A once)."""
+        tokens = float(self.routed_tokens)
+        if tokens == 0:
+            raise ValueError("no token routed since reset_activity(): run a forward pass first")
+        mean_rank = float(self.active_rank_sum) / tokens
+        router = self.n_experts * self.in_features if self.lora_router is not None else 0
+        if self.shared_a:
+            return router + self.ranks[0] * self.in_features + mean_rank * self.out_features
+        return router + mean_rank * (self.in_features + self.out_features)
+
+    def _within_capacity(self, top_i: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """(T, k) mask of the assignments that fit: the first ``capacity`` per expert, in token order
+        (top-p slots that are not used take no place in the queue)."""
         capacity = math.ceil(self.capacity_factor * top_i.numel() / self.n_experts)
         onehot = F.one_hot(top_i.reshape(-1), self.n_experts)  # (T*k, E), token-major
+        if active is not None:
+            onehot = onehot * active.reshape(-1, 1)
         position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
         return (position <= capacity).reshape(top_i.shape)
 
-    def _balance_loss(self, probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+    def _balance_loss(self, probs: torch.Tensor, top_i: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         """Switch Transformer: E * sum_i f_i * P_i (1 under uniform routing), f_i and P_i over all ranks.
 
-        f_i (share of picks) is a count and has no gradient. P_i (mean router probability) is made
-        global exactly: this rank contributes ``n_ranks * sum_local(p) / T_global``, so the ranks'
+        f_i (share of the used picks) is a count and has no gradient. P_i (mean router probability) is
+        made global exactly: this rank contributes ``n_ranks * sum_local(p) / T_global``, so the ranks'
         mean, which data parallelism differentiates, is the global value whatever each rank's T.
         """
-        picks = F.one_hot(top_i, self.n_experts).sum((0, 1)).float()  # (E,)
+        onehot = F.one_hot(top_i, self.n_experts)  # (T, k, E)
+        if active is not None:  # top-p: only the slots a token used count as picks
+            onehot = onehot * active.unsqueeze(-1)
+        picks = onehot.sum((0, 1)).float()  # (E,)
         stats = torch.cat([picks, picks.new_tensor([probs.shape[0], 1.0])])
         if self.routing_stats_reducer is not None:
             stats = self.routing_stats_reducer(stats)
         picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
-        share = picks / (n_tokens * self.top_k)  # f_i
+        share = picks / picks.sum()  # f_i
         prob_mean = probs.sum(0) * (n_ranks / n_tokens)  # P_i, this rank's part
         return self.n_experts * (share * prob_mean).sum()
 
@@ -172,7 +236,7 @@ class LoRAMoELinear(nn.Module):
 
     def dense_delta(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """sum_e g_e (alpha/r_e) B_e A_e x for every token (T, d_out): two matmuls, no expert skipped."""
-        h = F.linear(x, self.lora_A)  # (T, sum r) or (T, r) with a shared A
+        h = F.linear(x, self.down_weight())  # (T, sum r) or (T, r) with a shared A
         if self.shared_a:
             h = h.repeat(1, self.n_experts)  # (T, E*r): every head reads the same A x
         h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
@@ -197,6 +261,15 @@ def _device_of(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+def count_active_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str, top_k: int) -> int:
+    """Most adapter parameters one token can use: the router plus its top_k largest experts."""
+    n = len(ranks)
+    router_params = n * d_in if n > 1 else 0
+    if router == "dense" and n > 1:
+        return router_params + ranks[0] * d_in + sum(ranks) * d_out
+    return router_params + sum(sorted(ranks)[-top_k:]) * (d_in + d_out)
 
 
 def count_lora_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str) -> int:

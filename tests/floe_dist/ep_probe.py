@@ -23,17 +23,20 @@ SCENARIOS = {
     "idle_expert": {"silenced": [1], "capacity": 0.0},  # expert 1 gets no token on any rank
     "idle_rank": {"silenced": [4, 5, 6, 7], "capacity": 0.0},  # the last EP rank owns only silenced experts
     "capacity": {"silenced": [], "capacity": 0.75},  # some picks dropped
+    "top_p": {"silenced": [], "capacity": 0.75, "top_p": 0.3},  # HILO: 1 or 2 experts a token, then capacity
 }
 
 
-def build(silenced: list[int], capacity: float):
+def build(silenced: list[int], capacity: float, top_p: float = 0.0):
     from floe_dist.distributed.runtime import all_reduce_sum
     from floe_dist.modeling.lora_moe import LoRAMoELinear
 
     torch.manual_seed(0)
-    layer = LoRAMoELinear(nn.Linear(16, 12), RANKS, top_k=2)
+    layer = LoRAMoELinear(nn.Linear(16, 12), RANKS, top_k=2, top_p=top_p)
     with torch.no_grad():
         nn.init.normal_(layer.lora_B)  # B = 0 at init would hide gradient errors in A
+        if top_p:
+            layer.lora_router.weight.mul_(8.0)  # confident routing: some tokens use one expert only
         layer.lora_router.weight[silenced] = -5.0  # inputs are positive: these experts never win
     layer.capacity_factor = capacity
     layer.routing_stats_reducer = all_reduce_sum
@@ -88,9 +91,12 @@ def main(ep_size: int, out_path: str) -> None:
         dist.all_gather_object(received, shard.received)
         dropped = torch.tensor(float(split["layer"].dropped or 0))
         dist.all_reduce(dropped)
+        kept = split["layer"].kept
+        single = torch.tensor(float((kept.sum(-1) == 1).sum()) if kept is not None else 0.0)
+        dist.all_reduce(single)
         report[name] = {"max_relative_diff": dict(zip(["out", "dx", "router_grad", "A_grad", "B_grad", "grad_norm"],
                                              diffs.tolist())),
-                        "received": received, "dropped": int(dropped)}
+                        "received": received, "dropped": int(dropped), "one_expert_tokens": int(single)}
     if info.is_main:
         Path(out_path).write_text(json.dumps(report, indent=1))
     dist.barrier()  # nobody tears its gloo pairs down while another rank still reads the report

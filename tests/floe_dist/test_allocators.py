@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from floe_dist.allocate import AllocateArgs, ModelShape, model_shape, run
 from floe_dist.allocation import Allocation
 from floe_dist.allocators import REGISTRY, get
 from floe_dist.allocators.hilo import schedule
-from floe_dist.modeling.backbone import load_backbone
+from floe_dist.data import load_task, train_batch
+from floe_dist.modeling.answer_lm import AnswerLM
+from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from floe_dist.modeling.inject import inject_adapters
 
 LLAMA2_7B = {n: (4096, 4096) for n in ("q_proj", "k_proj", "v_proj", "o_proj")} | \
@@ -30,12 +33,24 @@ def fisher_file(tmp_path):
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_allocator_builds_a_model_with_its_exact_count(method, tiny_shape, tiny_model_dir, fisher_file):
-    args = AllocateArgs(method=method, model="tiny", scores=str(fisher_file), experts=2, rank=2, top_k=1)
+    args = AllocateArgs(method=method, model="tiny", scores=str(fisher_file), experts=2, rank=2, top_k=1,
+                        flexora_steps=3, flexora_val=16, guilomo_steps=2, guilomo_order="first")
     allocation = get(method)(args, tiny_shape)
     allocation.validate(tiny_shape.num_layers, tiny_shape.shapes)
     model = load_backbone(tiny_model_dir)
     inject_adapters(model, Allocation.from_json(allocation.to_json()))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == allocation.trainable_parameters
+    # ... and it trains: one step moves the loss on its batch
+    tokenizer = load_tokenizer(tiny_model_dir)
+    batch = train_batch(load_task("sst2", "train"), tokenizer, step=0, micro=0, rank=0, world=1, micro_batch=4,
+                        accumulation=1, seed=0, max_length=64)
+    lm = AnswerLM(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    before = lm(**batch)["ce"]
+    before.backward()
+    opt.step()
+    assert all(p.grad is not None for p in params) and lm(**batch)["ce"].item() != before.item()
 
 
 def test_hilo_schedules_give_the_expected_per_layer_counts():
@@ -69,16 +84,34 @@ def test_random_is_seeded_and_floe_keeps_the_top_scores(tiny_shape, fisher_file)
         get("random")(AllocateArgs(k=9), tiny_shape)
 
 
-def test_budget_picks_the_closest_rank(tiny_shape):
-    exact = get("uniform")(AllocateArgs(rank=6), tiny_shape).trainable_parameters
-    matched = get("uniform")(AllocateArgs(rank=1, budget=exact), tiny_shape)
-    assert matched.trainable_parameters == exact
+def test_budget_picks_the_closest_rank_and_keeps_a_schedules_shape(tiny_shape):
+    uniform = lambda **kw: get("uniform")(AllocateArgs(**kw), tiny_shape)
+    exact = uniform(rank=6).trainable_parameters
+    assert uniform(rank=1).scaled_to_budget(exact, tiny_shape.shapes).trainable_parameters == exact
     target = exact // 3
-    near = get("random")(AllocateArgs(k=2, budget=target), tiny_shape)
+    near = get("random")(AllocateArgs(k=2), tiny_shape).scaled_to_budget(target, tiny_shape.shapes)
     rank = next(iter(next(iter(near.layers.values())).values())).ranks[0]
     for other in (rank - 1, rank + 1):  # no neighbouring rank lands closer to the budget
         alt = get("random")(AllocateArgs(k=2, rank=other), tiny_shape).trainable_parameters
         assert abs(alt - target) >= abs(near.trainable_parameters - target)
+    hilo = get("hilo")(AllocateArgs(expert_schedule="24", rank_schedule="24", rank=2, top_k=2), tiny_shape)
+    doubled = hilo.scaled_to_budget(2 * hilo.trainable_parameters, tiny_shape.shapes)
+    ranks = lambda a: [m.ranks[0] for _, mods in sorted(a.layers.items()) for m in mods.values()][::2]
+    assert ranks(hilo) == [2, 2, 4, 4]
+    assert ranks(doubled)[0] > 2 and abs(ranks(doubled)[-1] / ranks(doubled)[0] - 2) <= 0.25  # still "24"
+    assert abs(doubled.trainable_parameters / (2 * hilo.trainable_parameters) - 1) < 0.05
+
+
+def test_hilo_top_p_policy_is_written_and_active_parameters_are_below_trainable(tmp_path):
+    out = tmp_path / "a.json"
+    alloc = run(AllocateArgs(method="hilo", model="tiny", output=str(out), expert_schedule="4", rank=2, top_k=3,
+                             top_p=0.7, min_k=1))
+    module = Allocation.load(out).layers[0]["q_proj"]
+    assert (module.experts, module.top_k, module.top_p, module.min_k) == (4, 3, 0.7, 1)
+    shapes = model_shape("tiny").shapes
+    assert alloc.count_active_parameters(shapes) < alloc.trainable_parameters  # 3 of 4 experts at most
+    with pytest.raises(ValueError, match="min_k"):
+        Allocation.from_json({**alloc.to_json(), "layers": {"0": {"q_proj": {**module.to_json(), "min_k": 4}}}})
 
 
 def test_allocate_command_writes_a_file_train_accepts(tmp_path):
@@ -86,6 +119,9 @@ def test_allocate_command_writes_a_file_train_accepts(tmp_path):
     run(AllocateArgs(method="hilo", model="tiny", output=str(out), expert_schedule="24", rank=2))
     loaded = Allocation.load(out)
     assert [m.experts for l, mods in sorted(loaded.layers.items()) for m in mods.values()][::2] == [2, 2, 4, 4]
+    with pytest.raises(ValueError, match="--top-p must be.*--guilomo-order must be"):
+        run(AllocateArgs(method="guilomo", model="tiny", output=str(tmp_path / "b.json"), guilomo_order="third",
+                         top_p=2.0))
     with pytest.raises(ValueError, match="unknown allocation method"):
         run(AllocateArgs(method="nope", model="tiny", output=str(tmp_path / "b.json")))
     assert not (tmp_path / "b.json").exists()

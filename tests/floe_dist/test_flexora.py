@@ -110,5 +110,21 @@ def test_flexora_allocator_selects_layers_of_a_real_model(tmp_path):
                                   flexora_steps=3, flexora_batch=2, flexora_val=16, k=2))
     assert sorted(allocation.layers) == sorted(Allocation.load(out).layers) and len(allocation.layers) == 2
     assert set(allocation.meta["alpha"]) == {"0", "1", "2", "3"}
-    with pytest.raises(ValueError, match="leaves no training examples"):
+    with pytest.raises(ValueError, match="leaves none to train on"):
         run(AllocateArgs(method="flexora", model="tiny", output=str(tmp_path / "x.json"), flexora_val=10_000))
+
+
+def test_flexora_search_on_two_ranks_equals_one_process(tmp_path):
+    """`floe-dist allocate --method flexora` under torchrun: each rank takes half of every training
+    batch and of the validation batches; alpha and the selection match the single-process search."""
+    from tests.conftest import run_floe
+
+    common = ["allocate", "--method", "flexora", "--model", "tiny", "--task", "sst2", "--rank", "2",
+              "--dropout", "0", "--flexora-steps", "4", "--flexora-batch", "4", "--flexora-val", "16", "--k", "2"]
+    for nproc in (1, 2):
+        run_floe([*common, "--output", str(tmp_path / f"n{nproc}.json")], nproc=nproc)
+    one, two = (Allocation.load(tmp_path / f"n{n}.json") for n in (1, 2))
+    alpha_one, alpha_two = (torch.tensor([a.meta["alpha"][k] for k in sorted(a.meta["alpha"])]) for a in (one, two))
+    assert alpha_one.abs().max() > 0.01  # alpha really moved
+    torch.testing.assert_close(alpha_two, alpha_one, rtol=1e-4, atol=1e-6)
+    assert sorted(one.layers) == sorted(two.layers)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from floe_dist.modeling.lora_moe import LoRAMoELinear, count_lora_parameters
+from floe_dist.modeling.lora_moe import LoRAMoELinear, count_active_parameters, count_lora_parameters
 
 D_IN, D_OUT = 16, 12
 
@@ -31,6 +31,11 @@ def _naive(layer: LoRAMoELinear, x: torch.Tensor) -> torch.Tensor:
                 weights = dict(enumerate(probs.tolist()))
             else:
                 top_w, top_i = probs.topk(layer.top_k)
+                if layer.top_p:  # add experts in descending probability until the mass reaches top_p
+                    n = next(j + 1 for j in range(layer.top_k)
+                             if j + 1 >= layer.min_k and top_w[: j + 1].sum() >= layer.top_p) \
+                        if top_w.sum() >= layer.top_p else layer.top_k
+                    top_w, top_i = top_w[:n], top_i[:n]
                 weights = dict(zip(top_i.tolist(), (top_w / top_w.sum()).tolist()))
         for e, w in weights.items():
             a, b = experts[e]["A"], experts[e]["B"]
@@ -63,13 +68,42 @@ def test_zero_b_leaves_base_output_unchanged(router, ranks, top_k):
     assert torch.equal(layer(x), base(x))
 
 
-@pytest.mark.parametrize("router,ranks,top_k", [("topk", [1, 3, 2], 2), ("topk", [2, 5], 1), ("dense", [3, 3, 3], 3)])
-def test_forward_matches_definition(router, ranks, top_k):
+@pytest.mark.parametrize("router,ranks,top_k,top_p", [("topk", [1, 3, 2], 2, 0.0), ("topk", [2, 5], 1, 0.0),
+                                                      ("dense", [3, 3, 3], 3, 0.0), ("topk", [1, 2, 3, 4], 4, 0.5)])
+def test_forward_matches_definition(router, ranks, top_k, top_p):
     torch.manual_seed(1)
-    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), ranks, router=router, top_k=top_k, alpha=6)
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), ranks, router=router, top_k=top_k, alpha=6, top_p=top_p)
     _randomise(layer)
     x = torch.randn(2, 4, D_IN)
     torch.testing.assert_close(layer(x), _naive(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_top_p_uses_fewer_experts_on_confident_tokens_and_reports_active_parameters():
+    """HILO's activation policy: min_k <= experts used <= top_k, fewer where the router is sure;
+    the active-parameter count follows the experts actually used."""
+    torch.manual_seed(4)
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [1, 2, 3, 4], router="topk", top_k=3, top_p=0.6, min_k=1)
+    with torch.no_grad():
+        layer.lora_router.weight.normal_(0, 2.0)  # a spread of confident and unsure tokens
+    x = torch.randn(64, D_IN)
+    layer(x)
+    used = layer.kept.sum(-1)
+    assert used.min() >= 1 and used.max() <= 3 and len(set(used.tolist())) > 1
+    probs = torch.softmax(layer.lora_router(x), -1).sort(-1, descending=True).values
+    one = used == 1  # exactly the tokens whose top expert alone reaches 0.6
+    assert torch.equal(one, probs[:, 0] >= 0.6)
+    ranks = torch.tensor(layer.ranks, dtype=torch.float64)
+    mean_rank = ranks[layer.top_i].mul(layer.kept).sum() / 64
+    router = 4 * D_IN
+    assert layer.active_parameters_per_token() == pytest.approx(router + mean_rank.item() * (D_IN + D_OUT))
+    plain = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [1, 2, 3, 4], router="topk", top_k=3)
+    assert count_active_parameters(D_IN, D_OUT, [1, 2, 3, 4], "topk", 3) == router + 9 * (D_IN + D_OUT)
+    assert layer.active_parameters_per_token() < count_active_parameters(D_IN, D_OUT, [1, 2, 3, 4], "topk", 3)
+    plain(x)
+    assert plain.kept is None  # plain top-k: every slot used
+    layer.reset_activity()
+    with pytest.raises(ValueError, match="no token routed"):
+        layer.active_parameters_per_token()
 
 
 def test_heterogeneous_ranks_have_own_shapes_and_count():
@@ -122,6 +156,8 @@ def test_adapter_scale_applies_once_and_only_to_adapter_output():
     (dict(ranks=[2, 2], top_k=3), "top_k=3"),
     (dict(ranks=[2, 4], router="dense"), "all ranks must match"),
     (dict(ranks=[2], router="sparse"), "router must be one of"),
+    (dict(ranks=[2, 2], top_k=2, top_p=1.5), "top_p=1.5"),
+    (dict(ranks=[2, 2], top_k=1, top_p=0.5, min_k=2), "min_k=2"),
 ])
 def test_bad_layer_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

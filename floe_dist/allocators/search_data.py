@@ -1,0 +1,31 @@
+"""The model and data of the allocators that search on the task itself (Flexora, GuiLoMo)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+from floe_dist.data import Example, load_task, train_batch
+
+
+def load_for_search(args, hold_out: int, device="cpu"):
+    """(tokenizer, backbone, training examples, held-out examples): the last ``hold_out`` training
+    examples are held out (none when 0). The backbone is frozen by the caller's injection."""
+    from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+
+    model_dir = resolve_model(args.model)
+    examples = load_task(args.task, "train")
+    if len(examples) <= hold_out:
+        raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
+    train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])
+    return load_tokenizer(model_dir), load_backbone(model_dir, device=device), train, held
+
+
+def batch_stream(examples: list[Example], tokenizer, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 device="cpu", max_length: int = 256) -> Iterator[dict]:
+    """Endless seeded batches of ``batch`` examples (the trainer's sample order); with ``world`` ranks
+    each yields its ``batch / world`` share, so the ranks together see what one process would."""
+    if batch % world:
+        raise ValueError(f"a batch of {batch} examples does not split over {world} ranks")
+    return ({k: v.to(device) for k, v in train_batch(
+        examples, tokenizer, step=s, micro=0, rank=rank, world=world, micro_batch=batch // world, accumulation=1,
+        seed=seed, max_length=max_length).items()} for s in itertools.count())
