@@ -55,10 +55,9 @@ def _teardown_process_group():
     yield
     os.environ.clear()
     os.environ.update(saved)  # init_distributed exports RANK/MASTER_PORT/... for in-process runs
-    import torch.distributed as dist
+    from floe_dist.distributed.runtime import shutdown
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()  # the process group and DeepSpeed's groups cached from it
     torch.set_default_dtype(torch.float32)
 
 

@@ -106,7 +106,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
+    """Destroy the process group and DeepSpeed's groups cached from it, so that a later run in the same
+    process (tests, notebooks) starts clean instead of using groups of a dead process group."""
     import torch.distributed as dist
+    from deepspeed.utils import groups
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                  groups._ALL_TO_ALL_GROUP):
+        cache.clear()
