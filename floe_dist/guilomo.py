@@ -142,7 +142,9 @@ def guilomo_search(modules: list[GuidedLoRAMoE], batches: Iterator[dict], loss_f
                    steps: int, order: str = "second", lr: float = 3e-4, lr_arch: float = 3e-3,
                    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                    on_step: Callable[[int, float], None] = lambda step, loss: None) -> None:
-    """``steps`` bilevel iterations, each on two consecutive batches (lower level, then upper level)."""
+    """``steps`` bilevel iterations on pairs of consecutive batches (a "train" one, then a "valid" one):
+    first the GSV step (upper level), then the adapters' step on the train batch, as the official
+    ``training_step`` does."""
     if order not in ("first", "second"):
         raise ValueError(f"order must be 'first' or 'second', got {order!r}")
     theta = [p for m in modules for p in m.adapter_parameters()]
