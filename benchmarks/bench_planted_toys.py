@@ -150,6 +150,7 @@ def c7_arm(seed: int, schedule: str, experts: int, top_k: int, top_p: float, ste
         block.fc1 = LoRAMoELinear(block.fc1, [r] * experts, "topk", top_k, alpha=2.0 * r, top_p=top_p)
         modules.append(block.fc1)
     train(student, modules, x[:1024], y[:1024], steps=steps, seed=seed)
+    student.eval()  # activity is counted in eval mode
     for m in modules:
         m.reset_activity()
     val = mse(student, x[1024:], y[1024:])

@@ -140,7 +140,6 @@ def export_allocation(modules: dict[int, list[tuple[str, GuidedLoRAMoE]]], targe
 
 def guilomo_search(modules: list[GuidedLoRAMoE], batches: Iterator[dict], loss_fn: Callable[[dict], torch.Tensor],
                    steps: int, order: str = "second", lr: float = 3e-4, lr_arch: float = 3e-3,
-                   all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                    on_step: Callable[[int, float], None] = lambda step, loss: None) -> None:
     """``steps`` bilevel iterations on pairs of consecutive batches (a "train" one, then a "valid" one):
     first the GSV step (upper level), then the adapters' step on the train batch, as the official
@@ -154,7 +153,7 @@ def guilomo_search(modules: list[GuidedLoRAMoE], batches: Iterator[dict], loss_f
 
     def grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
         out = torch.autograd.grad(loss, params, allow_unused=True)
-        return [all_reduce_mean(torch.zeros_like(p) if g is None else g) for p, g in zip(params, out)]
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
 
     def set_grads(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
         for p, g in zip(params, values):

@@ -164,7 +164,10 @@ class LoRAMoELinear(nn.Module):
         return active
 
     def _count_activity(self, gates: torch.Tensor) -> None:
-        """Add this batch to the running count of ranks used per token (the active-parameter report)."""
+        """Add this batch to the running count of ranks used per token (the active-parameter report);
+        in eval mode only, to keep the training step free of it."""
+        if self.training:
+            return
         with torch.no_grad():
             used = gates.detach() > 0  # (T, E)
             self.routed_tokens += gates.shape[0]
@@ -175,11 +178,11 @@ class LoRAMoELinear(nn.Module):
         self.active_rank_sum.zero_()
 
     def active_parameters_per_token(self) -> float:
-        """Adapter parameters one token actually used, averaged over the tokens routed since the last
-        ``reset_activity``: the router plus the A and B of the experts it was sent to (a shared A once)."""
+        """Adapter parameters one token actually used, averaged over the tokens routed in eval mode since
+        the last ``reset_activity``: the router plus the A and B of the experts it was sent to (a shared A once)."""
         tokens = float(self.routed_tokens)
         if tokens == 0:
-            raise ValueError("no token routed since reset_activity(): run a forward pass first")
+            raise ValueError("no token routed since reset_activity(): run a forward pass in eval mode first")
         mean_rank = float(self.active_rank_sum) / tokens
         router = self.n_experts * self.in_features if self.lora_router is not None else 0
         if self.shared_a:

@@ -86,6 +86,7 @@ def test_top_p_uses_fewer_experts_on_confident_tokens_and_reports_active_paramet
     with torch.no_grad():
         layer.lora_router.weight.normal_(0, 2.0)  # a spread of confident and unsure tokens
     x = torch.randn(64, D_IN)
+    layer.eval()  # activity is counted in eval mode
     layer(x)
     used = layer.kept.sum(-1)
     assert used.min() >= 1 and used.max() <= 3 and len(set(used.tolist())) > 1
@@ -99,8 +100,8 @@ def test_top_p_uses_fewer_experts_on_confident_tokens_and_reports_active_paramet
     plain = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [1, 2, 3, 4], router="topk", top_k=3)
     assert count_active_parameters(D_IN, D_OUT, [1, 2, 3, 4], "topk", 3) == router + 9 * (D_IN + D_OUT)
     assert layer.active_parameters_per_token() < count_active_parameters(D_IN, D_OUT, [1, 2, 3, 4], "topk", 3)
-    plain(x)
-    assert plain.kept is None  # plain top-k: every slot used
+    plain.train()(x)
+    assert plain.kept is None and plain.routed_tokens == 0  # training steps are not counted  # plain top-k: every slot used
     layer.reset_activity()
     with pytest.raises(ValueError, match="no token routed"):
         layer.active_parameters_per_token()
