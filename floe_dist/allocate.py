@@ -96,7 +96,7 @@ def model_shape(model: str) -> ModelShape:
 
 def run(args: AllocateArgs) -> Allocation:
     from floe_dist.allocators import get
-    from floe_dist.distributed.runtime import discover, shutdown
+    from floe_dist.distributed.runtime import discover
 
     method = get(args.method)  # unknown names and bad flags fail before the model is read
     args.validate()
@@ -111,5 +111,4 @@ def run(args: AllocateArgs) -> Allocation:
         print(f"{args.method}: {len(allocation.layers)} layers, {allocation.trainable_parameters:,} adapter "
               f"parameters{off}, at most {allocation.count_active_parameters(shape.shapes):,} active per token "
               f"-> {args.output}")
-    shutdown()
-    return allocation
+    return allocation  # the CLI's main shuts the process group down
