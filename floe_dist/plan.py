@@ -15,9 +15,14 @@ file (or a uniform one from the flags). Memory per GPU follows the model in
     layer     the working set of the layer being recomputed: b*s*(34h + 5*a*s), no 5as with flash attention
     logits    answer positions only (floe-dist's loss), or b*s*V*10 bytes for a full-sequence loss
     gather    ZeRO-3 prefetch of ~2 layers, one dequantized weight and the gathered 16-bit head, or, when
-              larger, the weights kept gathered until their backward use (reuse distance, below)
+              larger, the weights kept gathered until their backward use (reuse distance, below);
+              none on a single rank, where a gathered parameter is its own partition
     runtime   CUDA/NCCL context and allocator slack (GPU), or the Python/torch process (CPU)
     total     1.2 x the sum on GPU (calibrated on the PEFT 70B run; the CPU factor is 1.0)
+
+On CPU the plan is the memory a run holds live. glibc's malloc keeps freed activation and gather
+buffers resident (its mmap threshold rises after the first frees), which added 28-62% to SmolLM2's peak
+RSS in BENCHMARKS.md; jemalloc (LD_PRELOAD=libjemalloc.so.2) or a pinned MALLOC_MMAP_THRESHOLD_ gives it back.
 
 Time: 6 Psi FLOP per token with checkpointing (4 Psi without) at an assumed MFU of the GPU's peak.
 """
@@ -51,10 +56,12 @@ GPU_FACTOR = 1.2
 # ZeRO-3 does not release a gathered parameter whose next use (in backward) is fewer than
 # stage3_max_reuse_distance elements away (1e9, DeepSpeed's default and zero_configs/zero3.json). In
 # forward that distance is about twice the parameters after it, so the last ~5e8 elements stay gathered:
-# a model smaller than that stays gathered whole (SmolLM2, one process: +655 MiB measured over ZeRO-0).
+# a model smaller than that stays gathered whole (probed on SmolLM2: every parameter stayed gathered through the step).
 REUSE_KEPT_ELEMENTS = 1e9 / 2
 GPU_RUNTIME_BYTES = 1.5e9
-CPU_RUNTIME_BYTES = 457_520 * 1024  # measured: peak RSS of a process that only imports torch, transformers, deepspeed, peft
+# measured: peak RSS of a process that imported the training stack (torch, transformers, deepspeed, peft,
+# tensorboard) and loaded a tokenizer and the SST-2 task, i.e. a CPU rank before its model exists
+CPU_RUNTIME_BYTES = 536_260 * 1024
 
 
 @dataclass
@@ -77,7 +84,7 @@ class PlanArgs:
     flash_attention: bool = arg(True, "attention without the s^2 score matrix (FlashAttention/SDPA)")
     full_sequence_loss: bool = arg(False, "logits at every position (PEFT/TRL SFT) instead of answer tokens only")
     offload: bool = arg(False, "parameters and optimizer state in CPU memory (ZeRO-Infinity / FSDP offload)")
-    device: str = arg("gpu", "gpu (bf16 activations) or cpu (fp32, predicts peak RSS of a rank)")
+    device: str = arg("gpu", "gpu (bf16 activations) or cpu (fp32, predicts the live peak RSS of a rank)")
     gpu_memory: float = arg(80.0, "GiB per GPU to fit into (H100: 80)")
     peak_tflops: float = arg(989.0, "dense bf16 peak per GPU (H100 SXM: 989)")
     mfu: float = arg(0.3, "assumed model FLOPs utilisation (QLoRA runs reach 0.25-0.4)")
@@ -209,7 +216,10 @@ def plan(args: PlanArgs) -> dict:
     head = count.vocab * h * w16
     prefetch = 2 * wq * count.linear / L + 2 * h * count.intermediate + head
     kept = min(wq * count.linear + w16 * count.other, REUSE_KEPT_ELEMENTS * w16)
-    gather = max(prefetch, kept) if (args.zero == 3 or args.offload) else 0.0
+    # On one rank the gathered parameter is a view of its partition (DeepSpeed skips the copy; probed on
+    # SmolLM2: same storage), so only an offloaded model pays for gathers there.
+    sharded = (args.zero == 3 and n > 1) or args.offload
+    gather = max(prefetch, kept) if sharded else 0.0
     # router logits (fp32) and the experts' low-rank activations, kept per MoE module until backward
     moe = b * s * sum(m.experts * 4 + m.top_k * max(m.ranks) * 2 * 3
                       for mods in allocation.layers.values() for m in mods.values() if m.experts > 1)
@@ -257,7 +267,7 @@ def advice(args: PlanArgs, terms: dict[str, float], total: float) -> list[str]:
 def run(args: PlanArgs) -> dict:
     result = plan(args)
     gib = {k: v / GIB for k, v in result["bytes"].items()}
-    where = "per GPU" if args.device == "gpu" else "per CPU rank (peak RSS)"
+    where = "per GPU" if args.device == "gpu" else "per CPU rank (live peak; glibc malloc may keep more)"
     print(f"{args.model}: {result['model']['parameters'] / 1e9:.2f}B parameters, "
           f"{result['trainable_parameters']:,} trainable; {result['world_size']} ranks, ZeRO-{args.zero}, "
           f"{args.quant}, ep_size {args.ep_size}, b={args.micro_batch} s={args.seq_len}")

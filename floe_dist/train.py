@@ -157,6 +157,8 @@ def run(args: TrainArgs) -> dict:
             engine.backward(result["loss"])
             if experts:
                 experts.before_engine_step(engine)
+            if micro == args.accumulation - 1:
+                grad_norm = ds.grad_norm_before_step(engine)
             engine.step()
             if experts:
                 experts.after_engine_step(engine, lr)
@@ -166,7 +168,7 @@ def run(args: TrainArgs) -> dict:
         if log:
             extra = {"dropped_picks": dropped} if args.capacity_factor > 0 else {}
             log.write(step + 1, loss=loss, ce=ce, balance=balance, lr=lr,
-                      grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                      grad_norm=float(engine.get_global_grad_norm() or grad_norm or 0.0),
                       step_seconds=time.perf_counter() - step_start, **extra,
                       expert_load={k: v.tolist() for k, v in model.expert_load().items()})
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")

@@ -1,6 +1,6 @@
 """Multi-node launch glue: hosts of a Slurm allocation, DeepSpeed hostfiles, per-stage launch lines.
 
-Three ways to put one stage (score, train) on several nodes, all reading the same rank variables
+Four ways to put one stage (score, train) on several nodes, all reading the same rank variables
 (floe_dist/distributed/runtime.py):
 
 * ``srun`` (default under Slurm): one task per rank; ranks come from SLURM_PROCID/SLURM_NTASKS and
@@ -8,6 +8,8 @@ Three ways to put one stage (score, train) on several nodes, all reading the sam
 * ``deepspeed --hostfile H --master_addr A --launcher pdsh|slurm|openmpi|mpich``: the DeepSpeed
   launcher over a hostfile written here (``host slots=N`` per line); slurm/train.sbatch renders it.
 * ``torchrun`` on one node (local processes), as the campaign does without Slurm.
+* ``mpirun``/``mpiexec`` straight onto ``python -m launcher.cli``: mpi4py gives the ranks their layout
+  and rank 0's address (runtime.py).
 """
 from __future__ import annotations
 

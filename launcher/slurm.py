@@ -92,8 +92,11 @@ def render(args: SlurmArgs) -> str:
         launch = f"exec srun --kill-on-bad-exit=1 --gpu-bind=none {python} -m launcher.cli train {quoted}"
     else:
         hostfile = shlex.quote(str(out / "hostfile"))
-        no_ssh = " --no_ssh_check" if args.deepspeed_launcher == "slurm" else ""  # srun starts the ranks, not ssh
-        launch = (f"{python} -m launcher.cli slurm --action hostfile --hostfile {hostfile} "
+        # only pdsh reaches the nodes over ssh; srun and mpirun (through Slurm) start the ranks themselves
+        no_ssh = "" if args.deepspeed_launcher == "pdsh" else " --no_ssh_check"
+        bindir = shlex.quote(str(Path(sys.executable).parent))  # mpirun from PyPI's mpich sits beside python
+        launch = (f"export PATH={bindir}:\"$PATH\"\n"
+                  f"{python} -m launcher.cli slurm --action hostfile --hostfile {hostfile} "
                   f"--slots {args.tasks_per_node}\n"
                   f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
                   f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher}{no_ssh} "

@@ -28,11 +28,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def ensure_installed() -> None:
-    if shutil.which("sbatch") and shutil.which("slurmctld") and shutil.which("munged"):
+def ensure_installed(packages: list[str] = PACKAGES, commands: tuple[str, ...] = ("sbatch", "slurmctld", "munged")) -> None:
+    """apt-get install ``packages`` unless every one of ``commands`` is already on PATH."""
+    if all(shutil.which(c) for c in commands):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
         subprocess.run(cmd, env=env, capture_output=True, check=True)

@@ -87,6 +87,16 @@ def initialize(model: nn.Module, config: dict[str, Any], total_steps: int, warmu
     return engine, scheduler
 
 
+def grad_norm_before_step(engine) -> float | None:
+    """The global gradient norm where DeepSpeed clips without recording it (fp32 ZeRO-0: its
+    ``get_global_grad_norm()`` stays None); None elsewhere, where the ZeRO/bf16 optimizer records it.
+    Call after the boundary backward (gradients already averaged over ranks), before ``step()``."""
+    if engine.zero_optimization_stage() > 0 or hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
 def gather_full(named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Full (un-partitioned) CPU copies of parameters on rank 0; collective under ZeRO-3: call on every rank.
 

