@@ -64,3 +64,29 @@ def test_bad_plan_inputs_fail_clearly(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="--quant must be one of"):
         plan(PlanArgs(quant="int3"))
+
+
+def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model_dir):
+    """plan() has no gather term on one rank because DeepSpeed's gathered parameter is then a view of
+    its own partition; this keeps that assumption checked against the installed DeepSpeed."""
+    import torch
+
+    from floe_dist.allocation import Allocation
+    from floe_dist.distributed import engine as ds
+    from floe_dist.distributed.runtime import init_distributed
+    from floe_dist.modeling.backbone import load_backbone
+    from floe_dist.modeling.inject import inject_adapters
+
+    init_distributed()
+    lm = load_backbone(tiny_model_dir)
+    inject_adapters(lm, Allocation.uniform(lm.config.num_hidden_layers, ["q_proj"], rank=2))
+    config = ds.build_config(3, micro_batch=1, accumulation=1, world_size=1, lr=1e-3, weight_decay=0.0)
+    engine, _ = ds.initialize(lm, config, total_steps=1, warmup_steps=1)
+    down = lm.model.layers[0].mlp.down_proj
+    in_place = []
+    down.register_forward_pre_hook(lambda *_: in_place.append(  # runs after DeepSpeed's gather hook
+        down.weight.numel() > 0 and down.weight.untyped_storage().data_ptr() == down.weight.ds_tensor.untyped_storage().data_ptr()))
+    engine(input_ids=torch.tensor([[1, 2, 3]]))
+    assert in_place == [True]
+    one, two = (plan(PlanArgs(model=str(tiny_model_dir), device="cpu", gpus_per_node=n)) for n in (1, 2))
+    assert one["bytes"]["gather"] == 0 < two["bytes"]["gather"]

@@ -134,11 +134,12 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
     assert not os.path.exists(tmp_path / "a")
 
 
-def test_mpi_launches_train_like_torchrun(tmp_path, openmpi_bin):
+def test_mpi_and_pdsh_launches_train_like_torchrun(tmp_path, openmpi_bin, local_sshd):
     """Two ranks started five ways give one loss curve: torchrun; bare `mpiexec -n 2` of MPICH (PyPI)
     and of Open MPI (Debian), where mpi4py supplies the layout and rank 0's address; and `deepspeed
-    --launcher mpich|openmpi` over a hostfile (a script path: deepspeed 0.19.8's mpich backend breaks
-    --module)."""
+    --launcher openmpi|pdsh` over a hostfile (deepspeed's mpich backend runs through Slurm in
+    test_rendered_deepspeed_launch_runs_over_two_nodes); pdsh logs in over ssh, so the ranks get
+    their variables from DS_ENV_FILE."""
     train = ["train", "--model", "tiny", "--steps", "3", "--micro-batch", "2"]
     run_floe([*train, "--output", str(tmp_path / "torchrun")], nproc=2)
     expected = [m["loss"] for m in read_metrics(tmp_path / "torchrun")]
@@ -149,15 +150,20 @@ def test_mpi_launches_train_like_torchrun(tmp_path, openmpi_bin):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(render_hostfile(["localhost"], 2))
 
-    def deepspeed(backend: str) -> list[str]:
+    ssh_port, ssh_options = local_sshd
+    (tmp_path / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in clean_env(2).items()
+                                             if k in ("FLOE_DIST_CACHE", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")))
+    pdsh = {**mpich, "DS_ENV_FILE": str(tmp_path / "ds_env"), "PDSH_SSH_ARGS_APPEND": ssh_options}
+
+    def deepspeed(backend: str, *flags: str) -> list[str]:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--force_multi",
-                "--no_ssh_check", "--launcher", backend, "--master_addr", "127.0.0.1", f"--master_port={free_port()}",
-                str(REPO / "launcher" / "cli.py")]
+                "--no_ssh_check", *flags, "--launcher", backend, "--master_addr", "127.0.0.1",
+                f"--master_port={free_port()}", str(REPO / "launcher" / "cli.py")]
 
     launches = {"mpiexec-mpich": (["mpiexec", "-n", "2", sys.executable, "-m", "launcher.cli"], mpich),
                 "mpirun-openmpi": (["mpirun", "-n", "2", sys.executable, "-m", "launcher.cli"], openmpi),
-                "deepspeed-mpich": (deepspeed("mpich"), mpich),
-                "deepspeed-openmpi": (deepspeed("openmpi"), openmpi)}
+                "deepspeed-openmpi": (deepspeed("openmpi"), openmpi),
+                "deepspeed-pdsh": (deepspeed("pdsh", "--ssh_port", str(ssh_port)), pdsh)}
     for name, (launch, env) in launches.items():
         proc = subprocess.run([*launch, *train, "--output", str(tmp_path / name)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
