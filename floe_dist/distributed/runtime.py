@@ -3,10 +3,10 @@
 * ``deepspeed --num_gpus N ...`` and ``torchrun --nproc_per_node N ...`` set RANK / WORLD_SIZE /
   LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's ``srun`` sets SLURM_PROCID / SLURM_NTASKS, and the
   sbatch scripts (slurm/) set MASTER_ADDR/PORT.
-* ``mpirun``/``mpiexec`` of any MPI: the layout comes from MPI itself through mpi4py (world and
-  node-local communicators), and, when the environment names no MASTER_ADDR/PORT, rank 0 broadcasts
-  its host and a free port over MPI. Without mpi4py the Open MPI (OMPI_COMM_WORLD_*) and MPICH
-  (PMI_*) variables give the layout, and MASTER_ADDR/PORT must be exported.
+* ``mpirun``/``mpiexec``: Open MPI (OMPI_COMM_WORLD_*) and MPICH/Intel MPI (PMI_*) variables give the
+  layout; other MPIs (PMIx, MVAPICH, Cray PALS) get it from mpi4py. When the environment names no
+  MASTER_ADDR/PORT, rank 0 broadcasts its host and a free port over MPI (mpi4py). mpi4py is imported
+  (and MPI initialised) only in those two cases, so srun and deepspeed launches never touch MPI.
 * A plain ``python -m launcher.cli train`` sets nothing: it becomes a world of one, on a free port
   (without this DeepSpeed falls back to MPI discovery and fails on a missing mpi4py).
 
@@ -42,14 +42,13 @@ def free_port(bind: str = "127.0.0.1") -> int:
 
 
 def discover() -> DistInfo:
-    """Rank layout from the launcher's environment (torchrun/deepspeed, then Slurm, else one process)."""
+    """Rank layout from the launcher's environment: torchrun/deepspeed, Open MPI, MPICH, Slurm, other MPIs
+    (through mpi4py), else a world of one."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
         local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
-    elif mpi_launched() and (layout := mpi_layout()):
-        rank, world, local, local_world = layout
     elif "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI), e.g. deepspeed --launcher openmpi
         rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
@@ -62,6 +61,8 @@ def discover() -> DistInfo:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    elif mpi_launched() and (layout := mpi_layout()):  # an MPI whose variables are not read above
+        rank, world, local, local_world = layout
     else:
         rank, world, local, local_world = 0, 1, 0, 1
     return DistInfo(rank, world, local, local_world)
@@ -83,19 +84,12 @@ def mpi4py_available() -> bool:
 
 def mpi_layout() -> tuple[int, int, int, int] | None:
     """(rank, world, local rank, ranks on this node) from MPI_COMM_WORLD and its shared-memory split;
-    None without mpi4py, or when mpi4py loaded another MPI than the mpirun that started us (it then
-    sees a world of one: e.g. PyPI's mpich in the venv under Open MPI's mpirun)."""
+    None without mpi4py."""
     if not mpi4py_available():
         return None
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    declared = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-                     if v in os.environ), world.Get_size())
-    if declared != world.Get_size():
-        warnings.warn(f"mpi4py ({MPI.Get_library_version().splitlines()[0]}) sees {world.Get_size()} rank(s) "
-                      f"but mpirun started {declared}: using the launcher's variables instead")
-        return None
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         return world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size()
@@ -103,12 +97,19 @@ def mpi_layout() -> tuple[int, int, int, int] | None:
         node.Free()
 
 
-def mpi_rendezvous() -> tuple[str, int]:
-    """Rank 0's host name and a free port on it, broadcast to every rank: mpirun starts the ranks but
-    tells them no address for torch.distributed's TCP store."""
+def mpi_rendezvous(world_size: int) -> tuple[str, int] | None:
+    """Rank 0's host name and a free port on it, broadcast over MPI: mpirun starts the ranks but gives
+    them no address for torch.distributed's TCP store. None without mpi4py."""
+    if not mpi4py_available():
+        return None
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    if world.Get_size() != world_size:
+        raise RuntimeError(
+            f"mpi4py ({MPI.Get_library_version().splitlines()[0]}) sees {world.Get_size()} rank(s) but the "
+            f"launcher started {world_size}: it runs on another MPI than this mpirun (with several installed, "
+            f"set MPI4PY_MPIABI=openmpi or mpich), or export MASTER_ADDR/MASTER_PORT")
     mine = (socket.gethostname(), free_port(bind="")) if world.Get_rank() == 0 else None
     return world.bcast(mine, root=0)
 
@@ -123,10 +124,10 @@ def init_distributed() -> DistInfo:
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
     info = discover()
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
-    if "MASTER_PORT" not in os.environ and info.world_size > 1 and mpi_launched() and mpi_layout():
-        addr, port = mpi_rendezvous()
-        os.environ.setdefault("MASTER_ADDR", addr)
-        os.environ["MASTER_PORT"] = str(port)
+    if "MASTER_PORT" not in os.environ and info.world_size > 1 and mpi_launched():
+        if found := mpi_rendezvous(info.world_size):
+            os.environ.setdefault("MASTER_ADDR", found[0])
+            os.environ["MASTER_PORT"] = str(found[1])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if info.world_size > 1:

@@ -181,3 +181,20 @@ def test_mpirun_without_mpi4py_names_the_missing_rendezvous(tmp_path, monkeypatc
     monkeypatch.setattr(os, "environ", {**launched, "PMI_RANK": "0", "PMI_SIZE": "2"})
     with pytest.raises(RuntimeError, match="mpirun with mpi4py installed"):
         runtime.init_distributed()
+
+
+def test_mpi4py_on_another_mpi_is_refused_clearly(monkeypatch):
+    """An mpi4py that sees a world of one under a 2-rank mpirun (it runs on another MPI): a clear
+    error that names the fix, not a rendezvous waiting for a rank that never comes."""
+    import types
+
+    from floe_dist.distributed import runtime
+
+    world = types.SimpleNamespace(Get_size=lambda: 1, Get_rank=lambda: 0)
+    mpi = types.SimpleNamespace(COMM_WORLD=world, Get_library_version=lambda: "Other MPI 1.0\n")
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
+    monkeypatch.setattr(runtime, "mpi4py_available", lambda: True)
+    launched = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_PROCID")}
+    monkeypatch.setattr(os, "environ", {**launched, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="sees 1 rank.*started 2.*MPI4PY_MPIABI"):
+        runtime.init_distributed()
