@@ -15,6 +15,20 @@ os.environ.setdefault("FLOE_DIST_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu); deselected, not skipped, without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run wherever CUDA is present (`pytest -m gpu` on a GPU node) and are left out elsewhere."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 def floe_command(args: list[str], nproc: int = 1) -> list[str]:
     """`floe-dist ARGS` as one process, or under torchrun with nproc local ranks on a free port."""
     if nproc == 1:

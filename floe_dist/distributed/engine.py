@@ -49,8 +49,14 @@ def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: in
     params = opt.setdefault("params", {})
     fill(params, "lr", lr)
     fill(params, "weight_decay", weight_decay)
-    if not cuda:
-        params.setdefault("torch_adam", True)  # avoids the fused_adam JIT build on CPU
+    # torch's AdamW instead of DeepSpeed's FusedAdam: no nvcc JIT build at the first step (GPU nodes
+    # often lack a toolkit matching torch) and none on CPU; on CUDA torch's own fused kernel. An
+    # optimizer offloaded from a GPU keeps DeepSpeedCPUAdam, which ZeRO-Offload is built around.
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if not (cuda and offload):
+        params.setdefault("torch_adam", True)
+    if cuda and not offload and params.get("torch_adam"):
+        params.setdefault("fused", True)
     bf16 = cfg.setdefault("bf16", {})
     fill(bf16, "enabled", cuda)
     return cfg

@@ -136,6 +136,11 @@ def init_distributed() -> DistInfo:
                                "MASTER_ADDR/MASTER_PORT")
         os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if info.local_rank >= gpus:  # NCCL refuses two ranks on one GPU; say so before it hangs or crashes
+            raise RuntimeError(f"local rank {info.local_rank} needs GPU {info.local_rank}, but this node has {gpus} "
+                               f"GPU(s): start at most {gpus} process(es) per node (--nproc_per_node, --num_gpus, "
+                               f"--gpus-per-node) or set CUDA_VISIBLE_DEVICES")
         torch.cuda.set_device(info.local_rank)
     else:
         # The shared-memory comm op is a 70-90 s JIT build on every fresh machine; plain gloo is enough.

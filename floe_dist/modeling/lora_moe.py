@@ -88,6 +88,8 @@ class LoRAMoELinear(nn.Module):
         self.register_buffer("col_scale", self.alpha / torch.tensor(ranks, dtype=torch.float32, device=dev)[
             expert_of_col], persistent=False)
         self.register_buffer("expert_ranks", torch.tensor(ranks, dtype=torch.float32, device=dev), persistent=False)
+        self.register_buffer("expert_scale", self.alpha / self.expert_ranks, persistent=False)
+        self.uniform_rank = len(set(ranks)) == 1
         self.reset_lora_parameters()
 
         self.adapter_scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
@@ -210,7 +212,9 @@ class LoRAMoELinear(nn.Module):
         if active is not None:  # top-p: only the slots a token used count as picks
             onehot = onehot * active.unsqueeze(-1)
         picks = onehot.sum((0, 1)).float()  # (E,)
-        stats = torch.cat([picks, picks.new_tensor([probs.shape[0], 1.0])])
+        # new_full, not new_tensor([...]): a list is copied from pageable host memory, which on CUDA
+        # synchronises the stream in every MoE layer's forward
+        stats = torch.cat([picks, picks.new_full((1,), probs.shape[0]), picks.new_ones(1)])
         if self.routing_stats_reducer is not None:
             stats = self.routing_stats_reducer(stats)
         picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
@@ -238,11 +242,18 @@ class LoRAMoELinear(nn.Module):
         return (self.lora_router.weight if self.lora_router is not None else self.lora_A).dtype
 
     def dense_delta(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """sum_e g_e (alpha/r_e) B_e A_e x for every token (T, d_out): two matmuls, no expert skipped."""
+        """sum_e g_e (alpha/r_e) B_e A_e x for every token (T, d_out): two matmuls, no expert skipped.
+
+        With equal ranks the gate is broadcast over a (T, E, r) view; heterogeneous ranks gather it per
+        column, whose backward is an accumulating index_put (a sort on CUDA).
+        """
         h = F.linear(x, self.down_weight())  # (T, sum r) or (T, r) with a shared A
-        if self.shared_a:
-            h = h.repeat(1, self.n_experts)  # (T, E*r): every head reads the same A x
-        h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
+        if self.uniform_rank:
+            weight = (gates * self.expert_scale).to(h.dtype).unsqueeze(-1)  # (T, E, 1)
+            rows = h.unsqueeze(1) if self.shared_a else h.view(h.shape[0], self.n_experts, -1)  # (T, 1|E, r)
+            h = (rows * weight).flatten(1)  # (T, E*r): a shared A x is read by every head
+        else:
+            h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
         return F.linear(h, self.lora_B)  # (T, d_out)
 
     def adapter_parameters(self) -> list[nn.Parameter]:

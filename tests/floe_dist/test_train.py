@@ -225,3 +225,22 @@ def test_gradient_checkpointing_gives_the_same_curve(tmp_path):
     run_floe([*common, "--output", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
     for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")):
         assert abs(a - b) <= 1e-6 * abs(a)
+
+
+def test_optimizer_is_torch_adamw_fused_on_gpu_and_cpu_adam_under_gpu_offload(monkeypatch, tmp_path):
+    """No nvcc JIT build at the first step: torch's AdamW everywhere (its fused kernel on CUDA),
+    except an optimizer offloaded from a GPU, which keeps DeepSpeedCPUAdam."""
+    from floe_dist.distributed import engine as ds
+
+    def optimizer(stage):
+        return ds.build_config(stage, micro_batch=1, accumulation=1, world_size=1, lr=1e-3,
+                               weight_decay=0.0)["optimizer"]["params"]
+
+    assert optimizer(3)["torch_adam"] is True and "fused" not in optimizer(3)  # CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert optimizer(3)["torch_adam"] is True and optimizer(3)["fused"] is True
+    offload = json.loads((ds.ZERO_CONFIGS / "zero3.json").read_text())
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "offload.json").write_text(json.dumps(offload))
+    params = optimizer(str(tmp_path / "offload.json"))
+    assert "torch_adam" not in params and "fused" not in params

@@ -198,3 +198,19 @@ def test_mpi4py_on_another_mpi_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(os, "environ", {**launched, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
     with pytest.raises(RuntimeError, match="sees 1 rank.*started 2.*MPI4PY_MPIABI"):
         runtime.init_distributed()
+
+
+def test_more_local_ranks_than_gpus_is_refused_before_nccl(monkeypatch):
+    """Two ranks on a one-GPU node: NCCL would fail on a duplicate GPU (or set_device on a missing one);
+    the error names the layout and the fix first. (tests/gpu runs the same on a real GPU.)"""
+    import torch
+
+    from floe_dist.distributed import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    launched = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")}
+    monkeypatch.setattr(os, "environ", {**launched, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"})
+    with pytest.raises(RuntimeError, match=r"local rank 1 needs GPU 1, but this node has 1 GPU\(s\)"):
+        runtime.init_distributed()

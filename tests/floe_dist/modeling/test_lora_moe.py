@@ -184,3 +184,25 @@ def test_4bit_base_forward_and_backward_train_only_adapters():
     out.pow(2).mean().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in layer.base.parameters())
+
+
+@pytest.mark.parametrize("router,ranks,top_k", [("topk", [4, 4, 4], 2), ("dense", [3, 3, 3], 3), ("topk", [1, 2, 3], 2)])
+def test_broadcast_gate_equals_per_column_gather_bitwise(router, ranks, top_k):
+    """Equal ranks broadcast the gate over a (tokens, experts, rank) view instead of gathering it per rank
+    column (whose backward is a sorting index_put on CUDA): the same numbers, forward and backward."""
+    torch.manual_seed(4)
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), ranks, router=router, top_k=top_k)
+    _randomise(layer)
+    x = torch.randn(9, D_IN)
+    gates = layer.route(x)
+
+    def gathered():
+        h = nn.functional.linear(x, layer.lora_A)
+        if layer.shared_a:
+            h = h.repeat(1, layer.n_experts)
+        return nn.functional.linear(h * (gates[:, layer.expert_of_col] * layer.col_scale), layer.lora_B)
+
+    out, reference = layer.dense_delta(x, gates), gathered()
+    assert torch.equal(out, reference)
+    grads = torch.autograd.grad(out.sum(), (layer.lora_A, layer.lora_B))
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(reference.sum(), (layer.lora_A, layer.lora_B))))

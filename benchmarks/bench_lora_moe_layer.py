@@ -1,0 +1,184 @@
+"""Where one LoRA-MoE layer's time goes, and what the concatenated-expert dispatch saves.
+
+    python benchmarks/bench_lora_moe_layer.py                  # Llama-3-8B shapes, 8,192 tokens (GPU)
+    python benchmarks/bench_lora_moe_layer.py --tokens 512     # CPU-sized
+
+Forward + backward (gradients for the input and the adapters) over an NF4 base, median of --reps,
+for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
+
+* ``base``        the frozen 4-bit linear alone;
+* ``+router``     base + router (softmax, top-k, gates, balance loss), no expert;
+* ``floe-dist``   LoRAMoELinear: experts concatenated along the rank, two matmuls for all of them;
+* ``gather``      floe-dist before this benchmark: the gate gathered per rank column (its backward is an
+                  accumulating index_put) instead of broadcast over a (tokens, experts, rank) view;
+* ``loop``        the reference dispatch of MoLA/MixLoRA-style code: a Python loop over experts, each
+                  gathering its tokens, two matmuls, and scattering back (index_add);
+* ``lora``        a plain LoRA with the same parameters (rank E*r): the floor the MoE aims for.
+
+Differences between rows place the time: router = ``+router`` - ``base``, experts = ``floe-dist`` -
+``+router``. Then a torch.profiler table of floe-dist's forward + backward by operator.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
+
+
+def nf4_linear(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, quant_type="nf4", quant_storage=dtype,
+                          device="meta")
+    w = torch.randn(d_out, d_in, device=device, dtype=dtype) * d_in ** -0.5
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=dtype).to(device)
+    return q
+
+
+def loop_delta(layer: LoRAMoELinear, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Token-sparse reference: per expert, gather its tokens, A then B, scatter-add back."""
+    out = torch.zeros(x.shape[0], layer.out_features, device=x.device, dtype=x.dtype)
+    start = 0
+    for e, r in enumerate(layer.ranks):
+        idx = (layer.top_i == e).any(-1).nonzero().squeeze(-1)
+        a, b = layer.lora_A[start:start + r], layer.lora_B[:, start:start + r]
+        start += r
+        if idx.numel():
+            h = F.linear(F.linear(x[idx], a), b) * (gates[idx, e:e + 1] * layer.alpha / r).to(x.dtype)
+            out = out.index_add(0, idx, h)
+    return out
+
+
+def gather_delta(layer: LoRAMoELinear, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """floe-dist's dense dispatch before the broadcast gate: the gate gathered per rank column."""
+    h = F.linear(x, layer.lora_A)
+    h = h * (gates[:, layer.expert_of_col] * layer.col_scale).to(h.dtype)
+    return F.linear(h, layer.lora_B)
+
+
+def make_variants(layer: LoRAMoELinear, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    def base(x):
+        return layer.base(x)
+
+    def router_only(x):
+        y = layer.base(x)
+        gates = layer.route(x)
+        return y + (gates.sum() * 0 + layer.balance_loss).to(y.dtype)
+
+    def floe(x):
+        return layer(x)
+
+    def gathered(x):
+        y = layer.base(x)
+        gates = layer.route(x)
+        return y + gather_delta(layer, x, gates).to(y.dtype) + layer.balance_loss.to(y.dtype) * 0
+
+    def loop(x):
+        y = layer.base(x)
+        gates = layer.route(x)
+        return y + loop_delta(layer, x, gates).to(y.dtype) + layer.balance_loss.to(y.dtype) * 0
+
+    def lora(x):
+        return layer.base(x) + F.linear(F.linear(x, lora_a), lora_b) * (layer.alpha / lora_a.shape[0])
+
+    return {"base": base, "+router": router_only, "floe-dist": floe, "gather": gathered, "loop": loop,
+            "lora": lora}
+
+
+def time_fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor, reps: int, warmup: int) -> float:
+    """Median milliseconds of fn(x).backward(grad)."""
+    cuda = x.is_cuda
+    times = []
+    for i in range(warmup + reps):
+        x.grad = None
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        fn(x).backward(grad)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--shapes", default="4096x4096,4096x14336")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
+          f"{args.tokens} tokens, {args.experts} experts x rank {args.rank}, top-{args.top_k}")
+    rows = []
+    for shape in args.shapes.split(","):
+        d_in, d_out = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        layer = LoRAMoELinear(nf4_linear(d_in, d_out, dtype, device), [args.rank] * args.experts, "topk", args.top_k)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)  # B = 0 (init) would make the loop-vs-concat check vacuous
+        for p in (layer.lora_A, layer.lora_B, layer.lora_router.weight):
+            p.data = p.data.to(dtype)  # what a bf16 DeepSpeed engine does to the trainable tensors
+        lora_a = torch.randn(args.rank * args.experts, d_in, device=device, dtype=dtype, requires_grad=True)
+        lora_b = torch.randn(d_out, args.rank * args.experts, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(args.tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(args.tokens, d_out, device=device, dtype=dtype)
+        variants = make_variants(layer, lora_a, lora_b)
+        ref = variants["floe-dist"](x)
+        check = variants["loop"](x)
+        err = float((check - ref).detach().float().norm() / ref.detach().float().norm())
+        times = {name: time_fwd_bwd(fn, x, grad, args.reps, args.warmup) for name, fn in variants.items()}
+        # time the product path twice: the spread between the two is the noise floor
+        times["floe-dist (again)"] = time_fwd_bwd(variants["floe-dist"], x, grad, args.reps, args.warmup)
+        rows.append((shape, times, err))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    variants["floe-dist"](x).backward(grad)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\nprofile {shape}, 5 x forward+backward of LoRAMoELinear:")
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
+
+    print("\n| shape d_in x d_out | base ms | +router ms | floe-dist ms | gather ms | loop ms | lora (same params) ms "
+          "| router share | experts share | gather / floe-dist | loop / floe-dist | floe-dist / lora | floe-dist rerun ms "
+          "| loop rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, t, err in rows:
+        print(f"| {shape} | {t['base']:.3f} | {t['+router']:.3f} | {t['floe-dist']:.3f} | {t['gather']:.3f} "
+              f"| {t['loop']:.3f} "
+              f"| {t['lora']:.3f} | {(t['+router'] - t['base']) / t['floe-dist']:.1%} "
+              f"| {(t['floe-dist'] - t['+router']) / t['floe-dist']:.1%} | {t['gather'] / t['floe-dist']:.2f} "
+              f"| {t['loop'] / t['floe-dist']:.2f} "
+              f"| {t['floe-dist'] / t['lora']:.2f} | {t['floe-dist (again)']:.3f} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

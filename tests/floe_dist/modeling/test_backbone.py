@@ -1,0 +1,31 @@
+"""Backbones built in memory: NF4 quantization of a model made from a config (benchmarks, GPU tests)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def test_quantize_nf4_swaps_decoder_linears_and_keeps_the_function():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from floe_dist.modeling.backbone import TINY_CONFIG, quantize_nf4_
+    from floe_dist.modeling.inject import find_layer_linears
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, **TINY_CONFIG))
+    reference = LlamaForCausalLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    quantize_nf4_(model, torch.float32)
+
+    linears = [m for mods in find_layer_linears(model).values() for _, m in mods.values()]
+    assert len(linears) == 4 * 7 and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert model.is_loaded_in_4bit  # PEFT wraps Linear4bit only on models that say so
+    # the quantized model computes what the fp32 model does with the dequantized weights
+    with torch.no_grad():
+        for ref, q in zip((m for mods in find_layer_linears(reference).values() for _, m in mods.values()), linears):
+            ref.weight.copy_(bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state))
+        ids = torch.randint(128, (2, 9))
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
