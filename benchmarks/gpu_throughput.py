@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +77,6 @@ def add_adapters(model, variant: str):
         model = get_peft_model(model, LoraConfig(r=PEFT_RANK, lora_alpha=2 * PEFT_RANK, target_modules=TARGETS,
                                                  lora_dropout=0.0, bias="none"))
         return model, None, sum(p.numel() for p in model.parameters() if p.requires_grad)
-    import types
-
     from floe_dist.allocation import Allocation
     from floe_dist.modeling.inject import adapter_modules, inject_adapters
 
@@ -159,7 +159,7 @@ def run_one(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
+    if not all(map(math.isfinite, losses)):
         raise FloatingPointError(f"non-finite loss: {losses}")
     n_params = count_model(model.config).total
     step = statistics.median(times[args.warmup:])

@@ -137,7 +137,7 @@ def init_distributed() -> DistInfo:
         os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        if info.local_rank >= gpus:  # NCCL refuses two ranks on one GPU; say so before it hangs or crashes
+        if info.local_rank >= gpus:  # set_device would fail, and NCCL does not share a GPU between ranks
             raise RuntimeError(f"local rank {info.local_rank} needs GPU {info.local_rank}, but this node has {gpus} "
                                f"GPU(s): start at most {gpus} process(es) per node (--nproc_per_node, --num_gpus, "
                                f"--gpus-per-node) or set CUDA_VISIBLE_DEVICES")
