@@ -234,21 +234,25 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     gib = 2 ** 30
-    print("\n| shape | variant | trainable | b x s | step s | tokens/s | MFU | peak alloc GiB | peak process GiB "
-          "| plan GiB | plan/measured | step vs PEFT |")
+    print("\n| shape | variant | trainable | b x s | step s | tokens/s | MFU | peak alloc GiB | plan GiB "
+          "| plan / (alloc + context) | reserved + context GiB | step vs PEFT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    peft = {r["shape"]: r for r in results if r.get("variant") == "peft" and "error" not in r}
+    def key(r):
+        return r["shape"], r.get("micro_batch"), r.get("seq_len")
+
+    peft = {key(r): r for r in results if r.get("variant") == "peft" and "error" not in r}
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['variant']} | failed | | | | | | | | | |")
             continue
-        ratio = r["step_seconds"] / peft[r["shape"]]["step_seconds"] if r["shape"] in peft else float("nan")
-        mem = (f"{r['peak_allocated'] / gib:.2f} | {r['peak_process'] / gib:.2f}" if "peak_allocated" in r
-               else "- | -")
-        plan = (f"{r['plan_bytes'] / gib:.2f} | {r['plan_bytes'] / r['peak_process']:.2f}"
-                if "plan_bytes" in r and "peak_process" in r else "- | -")
+        ratio = r["step_seconds"] / peft[key(r)]["step_seconds"] if key(r) in peft else float("nan")
+        cuda = "peak_allocated" in r
+        plan = r.get("plan_bytes")
+        mem = (f"{r['peak_allocated'] / gib:.2f} | {plan / gib if plan else float('nan'):.2f} "
+               f"| {plan / (r['peak_allocated'] + r['context']) if plan else float('nan'):.2f} "
+               f"| {r['peak_process'] / gib:.2f}" if cuda else "- | - | - | -")
         print(f"| {r['shape']} | {r['variant']} | {r['trainable']:,} | {r['micro_batch']}x{r['seq_len']} "
-              f"| {r['step_seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {mem} | {plan} | {ratio:.2f} |")
+              f"| {r['step_seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {mem} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
