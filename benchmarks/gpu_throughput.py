@@ -11,7 +11,8 @@ adapter parameters. Variants at matched trainable parameters:
 
 * ``peft``: PEFT LoRA r=16 on all seven linears of every layer (the QLoRA recipe);
 * ``moe``: floe-dist LoRA-MoE, 4 experts of rank 16, top-2, on the same linears of a quarter of the
-  layers (every 4th: FLoE's selection decides *which* quarter, which does not change the cost);
+  layers (every 4th; it includes layer 0, so backward runs through the whole model: a FLoE-selected
+  quarter costs at most this, less when it leaves out the first layers);
 * ``moe-sync``: ``moe`` with the balance loss as it was before this benchmark (a host copy that
   synchronised the CUDA stream in every MoE layer), for the before/after ratio.
 
