@@ -16,7 +16,10 @@ for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
 * ``lora``        a plain LoRA with the same parameters (rank E*r): the floor the MoE aims for.
 
 Differences between rows place the time: router = ``+router`` - ``base``, experts = ``floe-dist`` -
-``+router``. Then a torch.profiler table of floe-dist's forward + backward by operator.
+``+router``. The ``+router``, ``gather`` and ``loop`` rows also back-propagate the balance loss (as
+training does); the ``floe-dist`` row leaves it out of its backward, so the experts' share is
+understated by that backward (BENCHMARKS.md's figures were measured so). Then a torch.profiler table of
+floe-dist's forward + backward by operator.
 """
 from __future__ import annotations
 
@@ -31,17 +34,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from floe_dist.modeling.backbone import nf4_linear  # noqa: E402
 from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
 
 
-def nf4_linear(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, quant_type="nf4", quant_storage=dtype,
-                          device="meta")
-    w = torch.randn(d_out, d_in, device=device, dtype=dtype) * d_in ** -0.5
-    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=dtype).to(device)
-    return q
+def random_nf4_linear(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):
+    linear = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(d_out, d_in, device=device, dtype=dtype) * d_in ** -0.5)
+    return nf4_linear(linear, dtype)
 
 
 def loop_delta(layer: LoRAMoELinear, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         d_in, d_out = map(int, shape.split("x"))
         torch.manual_seed(0)
-        layer = LoRAMoELinear(nf4_linear(d_in, d_out, dtype, device), [args.rank] * args.experts, "topk", args.top_k)
+        layer = LoRAMoELinear(random_nf4_linear(d_in, d_out, dtype, device), [args.rank] * args.experts, "topk", args.top_k)
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.02)  # B = 0 (init) would make the loop-vs-concat check vacuous
         for p in (layer.lora_A, layer.lora_B, layer.lora_router.weight):

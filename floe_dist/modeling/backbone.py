@@ -153,30 +153,35 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def quantize_nf4_(model, dtype: torch.dtype | None = None):
-    """Swap the decoder layers' ``nn.Linear`` modules for bitsandbytes NF4 ``Linear4bit`` in place.
-
-    For a model built in memory from a config (random weights: benchmarks and GPU tests); a saved
-    model goes through ``load_backbone(quant="nf4")``. Same settings as there: NF4, no double
-    quantization, compute and storage in ``dtype``. Quantization happens where the weight is (CUDA or CPU).
-    """
+def nf4_linear(linear, dtype: torch.dtype | None = None):
+    """A bitsandbytes NF4 ``Linear4bit`` holding ``linear``'s weights, quantized where they are (CUDA or
+    CPU). Same settings as ``load_backbone(quant="nf4")``: no double quantization, compute and storage
+    in ``dtype`` (so ZeRO-3 can partition the packed weight)."""
     import bitsandbytes as bnb
+    from torch import nn
+
+    dtype = dtype or compute_dtype()
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=dtype, quant_type="nf4", quant_storage=dtype, device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
+                                 quant_storage=dtype).to(linear.weight.device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    return q
+
+
+def quantize_nf4_(model, dtype: torch.dtype | None = None):
+    """Swap the decoder layers' ``nn.Linear`` modules for NF4 ``Linear4bit`` in place: for a model built
+    in memory from a config (random weights: benchmarks and GPU tests); a saved model goes through
+    ``load_backbone(quant="nf4")``."""
     from torch import nn
 
     from floe_dist.modeling.inject import find_layer_linears
 
-    dtype = dtype or compute_dtype()
     for mods in find_layer_linears(model).values():
         for full_name, linear in mods.values():
-            if not isinstance(linear, nn.Linear):
-                continue
-            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=dtype, quant_type="nf4", quant_storage=dtype, device="meta")
-            q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
-                                         quant_storage=dtype).to(linear.weight.device)
-            if linear.bias is not None:
-                q.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
-            parent, _, child = full_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
+            if isinstance(linear, nn.Linear):
+                parent, _, child = full_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, nf4_linear(linear, dtype))
     model.is_loaded_in_4bit = True  # what PEFT checks before it wraps Linear4bit layers
     return model

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from floe_dist.modeling.backbone import nf4_linear
 from floe_dist.modeling.lora_moe import LoRAMoELinear
 from tests.conftest import REPO, clean_env, read_metrics, run_floe
 
@@ -25,13 +26,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _nf4(weight: torch.Tensor, device: str):
-    import bitsandbytes as bnb
-
-    dtype = weight.dtype
-    q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4",
-                          quant_storage=dtype, device="meta")
-    q.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", quant_storage=dtype).to(device)
-    return q
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return nf4_linear(linear, weight.dtype)
 
 
 def _dequantized(q) -> torch.Tensor:
