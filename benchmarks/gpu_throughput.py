@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 SHAPES = {"1b": "llama3.2-1b", "3b": "llama3.2-3b", "8b": "llama3-8b", "tiny": "tiny"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_RANK, MOE_EXPERTS, MOE_RANK, MOE_TOP_K = 16, 4, 16, 2
+VARIANTS = ("peft", "moe", "moe-sync")
 
 
 def moe_layers(num_layers: int) -> list[int]:
@@ -207,6 +208,13 @@ def main() -> None:
         child(args)
         return
 
+    from floe_dist.plan import BUILTIN
+
+    bad = [s for s in args.shapes.split(",") if s not in SHAPES and s not in BUILTIN]
+    bad += [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad:
+        parser.error(f"unknown shape or variant {bad}: shapes {sorted(SHAPES)} or {sorted(BUILTIN)}, "
+                     f"variants {VARIANTS}")
     results = []
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
