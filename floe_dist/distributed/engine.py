@@ -55,8 +55,8 @@ def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: in
     offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if not (cuda and offload):
         params.setdefault("torch_adam", True)
-    if cuda and not offload and params.get("torch_adam"):
-        params.setdefault("fused", True)
+        if cuda and params["torch_adam"]:
+            params.setdefault("fused", True)
     bf16 = cfg.setdefault("bf16", {})
     fill(bf16, "enabled", cuda)
     return cfg

@@ -85,10 +85,9 @@ class LoRAMoELinear(nn.Module):
         # Column c of lora_B belongs to expert expert_of_col[c] and is scaled by alpha / r_e.
         expert_of_col = torch.repeat_interleave(torch.arange(n_experts), torch.tensor(ranks)).to(dev)
         self.register_buffer("expert_of_col", expert_of_col, persistent=False)
-        self.register_buffer("col_scale", self.alpha / torch.tensor(ranks, dtype=torch.float32, device=dev)[
-            expert_of_col], persistent=False)
         self.register_buffer("expert_ranks", torch.tensor(ranks, dtype=torch.float32, device=dev), persistent=False)
-        self.register_buffer("expert_scale", self.alpha / self.expert_ranks, persistent=False)
+        self.register_buffer("expert_scale", self.alpha / self.expert_ranks, persistent=False)  # alpha / r_e
+        self.register_buffer("col_scale", self.expert_scale[expert_of_col], persistent=False)
         self.uniform_rank = len(set(ranks)) == 1
         self.reset_lora_parameters()
 

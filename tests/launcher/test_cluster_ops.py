@@ -201,8 +201,8 @@ def test_mpi4py_on_another_mpi_is_refused_clearly(monkeypatch):
 
 
 def test_more_local_ranks_than_gpus_is_refused_before_nccl(monkeypatch):
-    """Two ranks on a one-GPU node: NCCL would fail on a duplicate GPU (or set_device on a missing one);
-    the error names the layout and the fix first. (tests/gpu runs the same on a real GPU.)"""
+    """Two ranks on a one-GPU node: set_device would fail on the missing GPU; the error names the layout
+    and the fix first. (tests/gpu runs the same on a real GPU.)"""
     import torch
 
     from floe_dist.distributed import runtime
