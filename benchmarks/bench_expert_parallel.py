@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
 
 
 def train(out: Path, ep_size: int, a: argparse.Namespace) -> dict:
@@ -67,6 +70,14 @@ def main() -> None:
         held = runs[ep]["adapter_state_bytes_rank0"]
         print(f"adapter state on rank 0, ep{ep}: {held / 2**20:.2f} MiB = {held / replica:.3f} of a full replica "
               f"({replica / 2**20:.2f} MiB)")
+    layouts = {1: "`--ep-size 1` (experts partitioned by ZeRO-3: weight shard + fp32 master + moments)",
+               2: "`--ep-size 2` (half of the experts whole: weight + moments; routers with ZeRO-3)"}
+    write_result("expert_parallel", [{
+        "micro_batch": a.micro_batch, "ep1_step_s": med[1], "ep2_step_s": med[2], "ratio": med[2] / med[1],
+        "max_loss_diff": max(abs(x - y) for x, y in zip(runs[1]["losses"], runs[2]["losses"]))}],
+        merge_key="micro_batch", replica_mib=replica / 2**20,
+        state=[{"layout": layouts[ep], "held_mib": runs[ep]["adapter_state_bytes_rank0"] / 2**20,
+                "share": runs[ep]["adapter_state_bytes_rank0"] / replica} for ep in (1, 2)])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
+
 ARMS = ("top", "random", "bottom", "all")
 
 
@@ -122,6 +126,16 @@ def summarise(out: Path, results_file: Path, args) -> None:
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + "\n")
     print(table)
+    names = {"top": f"Fisher top-{args.k}", "random": f"random {args.k}", "bottom": f"Fisher bottom-{args.k}",
+             "all": "all layers"}
+    result_rows = []
+    for arm in ARMS:
+        accs = [100 * r["accuracy"] for r in sorted(rows, key=lambda r: r["seed"]) if r["arm"] == arm]
+        if accs:
+            result_rows.append({"arm": names[arm], "mean": statistics.mean(accs),
+                                "std": statistics.stdev(accs) if len(accs) > 1 else None, "per_seed": accs,
+                                "trainable": next(r["trainable_parameters"] for r in rows if r["arm"] == arm)})
+    write_result(f"floe_layers_{args.task}", result_rows, score_seconds=score_s, top_train_seconds=top_train)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,20 +1,27 @@
 """Foundation benchmark, measured side by side in one run on the same model and data.
 
 1. Train-step time (forward + backward + AdamW, one process, batch 8 of SST-2) of our LoRA-MoE
-   (E=4 experts of rank 2, top-2, on q_proj/v_proj of every layer) over PEFT LoRA at matched
-   trainable parameters (PEFT r=10: within 5%). Rounds alternate between the arms so that machine
+   (E=4 experts of rank 2, top-2, on q_proj/v_proj of every layer) over PEFT LoRA on the same layers
+   and targets at matched trainable parameters (PEFT r=10: within 5%). Rounds alternate between the arms so that machine
    noise hits both equally; the ratio of medians is printed. Goal: <= 1.2.
 2. Backbone memory, NF4 4-bit over fp32 (``get_memory_footprint``). Goal: <= 0.35.
 
     python benchmarks/bench_foundation.py [--model smollm2-135m] [--rounds 4] [--steps 3]
+
+Writes benchmarks/results/foundation.json.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.result_file import write_result  # noqa: E402
 
 from floe_dist.allocation import Allocation
 from floe_dist.data import collate, encode, load_task
@@ -80,6 +87,10 @@ def main() -> None:
     fp32 = load_backbone(model_dir).get_memory_footprint()
     nf4 = load_backbone(model_dir, "nf4").get_memory_footprint()
     print(f"backbone memory fp32 {fp32 / 2**20:.1f} MiB, nf4 {nf4 / 2**20:.1f} MiB, ratio {nf4 / fp32:.3f}   (goal <= 0.35)")
+    rows = [{"arm": n, "trainable": params[n], "median_step_s": med[n], "steps_s": times[n]} for n in times]
+    write_result("foundation", rows, model=args.model, batch=args.batch, tokens=batch["input_ids"].shape[1],
+                 threads=torch.get_num_threads(), step_ratio=med[ours] / med[peft],
+                 backbone_mib={"fp32": fp32 / 2**20, "nf4": nf4 / 2**20}, memory_ratio=nf4 / fp32)
 
 
 if __name__ == "__main__":

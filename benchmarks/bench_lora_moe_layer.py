@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.backbone import nf4_linear  # noqa: E402
 from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
 
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shapes", default="4096x4096,4096x14336")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table")
+    parser.add_argument("--call", type=int, default=1, help="label of this session's run in the result file")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,6 +181,14 @@ def main() -> None:
               f"| {(t['floe-dist'] - t['+router']) / t['floe-dist']:.1%} | {t['gather'] / t['floe-dist']:.2f} "
               f"| {t['loop'] / t['floe-dist']:.2f} "
               f"| {t['floe-dist'] / t['lora']:.2f} | {t['floe-dist (again)']:.3f} | {err:.1e} |")
+    if device.type != "cuda":
+        return  # a CPU smoke run does not replace the GPU figures in benchmarks/results/
+    write_result("lora_moe_layer", [
+        {"call": args.call, "shape": shape, "base_ms": t["base"], "router_ms": t["+router"], "floe_ms": t["floe-dist"],
+         "gather_ms": t["gather"], "loop_ms": t["loop"], "lora_ms": t["lora"], "floe_rerun_ms": t["floe-dist (again)"],
+         "loop_over_floe": t["loop"] / t["floe-dist"], "gather_over_floe": t["gather"] / t["floe-dist"],
+         "floe_over_lora": t["floe-dist"] / t["lora"], "loop_rel_diff": err} for shape, t, err in rows],
+        device=str(device), dtype=str(dtype), tokens=args.tokens)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,16 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
 ROWS = {"tiny-z3": ("tiny", 3, 1), "smollm2-z0": ("smollm2-135m", 0, 1), "smollm2-z3": ("smollm2-135m", 3, 1),
         "smollm2-z3x2": ("smollm2-135m", 3, 2)}
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-ALLOCATORS = {"glibc": {}, "glibc, pinned mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+ALLOCATORS = {"glibc": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"}}  # pinned: glibc, fixed mmap threshold
 if JEMALLOC.is_file():
     ALLOCATORS["jemalloc"] = {"LD_PRELOAD": str(JEMALLOC)}
+LABEL = {"tiny": "tiny", "smollm2-135m": "SmolLM2-135M"}
 STEPS, MICRO_BATCH = 3, 8
 
 
@@ -75,10 +79,13 @@ def main() -> None:
             model, zero, world = ROWS[row]
             planned = planned_mib(model, zero, world, longest_batch(model, world))
             cells = []
-            for i, env in enumerate(ALLOCATORS.values()):
+            result = {"run": f"{LABEL[model]}, ZeRO-{zero}, {world} rank{'s' * (world > 1)}", "plan_mib": round(planned)}
+            for i, (name, env) in enumerate(ALLOCATORS.items()):
                 rss = measured_mib(model, zero, world, env, Path(tmp) / f"{row}-{i}")
                 cells.append(f"{rss:,.0f} ({(planned - rss) / rss:+.1%})")
+                result.update({f"{name}_mib": round(rss), f"{name}_err": round(100 * (planned - rss) / rss, 1)})
             print(f"| {model}, ZeRO-{zero}, {world} rank(s) | {planned:,.0f} | " + " | ".join(cells) + " |", flush=True)
+            write_result("plan_cpu", [result], merge_key="run")
 
 
 if __name__ == "__main__":

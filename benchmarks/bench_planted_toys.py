@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.allocation import Allocation, ModuleAllocation  # noqa: E402
 from floe_dist.guilomo import GuidedLoRAMoE, guilomo_search  # noqa: E402
 from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
@@ -170,8 +171,12 @@ def main() -> None:
           f"block 5 one change)")
     print("| seed | experts per block (searched) | at init | E_3 > E_5 >= others | ranks 3 / 5 | "
           "MSE searched | MSE uniform (same params) |\n|---|---|---|---|---|---|---|")
+    c6_rows, c7_rows = [], []
     for seed in args.seeds:
         r = c6(seed, args.search_steps, args.order)
+        c6_rows.append({"seed": seed, "experts": r["experts"], "argmax_init": r["initial"], "claim_holds": r["ok"],
+                        "mse_searched": r["searched"][0], "params_searched": r["searched"][1],
+                        "mse_uniform": r["uniform"][0], "params_uniform": r["uniform"][1]})
         print(f"| {seed} | {r['experts']} | {r['initial']} | {'yes' if r['ok'] else 'no'} | "
               f"{r['planted_ranks'][0]} / {r['planted_ranks'][1]} | {r['searched'][0]:.4f} ({r['searched'][1]:,}) | "
               f"{r['uniform'][0]:.4f} ({r['uniform'][1]:,}) |")
@@ -184,6 +189,10 @@ def main() -> None:
         runs = [c7_arm(seed, schedule, experts, top_k, top_p, args.train_steps) for seed in args.seeds]
         print(f"| {name} | {', '.join(f'{v:.4f}' for v, _, _ in runs)} | {statistics.mean(v for v, _, _ in runs):.4f} | "
               f"{runs[0][1]:,} | {statistics.mean(a for _, _, a in runs):,.0f} |")
+        c7_rows.append({"schedule": name, "val_mse": [v for v, _, _ in runs],
+                        "mean": statistics.mean(v for v, _, _ in runs), "trainable": runs[0][1],
+                        "active": round(statistics.mean(a for _, _, a in runs))})
+    write_result("planted_toys", [], c6=c6_rows, c7=c7_rows)
 
 
 if __name__ == "__main__":

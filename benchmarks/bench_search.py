@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model="tiny", micro_batch=2, val_limit=32, throughput=dict(ranks="2,4", lr="1e-3:1e-2", steps=6),
@@ -93,6 +96,19 @@ def main() -> None:
           f"rank {incumbent['config']['rank']} lr {incumbent['config']['lr']:.2e} cost {incumbent['cost']:.4f} "
           f"at {incumbent['budget']} steps")
     print("grid's best cost per rank: " + ", ".join(f"r={r}: {c:.4f}" for r, c in sorted(grid_of_rank.items())))
+    label = {"tiny": "tiny", "smollm2": "SmolLM2-135M"}[ns.preset]
+    budgets = "/".join(sorted({str(t["budget"]) for t in smac["trials"]}, key=int))
+    write_result("search_throughput", [{
+        "preset": label, "trial": f"{t['steps']} steps, micro-batch {p['micro_batch']}, {p['val_limit']} val examples",
+        "one_worker_per_h": rates[1], "two_workers_per_h": rates[2], "ratio": ratio}], merge_key="preset")
+    point = lambda c: f"r={c['rank']}, lr {c['lr']:.1e}"  # noqa: E731
+    write_result("search_compute", [{
+        "preset": label, "budgets": budgets, "grid_steps": grid_steps, "grid_wall_s": round(grid["wall"]),
+        "grid_best": point(grid_best["config"]), "grid_best_cost": grid_best["cost"], "smac_steps": smac_steps,
+        "smac_share": smac_steps / grid_steps, "smac_wall_s": round(smac["wall"]),
+        "smac_note": f"incumbent reached after {to_incumbent} steps ({to_incumbent / grid_steps:.0%})",
+        "smac_incumbent": point(incumbent["config"]), "smac_cost": incumbent["cost"],
+        "grid_cost_at_smac_rank": grid_of_rank[incumbent["config"]["rank"]]}], merge_key="preset")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ For each seed and method: the method writes an allocation (``floe-dist allocate`
 within 5%), the same ``floe-dist train`` recipe trains it (40 steps x 8 examples, lr 1e-3, one process)
 and ``floe-dist evaluate`` scores the test split. Results append to ``<out>/results.jsonl`` (rerun to
 resume); the table (accuracy mean +- std, trainable and active parameters, allocation and training time)
-and a plot go to ``<out>/`` and replace the marked section of BENCHMARKS.md.
+and a plot go to ``<out>/``; the figures to benchmarks/results/compare_allocators_<task>.json, which
+``python benchmarks/report.py`` turns into BENCHMARKS.md's table.
 
     python benchmarks/compare_allocators.py --task sst2 --seeds 0 1 2
 """
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- compare_allocators:start -->", "<!-- compare_allocators:end -->"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
 TOLERANCE = 0.05
 
 # method name -> (allocator, its flags). Layer-selecting methods keep 8 of 30 layers (FLoE's 25%).
@@ -55,7 +58,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--output", default="runs/compare_allocators")
-    ap.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (then run "
+                    "python benchmarks/report.py to update BENCHMARKS.md)")
     args = ap.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +76,8 @@ def main() -> None:
             print(json.dumps(record), flush=True)
     table = summarise(out, _rows(results), args)
     print(table)
-    if not args.no_markdown:
-        write_markdown(table, out, args)
+    if not args.no_results:
+        write_results(_rows(results), out, args)
 
 
 def run_one(args, out: Path, seed: int, method: str) -> dict:
@@ -151,20 +155,23 @@ def plot(out: Path, rows: list[dict], args) -> None:
     plt.close(fig)
 
 
-def write_markdown(table: str, out: Path, args) -> None:
-    """Replace the marked section of BENCHMARKS.md (the text around it is written by hand)."""
+def write_results(rows: list[dict], out: Path, args) -> None:
+    """benchmarks/results/compare_allocators_<task>.json (report.py renders it) and the plot beside it."""
     image = REPO / "benchmarks" / f"compare_allocators_{args.task}.png"
     image.write_bytes((out / "compare_allocators.png").read_bytes())
-    section = (f"{START}\n`python benchmarks/compare_allocators.py --task {args.task} --seeds "
-               f"{' '.join(map(str, args.seeds))}` (budget {args.budget:,}, {args.steps} steps × {args.micro_batch})\n\n"
-               f"{table}\n\n![allocators on {args.task}](benchmarks/{image.name})\n{END}")
-    md = REPO / "BENCHMARKS.md"
-    text = md.read_text()
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Allocators at an equal budget (`benchmarks/compare_allocators.py`)\n\n" + section + "\n"
-    md.write_text(text)
+    result = []
+    for method in METHODS:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        if rs:
+            accs = [100 * r["accuracy"] for r in rs]
+            mean = lambda key: statistics.mean(r[key] for r in rs)  # noqa: E731
+            result.append({"method": method, "mean": statistics.mean(accs),
+                           "std": statistics.stdev(accs) if len(accs) > 1 else None, "per_seed": accs,
+                           "layers": mean("layers"), "trainable": round(mean("trainable_parameters")),
+                           "active": round(mean("active_parameters_per_token")),
+                           "allocation_s": round(mean("allocation_seconds")), "training_s": round(mean("train_seconds"))})
+    write_result(f"compare_allocators_{args.task}", result, budget=args.budget, steps=args.steps,
+                 micro_batch=args.micro_batch)
 
 
 if __name__ == "__main__":

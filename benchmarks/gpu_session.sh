@@ -67,3 +67,4 @@ for part in $parts; do
   esac
   echo "[$part: $(( $(date +%s) - start ))s]"
 done
+cp benchmarks/results/gpu_throughput.json benchmarks/results/lora_moe_layer.json "$OUT/" 2>/dev/null || true

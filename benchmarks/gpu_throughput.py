@@ -7,19 +7,24 @@ Each (shape, variant) runs in its own process (clean ZeRO-3 state, separate memo
 built from its public shape with random weights (no hub access), decoder linears quantized to NF4
 (bf16 compute and storage, floe_dist.modeling.backbone.quantize_nf4_), gradient checkpointing, a
 full-sequence causal-LM loss on random tokens, DeepSpeed ZeRO-3 (zero_configs/zero3.json) over the
-adapter parameters. Variants at matched trainable parameters:
+adapter parameters. Variants (``peft`` and ``moe`` at matched trainable parameters, ``peft-quarter`` and ``moe`` on the same layers):
 
 * ``peft``: PEFT LoRA r=16 on all seven linears of every layer (the QLoRA recipe);
 * ``moe``: floe-dist LoRA-MoE, 4 experts of rank 16, top-2, on the same linears of a quarter of the
   layers (every 4th; it includes layer 0, so backward runs through the whole model: a FLoE-selected
   quarter costs at most this, less when it leaves out the first layers);
+* ``peft-quarter``: PEFT LoRA of rank 4 x 16 = 64 on the same linears of the same quarter of the layers as
+  ``moe``: the same layers and targets (and the same trainable parameters, less the routers);
 * ``moe-sync``: ``moe`` with the balance loss as it was before this benchmark (a host copy that
   synchronised the CUDA stream in every MoE layer), for the before/after ratio.
 
-MFU counts 6 N FLOP per token, N = all backbone parameters (forward + backward of the frozen model,
-not the recomputation), over the bf16 dense peak given by --peak-tflops (989: H100/H200 SXM datasheet).
+MFU and HFU (floe_dist/flops.py, PaLM's definitions): MFU divides *model* FLOPs (frozen base: forward
+and activation-gradient backward, 4N + 12·L·d·T, plus 6 x the active adapter parameters), HFU the
+*hardware* FLOPs (plus the checkpointed forward recomputed, and every expert the dense dispatch
+computes), each over the bf16 dense peak given by --peak-tflops (989: H100/H200 SXM datasheet).
 Memory: torch.cuda.max_memory_allocated over the timed steps, and the process's device peak (peak
-reserved + CUDA context); the plan (floe_dist.plan) predicts the latter.
+reserved + CUDA context); the plan (floe_dist.plan) predicts the latter. Writes
+benchmarks/results/gpu_throughput.json (``python benchmarks/report.py`` renders it).
 """
 from __future__ import annotations
 
@@ -38,10 +43,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.result_file import write_result  # noqa: E402
+
 SHAPES = {"1b": "llama3.2-1b", "3b": "llama3.2-3b", "8b": "llama3-8b", "tiny": "tiny"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_RANK, MOE_EXPERTS, MOE_RANK, MOE_TOP_K = 16, 4, 16, 2
-VARIANTS = ("peft", "moe", "moe-sync")
+VARIANTS = ("peft", "peft-quarter", "moe", "moe-sync")
 
 
 def moe_layers(num_layers: int) -> list[int]:
@@ -73,17 +80,18 @@ def add_adapters(model, variant: str):
     """Returns (model to train, extra loss from the routers or None, trainable parameter count)."""
     import torch
 
-    if variant == "peft":
+    if variant.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=PEFT_RANK, lora_alpha=2 * PEFT_RANK, target_modules=TARGETS,
-                                                 lora_dropout=0.0, bias="none"))
+        quarter = variant == "peft-quarter"
+        rank = MOE_EXPERTS * MOE_RANK if quarter else PEFT_RANK
+        layers = moe_layers(model.config.num_hidden_layers) if quarter else None
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                 layers_to_transform=layers, lora_dropout=0.0, bias="none"))
         return model, None, sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from floe_dist.allocation import Allocation
     from floe_dist.modeling.inject import adapter_modules, inject_adapters
 
-    allocation = Allocation.uniform(model.config.num_hidden_layers, TARGETS, experts=MOE_EXPERTS, rank=MOE_RANK,
-                                    top_k=MOE_TOP_K, layers=moe_layers(model.config.num_hidden_layers))
+    allocation = allocation_for(variant, model.config.num_hidden_layers)
     inject_adapters(model, allocation)
     adapters = list(adapter_modules(model).values())
     if variant == "moe-sync":
@@ -108,18 +116,38 @@ def balance_loss_with_host_copy(self, probs, top_i, active):
     return self.n_experts * (picks / picks.sum() * probs.sum(0) * (n_ranks / n_tokens)).sum()
 
 
-def plan_for(shape: str, variant: str, micro_batch: int, seq_len: int, gpu_memory: float, peak: float) -> dict:
+def allocation_for(variant: str, layers: int):
+    """The adapters of a variant as an allocation (PEFT's LoRA counts the same as a one-expert module)."""
     from floe_dist.allocation import Allocation
+
+    if variant == "peft":
+        return Allocation.uniform(layers, TARGETS, rank=PEFT_RANK)
+    if variant == "peft-quarter":
+        return Allocation.uniform(layers, TARGETS, rank=MOE_EXPERTS * MOE_RANK, layers=moe_layers(layers))
+    return Allocation.uniform(layers, TARGETS, experts=MOE_EXPERTS, rank=MOE_RANK, top_k=MOE_TOP_K,
+                              layers=moe_layers(layers))
+
+
+def token_flops(config, variant: str, seq_len: int):
+    """Model and hardware FLOPs per token of a variant (floe_dist/flops.py), counted on the meta device."""
+    from floe_dist.flops import flops_per_token
+    from floe_dist.plan import count_model
+
+    count = count_model(config)
+    allocation = allocation_for(variant, count.layers)
+    return flops_per_token(decoder_linear=count.linear, head=count.vocab * count.hidden, layers=count.layers,
+                           hidden=count.hidden, seq_len=seq_len,
+                           adapter_active=allocation.count_active_parameters(count.shapes),
+                           adapter_computed=allocation.count_parameters(count.shapes), recompute=True)
+
+
+def plan_for(shape: str, variant: str, micro_batch: int, seq_len: int, gpu_memory: float, peak: float) -> dict:
     from floe_dist.plan import PlanArgs, count_model, model_config, plan
 
     common = dict(model=shape, nodes=1, gpus_per_node=1, zero=3, quant="nf4", micro_batch=micro_batch,
                   seq_len=seq_len, full_sequence_loss=True, gpu_memory=gpu_memory, peak_tflops=peak,
                   targets=",".join(TARGETS))
-    if variant == "peft":
-        return plan(PlanArgs(experts=1, rank=PEFT_RANK, **common))
-    layers = count_model(model_config(shape)).layers
-    allocation = Allocation.uniform(layers, TARGETS, experts=MOE_EXPERTS, rank=MOE_RANK, top_k=MOE_TOP_K,
-                                    layers=moe_layers(layers))
+    allocation = allocation_for(variant, count_model(model_config(shape)).layers)
     with tempfile.TemporaryDirectory() as tmp:
         return plan(PlanArgs(allocation=str(allocation.save(Path(tmp) / "allocation.json")), **common))
 
@@ -130,6 +158,7 @@ def run_one(args) -> dict:
 
     from floe_dist.distributed import engine as ds
     from floe_dist.distributed.runtime import device_for, init_distributed
+    from floe_dist.flops import utilisation
     from floe_dist.plan import count_model
 
     info = init_distributed()
@@ -163,13 +192,15 @@ def run_one(args) -> dict:
         losses.append(float(loss))
     if not all(map(math.isfinite, losses)):
         raise FloatingPointError(f"non-finite loss: {losses}")
-    n_params = count_model(model.config).total
+    per_token = token_flops(model.config, args.variant, args.seq_len)
     step = statistics.median(times[args.warmup:])
     tokens = args.micro_batch * args.seq_len
     result = {"shape": args.shape, "variant": args.variant, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
-              "parameters": n_params, "trainable": trainable, "step_seconds": step,
+              "parameters": count_model(model.config).total, "trainable": trainable, "step_seconds": step,
               "step_seconds_all": times, "tokens_per_s": tokens / step,
-              "mfu": 6 * n_params * tokens / step / (args.peak_tflops * 1e12), "losses": losses,
+              "model_flops_per_token": per_token.model, "hardware_flops_per_token": per_token.hardware,
+              "mfu": utilisation(per_token.model, tokens / step, args.peak_tflops),
+              "hfu": utilisation(per_token.hardware, tokens / step, args.peak_tflops), "losses": losses,
               "build_seconds": build_seconds, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     if cuda:
         free, total = torch.cuda.mem_get_info()
@@ -199,7 +230,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--output", default=None, help="write all results as JSON here")
+    parser.add_argument("--output", default=None, help="also write every raw result as JSON here")
+    parser.add_argument("--call", type=int, default=1, help="label of this session's run in the result file")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per (shape, variant) process")
     parser.add_argument("--one", nargs=2, metavar=("SHAPE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,36 +264,46 @@ def main() -> None:
                 results.append(json.loads(lines[-1]))
                 r = results[-1]
                 print(f"{shape} {variant}: {r['tokens_per_s']:.0f} tok/s, step {r['step_seconds']:.3f}s, "
-                      f"MFU {r['mfu']:.1%}", flush=True)
+                      f"MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}", flush=True)
             else:
                 results.append({"shape": SHAPES.get(shape, shape), "variant": variant, "error": out[-3000:]})
                 print(f"{shape} {variant}: FAILED\n{out[-3000:]}", flush=True)
             if args.output:
                 Path(args.output).write_text(json.dumps(results, indent=1))
-    print_table(results)
+    for row in table_rows(results, args.call):
+        print({k: v for k, v in row.items() if k not in ("model_flops_per_token", "hardware_flops_per_token")})
+    if results and all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
+        write_result("gpu_throughput", table_rows(results, args.call), peak_tflops=args.peak_tflops,
+                     raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])
 
 
-def print_table(results: list[dict]) -> None:
+def table_rows(results: list[dict], call: int) -> list[dict]:
+    """The rows of BENCHMARKS.md's GPU table (benchmarks/report.py), with the step ratios against PEFT on
+    all layers (equal parameters) and on the same layers (``peft-quarter``)."""
     gib = 2 ** 30
-    print("\n| shape | variant | trainable | b x s | step s | tokens/s | MFU | peak alloc GiB | plan GiB "
-          "| plan / (alloc + context) | reserved + context GiB | step vs PEFT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
     def key(r):
         return r["shape"], r.get("micro_batch"), r.get("seq_len")
 
-    peft = {key(r): r for r in results if r.get("variant") == "peft" and "error" not in r}
+    base = {(r["variant"], *key(r)): r for r in results if "error" not in r}
+    rows = []
     for r in results:
         if "error" in r:
-            print(f"| {r['shape']} | {r['variant']} | failed | | | | | | | | | |")
             continue
-        ratio = r["step_seconds"] / peft[key(r)]["step_seconds"] if key(r) in peft else float("nan")
+        peft, quarter = base.get(("peft", *key(r))), base.get(("peft-quarter", *key(r)))
         cuda = "peak_allocated" in r
         plan = r.get("plan_bytes")
-        mem = (f"{r['peak_allocated'] / gib:.2f} | {plan / gib if plan else float('nan'):.2f} "
-               f"| {plan / (r['peak_allocated'] + r['context']) if plan else float('nan'):.2f} "
-               f"| {r['peak_process'] / gib:.2f}" if cuda else "- | - | - | -")
-        print(f"| {r['shape']} | {r['variant']} | {r['trainable']:,} | {r['micro_batch']}x{r['seq_len']} "
-              f"| {r['step_seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {mem} | {ratio:.2f} |")
+        rows.append({"call": call, "shape": r["shape"], "variant": r["variant"], "micro_batch": r["micro_batch"],
+                     "seq_len": r["seq_len"], "trainable": r["trainable"], "step_seconds": r["step_seconds"],
+                     "tokens_per_s": r["tokens_per_s"], "model_flops_per_token": r["model_flops_per_token"],
+                     "hardware_flops_per_token": r["hardware_flops_per_token"], "mfu": r["mfu"], "hfu": r["hfu"],
+                     "peak_allocated_gib": r["peak_allocated"] / gib if cuda else None,
+                     "plan_gib": plan / gib if plan else None,
+                     "plan_over_alloc_context": plan / (r["peak_allocated"] + r["context"]) if cuda and plan else None,
+                     "reserved_context_gib": r["peak_process"] / gib if cuda else None,
+                     "step_vs_peft": r["step_seconds"] / peft["step_seconds"] if peft else None,
+                     "step_vs_peft_same_layers": r["step_seconds"] / quarter["step_seconds"] if quarter else None})
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from floe_dist.config import arg
 from floe_dist.data import Example, collate, encode, load_task
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
@@ -21,19 +22,14 @@ from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_m
 
 @dataclass
 class EvalArgs:
-    model: str = "smollm2-135m"
-    """Base model: smollm2-135m, tiny, a HF folder or a .gguf file."""
-    task: str = "sst2"
-    """sst2, boolq, or a JSONL file of {prompt, choices, label}."""
-    split: str = "test"
-    adapter: str | None = None
-    """An export folder written by train; none = zero-shot base model."""
-    quant: str = "none"
-    """Backbone precision: none (fp32 on CPU / bf16 on GPU) or nf4."""
-    batch_size: int = 32
-    max_length: int = 256
-    limit: int | None = None
-    """Evaluate only the first N examples of the split."""
+    model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
+    task: str = arg("sst2", "sst2, boolq, or a JSONL file of {prompt, choices, label}")
+    split: str = arg("test", "test, train, all, or the search's parts of train: fit, val")
+    adapter: str | None = arg(None, "an export folder written by train; none = the zero-shot base model")
+    quant: str = arg("none", "backbone precision: none (fp32 on CPU / bf16 on GPU) or nf4")
+    batch_size: int = arg(32, "examples per forward pass (each choice of an example is scored)")
+    max_length: int = arg(256, "truncate prompt + answer to this many tokens")
+    limit: int | None = arg(None, "evaluate only the first N examples of the split")
 
 
 @torch.no_grad()

@@ -10,8 +10,16 @@ alpha_hat is 1, so the model is exactly plain LoRA. Every step:
    ``n_val`` held-out batches w.r.t. alpha only (no gradient reaches the adapters), one Adam step.
 
 Selection: layers with alpha > 0 (the official code's rule), or the top-k by alpha.
-Deliberate differences from the official code, documented: the scale is applied once (the code's
-pre-hooks on three LoRA sub-modules give alpha_hat^3), and never to the frozen base output.
+Matches the official code: alpha init 0, Adam lr 0.01 on alpha, 8 validation micro-batches of one
+example per alpha step, 200 held-out training examples, q_proj/v_proj at r=8, alpha 16.
+Deviations from it (floe_dist/allocators/flexora.py sets the first three):
+  * search length ``--flexora-steps`` (default 50) alternating steps, not one epoch (~600 steps of 8);
+  * LoRA steps at a constant ``--flexora-lr`` (default 1e-3), not 1e-4 with a cosine schedule: 10x the
+    rate for 1/12 of the steps, so the adapters move in the short search;
+  * one batch of 8 examples per LoRA step, not 8 micro-batches of 1 accumulated (the same mean
+    gradient but for padding), prompts truncated at 256 tokens, not 1024;
+  * the scale is applied once (the code's pre-hooks on three LoRA sub-modules give alpha_hat^3), and never
+    to the frozen base output.
 With data parallelism each rank takes its share of every training batch and of the validation batches:
 pass ``all_reduce_mean`` (adapter gradients, a mean over the batch) and ``all_reduce_sum`` (the alpha
 gradient of the summed validation loss), and N ranks take the steps one process would.

@@ -24,7 +24,8 @@ On CPU the plan is the memory a run holds live. glibc's malloc keeps freed activ
 buffers resident (its mmap threshold rises after the first frees), which added 28-62% to SmolLM2's peak
 RSS in BENCHMARKS.md; jemalloc (LD_PRELOAD=libjemalloc.so.2) or a pinned MALLOC_MMAP_THRESHOLD_ gives it back.
 
-Time: 6 Psi FLOP per token with checkpointing (4 Psi without) at an assumed MFU of the GPU's peak.
+Time: model FLOPs per token (floe_dist/flops.py: frozen base, no recomputation, PaLM's definition)
+over the GPU's peak at an assumed MFU; the hardware FLOPs (with recomputation) are reported beside them.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.config import arg, below_one
+from floe_dist.flops import flops_per_token
 
 GIB = 2 ** 30
 # Llama shapes (public configs); vocabulary and tying decide the 16-bit embedding share.
@@ -56,13 +58,15 @@ BUILTIN = {
 }
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BYTES_PER_WEIGHT = {"nf4": (4 + 32 / 64) / 8, "nf4-dq": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "bf16": 2.0, "fp32": 4.0}
-GPU_FACTOR = 1.2
+# Calibration constants, each named with the figure it was fitted on (benchmarks/bench_plan_published.py
+# keeps those figures apart from the validation ones, which fitted nothing):
+GPU_FACTOR = 1.2  # fitted on the PEFT docs' Llama-2-70B ZeRO-3 + QLoRA run (36.6 GB per GPU)
 # ZeRO-3 does not release a gathered parameter whose next use (in backward) is fewer than
 # stage3_max_reuse_distance elements away (1e9, DeepSpeed's default and zero_configs/zero3.json). In
 # forward that distance is about twice the parameters after it, so the last ~5e8 elements stay gathered:
 # a model smaller than that stays gathered whole (probed on SmolLM2: every parameter stayed gathered through the step).
 REUSE_KEPT_ELEMENTS = 1e9 / 2
-GPU_RUNTIME_BYTES = 1.5e9
+GPU_RUNTIME_BYTES = 1.5e9  # assumed, not fitted: CUDA/NCCL context and workspaces (landscape.md: 1-2 GB)
 # measured: peak RSS of a process that imported the training stack (torch, transformers, deepspeed, peft,
 # tensorboard) and loaded a tokenizer and the SST-2 task, i.e. a CPU rank before its model exists
 CPU_RUNTIME_BYTES = 536_260 * 1024
@@ -91,7 +95,7 @@ class PlanArgs:
     device: str = arg("gpu", "gpu (bf16 activations) or cpu (fp32, predicts the live peak RSS of a rank)")
     gpu_memory: float = arg(80.0, "GiB per GPU to fit into (H100: 80)")
     peak_tflops: float = arg(989.0, "dense bf16 peak per GPU (H100 SXM: 989)")
-    mfu: float = arg(0.3, "assumed model FLOPs utilisation (QLoRA runs reach 0.25-0.4)")
+    mfu: float = arg(0.3, "assumed MFU: model FLOPs (no recomputation, floe_dist/flops.py) over the peak")
     output: str | None = arg(None, "also write the plan as JSON here")
 
     def validate(self) -> None:
@@ -233,13 +237,16 @@ def plan(args: PlanArgs) -> dict:
     total = (GPU_FACTOR if gpu else 1.0) * sum(terms.values())
 
     tokens = b * s * n * args.accumulation
-    flops = (6 if args.gradient_checkpointing else 4) * count.total * tokens
-    seconds = flops / (n * args.peak_tflops * 1e12 * args.mfu)
+    per_token = flops_per_token(decoder_linear=count.linear, head=count.vocab * h, layers=L, hidden=h, seq_len=s,
+                                adapter_active=allocation.count_active_parameters(count.shapes),
+                                adapter_computed=trainable, recompute=args.gradient_checkpointing)
+    seconds = per_token.model * tokens / (n * args.peak_tflops * 1e12 * args.mfu)
     fits = total <= args.gpu_memory * GIB
     return {"args": asdict(args), "model": {"layers": L, "hidden": h, "parameters": count.total,
                                            "quantized_linear": count.linear, "other": count.other},
             "world_size": n, "trainable_parameters": trainable, "split_expert_parameters": experts,
             "bytes": terms, "total_bytes": total, "fits": fits, "tokens_per_step": tokens,
+            "flops_per_token": {"model": per_token.model, "hardware": per_token.hardware},
             "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, total)}
 
 

@@ -169,8 +169,9 @@ def run(args: ScoreArgs) -> dict:
     t_score = time.time() - t1
 
     layers = sorted(adapters)
-    counts = torch.tensor([sum(p.numel() for m in adapters[l] for p in m.adapter_parameters()) for l in layers],
-                          dtype=torch.float64)
+    # ZeRO-3 leaves each rank a partition (numel() is 0 or a shard); ds_numel is the full count
+    counts = torch.tensor([sum(getattr(p, "ds_numel", p.numel()) for m in adapters[l] for p in m.adapter_parameters())
+                           for l in layers], dtype=torch.float64)
     scores = sums.scores(args.mode, counts if args.normalize_param else None)
     if args.select == "budget":
         kept_idx = select_budget(scores, counts.long().tolist(), args.budget)

@@ -8,16 +8,7 @@ import torch
 
 from floe_dist.allocation import Allocation
 from floe_dist.flexora import LayerWeights, flexora_search, remove_weights
-from floe_dist.modeling.inject import inject_adapters
-from tests.toys import planted_toy
-
-
-def _toy(seed: int, layers=None):
-    base, x, y = planted_toy(seed)
-    noisy = y + 0.3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(100 + seed))
-    torch.manual_seed(seed)
-    adapters = inject_adapters(base, Allocation.uniform(8, ["fc1"], rank=4, layers=layers))
-    return base, adapters, (x[:64], noisy[:64]), (x[64:128], noisy[64:128]), (x[128:], y[128:])
+from tests.toys import flexora_toy, flexora_toy_search, retrained_test_mse
 
 
 def _random_b(adapters):
@@ -28,7 +19,7 @@ def _random_b(adapters):
 
 
 def test_alpha_hat_is_one_at_init_so_the_model_is_plain_lora():
-    base, adapters, (x, _), _, _ = _toy(0)
+    base, adapters, (x, _), _, _ = flexora_toy(0)
     _random_b(adapters)
     with torch.no_grad():
         plain = base(x)
@@ -39,7 +30,7 @@ def test_alpha_hat_is_one_at_init_so_the_model_is_plain_lora():
 
 
 def test_alpha_hat_scales_only_the_adapter_output_once():
-    base, adapters, (x, _), _, _ = _toy(1)
+    base, adapters, (x, _), _, _ = flexora_toy(1)
     _random_b(adapters)
     weights = LayerWeights(adapters)
     module = adapters[3][0]
@@ -55,7 +46,7 @@ def test_alpha_hat_scales_only_the_adapter_output_once():
 
 
 def test_alpha_step_sends_no_gradient_to_the_adapters():
-    base, adapters, (x, y), (xv, yv), _ = _toy(2)
+    base, adapters, (x, y), (xv, yv), _ = flexora_toy(2)
     _random_b(adapters)  # with B = 0 the adapters contribute nothing and alpha has no gradient
     loss_fn = lambda b: (base(b["x"]) - b["y"]).pow(2).mean()
     train = {"x": x[:16], "y": y[:16]}
@@ -71,35 +62,12 @@ def test_alpha_step_sends_no_gradient_to_the_adapters():
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
-def _search(seed: int) -> list[int]:
-    base, adapters, (x, y), (xv, yv), _ = _toy(seed)
-    batches = ({"x": x[(s * 16) % 64:(s * 16) % 64 + 16], "y": y[(s * 16) % 64:(s * 16) % 64 + 16]}
-               for s in itertools.count())
-    val = lambda: [{"x": xv[:32], "y": yv[:32]}, {"x": xv[32:], "y": yv[32:]}]
-    weights = flexora_search(base, adapters, batches, val, lambda b: (base(b["x"]) - b["y"]).pow(2).mean(),
-                             steps=200, lr_model=3e-3, lr_alpha=0.05)
-    return weights.selected()
-
-
-def _test_mse(seed: int, layers) -> float:
-    base, _, (x, y), _, (xt, yt) = _toy(seed, layers)
-    opt = torch.optim.Adam([p for p in base.parameters() if p.requires_grad], lr=3e-3)
-    for s in range(300):
-        i = torch.arange(s * 16, s * 16 + 16) % 64
-        loss = (base(x[i]) - y[i]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return (base(xt) - yt).pow(2).mean().item()
-
-
 def test_flexora_layers_beat_all_layers_with_scarce_data():
     """64 noisy training examples: the searched subset generalises better than LoRA on all 8 layers."""
     for seed in range(3):
-        selected = _search(seed)
+        selected = flexora_toy_search(seed)
         assert 0 < len(selected) < 8
-        assert _test_mse(seed, selected) < _test_mse(seed, None)
+        assert retrained_test_mse(seed, selected) < retrained_test_mse(seed, None)
 
 
 def test_flexora_allocator_selects_layers_of_a_real_model(tmp_path):

@@ -114,3 +114,25 @@ def test_guilomo_allocation_with_heterogeneous_ranks_trains_exports_and_evaluate
     result = evaluate(EvalArgs(model="tiny", task="sst2", adapter=str(tmp_path / "run" / "adapter"), limit=8))
     most = allocation.count_active_parameters(model_shape("tiny").shapes)
     assert 0 < result["active_parameters_per_token"] <= most < allocation.trainable_parameters
+
+
+def test_search_balance_loss_is_the_official_one(tmp_path, monkeypatch):
+    """Official: 0.001 x sum over modules of sum_i f_i P_i (no xE). Our modules' balance loss is Switch's
+    E x sum_i f_i P_i, so the search must weight it by 0.001 / E: the same loss, not E times it."""
+    import floe_dist.modeling.answer_lm as answer_lm
+
+    made = []
+
+    class Recording(answer_lm.AnswerLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(answer_lm, "AnswerLM", Recording)
+    allocate(AllocateArgs(method="guilomo", model="tiny", task="sst2", output=str(tmp_path / "g.json"),
+                          guilomo_steps=1, guilomo_batch=2, guilomo_experts=4, guilomo_rank=2, guilomo_order="first"))
+    (model,) = made
+    modules = [m for mods in model._adapters_by_layer.values() for m in mods if m.balance_loss is not None]
+    assert modules and all(m.n_experts == 4 for m in modules)
+    official = 0.001 * sum(float(m.balance_loss) / m.n_experts for m in modules)  # sum_i f_i P_i per module
+    assert model.balance_coef * float(model.balance_loss(modules[0].balance_loss)) == pytest.approx(official)

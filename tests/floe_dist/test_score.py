@@ -44,6 +44,20 @@ def test_zero0_scores_equal_zero3_scores(warm, tmp_path):
         assert abs(score - b["scores"][layer]) <= 1e-5 * abs(score)
 
 
+def test_budget_selection_through_the_cli_keeps_the_best_layers_that_fit(warm, tmp_path):
+    one = json.loads((warm / "one" / "fisher.json").read_text())
+    per_layer = one["trainable_parameters"] // 2  # the same adapter on every layer: each costs the same
+    budget = 3 * per_layer + per_layer // 2
+    shutil.copytree(warm / "one" / "warmup", tmp_path / "b" / "warmup")
+    run_floe([*COMMON, "--output", str(tmp_path / "b"), "--select", "budget", "--budget", str(budget)])
+    fisher = json.loads((tmp_path / "b" / "fisher.json").read_text())
+    scores = {int(layer): s for layer, s in fisher["scores"].items()}
+    assert fisher["selected_layers"] == sorted(sorted(scores, key=scores.get, reverse=True)[:3])
+    allocation = Allocation.load(tmp_path / "b" / "allocation.json")
+    assert sorted(allocation.layers) == fisher["selected_layers"]
+    assert allocation.trainable_parameters == 3 * per_layer <= budget
+
+
 def test_outputs_load_back_and_warmup_is_reused(warm):
     from PIL import Image
 

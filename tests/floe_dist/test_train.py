@@ -26,8 +26,9 @@ def _losses(run_dir: Path) -> list[float]:
 def zero3_runs(tmp_path_factory):
     """The same 4 steps on 1 rank (micro-batch 4) and on 2 ZeRO-3 ranks (micro-batch 2 each).
 
-    The balance loss is off: like Switch/Mixtral/DeepSpeed-MoE it is computed per rank over local
-    tokens, so it is the one term that depends on how a batch is split across ranks.
+    The balance loss is off: its routing statistics are global (all-reduced over ranks), but one rank of
+    micro-batch 4 pads its batch differently from two ranks of micro-batch 2, and the padded positions
+    are routed too, so it is the one term that differs between the two splits.
     """
     root = tmp_path_factory.mktemp("zero3")
     common = ["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--checkpoint-every", "2",

@@ -9,12 +9,17 @@ from launcher.cli import build_parser, _stages
 from tests.conftest import run_floe
 
 
-def test_every_sub_command_has_help():
+def test_every_sub_command_has_help_and_every_option_a_help_line():
     parser = build_parser(_stages())
-    for name in ("score", "search", "allocate", "train", "evaluate", "export", "campaign"):
+    (sub,) = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
+    assert {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"} <= set(sub.choices)
+    for name, stage in sub.choices.items():
         with pytest.raises(SystemExit) as done:
             parser.parse_args([name, "--help"])
         assert done.value.code == 0
+        silent = [a.option_strings[0] for a in stage._actions if a.option_strings and a.dest != "help"
+                  and not (a.help or "").split("(default")[0].strip()]
+        assert not silent, f"floe-dist {name}: options without a help line: {silent}"
 
 
 def test_bad_train_arguments_fail_before_any_work(tmp_path):

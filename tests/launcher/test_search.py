@@ -66,6 +66,10 @@ def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compu
     compute = sum(t["budget"] for t in search["trials"])
     assert compute <= 0.35 * grid_compute
     assert len({t["budget"] for t in search["trials"]}) == 3  # multi-fidelity: 30, 90, 270 steps
+    first_budget = {}
+    for t in sorted(search["trials"], key=lambda t: t["id"]):
+        first_budget.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
+    assert set(first_budget.values()) == {30}  # successive halving: every configuration starts at the bottom
     incumbent = search["summary"]["incumbent"]
     assert incumbent["config"]["rank"] == grid_best["config"]["rank"] and incumbent["budget"] == 270
     assert incumbent["cost"] <= grid_best["cost"] * 1.05  # within noise of the grid's best point
@@ -114,13 +118,13 @@ def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
 
 def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
     args = ["search", "--output", str(tmp_path), *SPACE, "--ranks", "1,2,4", "--max-trials", "10",
-            "--max-compute", "10", "--trial-timeout", "6", "--workers", "2"]
+            "--max-compute", "10", "--trial-timeout", "20", "--workers", "2"]
     proc = run_floe(args, env={"TOY_CRASH_RANK": "1", "TOY_HANG_RANK": "2"})
     trials = ledger(tmp_path)["trials"]
     by_rank = {r: [t for t in trials if t["config"]["rank"] == r] for r in (1, 2, 4)}
     assert by_rank[1] and all(t["status"] == "crashed" and "planted crash for rank 1" in t["reason"]
                               for t in by_rank[1])
-    assert by_rank[2] and all(t["status"] == "timeout" and "6s time limit" in t["reason"] for t in by_rank[2])
+    assert by_rank[2] and all(t["status"] == "timeout" and "20s time limit" in t["reason"] for t in by_rank[2])
     assert all(t["status"] == "success" for t in by_rank[4])
     assert ledger(tmp_path)["summary"]["incumbent"]["config"]["rank"] == 4
     assert "planted crash" in proc.stderr
@@ -129,6 +133,33 @@ def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_comp
         assert not alive(pid)
     statuses = {entry["status"] for entry in smac_runhistory(tmp_path)}
     assert {1, 2, 3} <= statuses  # SMAC's StatusType: SUCCESS, CRASHED, TIMEOUT
+
+
+def test_hyperband_also_starts_brackets_above_the_smallest_budget(tmp_path):
+    run_floe(["search", "--brackets", "hyperband", "--model", "tiny", "--trial-module", "tests.search_toy",
+              "--ranks", "2,4,8", "--lr", "3e-3:3e-2", "--min-steps", "30", "--max-steps", "90", "--workers", "2",
+              "--max-compute", "4.5", "--output", str(tmp_path)])
+    trials = ledger(tmp_path)["trials"]
+    assert trials and all(t["status"] == "success" for t in trials)
+    first_budget = {}
+    for t in sorted(trials, key=lambda t: t["id"]):
+        first_budget.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
+    assert min(first_budget.values()) == 30 and max(first_budget.values()) > 30, first_budget
+    assert {t["budget"] for t in trials} <= {30, 90}
+
+
+def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tmp_path):
+    """--mode bo trains every trial at --max-steps; --objective error scores a real LM trial by 1 - accuracy."""
+    run_floe(["search", "--mode", "bo", "--objective", "error", "--model", "tiny", "--task", "sst2", "--ranks", "2,4",
+              "--lr", "1e-3:1e-2", "--max-steps", "2", "--micro-batch", "2", "--val-limit", "8",
+              "--initial-configs", "2", "--max-trials", "2", "--workers", "2", "--output", str(tmp_path)])
+    search = ledger(tmp_path)
+    trials = search["trials"]
+    assert len(trials) == 2 and all(t["status"] == "success" and t["budget"] == 2 for t in trials)
+    for t in trials:
+        assert t["metrics"]["val_examples"] == 8
+        assert t["cost"] == pytest.approx(1 - t["metrics"]["val_accuracy"]) != t["metrics"]["val_loss"]
+    assert search["summary"]["incumbent"]["cost"] == min(t["cost"] for t in trials)
 
 
 @pytest.mark.parametrize("launcher,ranks", [("torchrun", "2,4"), ("deepspeed", "4")])

@@ -1,0 +1,253 @@
+"""Regenerate the tables of BENCHMARKS.md from the result files in benchmarks/results/.
+
+    python benchmarks/report.py           # rewrite every marked table in BENCHMARKS.md
+    python benchmarks/report.py --check   # exit 1 if a table differs from its result file, or a table is unmarked
+
+A table lives between ``<!-- table: NAME -->`` and ``<!-- /table -->``; NAME picks a renderer below,
+which only formats what the result file holds (the scripts compute every figure, ratios included).
+Each rendered block starts with the script and the result file it comes from, and says when the
+figures were transcribed from an earlier run's printed output rather than written by the script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BENCHMARKS = REPO / "BENCHMARKS.md"
+BLOCK = re.compile(r"<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def source(data: dict, file: str) -> str:
+    kinds = {r.get("provenance", data["provenance"]).startswith("transcribed") for r in data["rows"]} or \
+        {data["provenance"].startswith("transcribed")}
+    how = {frozenset({True}): "transcribed from an earlier run's printed table",
+           frozenset({False}): "written by the script"}.get(frozenset(kinds), "rows from several runs; each row's "
+                                                                          "provenance and command are in the file")
+    return f"Source: `{data['script']}` → `benchmarks/results/{file}.json` ({how}); command: `{data['command']}`"
+
+
+def pct(x, digits=1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def num(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def seeds(values) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def mean_std(row) -> str:
+    return f"{row['mean']:.1f}" if row.get("std") is None else f"{row['mean']:.1f} ± {row['std']:.1f}"
+
+
+# ------------------------------------------------------------------------------------------ renderers
+def foundation(d):
+    rows = [[r["arm"], f"{r['trainable']:,}", f"{r['median_step_s']:.3f} s"] for r in d["rows"]]
+    mem = d["backbone_mib"]
+    return (table(["arm (q_proj + v_proj, every layer)", "trainable parameters", "median step"], rows)
+            + f"\n\n- step-time ratio LoRA-MoE / PEFT LoRA, same layers and targets, matched parameters: "
+              f"**{d['step_ratio']:.3f}** (goal ≤ 1.2)\n- backbone memory NF4 / fp32: {mem['nf4']:.1f} / "
+              f"{mem['fp32']:.1f} MiB = **{d['memory_ratio']:.3f}** (goal ≤ 0.35)")
+
+
+def campaign(d):
+    rows = []
+    for r in d["rows"]:
+        t = r["stage_seconds"]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+        rows.append([f"{r['model']} / {r['task']}, {r['ranks']} ranks", f"layers {r['layers']}, rank {r['expert_ranks']}, "
+                     f"lr {r['lr']:.2e}", f"{r['trainable_parameters']:,}", pct(r["zero_shot_accuracy"], 2),
+                     f"**{pct(r['final_accuracy'], 2)}**", f"{sum(t.values()):.0f} s ({stages})"])
+    return table(["campaign", "allocation", "trainable params", "zero-shot", "final", "wall time (per stage, s)"], rows)
+
+
+def floe_layers(d):
+    rows = [[r["arm"], mean_std(r), seeds(r["per_seed"]), f"{r['trainable']:,}"] for r in d["rows"]]
+    n = len(d["rows"][0]["per_seed"])
+    return table(["arm", f"accuracy % (mean ± std, {n} seed{'s' * (n > 1)})", "per seed", "trainable params"], rows)
+
+
+def search_throughput(d):
+    rows = [[r["preset"], r["trial"], f"{r['one_worker_per_h']:.1f} trials/h", f"{r['two_workers_per_h']:.1f} trials/h",
+             f"**{r['ratio']:.2f}×**"] for r in d["rows"]]
+    return table(["preset", "trial", "1 worker", "2 workers", "ratio (goal ≥ 1.7×)"], rows)
+
+
+def search_compute(d):
+    rows = [[f"{r['preset']} (budgets {r['budgets']})", f"{r['grid_steps']}, {r['grid_wall_s']} s", f"{r['grid_best']} ({r['grid_best_cost']:.4f})",
+             f"{r['smac_steps']} ({r['smac_share']:.0%}), {r['smac_wall_s']} s" + (f"; {r['smac_note']}" if r["smac_note"] else ""),
+             f"{r['smac_incumbent']} ({r['smac_cost']:.4f})", f"{r['grid_cost_at_smac_rank']:.4f}"] for r in d["rows"]]
+    return table(["preset", "grid: steps, wall", "grid best (cost)", "SMAC: steps (share of grid), wall",
+                  "SMAC incumbent (cost)", "grid's best cost at SMAC's rank"], rows)
+
+
+def expert_parallel(d):
+    step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
+                 [[r["micro_batch"], f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s", f"**{r['ratio']:.3f}**",
+                   f"{r['max_loss_diff']:.1e}"] for r in d["rows"]])
+    state = table(["layout", "held on rank 0", f"share of a full replica ({d['replica_mib']:.2f} MiB)"],
+                  [[r["layout"], f"{r['held_mib']:.2f} MiB", f"{r['share']:.3f}"] for r in d["state"]])
+    return step + "\n\nPer-rank adapter state on rank 0:\n\n" + state
+
+
+def plan_published(kind):
+    def render(d):
+        rows = [[r["run"], r["source"], f"{r['published']:g} {r['unit']}", f"{r['plan']:.2f} {r['unit']}",
+                 f"**{r['error']:+.1%}**", ("within ±15%" if abs(r["error"]) <= 0.15 else "**missed** (outside ±15%)")
+                 if kind == "validation" else r["fitted"]] for r in d["rows"] if r["role"] == kind]
+        last = "against ±15%" if kind == "validation" else "constant fitted on it"
+        return table(["run", "source", "published", "plan", "error", last], rows)
+    return render
+
+
+def plan_cpu(d):
+    def cell(r, k):
+        return f"{r[k + '_mib']:,} ({r[k + '_err']:+.1f}%)"
+    rows = [[r["run"], f"{r['plan_mib']:,}", cell(r, "glibc"), cell(r, "pinned"), cell(r, "jemalloc")] for r in d["rows"]]
+    return table(["run", "plan (MiB)", "glibc malloc", "glibc, `MALLOC_MMAP_THRESHOLD_=131072`", "jemalloc (`LD_PRELOAD`)"],
+                 rows)
+
+
+def compare_allocators(d):
+    rows = [[r["method"], mean_std(r), seeds(r["per_seed"]), f"{r['layers']:.1f}", f"{r['trainable']:,}",
+             f"{r['active']:,}", r["allocation_s"], r["training_s"]] for r in d["rows"]]
+    n = len(d["rows"][0]["per_seed"])
+    return (f"Budget {d['budget']:,} trainable parameters, {d['steps']} steps × {d['micro_batch']}.\n\n"
+            + table(["method", f"accuracy % (mean ± std, {n} seeds)", "per seed", "layers", "trainable params",
+                     "active params / token", "allocation s", "training s"], rows))
+
+
+def planted_c6(d):
+    def ints(v):
+        return ", ".join(map(str, v))
+    return table(["seed", "experts per block (searched)", "argmax at init", "E_3 > E_5 ≥ others", "MSE searched",
+                  "MSE uniform"],
+                 [[r["seed"], ints(r["experts"]), ints(r["argmax_init"]), "yes" if r["claim_holds"] else "no",
+                   f"{r['mse_searched']:.4f} ({r['params_searched']:,})", f"{r['mse_uniform']:.4f} ({r['params_uniform']:,})"]
+                  for r in d["c6"]])
+
+
+def planted_c7(d):
+    return table(["schedule", "val MSE per seed", "mean", "trainable", "active / token"],
+                 [[r["schedule"], ", ".join(f"{v:.4f}" for v in r["val_mse"]), f"{r['mean']:.4f}", f"{r['trainable']:,}",
+                   f"{r['active']:,}"] for r in d["c7"]])
+
+
+def fisher_toy(d):
+    rows = [[r["score"], ", ".join(f"{p:.2f}" for p in r["precision_per_seed"]), f"**{r['precision_mean']:.2f}**",
+             ", ".join(str(t) for t in r["top_per_seed"])] for r in d["rows"]]
+    return (table(["layer score", "precision@2 per seed", "mean", "top-2 per seed"], rows)
+            + f"\n\nChance (random 2 of {d['blocks']} blocks, 2 planted): precision@2 = {d['chance']:.2f} in expectation.")
+
+
+def flexora_toy(d):
+    rows = [[r["seed"], r["flexora_layers"], f"{r['mse_flexora']:.3f}", f"{r['mse_all']:.3f}", r["random_layers"],
+             f"{r['mse_random']:.3f}"] for r in d["rows"]]
+    m, w, n = d["mean"], d["wins"], len(d["rows"])
+    return (table(["seed", "Flexora layers", "MSE Flexora", "MSE all 8 layers", "random layers (same count)",
+                   "MSE random"], rows)
+            + f"\n\nMean MSE: Flexora {m['mse_flexora']:.3f}, all layers {m['mse_all']:.3f}, random "
+              f"{m['mse_random']:.3f}. Flexora lower than all layers on {w['over_all']} of {n} seeds, lower than "
+              f"random layers of the same count on {w['over_random']} of {n}.")
+
+
+def gpu_throughput(d):
+    rows = [[r["call"], r["shape"], r["variant"], f"{r['micro_batch']} × {r['seq_len']}", f"{r['trainable']:,}",
+             f"{r['step_seconds']:.3f}", f"{r['tokens_per_s']:,.0f}", f"**{pct(r['mfu'])}**", pct(r["hfu"]),
+             pct(r["mfu_6n_before"]) if "mfu_6n_before" in r else "–", num(r["peak_allocated_gib"], ".2f"),
+             num(r["plan_over_alloc_context"], ".2f"), num(r["reserved_context_gib"], ".2f"),
+             num(r["step_vs_peft"], ".2f"), num(r.get("step_vs_peft_same_layers"), ".2f")]
+            for r in d["rows"]]
+    return table(["call", "shape", "variant", "b × s", "trainable", "step s", "tokens/s", "MFU", "HFU",
+                  "published before (6N)", "peak alloc GiB", "plan / (alloc + ctx)", "reserved + ctx GiB",
+                  "step vs PEFT, all layers (equal params)", "step vs PEFT, same layers"], rows)
+
+
+def lora_moe_layer(d):
+    rows = [[r["call"], r["shape"], r["base_ms"], r["router_ms"], r["floe_ms"], r["gather_ms"], r["loop_ms"], r["lora_ms"],
+             f"**{r['floe_over_lora']:.2f}**", r["loop_over_floe"], r["gather_over_floe"], r["floe_rerun_ms"]]
+            for r in d["rows"]]
+    return table(["call", "shape", "base", "+router", "floe-dist", "gather", "loop", "lora",
+                  "floe-dist / lora (same layer)", "loop / floe-dist", "gather / floe-dist", "floe-dist rerun"], rows)
+
+
+# table name -> (result file, renderer)
+TABLES = {
+    "foundation": ("foundation", foundation),
+    "campaign": ("campaign", campaign),
+    "floe-layers-sst2": ("floe_layers_sst2", floe_layers),
+    "floe-layers-boolq": ("floe_layers_boolq", floe_layers),
+    "fisher-toy": ("fisher_toy", fisher_toy),
+    "flexora-toy": ("flexora_toy", flexora_toy),
+    "search-throughput": ("search_throughput", search_throughput),
+    "search-compute": ("search_compute", search_compute),
+    "expert-parallel": ("expert_parallel", expert_parallel),
+    "plan-calibration": ("plan_published", plan_published("calibration")),
+    "plan-validation": ("plan_published", plan_published("validation")),
+    "plan-cpu": ("plan_cpu", plan_cpu),
+    "compare-allocators-sst2": ("compare_allocators_sst2", compare_allocators),
+    "planted-c6": ("planted_toys", planted_c6),
+    "planted-c7": ("planted_toys", planted_c7),
+    "gpu-throughput": ("gpu_throughput", gpu_throughput),
+    "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
+}
+
+
+def render(name: str) -> str:
+    if name not in TABLES:
+        raise KeyError(f"BENCHMARKS.md names table {name!r}, which report.py does not know ({sorted(TABLES)})")
+    file, renderer = TABLES[name]
+    data = load(file)
+    return f"{source(data, file)}\n\n{renderer(data)}\n"
+
+
+def regenerate(text: str) -> str:
+    return BLOCK.sub(lambda m: f"<!-- table: {m['name']} -->\n{render(m['name'])}<!-- /table -->", text)
+
+
+def unmarked_tables(text: str) -> list[str]:
+    """The header rows of markdown tables that sit outside any marked block."""
+    lines = BLOCK.sub("", text).splitlines()
+    return [head for head, rule in zip(lines, lines[1:]) if head.startswith("|") and rule.startswith("|---")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if BENCHMARKS.md differs from its result files")
+    args = parser.parse_args()
+    text = BENCHMARKS.read_text()
+    new = regenerate(text)
+    stray = unmarked_tables(text)
+    if args.check:
+        stale = [m["name"] for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m["body"] != n["body"]]
+        for name in stale:
+            print(f"BENCHMARKS.md: table {name!r} differs from its result file; run python benchmarks/report.py")
+        for line in stray:
+            print(f"BENCHMARKS.md: a table outside any <!-- table: NAME --> block: {line[:80]}")
+        return 1 if stale or stray else 0
+    BENCHMARKS.write_text(new)
+    print(f"rewrote {len(BLOCK.findall(new))} tables in BENCHMARKS.md")
+    for line in stray:
+        print(f"warning: a table outside any marked block: {line[:80]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
