@@ -224,7 +224,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="1b,3b,8b", help=f"comma-separated, of {sorted(SHAPES)}")
-    parser.add_argument("--variants", default="peft,moe")
+    parser.add_argument("--variants", default="peft,peft-quarter,moe")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")

@@ -33,12 +33,21 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def source(data: dict, file: str) -> str:
-    kinds = {r.get("provenance", data["provenance"]).startswith("transcribed") for r in data["rows"]} or \
+    transcribed = {r.get("provenance", data["provenance"]).startswith("transcribed") for r in data["rows"]} or \
         {data["provenance"].startswith("transcribed")}
-    how = {frozenset({True}): "transcribed from an earlier run's printed table",
-           frozenset({False}): "written by the script"}.get(frozenset(kinds), "rows from several runs; each row's "
-                                                                          "provenance and command are in the file")
-    return f"Source: `{data['script']}` → `benchmarks/results/{file}.json` ({how}); command: `{data['command']}`"
+    commands = {r.get("command", data["command"]) for r in data["rows"]} or {data["command"]}
+    if transcribed == {True, False}:
+        how, command = "rows from several runs: those marked † were transcribed from an earlier run's printed " \
+                       "table", "; ".join(f"`{c}`" for c in sorted(commands))
+    else:
+        how = "transcribed from an earlier run's printed table" if transcribed == {True} else "written by the script"
+        command = "; ".join(f"`{c}`" for c in sorted(commands))
+    return f"Source: `{data['script']}` → `benchmarks/results/{file}.json` ({how}); command: {command}"
+
+
+def dagger(row: dict) -> str:
+    """† after a row's label when that row of a merged file was transcribed, not written by the script."""
+    return " †" if row.get("provenance", "").startswith("transcribed") else ""
 
 
 def pct(x, digits=1) -> str:
@@ -85,22 +94,25 @@ def floe_layers(d):
 
 
 def search_throughput(d):
-    rows = [[r["preset"], r["trial"], f"{r['one_worker_per_h']:.1f} trials/h", f"{r['two_workers_per_h']:.1f} trials/h",
+    rows = [[r["preset"] + dagger(r), r["trial"], f"{r['one_worker_per_h']:.1f} trials/h", f"{r['two_workers_per_h']:.1f} trials/h",
              f"**{r['ratio']:.2f}×**"] for r in d["rows"]]
     return table(["preset", "trial", "1 worker", "2 workers", "ratio (goal ≥ 1.7×)"], rows)
 
 
 def search_compute(d):
-    rows = [[f"{r['preset']} (budgets {r['budgets']})", f"{r['grid_steps']}, {r['grid_wall_s']} s", f"{r['grid_best']} ({r['grid_best_cost']:.4f})",
+    def point(text: str) -> str:
+        return text.replace("e-0", "e-")  # one exponent style for transcribed and written rows
+
+    rows = [[f"{r['preset']} (budgets {r['budgets']}){dagger(r)}", f"{r['grid_steps']}, {r['grid_wall_s']} s", f"{point(r['grid_best'])} ({r['grid_best_cost']:.4f})",
              f"{r['smac_steps']} ({r['smac_share']:.0%}), {r['smac_wall_s']} s" + (f"; {r['smac_note']}" if r["smac_note"] else ""),
-             f"{r['smac_incumbent']} ({r['smac_cost']:.4f})", f"{r['grid_cost_at_smac_rank']:.4f}"] for r in d["rows"]]
+             f"{point(r['smac_incumbent'])} ({r['smac_cost']:.4f})", f"{r['grid_cost_at_smac_rank']:.4f}"] for r in d["rows"]]
     return table(["preset", "grid: steps, wall", "grid best (cost)", "SMAC: steps (share of grid), wall",
                   "SMAC incumbent (cost)", "grid's best cost at SMAC's rank"], rows)
 
 
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
-                 [[r["micro_batch"], f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s", f"**{r['ratio']:.3f}**",
+                 [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s", f"**{r['ratio']:.3f}**",
                    f"{r['max_loss_diff']:.1e}"] for r in d["rows"]])
     state = table(["layout", "held on rank 0", f"share of a full replica ({d['replica_mib']:.2f} MiB)"],
                   [[r["layout"], f"{r['held_mib']:.2f} MiB", f"{r['share']:.3f}"] for r in d["state"]])
@@ -120,7 +132,7 @@ def plan_published(kind):
 def plan_cpu(d):
     def cell(r, k):
         return f"{r[k + '_mib']:,} ({r[k + '_err']:+.1f}%)"
-    rows = [[r["run"], f"{r['plan_mib']:,}", cell(r, "glibc"), cell(r, "pinned"), cell(r, "jemalloc")] for r in d["rows"]]
+    rows = [[r["run"] + dagger(r), f"{r['plan_mib']:,}", cell(r, "glibc"), cell(r, "pinned"), cell(r, "jemalloc")] for r in d["rows"]]
     return table(["run", "plan (MiB)", "glibc malloc", "glibc, `MALLOC_MMAP_THRESHOLD_=131072`", "jemalloc (`LD_PRELOAD`)"],
                  rows)
 
