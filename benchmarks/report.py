@@ -36,12 +36,10 @@ def source(data: dict, file: str) -> str:
     transcribed = {r.get("provenance", data["provenance"]).startswith("transcribed") for r in data["rows"]} or \
         {data["provenance"].startswith("transcribed")}
     commands = {r.get("command", data["command"]) for r in data["rows"]} or {data["command"]}
-    if transcribed == {True, False}:
-        how, command = "rows from several runs: those marked † were transcribed from an earlier run's printed " \
-                       "table", "; ".join(f"`{c}`" for c in sorted(commands))
-    else:
-        how = "transcribed from an earlier run's printed table" if transcribed == {True} else "written by the script"
-        command = "; ".join(f"`{c}`" for c in sorted(commands))
+    mixed = "rows from several runs: those marked † were transcribed from an earlier run's printed table"
+    how = {frozenset({True}): "transcribed from an earlier run's printed table",
+           frozenset({False}): "written by the script"}.get(frozenset(transcribed), mixed)
+    command = "; ".join(f"`{c}`" for c in sorted(commands))
     return f"Source: `{data['script']}` → `benchmarks/results/{file}.json` ({how}); command: {command}"
 
 
@@ -81,7 +79,8 @@ def campaign(d):
     for r in d["rows"]:
         t = r["stage_seconds"]
         stages = ", ".join(f"{k} {v:.0f}" for k, v in t.items())
-        rows.append([f"{r['model']} / {r['task']}, {r['ranks']} ranks", f"layers {r['layers']}, rank {r['expert_ranks']}, "
+        rows.append([f"{r['model']} / {r['task']}, {r['ranks']} ranks",
+                     f"layers {r['layers']}, rank {r['expert_ranks']}, "
                      f"lr {r['lr']:.2e}", f"{r['trainable_parameters']:,}", pct(r["zero_shot_accuracy"], 2),
                      f"**{pct(r['final_accuracy'], 2)}**", f"{sum(t.values()):.0f} s ({stages})"])
     return table(["campaign", "allocation", "trainable params", "zero-shot", "final", "wall time (per stage, s)"], rows)
@@ -94,7 +93,8 @@ def floe_layers(d):
 
 
 def search_throughput(d):
-    rows = [[r["preset"] + dagger(r), r["trial"], f"{r['one_worker_per_h']:.1f} trials/h", f"{r['two_workers_per_h']:.1f} trials/h",
+    rows = [[r["preset"] + dagger(r), r["trial"], f"{r['one_worker_per_h']:.1f} trials/h",
+             f"{r['two_workers_per_h']:.1f} trials/h",
              f"**{r['ratio']:.2f}×**"] for r in d["rows"]]
     return table(["preset", "trial", "1 worker", "2 workers", "ratio (goal ≥ 1.7×)"], rows)
 
@@ -103,16 +103,20 @@ def search_compute(d):
     def point(text: str) -> str:
         return text.replace("e-0", "e-")  # one exponent style for transcribed and written rows
 
-    rows = [[f"{r['preset']} (budgets {r['budgets']}){dagger(r)}", f"{r['grid_steps']}, {r['grid_wall_s']} s", f"{point(r['grid_best'])} ({r['grid_best_cost']:.4f})",
-             f"{r['smac_steps']} ({r['smac_share']:.0%}), {r['smac_wall_s']} s" + (f"; {r['smac_note']}" if r["smac_note"] else ""),
-             f"{point(r['smac_incumbent'])} ({r['smac_cost']:.4f})", f"{r['grid_cost_at_smac_rank']:.4f}"] for r in d["rows"]]
+    rows = [[f"{r['preset']} (budgets {r['budgets']}){dagger(r)}", f"{r['grid_steps']}, {r['grid_wall_s']} s",
+             f"{point(r['grid_best'])} ({r['grid_best_cost']:.4f})",
+             f"{r['smac_steps']} ({r['smac_share']:.0%}), {r['smac_wall_s']} s"
+             + (f"; {r['smac_note']}" if r["smac_note"] else ""),
+             f"{point(r['smac_incumbent'])} ({r['smac_cost']:.4f})", f"{r['grid_cost_at_smac_rank']:.4f}"]
+            for r in d["rows"]]
     return table(["preset", "grid: steps, wall", "grid best (cost)", "SMAC: steps (share of grid), wall",
                   "SMAC incumbent (cost)", "grid's best cost at SMAC's rank"], rows)
 
 
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
-                 [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s", f"**{r['ratio']:.3f}**",
+                 [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s",
+                   f"**{r['ratio']:.3f}**",
                    f"{r['max_loss_diff']:.1e}"] for r in d["rows"]])
     state = table(["layout", "held on rank 0", f"share of a full replica ({d['replica_mib']:.2f} MiB)"],
                   [[r["layout"], f"{r['held_mib']:.2f} MiB", f"{r['share']:.3f}"] for r in d["state"]])
@@ -132,8 +136,10 @@ def plan_published(kind):
 def plan_cpu(d):
     def cell(r, k):
         return f"{r[k + '_mib']:,} ({r[k + '_err']:+.1f}%)"
-    rows = [[r["run"] + dagger(r), f"{r['plan_mib']:,}", cell(r, "glibc"), cell(r, "pinned"), cell(r, "jemalloc")] for r in d["rows"]]
-    return table(["run", "plan (MiB)", "glibc malloc", "glibc, `MALLOC_MMAP_THRESHOLD_=131072`", "jemalloc (`LD_PRELOAD`)"],
+    rows = [[r["run"] + dagger(r), f"{r['plan_mib']:,}", cell(r, "glibc"), cell(r, "pinned"), cell(r, "jemalloc")]
+            for r in d["rows"]]
+    return table(["run", "plan (MiB)", "glibc malloc", "glibc, `MALLOC_MMAP_THRESHOLD_=131072`",
+                  "jemalloc (`LD_PRELOAD`)"],
                  rows)
 
 
@@ -152,13 +158,15 @@ def planted_c6(d):
     return table(["seed", "experts per block (searched)", "argmax at init", "E_3 > E_5 ≥ others", "MSE searched",
                   "MSE uniform"],
                  [[r["seed"], ints(r["experts"]), ints(r["argmax_init"]), "yes" if r["claim_holds"] else "no",
-                   f"{r['mse_searched']:.4f} ({r['params_searched']:,})", f"{r['mse_uniform']:.4f} ({r['params_uniform']:,})"]
+                   f"{r['mse_searched']:.4f} ({r['params_searched']:,})",
+                   f"{r['mse_uniform']:.4f} ({r['params_uniform']:,})"]
                   for r in d["c6"]])
 
 
 def planted_c7(d):
     return table(["schedule", "val MSE per seed", "mean", "trainable", "active / token"],
-                 [[r["schedule"], ", ".join(f"{v:.4f}" for v in r["val_mse"]), f"{r['mean']:.4f}", f"{r['trainable']:,}",
+                 [[r["schedule"], ", ".join(f"{v:.4f}" for v in r["val_mse"]), f"{r['mean']:.4f}",
+                   f"{r['trainable']:,}",
                    f"{r['active']:,}"] for r in d["c7"]])
 
 
@@ -166,7 +174,8 @@ def fisher_toy(d):
     rows = [[r["score"], ", ".join(f"{p:.2f}" for p in r["precision_per_seed"]), f"**{r['precision_mean']:.2f}**",
              ", ".join(str(t) for t in r["top_per_seed"])] for r in d["rows"]]
     return (table(["layer score", "precision@2 per seed", "mean", "top-2 per seed"], rows)
-            + f"\n\nChance (random 2 of {d['blocks']} blocks, 2 planted): precision@2 = {d['chance']:.2f} in expectation.")
+            + f"\n\nChance (random 2 of {d['blocks']} blocks, 2 planted): precision@2 = {d['chance']:.2f} "
+              "in expectation.")
 
 
 def flexora_toy(d):
@@ -193,8 +202,9 @@ def gpu_throughput(d):
 
 
 def lora_moe_layer(d):
-    rows = [[r["call"], r["shape"], r["base_ms"], r["router_ms"], r["floe_ms"], r["gather_ms"], r["loop_ms"], r["lora_ms"],
-             f"**{r['floe_over_lora']:.2f}**", r["loop_over_floe"], r["gather_over_floe"], r["floe_rerun_ms"]]
+    ms = ("base_ms", "router_ms", "floe_ms", "gather_ms", "loop_ms", "lora_ms")
+    rows = [[r["call"], r["shape"], *(f"{r[k]:.3f}" for k in ms), f"**{r['floe_over_lora']:.2f}**",
+             f"{r['loop_over_floe']:.2f}", f"{r['gather_over_floe']:.2f}", f"{r['floe_rerun_ms']:.3f}"]
             for r in d["rows"]]
     return table(["call", "shape", "base", "+router", "floe-dist", "gather", "loop", "lora",
                   "floe-dist / lora (same layer)", "loop / floe-dist", "gather / floe-dist", "floe-dist rerun"], rows)
