@@ -60,7 +60,8 @@ def write_result(name: str, rows: list[dict], merge_key: str | None = None, **ex
         kept = [{"provenance": old["provenance"], "command": old["command"], **row}
                 for row in old["rows"] if row[merge_key] not in mine]
         rows = [*kept, *({"provenance": "measured by the script", "command": command, **row} for row in rows)]
-        extra = {**{k: v for k, v in old.items() if k not in ("rows", "command", "provenance")}, **extra}
+        carried = ("rows", "command", "provenance", "script", "machine", "versions")  # this run's own, below
+        extra = {**{k: v for k, v in old.items() if k not in carried}, **extra}
     data = {"script": f"benchmarks/{Path(sys.argv[0]).name}", "command": command,
             "provenance": "measured by the script", "machine": machine(), "versions": versions(), **extra,
             "rows": rows}
