@@ -27,6 +27,14 @@ def smac_runhistory(out: Path) -> list:
     return json.loads(path.read_text())["data"]
 
 
+def first_budgets(trials: list[dict]) -> list[int]:
+    """The budget each configuration was first tried at (a bracket's starting rung)."""
+    first = {}
+    for t in sorted(trials, key=lambda t: t["id"]):
+        first.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
+    return list(first.values())
+
+
 def alive(pid: str) -> bool:
     """Running, not a zombie (an orphan's zombie waits for whoever reaps it here)."""
     stat = Path(f"/proc/{pid}/stat")
@@ -66,10 +74,7 @@ def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compu
     compute = sum(t["budget"] for t in search["trials"])
     assert compute <= 0.35 * grid_compute
     assert len({t["budget"] for t in search["trials"]}) == 3  # multi-fidelity: 30, 90, 270 steps
-    first_budget = {}
-    for t in sorted(search["trials"], key=lambda t: t["id"]):
-        first_budget.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
-    assert set(first_budget.values()) == {30}  # successive halving: every configuration starts at the bottom
+    assert set(first_budgets(search["trials"])) == {30}  # successive halving: every configuration starts at the bottom
     incumbent = search["summary"]["incumbent"]
     assert incumbent["config"]["rank"] == grid_best["config"]["rank"] and incumbent["budget"] == 270
     assert incumbent["cost"] <= grid_best["cost"] * 1.05  # within noise of the grid's best point
@@ -141,10 +146,8 @@ def test_hyperband_also_starts_brackets_above_the_smallest_budget(tmp_path):
               "--max-compute", "4.5", "--output", str(tmp_path)])
     trials = ledger(tmp_path)["trials"]
     assert trials and all(t["status"] == "success" for t in trials)
-    first_budget = {}
-    for t in sorted(trials, key=lambda t: t["id"]):
-        first_budget.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
-    assert min(first_budget.values()) == 30 and max(first_budget.values()) > 30, first_budget
+    first = first_budgets(trials)
+    assert min(first) == 30 and max(first) > 30, first
     assert {t["budget"] for t in trials} <= {30, 90}
 
 
