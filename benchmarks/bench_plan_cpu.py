@@ -79,7 +79,8 @@ def main() -> None:
             model, zero, world = ROWS[row]
             planned = planned_mib(model, zero, world, longest_batch(model, world))
             cells = []
-            result = {"run": f"{LABEL[model]}, ZeRO-{zero}, {world} rank{'s' * (world > 1)}", "plan_mib": round(planned)}
+            label = f"{LABEL[model]}, ZeRO-{zero}, {world} rank{'s' * (world > 1)}"
+            result = {"run": label, "plan_mib": round(planned)}
             for i, (name, env) in enumerate(ALLOCATORS.items()):
                 rss = measured_mib(model, zero, world, env, Path(tmp) / f"{row}-{i}")
                 cells.append(f"{rss:,.0f} ({(planned - rss) / rss:+.1%})")

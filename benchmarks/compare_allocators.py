@@ -169,7 +169,8 @@ def write_results(rows: list[dict], out: Path, args) -> None:
                            "std": statistics.stdev(accs) if len(accs) > 1 else None, "per_seed": accs,
                            "layers": mean("layers"), "trainable": round(mean("trainable_parameters")),
                            "active": round(mean("active_parameters_per_token")),
-                           "allocation_s": round(mean("allocation_seconds")), "training_s": round(mean("train_seconds"))})
+                           "allocation_s": round(mean("allocation_seconds")),
+                           "training_s": round(mean("train_seconds"))})
     write_result(f"compare_allocators_{args.task}", result, budget=args.budget, steps=args.steps,
                  micro_batch=args.micro_batch)
 

@@ -7,7 +7,8 @@ Each (shape, variant) runs in its own process (clean ZeRO-3 state, separate memo
 built from its public shape with random weights (no hub access), decoder linears quantized to NF4
 (bf16 compute and storage, floe_dist.modeling.backbone.quantize_nf4_), gradient checkpointing, a
 full-sequence causal-LM loss on random tokens, DeepSpeed ZeRO-3 (zero_configs/zero3.json) over the
-adapter parameters. Variants (``peft`` and ``moe`` at matched trainable parameters, ``peft-quarter`` and ``moe`` on the same layers):
+adapter parameters. Variants (``peft`` and ``moe`` at matched trainable parameters; ``peft-quarter`` and
+``moe`` on the same layers and targets):
 
 * ``peft``: PEFT LoRA r=16 on all seven linears of every layer (the QLoRA recipe);
 * ``moe``: floe-dist LoRA-MoE, 4 experts of rank 16, top-2, on the same linears of a quarter of the

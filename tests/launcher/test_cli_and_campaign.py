@@ -12,7 +12,8 @@ from tests.conftest import run_floe
 def test_every_sub_command_has_help_and_every_option_a_help_line():
     parser = build_parser(_stages())
     (sub,) = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
-    assert {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"} <= set(sub.choices)
+    stages = {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"}
+    assert stages <= set(sub.choices)
     for name, stage in sub.choices.items():
         with pytest.raises(SystemExit) as done:
             parser.parse_args([name, "--help"])
