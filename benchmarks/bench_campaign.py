@@ -1,7 +1,7 @@
 """The default campaign end to end, timed per stage: what README's first command does, from an empty folder.
 
-    python benchmarks/bench_campaign.py            # SmolLM2-135M on SST-2, preset default
-    python benchmarks/bench_campaign.py --preset tiny
+    python benchmarks/bench_campaign.py                   # recipes/smollm2-sst2.yaml: SmolLM2-135M on SST-2
+    python benchmarks/bench_campaign.py --config tiny
 
 Writes benchmarks/results/campaign.json (one row per run: accuracies, trainable parameters, the chosen
 rank and learning rate, seconds per stage). The model conversion cache is kept between runs (its
@@ -22,16 +22,16 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 
 
-def run_campaign(preset: str) -> dict:
+def run_campaign(recipe: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
-        subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--preset", preset, "--output", str(out)],
+        subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--config", recipe, "--output", str(out)],
                        cwd=REPO, check=True)
         summary = json.loads((out / "campaign.json").read_text())
         allocation = json.loads(Path(summary["allocation"]).read_text())
     layers = sorted(int(layer) for layer in allocation["layers"])
     ranks = sorted({max(m["ranks"]) for mods in allocation["layers"].values() for m in mods.values()})
-    return {"preset": preset, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
+    return {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
             "layers": layers, "expert_ranks": ranks, "lr": summary["lr"],
             "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"]}
@@ -39,11 +39,11 @@ def run_campaign(preset: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="default", help="campaign preset (launcher/campaign.py)")
+    parser.add_argument("--config", default="smollm2-sst2", help="recipe: a file or a shipped name (recipes/)")
     args = parser.parse_args()
-    row = run_campaign(args.preset)
+    row = run_campaign(args.config)
     print(json.dumps(row, indent=1))
-    write_result("campaign" if args.preset == "default" else f"campaign_{args.preset}", [row])
+    write_result("campaign" if args.config == "smollm2-sst2" else f"campaign_{Path(args.config).stem}", [row])
 
 
 if __name__ == "__main__":

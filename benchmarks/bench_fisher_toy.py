@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
-from floe_dist.fisher import select_top_k  # noqa: E402
+from floe_dist.methods.fisher import select_top_k  # noqa: E402
 from tests.toys import TASK_SIGNAL_GAINS, TASK_SIGNAL_PLANTED, task_signal_toy, warm_and_score  # noqa: E402
 
 WARMUPS = (60, 300)

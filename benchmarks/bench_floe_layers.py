@@ -96,7 +96,7 @@ def main() -> None:
 
 def _accuracy(run: Path, model: str, task: str, limit: int | None) -> float:
     """Test accuracy of a run's export (cached in <run>/eval.json)."""
-    from floe_dist.evaluate import EvalArgs, run as evaluate
+    from floe_dist.stages.evaluate import EvalArgs, run as evaluate
 
     cached = run / "eval.json"
     if cached.is_file():

@@ -35,7 +35,7 @@ STEPS, MICRO_BATCH = 3, 8
 def longest_batch(model: str, world: int) -> int:
     from floe_dist.data import load_task, train_batch
     from floe_dist.modeling.backbone import load_tokenizer, resolve_model
-    from floe_dist.train import TrainArgs
+    from floe_dist.stages.train import TrainArgs
 
     defaults = TrainArgs()
     examples, tokenizer = load_task("sst2", "train"), load_tokenizer(resolve_model(model))
@@ -60,7 +60,7 @@ def measured_mib(model: str, zero: int, world: int, env: dict[str, str], out: Pa
 
 
 def planned_mib(model: str, zero: int, world: int, seq_len: int) -> float:
-    from floe_dist.plan import GIB, PlanArgs, plan
+    from floe_dist.stages.plan import GIB, PlanArgs, plan
 
     args = PlanArgs(model=model, device="cpu", quant="fp32", targets="q_proj,v_proj", rank=8, zero=zero,
                     gpus_per_node=world, micro_batch=MICRO_BATCH, seq_len=seq_len, gradient_checkpointing=False,

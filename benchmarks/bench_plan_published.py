@@ -2,7 +2,7 @@
 
     python benchmarks/bench_plan_published.py     # writes benchmarks/results/plan_published.json
 
-Calibration rows are the figures a constant of floe_dist/plan.py was fitted on (the row names the
+Calibration rows are the figures a constant of floe_dist/stages/plan.py was fitted on (the row names the
 constant); they cannot validate the planner. Validation rows fitted nothing. Every published figure is
 the authors' own peak per GPU, in their unit:
   * PEFT docs, "DeepSpeed: ZeRO-3 + QLoRA" (Llama-2-70B on 2 GPUs): "36.6 GB per GPU";
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
-from floe_dist.plan import GIB, PlanArgs, plan  # noqa: E402
+from floe_dist.stages.plan import GIB, PlanArgs, plan  # noqa: E402
 
 ANSWER_AI = "Answer.AI fsdp_qlora benchmarks_03_2024.md"
 ANSWER_AI_LORA = dict(rank=64, targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj", gpus_per_node=2,

@@ -24,7 +24,7 @@ and activation-gradient backward, 4N + 12·L·d·T, plus 6 x the active adapter 
 *hardware* FLOPs (plus the checkpointed forward recomputed, and every expert the dense dispatch
 computes), each over the bf16 dense peak given by --peak-tflops (989: H100/H200 SXM datasheet).
 Memory: torch.cuda.max_memory_allocated over the timed steps, and the process's device peak (peak
-reserved + CUDA context); the plan (floe_dist.plan) predicts the latter. Writes
+reserved + CUDA context); the plan (floe_dist.stages.plan) predicts the latter. Writes
 benchmarks/results/gpu_throughput.json (``python benchmarks/report.py`` renders it).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def build_backbone(shape: str, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from floe_dist.modeling.backbone import TINY_CONFIG, compute_dtype, quantize_nf4_
-    from floe_dist.plan import BUILTIN
+    from floe_dist.stages.plan import BUILTIN
 
     dtype = compute_dtype()
     config = LlamaConfig(vocab_size=512, **TINY_CONFIG) if shape == "tiny" else LlamaConfig(**BUILTIN[shape])
@@ -132,7 +132,7 @@ def allocation_for(variant: str, layers: int):
 def token_flops(config, variant: str, seq_len: int):
     """Model and hardware FLOPs per token of a variant (floe_dist/flops.py), counted on the meta device."""
     from floe_dist.flops import flops_per_token
-    from floe_dist.plan import count_model
+    from floe_dist.stages.plan import count_model
 
     count = count_model(config)
     allocation = allocation_for(variant, count.layers)
@@ -143,7 +143,7 @@ def token_flops(config, variant: str, seq_len: int):
 
 
 def plan_for(shape: str, variant: str, micro_batch: int, seq_len: int, gpu_memory: float, peak: float) -> dict:
-    from floe_dist.plan import PlanArgs, count_model, model_config, plan
+    from floe_dist.stages.plan import PlanArgs, count_model, model_config, plan
 
     common = dict(model=shape, nodes=1, gpus_per_node=1, zero=3, quant="nf4", micro_batch=micro_batch,
                   seq_len=seq_len, full_sequence_loss=True, gpu_memory=gpu_memory, peak_tflops=peak,
@@ -160,7 +160,7 @@ def run_one(args) -> dict:
     from floe_dist.distributed import engine as ds
     from floe_dist.distributed.runtime import device_for, init_distributed
     from floe_dist.flops import utilisation
-    from floe_dist.plan import count_model
+    from floe_dist.stages.plan import count_model
 
     info = init_distributed()
     device = device_for(info)
@@ -241,7 +241,7 @@ def main() -> None:
         child(args)
         return
 
-    from floe_dist.plan import BUILTIN
+    from floe_dist.stages.plan import BUILTIN
 
     bad = [s for s in args.shapes.split(",") if s not in SHAPES and s not in BUILTIN]
     bad += [v for v in args.variants.split(",") if v not in VARIANTS]

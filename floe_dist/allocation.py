@@ -248,11 +248,15 @@ def _parse_module(where: str, spec: Any, problems: list[str]) -> ModuleAllocatio
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON to a temp file in the same folder, then rename over the target."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write to a temp file in the same folder, then rename over the target: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
     return path

@@ -13,3 +13,4 @@ def arg(default: Any, help: str) -> Any:
 def below_one(args: Any, names: tuple[str, ...]) -> list[str]:
     """``--flag must be >= 1`` for each named count field that is below 1 (for ``validate`` methods)."""
     return [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}" for n in names if getattr(args, n) < 1]
+

@@ -1,15 +1,18 @@
-"""``floe-dist campaign``: the stages end to end, each resumable, each timed.
+"""``floe-dist campaign``: the stages of one recipe end to end, each resumable, each timed.
 
-    floe-dist campaign                  # SmolLM2-135M on SST-2, 2 local ranks under ZeRO-3
-    floe-dist campaign --preset tiny    # the same path on a tiny random Llama, about a minute
+    floe-dist campaign                                   # recipes/smollm2-sst2.yaml: SmolLM2-135M on SST-2
+    floe-dist campaign --config tiny                     # the same path on a tiny random Llama, about a minute
+    floe-dist campaign --config my.yaml --train.lr 1e-4 --output runs/mine
 
-Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> score (warm-up
-and Fisher layer selection, floe_dist/score.py) -> search (SMAC picks rank and learning rate for the
-selected layers from short parallel trials, launcher/search.py) -> train -> accuracy of the exported
-adapter. Score and train run as ``torchrun`` groups of ``--nproc`` ranks; search trials are single
-processes, as many at once as the machine holds. A stage whose result file exists is skipped when
-the campaign is rerun, so an interrupted campaign continues where it stopped (the search resumes
-its trials and training its last checkpoint).
+Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> allocate (for FLoE,
+the score stage: warm-up and Fisher layer selection; any other registered method otherwise) -> search
+(SMAC picks rank and learning rate for the allocated layers from short parallel trials) -> train ->
+accuracy of the exported adapter. Score and train run as ``torchrun`` (or ``srun``) groups of
+``parallel.nproc`` ranks per node; search trials are single processes, as many at once as the machine
+holds. The resolved recipe is written to ``<output>/recipe.yaml`` and each stage's folder. A stage
+whose result file exists is skipped when the campaign is rerun, so an interrupted campaign continues
+where it stopped; a rerun whose recipe changed a setting that a finished stage used is refused with
+the keys that changed.
 """
 from __future__ import annotations
 
@@ -18,81 +21,90 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from floe_dist.allocation import write_json_atomic
-from floe_dist.config import arg
 from floe_dist.distributed.runtime import free_port
-from floe_dist.evaluate import EvalArgs
-from floe_dist.evaluate import run as evaluate
-from floe_dist.modeling.backbone import resolve_model
-from floe_dist.score import ScoreArgs
-from floe_dist.train import TrainArgs
-from launcher.cluster import srun_stage_command
-from launcher.search import SearchArgs
-from launcher.search import run as search
+from floe_dist.recipe import Recipe, read_recipe, stage_settings, write_recipe
+from floe_dist.resume import changed_settings, describe
 
-PRESETS = {
-    # Real model and data; measured to finish well under 15 minutes on 2 CPU cores.
-    "default": dict(model="smollm2-135m", task="sst2", steps=40, micro_batch=4, nproc=2, eval_limit=None,
-                    score=dict(warmup_steps=20, proxy_examples=256, samples=256),
-                    search=dict(ranks="2,4,8,16", lr="2e-4:3e-3", min_steps=8, max_steps=24, max_compute=4.0,
-                                val_limit=100, micro_batch=4)),
-    # Same code path on a random tiny Llama: a smoke test of the whole campaign.
-    "tiny": dict(model="tiny", task="sst2", steps=6, micro_batch=2, nproc=2, eval_limit=32,
-                 score=dict(warmup_steps=3, proxy_examples=32, samples=32, micro_batch=2),
-                 search=dict(ranks="2,4", lr="1e-3:1e-2", min_steps=1, max_steps=3, max_compute=2.0,
-                             val_limit=16, micro_batch=2)),
-}
+# Settings each finished stage's result depends on (prefixes of the recipe's dotted keys) ...
+DEPENDS = {"prepare": ("model.name",), "zero_shot": ("model.", "data.", "evaluate.limit")}
+DEPENDS["allocate"] = ("model.", "data.", "adapter.", "score.", "allocate.", "parallel.zero", "parallel.ep_size")
+DEPENDS["search"] = DEPENDS["allocate"] + ("search.",)
+DEPENDS["train"] = DEPENDS["search"] + ("train.", "parallel.nproc", "parallel.nodes")
+DEPENDS["final_eval"] = DEPENDS["train"] + ("evaluate.limit",)
+# ... except those that say only how to run.
+HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
+              "search.trial_threads", "search.sbatch_args", "evaluate.batch_size"}
+RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
+                "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 
 
 @dataclass
 class CampaignArgs:
-    preset: str = arg("default", f"one of {sorted(PRESETS)}")
-    output: str = arg("runs/campaign", "campaign folder; rerun the same command to resume")
-    nproc: int | None = arg(None, "training ranks (local processes); default from the preset")
-    steps: int | None = arg(None, "training steps; default from the preset")
-    zero: str = arg("3", "DeepSpeed config for training: 0, 2, 3 or a JSON path")
-    quant: str = arg("none", "backbone for training and evaluation: none or nf4")
-    allocation: str | None = arg(None, "allocation.json to train; skips the score stage")
-    select_k: int | None = arg(None, "layers the score stage keeps; default 25%% of the layers")
-    search: bool = arg(True, "search rank and learning rate with SMAC before training (--no-search: "
-                             "train the allocation as scored, at the default learning rate)")
-    launcher: str = arg("local", "how score and train start their ranks: local (torchrun on this machine) "
-                                 "or srun (inside an sbatch job: --nodes x --nproc tasks; see slurm/)")
-    nodes: int = arg(1, "nodes for score and train with --launcher srun (--nproc is ranks per node)")
-
-    def validate(self) -> None:
-        problems = []
-        if self.preset not in PRESETS:
-            problems.append(f"unknown preset {self.preset!r}: choose one of {sorted(PRESETS)}")
-        if self.launcher not in ("local", "srun"):
-            problems.append(f"--launcher must be local or srun, got {self.launcher!r}")
-        if self.nodes < 1 or (self.nproc is not None and self.nproc < 1):
-            problems.append("--nodes and --nproc must be >= 1")
-        if self.nodes > 1 and self.launcher != "srun":
-            problems.append("--nodes > 1 needs --launcher srun (run the campaign from an sbatch script: "
-                            "floe-dist slurm render)")
-        if self.launcher == "srun" and "MASTER_ADDR" not in os.environ:
-            problems.append("--launcher srun needs MASTER_ADDR (the sbatch template exports it)")
-        if problems:
-            raise ValueError("bad campaign arguments:\n  - " + "\n  - ".join(problems))
+    recipe: Recipe
+    output: str = "runs/campaign"
 
 
-def _stage(name: str, result_file: Path, timings: dict, fn):
-    """Run ``fn`` unless its result file exists; record wall time."""
-    if result_file.is_file():
-        print(f"[campaign] {name}: done earlier ({result_file})")
-        result = json.loads(result_file.read_text())
-        timings[name] = result.get("_seconds", 0.0)
+def check_finished_stages(out: Path, recipe: Recipe) -> None:
+    """Refuse a rerun whose recipe changed what a finished stage used; name the keys."""
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        return
+    changed = changed_settings(read_recipe(saved).flat(), recipe.flat(), HOW_TO_RUN)
+    stale = [stage for stage, file in RESULT_FILES.items() if (out / file).is_file()
+             and any(key.startswith(DEPENDS[stage]) for key in changed)]
+    if stale:
+        raise ValueError(f"{out} holds finished stages ({', '.join(stale)}) made with other settings: "
+                         f"{describe(changed)}; use another --output, or the same settings to resume it")
+
+
+class Campaign:
+    """The stages in order; ``step`` runs one unless its result file exists."""
+
+    def __init__(self, args: CampaignArgs):
+        self.recipe, self.out = args.recipe, Path(args.output)
+        self.timings: dict[str, float] = {}
+
+    def step(self, name: str, fn: Callable[[], dict]) -> dict:
+        result_file = self.out / RESULT_FILES[name]
+        if result_file.is_file():
+            print(f"[campaign] {name}: done earlier ({result_file})")
+            result = json.loads(result_file.read_text())
+            self.timings[name] = result.get("_seconds", 0.0)
+            return result
+        print(f"[campaign] {name} ...", flush=True)
+        start = time.time()
+        result = fn()
+        result["_seconds"] = self.timings[name] = time.time() - start
+        write_json_atomic(result_file, result)
         return result
-    print(f"[campaign] {name} ...", flush=True)
-    start = time.time()
-    result = fn()
-    result["_seconds"] = timings[name] = time.time() - start
-    write_json_atomic(result_file, result)
-    return result
+
+    def stage_args(self, stage: str, cls: type, **given: Any):
+        """A stage's arguments: the recipe's settings, then what the campaign decides (``given``)."""
+        settings = stage_settings(stage, self.recipe, [f.name for f in fields(cls)])
+        return cls(**{**settings, **given})
+
+    def launch(self, stage: str, stage_args, result: Path) -> dict:
+        """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job)."""
+        from launcher.cluster import srun_stage_command
+
+        p = self.recipe.parallel
+        write_recipe(Path(stage_args.output), self.recipe)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p.nproc))}
+        if p.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
+            env["MASTER_PORT"] = str(free_port())
+            command = srun_stage_command(stage_argv(stage, stage_args), p.nodes, p.nproc)
+        else:
+            command = stage_command(stage, stage_args, p.nproc)
+        code = subprocess.call(command, env=env)
+        if code != 0:
+            raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
+                                    f"rerun the campaign to resume it")
+        return json.loads(result.read_text())
 
 
 def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
@@ -114,67 +126,90 @@ def stage_argv(stage: str, stage_args) -> list[str]:
     return argv
 
 
-def run(args: CampaignArgs) -> dict:
-    args.validate()
-    preset = PRESETS[args.preset]
-    nproc = args.nproc or preset["nproc"]
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+def validate(recipe: Recipe) -> None:
+    p, problems = recipe.parallel, []
+    if p.launcher not in ("local", "srun"):
+        problems.append(f"parallel.launcher must be local or srun, got {p.launcher!r}")
+    if p.nodes < 1 or p.nproc < 1:
+        problems.append("parallel.nodes and parallel.nproc must be >= 1")
+    if p.nodes > 1 and p.launcher != "srun":
+        problems.append("parallel.nodes > 1 needs parallel.launcher srun (run the campaign from an sbatch "
+                        "script: floe-dist slurm render --config RECIPE)")
+    if p.launcher == "srun" and "MASTER_ADDR" not in os.environ:
+        problems.append("parallel.launcher srun needs MASTER_ADDR (the sbatch template exports it)")
+    from floe_dist.methods import REGISTRY
 
-    _stage("prepare", out / "prepare.json", timings,
-           lambda: {"model_dir": str(resolve_model(preset["model"]))})
-    eval_args = dict(model=preset["model"], task=preset["task"], quant=args.quant, limit=preset["eval_limit"])
-    zero_shot = _stage("zero_shot", out / "zero_shot.json", timings, lambda: evaluate(EvalArgs(**eval_args)))
+    if recipe.allocate.file is None and recipe.allocate.method not in REGISTRY:
+        problems.append(f"allocate.method {recipe.allocate.method!r} is not one of {sorted(REGISTRY)}")
+    if problems:
+        raise ValueError("bad recipe:\n  - " + "\n  - ".join(problems))
 
-    def launch(stage: str, stage_args, result: Path) -> dict:
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-        if args.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
-            env["MASTER_PORT"] = str(free_port())
-            command = srun_stage_command(stage_argv(stage, stage_args), args.nodes, nproc)
-        else:
-            command = stage_command(stage, stage_args, nproc)
-        code = subprocess.call(command, env=env)
-        if code != 0:
-            raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
-                                    f"rerun the campaign to resume it")
-        return json.loads(result.read_text())
 
-    allocation = args.allocation
-    if allocation is None:
-        score_args = ScoreArgs(model=preset["model"], task=preset["task"], output=str(out / "score"),
-                               zero=args.zero, quant=args.quant, k=args.select_k, **preset["score"])
-        scored = _stage("score", out / "score_stage.json", timings,
-                        lambda: launch("score", score_args, out / "score" / "fisher.json"))
+def allocate_stage(c: Campaign) -> str:
+    """The allocation to search and train: a given file, FLoE's score stage, or another method."""
+    from floe_dist.stages.allocate import AllocateArgs
+    from floe_dist.stages.allocate import run as allocate
+    from floe_dist.stages.score import ScoreArgs
+
+    a = c.recipe.allocate
+    if a.file:
+        return a.file
+    folder = c.out / "allocate"
+    if a.method == "floe":
+        score_args = c.stage_args("score", ScoreArgs, output=str(folder))
+        scored = c.step("allocate", lambda: c.launch("score", score_args, folder / "fisher.json"))
         print(f"[campaign] selected layers {scored['selected_layers']}")
-        allocation = str(out / "score" / "allocation.json")
-    lr = TrainArgs.lr
-    if args.search:
-        search_args = SearchArgs(model=preset["model"], task=preset["task"], allocation=allocation,
-                                 output=str(out / "search"), quant=args.quant, **preset["search"])
-        found = _stage("search", out / "search_stage.json", timings, lambda: search(search_args))
-        allocation, lr = str(out / "search" / "allocation.json"), found["lr"]
-        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e}")
-    train_args = TrainArgs(model=preset["model"], task=preset["task"], output=str(out / "train"),
-                           steps=args.steps or preset["steps"], micro_batch=preset["micro_batch"],
-                           zero=args.zero, quant=args.quant, allocation=allocation, lr=lr)
-    trained = _stage("train", out / "train_stage.json", timings,
-                     lambda: launch("train", train_args, out / "train" / "train.json"))
-    final = _stage("final_eval", out / "final_eval.json", timings,
-                   lambda: evaluate(EvalArgs(**eval_args, adapter=str(out / "train" / "adapter"))))
+    else:
+        args = c.stage_args("allocate", AllocateArgs, output=str(folder / "allocation.json"))
+        write_recipe(folder, c.recipe)
+        c.step("allocate", lambda: {"method": a.method, "layers": sorted(allocate(args).layers)})
+    return str(folder / "allocation.json")
 
-    summary = {"preset": args.preset, "model": preset["model"], "task": preset["task"], "ranks": nproc * args.nodes,
-               "allocation": allocation, "lr": lr,
+
+def run(args: CampaignArgs) -> dict:
+    from floe_dist.modeling.backbone import resolve_model
+    from floe_dist.stages.evaluate import EvalArgs
+    from floe_dist.stages.evaluate import run as evaluate
+    from floe_dist.stages.search import SearchArgs
+    from floe_dist.stages.search import run as search
+    from floe_dist.stages.train import TrainArgs
+
+    recipe = args.recipe
+    validate(recipe)
+    c = Campaign(args)
+    check_finished_stages(c.out, recipe)
+    write_recipe(c.out, recipe)
+    c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
+    zero_shot = c.step("zero_shot", lambda: evaluate(c.stage_args("evaluate", EvalArgs)))
+    allocation, lr = allocate_stage(c), recipe.train.lr
+    if recipe.search.enabled:
+        search_args = c.stage_args("search", SearchArgs, allocation=allocation, output=str(c.out / "search"))
+        write_recipe(c.out / "search", recipe)
+        found = c.step("search", lambda: search(search_args))
+        allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
+        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e}")
+    train_args = c.stage_args("train", TrainArgs, allocation=allocation, lr=lr, output=str(c.out / "train"))
+    trained = c.step("train", lambda: c.launch("train", train_args, c.out / "train" / "train.json"))
+    final = c.step("final_eval", lambda: evaluate(c.stage_args("evaluate", EvalArgs,
+                                                               adapter=str(c.out / "train" / "adapter"))))
+    return summarise(c, allocation, lr, zero_shot, trained, final)
+
+
+def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained: dict, final: dict) -> dict:
+    r = c.recipe
+    summary = {"model": r.model.name, "task": r.data.task, "method": r.allocate.method,
+               "ranks": r.parallel.nproc * r.parallel.nodes, "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
-               "trainable_parameters": trained["trainable_parameters"], "stage_seconds": timings,
-               "args": asdict(args)}
-    write_json_atomic(out / "campaign.json", summary)
+               "trainable_parameters": trained["trainable_parameters"], "stage_seconds": c.timings,
+               "recipe": str(c.out / "recipe.yaml")}
+    write_json_atomic(c.out / "campaign.json", summary)
     print("\n[campaign] summary")
-    print(f"  model / task          {preset['model']} / {preset['task']} ({final['examples']} test examples)")
+    print(f"  model / task          {r.model.name} / {r.data.task} ({final['examples']} test examples)")
+    print(f"  allocation            {r.allocate.file or r.allocate.method}")
     print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")
-    for name, seconds in timings.items():
+    for name, seconds in c.timings.items():
         print(f"  {name:<21} {seconds:7.1f} s")
-    print(f"  total                 {sum(timings.values()):7.1f} s")
+    print(f"  total                 {sum(c.timings.values()):7.1f} s")
     return summary

@@ -1,35 +1,41 @@
-"""The ``floe-dist`` command: one sub-command per stage, flags generated from each stage's dataclass.
+"""The ``floe-dist`` command: one sub-command per stage.
 
-    floe-dist campaign [--preset tiny]      # the whole default campaign (see launcher/campaign.py)
-    floe-dist search ...                    # SMAC over rank and learning rate (launcher/search.py)
-    floe-dist train ...                     # also under `deepspeed --num_gpus N --module launcher.cli train`
-    floe-dist evaluate ...
+    floe-dist campaign [--config RECIPE] [--section.key VALUE ...]   # all stages (launcher/campaign.py)
+    floe-dist score|allocate|search|train|evaluate [--config RECIPE] [--flag VALUE ...]
     floe-dist export --run DIR
-    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8   # memory per GPU before any run
+    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8    # memory per GPU before any run
+    floe-dist slurm --action render --config RECIPE --output runs/c  # an sbatch script that runs a recipe
+
+A campaign is configured only by its recipe (floe_dist/recipe.py; jsonargparse reads the YAML and the
+dotted overrides). A single stage takes its own flags; with ``--config`` (and dotted overrides) its
+defaults come from the recipe, and flags given explicitly still win. Under ``deepspeed --num_gpus N
+--module launcher.cli train ...`` the launcher's --local_rank flag is dropped (LOCAL_RANK is set).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
-    from floe_dist import allocate, evaluate, export_run, plan, score, train
-    from launcher import campaign, search, slurm
+    from floe_dist.stages import allocate, evaluate, export, plan, score, search, train
+    from launcher import campaign, slurm
 
     return {
         "score": (score.ScoreArgs, score.run, "warm up adapters, score layers by Fisher information, select"),
-        "search": (search.SearchArgs, search.run, "choose rank and learning rate with SMAC from parallel trials"),
         "allocate": (allocate.AllocateArgs, allocate.run, "write an allocation file with a registered method"),
+        "search": (search.SearchArgs, search.run, "choose rank and learning rate with SMAC from parallel trials"),
         "train": (train.TrainArgs, train.run, "train adapters under DeepSpeed (ZeRO-0/2/3)"),
         "evaluate": (evaluate.EvalArgs, evaluate.run, "multiple-choice accuracy of a base model or adapter"),
-        "export": (export_run.ExportArgs, export_run.run, "rebuild an adapter export from a checkpoint"),
-        "campaign": (campaign.CampaignArgs, campaign.run, "run the stages end to end"),
+        "export": (export.ExportArgs, export.run, "rebuild an adapter export from a checkpoint"),
+        "campaign": (campaign.CampaignArgs, campaign.run, "run a recipe's stages end to end"),
         "slurm": (slurm.SlurmArgs, slurm.run, "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
         "plan": (plan.PlanArgs, plan.run, "predict per-GPU memory and step time of a layout before running it"),
     }
@@ -43,23 +49,35 @@ def _base_type(annotation: Any) -> type:
     return annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, cls: type) -> None:
+    """One flag per dataclass field, grouped by the recipe section each comes from."""
+    from floe_dist.recipe import section_of
+
+    groups: dict[str, Any] = {}
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--config", default=None, help="a recipe (file or shipped name) whose settings become "
+                                                       "this stage's defaults; dotted --section.key flags override it")
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f.type)
-        help_text = f.metadata.get("help", "")
+        section = section_of(stage, f.name)
+        title = f"{section} (recipe: {section}.*)" if section else f"{stage}"
+        group = groups.setdefault(title, parser.add_argument_group(title))
+        flag, kind, help_text = "--" + f.name.replace("_", "-"), _base_type(f.type), f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)")
+            group.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)")
 
 
-def build_parser(stages: dict) -> argparse.ArgumentParser:
+def build_parser(stages: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="floe-dist", description="Fisher-placed sparse LoRA-MoE fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, (cls, _, help_text) in stages.items():
-        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), cls)
-    return parser
+        # the campaign's own parser (jsonargparse, the recipe's sections) handles its flags and --help
+        subs[name] = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "campaign")
+        if name != "campaign":
+            add_stage_arguments(subs[name], name, cls)
+    return parser, subs
 
 
 def strip_launcher_flags(argv: list[str]) -> list[str]:
@@ -77,15 +95,71 @@ def strip_launcher_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    stages = _stages()
-    ns = build_parser(stages).parse_args(strip_launcher_flags(sys.argv[1:] if argv is None else argv))
-    cls, fn, _ = stages[ns.command]
+def campaign_args(argv: list[str]):
+    """``--config`` (default: the shipped default recipe), ``--output`` and dotted recipe settings."""
+    from floe_dist.recipe import DEFAULT_RECIPE, recipe_from_namespace, recipe_parser, recipe_path
+    from launcher.campaign import CampaignArgs
+
+    parser = recipe_parser(prog="floe-dist campaign", description=_stages()["campaign"][2])
+    parser.add_argument("--output", default="runs/campaign", help="campaign folder; rerun the same command "
+                                                                   "to resume")
+    argv = resolve_config_names(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(recipe_path(DEFAULT_RECIPE)), *argv]
+    cfg = parser.parse_args(argv)
+    return CampaignArgs(recipe=recipe_from_namespace(parser, cfg), output=cfg.output)
+
+
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """``--config tiny`` names a shipped recipe; the path is what jsonargparse reads."""
+    from floe_dist.recipe import recipe_path
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = str(recipe_path(out[i + 1]))
+        elif a.startswith("--config="):
+            out[i] = "--config=" + str(recipe_path(a.split("=", 1)[1]))
+    return out
+
+
+def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]):
+    """A stage's dataclass from its flags; with --config, the recipe's settings are the defaults."""
+    from floe_dist.recipe import load_recipe, stage_settings, write_recipe
+
+    ns, extra = sub.parse_known_args(argv)
+    dotted = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
+    values = [a for a in extra if not a.startswith("--")]
+    if len(dotted) + len(values) != len(extra) or (dotted and not ns.config):
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + ("" if ns.config else
+                  " (dotted --section.key settings need --config RECIPE)"))
+    recipe = None
+    if ns.config:
+        recipe = load_recipe(ns.config, extra)
+        sub.set_defaults(**stage_settings(name, recipe, [f.name for f in dataclasses.fields(cls)]))
+        ns, _ = sub.parse_known_args(argv)
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    output = getattr(args, "output", None)
+    if recipe is not None and output and not Path(output).suffix and os.environ.get("RANK", "0") == "0":
+        write_recipe(Path(output), recipe)  # the resolved recipe beside the stage's outputs
+        if hasattr(args, "recipe") and args.recipe is None:
+            args.recipe = str(Path(output) / "recipe.yaml")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
+    stages = _stages()
+    parser, subs = build_parser(stages)
+    if not argv or argv[0] not in stages:
+        parser.parse_args(argv)  # usage, --help, or the unknown-command error
+    name, rest = argv[0], argv[1:]
+    cls, fn, _ = stages[name]
     try:
+        args = campaign_args(rest) if name == "campaign" else stage_args(name, cls, subs[name], rest)
         fn(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
-        print(f"floe-dist {ns.command}: error: {err}", file=sys.stderr)
+        print(f"floe-dist {name}: error: {err}", file=sys.stderr)
         return 2
     finally:
         from floe_dist.distributed.runtime import shutdown

@@ -1,7 +1,7 @@
 """``floe-dist slurm``: render and submit the sbatch templates in ``slurm/``, write DeepSpeed hostfiles.
 
     floe-dist slurm --action render --template campaign --nodes 2 --tasks-per-node 4 --gpus-per-node 4 \\
-        --output runs/c70b --args="--preset default"          # -> runs/c70b/campaign.sbatch
+        --output runs/c70b --config llama3-70b-2node          # -> runs/c70b/campaign.sbatch
     floe-dist slurm --action submit ...                        # render, then sbatch; prints the job id
     floe-dist slurm --action hostfile --hostfile H --slots 8   # inside an allocation: DeepSpeed hostfile
 
@@ -17,23 +17,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 
+import launcher.cli
+from floe_dist.assets import SbatchTemplate
 from floe_dist.config import arg, below_one
 from launcher.cluster import DEEPSPEED_LAUNCHERS, need_command, render_hostfile, slurm_hosts
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
-REPO = TEMPLATES.parent
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
-
-
-class SbatchTemplate(Template):
-    """``slurm/<name>.sbatch`` with ``@{field}`` placeholders (bash keeps its ``${...}``)."""
-    delimiter = "@"
-
-    @classmethod
-    def named(cls, name: str) -> "SbatchTemplate":
-        return cls((TEMPLATES / f"{name}.sbatch").read_text())
 
 
 @dataclass
@@ -41,7 +31,9 @@ class SlurmArgs:
     action: str = arg("render", "render (write the sbatch script), submit (render + sbatch) or hostfile")
     template: str = arg("campaign", "campaign or train (slurm/<template>.sbatch)")
     output: str = arg("runs/slurm", "run folder: the script, Slurm's log and the stage's outputs go here")
-    args: str = arg("", "flags of the stage, passed through; write --args=\"--preset tiny\" (--output is added)")
+    args: str = arg("", "flags of the stage, passed through; write --args=\"--train.steps 80\" (--output is added)")
+    recipe: str | None = arg(None, "recipe the job runs (--config of the stage); with this command's --config, "
+                                   "the resolved recipe written into --output")
     nodes: int = arg(1, "nodes (#SBATCH --nodes)")
     tasks_per_node: int = arg(1, "ranks per node (GPUs per node on a GPU cluster)")
     gpus_per_node: int = arg(0, "GPUs per node to request (#SBATCH --gpus-per-node); 0 on CPU clusters")
@@ -81,7 +73,8 @@ class SlurmArgs:
 
 def render(args: SlurmArgs) -> str:
     out = Path(args.output).resolve()
-    stage_args = shlex.split(args.args) + ["--output", str(out)]
+    recipe = ["--config", str(Path(args.recipe).resolve())] if args.recipe else []
+    stage_args = recipe + shlex.split(args.args) + ["--output", str(out)]
     lines = [f"#SBATCH --partition={args.partition}"] if args.partition else []
     if args.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
@@ -100,11 +93,11 @@ def render(args: SlurmArgs) -> str:
                   f"--slots {args.tasks_per_node}\n"
                   f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
                   f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher}{no_ssh} "
-                  f"{shlex.quote(str(REPO / 'launcher' / 'cli.py'))} train {quoted}")  # a script path: the slurm
+                  f"{shlex.quote(launcher.cli.__file__)} train {quoted}")  # a script path: the slurm
         # backend of deepspeed 0.19.8 drops --module and would run `python launcher.cli`
     return SbatchTemplate.named(args.template).substitute(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
-        time=args.time, output=str(out), sbatch_lines="\n".join(lines), workdir=shlex.quote(str(REPO)),
+        time=args.time, output=str(out), sbatch_lines="\n".join(lines), workdir=shlex.quote(str(Path.cwd())),
         python=python, args=quoted, launch=launch)
 
 

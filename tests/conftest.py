@@ -93,3 +93,12 @@ def tiny_model_dir() -> Path:
     from floe_dist.modeling.backbone import resolve_model
 
     return resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One local 2-node Slurm for every test that needs it (started once, torn down at the end)."""
+    from tests.slurm_cluster import LocalSlurm
+
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

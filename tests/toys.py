@@ -66,7 +66,7 @@ def warm_and_score(base, x, y, warmup_steps: int = 60):
     """FLoE on a toy: warm up 2-expert HydraLoRA adapters on every block's fc1 over 256 proxy samples,
     then sum Fisher over the other 256 (16 batches of 16). Returns the FisherSums."""
     from floe_dist.allocation import Allocation
-    from floe_dist.fisher import accumulate_fisher
+    from floe_dist.methods.fisher import accumulate_fisher
     from floe_dist.modeling.inject import inject_adapters
 
     adapters = inject_adapters(base, Allocation.uniform(len(base.layers), ["fc1"], experts=2, rank=4, router="dense"))
@@ -99,7 +99,7 @@ def flexora_toy_search(seed: int, steps: int = 200) -> list[int]:
     """Flexora's alpha search on the C4 toy (Adam lr 0.05 on alpha); the layers it keeps."""
     import itertools
 
-    from floe_dist.flexora import flexora_search
+    from floe_dist.methods.flexora import flexora_search
 
     base, adapters, (x, y), (xv, yv), _ = flexora_toy(seed)
     batches = ({"x": x[(s * 16) % 64:(s * 16) % 64 + 16], "y": y[(s * 16) % 64:(s * 16) % 64 + 16]}

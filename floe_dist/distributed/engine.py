@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from floe_dist.assets import asset_dir
 
-ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+ZERO_CONFIGS = asset_dir("zero_configs")
 
 
 def zero_config_path(stage_or_path: str | int) -> Path:

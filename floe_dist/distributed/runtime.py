@@ -171,11 +171,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     """Destroy the process group and DeepSpeed's groups cached from it, so that a later run in the same
     process (tests, notebooks) starts clean instead of using groups of a dead process group."""
+    import sys
+
     import torch.distributed as dist
-    from deepspeed.utils import groups
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    if "deepspeed.utils.groups" not in sys.modules:
+        return  # DeepSpeed was never used here: nothing cached (and no import of it just to clear)
+    from deepspeed.utils import groups
+
     groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
     for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
                   groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,

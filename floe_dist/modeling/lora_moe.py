@@ -150,7 +150,7 @@ class LoRAMoELinear(nn.Module):
         return gates
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, E) router logits; GuiLoMo's search adds its expert mask here (floe_dist/guilomo.py)."""
+        """(T, E) router logits; GuiLoMo's search adds its expert mask here (floe_dist/methods/guilomo.py)."""
         return self.lora_router(x)
 
     def down_weight(self) -> torch.Tensor:

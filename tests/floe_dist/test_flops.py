@@ -10,7 +10,7 @@ from floe_dist.allocation import Allocation
 from floe_dist.flops import flops_per_token, utilisation
 from floe_dist.modeling.backbone import TINY_CONFIG
 from floe_dist.modeling.inject import inject_adapters
-from floe_dist.plan import count_model
+from floe_dist.stages.plan import count_model
 
 
 @pytest.mark.parametrize("experts,top_k", [(1, 1), (4, 4)])

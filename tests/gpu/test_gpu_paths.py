@@ -101,7 +101,7 @@ def test_nf4_zero3_bf16_training_on_gpu_matches_zero0(tmp_path):
 
 
 def _evaluate(adapter, cuda: bool) -> dict:
-    code = ("import json, sys; from floe_dist.evaluate import EvalArgs, run; "
+    code = ("import json, sys; from floe_dist.stages.evaluate import EvalArgs, run; "
             f"print('RESULT', json.dumps(run(EvalArgs(model='tiny', task='sst2', adapter={str(adapter)!r}, "
             "quant='nf4', limit=32, batch_size=16))))")
     env = {**clean_env(1), **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}

@@ -1,5 +1,4 @@
-"""One local 2-node Slurm for every launcher test that needs it (started once, torn down at the end),
-Debian's Open MPI beside the MPICH wheel of the venv, and an sshd for deepspeed's pdsh backend."""
+"""Debian's Open MPI beside the MPICH wheel of the venv, and an sshd for deepspeed's pdsh backend."""
 from __future__ import annotations
 
 import os
@@ -12,13 +11,7 @@ import pytest
 
 from floe_dist.distributed.runtime import free_port
 
-from tests.slurm_cluster import LocalSlurm, ensure_installed
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
+from tests.slurm_cluster import ensure_installed
 
 
 @pytest.fixture(scope="session")

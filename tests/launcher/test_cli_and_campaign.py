@@ -5,22 +5,27 @@ import json
 
 import pytest
 
+from floe_dist.recipe import load_recipe, read_recipe, recipe_parser
 from launcher.cli import build_parser, _stages
 from tests.conftest import run_floe
 
 
-def test_every_sub_command_has_help_and_every_option_a_help_line():
-    parser = build_parser(_stages())
-    (sub,) = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
-    stages = {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"}
-    assert stages <= set(sub.choices)
-    for name, stage in sub.choices.items():
-        with pytest.raises(SystemExit) as done:
-            parser.parse_args([name, "--help"])
-        assert done.value.code == 0
+def test_every_sub_command_has_grouped_help_and_every_option_a_help_line():
+    parser, subs = build_parser(_stages())
+    assert set(subs) == {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"}
+    for name, stage in subs.items():
+        if name == "campaign":
+            stage = recipe_parser()  # the campaign's flags are the recipe's
+        else:
+            with pytest.raises(SystemExit) as done:
+                parser.parse_args([name, "--help"])
+            assert done.value.code == 0
         silent = [a.option_strings[0] for a in stage._actions if a.option_strings and a.dest != "help"
                   and not (a.help or "").split("(default")[0].strip()]
         assert not silent, f"floe-dist {name}: options without a help line: {silent}"
+    titles = {g.title for g in subs["train"]._action_groups}
+    assert {"model (recipe: model.*)", "adapter (recipe: adapter.*)", "train (recipe: train.*)"} <= titles
+    assert "train: the final training of the chosen adapter" in {g.title for g in recipe_parser()._action_groups}
 
 
 def test_bad_train_arguments_fail_before_any_work(tmp_path):
@@ -37,31 +42,58 @@ def test_bad_train_arguments_fail_before_any_work(tmp_path):
 def test_a_failed_campaign_stage_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "floe-dist/allocation@1", "target_modules": ["q_proj"], "layers": {}}))
-    campaign = ["campaign", "--preset", "tiny", "--output", str(tmp_path / "c"), "--allocation", str(bad)]
+    campaign = ["campaign", "--config", "tiny", "--output", str(tmp_path / "c"), "--allocate.file", str(bad)]
     proc = run_floe(campaign, check=False)  # the search stage reads the allocation first
     assert proc.returncode == 2 and "empty allocation" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "c" / "search" / "trials").exists()
-    proc = run_floe([*campaign, "--no-search"], check=False)  # then the train stage (a torchrun group)
+    proc = run_floe([*campaign, "--search.enabled", "false"], check=False)  # then the train stage (a torchrun group)
     assert proc.returncode == 2
     assert "train stage failed" in proc.stderr and "empty allocation" in proc.stderr
     assert "Traceback" not in proc.stderr.split("train stage failed")[-1]
 
 
-def test_tiny_campaign_runs_end_to_end_and_resumes(tmp_path):
+USER_RECIPE = """\
+# written by a user: their own model choice and multiple-choice JSONL task, short stages
+model: {{name: tiny}}
+data: {{task: {task}}}
+score: {{warmup_steps: 2, proxy_examples: 32, samples: 32, micro_batch: 2}}
+search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute: 2.0, val_limit: 16, micro_batch: 2}}
+train: {{steps: 4, micro_batch: 2}}
+evaluate: {{limit: 24}}
+"""
+
+
+def user_task(path):
+    rows = [{"prompt": f"Is {n} an even number? Answer:", "choices": [" yes", " no"], "label": n % 2}
+            for n in range(120)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(USER_RECIPE.format(task=user_task(tmp_path / "even.jsonl")))
     out = tmp_path / "campaign"
-    proc = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
+    proc = run_floe(["campaign", "--config", str(recipe), "--output", str(out)])
     summary = json.loads((out / "campaign.json").read_text())
-    assert summary["ranks"] == 2 and summary["trainable_parameters"] > 0
+    assert summary["ranks"] == 2 and summary["trainable_parameters"] > 0 and summary["task"].endswith("even.jsonl")
     assert 0.0 <= summary["zero_shot_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
-    assert set(summary["stage_seconds"]) == {"prepare", "zero_shot", "score", "search", "train", "final_eval"}
-    fisher = json.loads((out / "score" / "fisher.json").read_text())
+    assert set(summary["stage_seconds"]) == {"prepare", "zero_shot", "allocate", "search", "train", "final_eval"}
+    fisher = json.loads((out / "allocate" / "fisher.json").read_text())
     assert fisher["world_size"] == 2 and len(fisher["selected_layers"]) == 1  # 25% of 4 layers
     search = json.loads((out / "search" / "search.json").read_text())["summary"]
     trained = json.loads((out / "train" / "allocation.json").read_text())
     assert sorted(map(int, trained["layers"])) == fisher["selected_layers"]  # score chose where,
     assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
-    assert json.loads((out / "train" / "train_args.json").read_text())["lr"] == search["lr"] == summary["lr"]
+    train_args = json.loads((out / "train" / "train_args.json").read_text())
+    assert train_args["lr"] == search["lr"] == summary["lr"] and train_args["steps"] == 4
+    assert json.loads((out / "final_eval.json").read_text())["examples"] == 24
     assert "final accuracy" in proc.stdout
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
-    again = run_floe(["campaign", "--preset", "tiny", "--output", str(out)])
+    for folder in (out, out / "allocate", out / "search", out / "train"):
+        assert read_recipe(folder / "recipe.yaml") == load_recipe(str(recipe))
+    again = run_floe(["campaign", "--config", str(recipe), "--output", str(out)])
     assert again.stdout.count("done earlier") == 6
+    changed = run_floe(["campaign", "--config", str(recipe), "--output", str(out), "--train.steps", "5"], check=False)
+    assert changed.returncode == 2 and "finished stages (train, final_eval)" in changed.stderr
+    assert "train.steps (4 -> 5)" in changed.stderr

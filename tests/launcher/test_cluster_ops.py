@@ -39,7 +39,7 @@ def submit(out: Path, *flags: str) -> str:
 
 
 def test_rendered_campaign_runs_as_a_two_node_job(slurm, tmp_path):
-    job = submit(tmp_path, "--template", "campaign", "--nodes", "2", "--args=--preset tiny --no-search")
+    job = submit(tmp_path, "--template", "campaign", "--nodes", "2", "--args=--config tiny --search.enabled false")
     state = wait_for(job)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]

@@ -1,0 +1,263 @@
+"""Where search trials run: each trial is its own process (or process group, or Slurm job).
+
+A trial is a command that reads ``<trial_dir>/trial.json`` and writes ``<trial_dir>/result.json``
+(see floe_dist/search/trial.py). A runner starts trials, bounds each by a time limit, and reports every one
+that ended as an :class:`Outcome`: ``success`` only when the command exited 0 *and* wrote its
+result; ``timeout`` when it outlived its limit (its whole process group is killed); ``crashed``
+otherwise, with the tail of its log as the reason. Nothing is retried here: the search decides.
+
+* :class:`LocalPool` — local processes, ``workers`` at a time, each pinned to its own CPU threads or
+  GPUs. Trials die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
+  groups), so a killed search leaves no orphans.
+* :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
+  together as one job array (slurm/search_array.sbatch, one task per trial); polled with ``squeue``
+  (final state from ``scontrol``, else ``sacct``); a resumed search re-attaches to jobs or array
+  tasks that are still queued or running instead of submitting them again.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Launcher variables of the *search* process that must not leak into a trial's own launch.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")
+
+
+@dataclass
+class Launch:
+    trial_id: int
+    argv: list[str]
+    trial_dir: Path
+    timeout: float  # seconds
+
+
+@dataclass
+class Outcome:
+    trial_id: int
+    status: str  # success | crashed | timeout
+    seconds: float
+    worker: str
+    reason: str = ""
+
+
+def trial_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    return {**env, **(extra or {})}
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    if not path.is_file():
+        return "no log"
+    tail = [line for line in path.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)[-800:]
+
+
+def _outcome(launch: Launch, code: int | None, timed_out: bool, seconds: float, worker: str) -> Outcome:
+    log = launch.trial_dir / "trial.log"
+    if timed_out:
+        return Outcome(launch.trial_id, "timeout", seconds, worker, f"exceeded {launch.timeout:.0f}s time limit")
+    if code == 0 and (launch.trial_dir / "result.json").is_file():
+        return Outcome(launch.trial_id, "success", seconds, worker)
+    why = f"exit code {code}" if code else "exited 0 without writing result.json"
+    return Outcome(launch.trial_id, "crashed", seconds, worker, f"{why}: {log_tail(log)}")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: own process group, and SIGTERM when the search dies."""
+    os.setsid()
+    try:
+        # SIGTERM, not SIGKILL: torchrun and the deepspeed launcher start their ranks in sessions of
+        # their own and only take them down when they get the chance to (measured: SIGKILL orphans them).
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def default_workers(nproc_per_trial: int, threads_per_rank: int) -> int:
+    """As many concurrent trials as the machine holds: GPUs when present, else CPU cores."""
+    import torch
+
+    if torch.cuda.is_available():
+        return max(1, torch.cuda.device_count() // nproc_per_trial)
+    return max(1, (os.cpu_count() or 1) // (nproc_per_trial * threads_per_rank))
+
+
+class LocalPool:
+    """Runs trials as local process groups, at most ``workers`` at once."""
+
+    def __init__(self, workers: int, nproc_per_trial: int = 1, threads_per_rank: int = 1):
+        import torch
+
+        self.workers, self.nproc, self.threads = workers, nproc_per_trial, threads_per_rank
+        self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.running: dict[int, tuple[Launch, subprocess.Popen, float]] = {}  # slot -> (launch, process, start)
+
+    @property
+    def free_slots(self) -> int:
+        return self.workers - len(self.running)
+
+    def _slot_env(self, slot: int) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.threads)}
+        if self.gpus:
+            ids = range(slot * self.nproc, (slot + 1) * self.nproc)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i % self.gpus) for i in ids)
+        return env
+
+    def submit(self, launch: Launch) -> str:
+        slot = next(s for s in range(self.workers) if s not in self.running)
+        launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        with open(launch.trial_dir / "trial.log", "ab") as log:
+            proc = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                    env=trial_env(self._slot_env(slot)), preexec_fn=_die_with_parent)
+        self.running[slot] = (launch, proc, time.monotonic())
+        return f"local:{slot}:pid{proc.pid}"
+
+    def submit_all(self, launches: list[Launch]) -> list[str]:
+        return [self.submit(launch) for launch in launches]
+
+    def wait(self, poll_seconds: float = 0.1) -> list[Outcome]:
+        """Block until at least one trial ends; return every trial that ended."""
+        while True:
+            done = []
+            for slot, (launch, proc, start) in list(self.running.items()):
+                code, timed_out = proc.poll(), False
+                if code is None and time.monotonic() - start > launch.timeout:
+                    _kill_group(proc)
+                    code, timed_out = proc.returncode, True
+                if code is not None:
+                    del self.running[slot]
+                    done.append(_outcome(launch, code, timed_out, time.monotonic() - start,
+                                         f"local:{slot}:pid{proc.pid}"))
+            if done or not self.running:
+                return done
+            time.sleep(poll_seconds)
+
+    def shutdown(self) -> None:
+        for _, proc, _ in self.running.values():
+            _kill_group(proc)
+        self.running.clear()
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the trial's process group (torchrun and its ranks too), SIGKILL after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def _final_state(job: str) -> str:
+    """JobState of a finished job: ``scontrol`` knows it for MinJobAge seconds and needs no
+    accounting database; ``sacct`` is the fallback. Empty when neither knows."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True, text=True)
+    return out.stdout.strip().split("\n")[0].split(" ")[0] if out.returncode == 0 else ""
+
+
+class SlurmRunner:
+    """One ``sbatch`` job per trial (``--wrap`` of the trial command), or one job array per batch of
+    trials (``array``); at most ``workers`` queued."""
+
+    def __init__(self, workers: int, sbatch_args: str = "", array: bool = False):
+        self.workers, self.sbatch_args, self.array = workers, shlex.split(sbatch_args), array
+        self.running: dict[str, tuple[Launch, float]] = {}  # job id (JOB or JOB_TASK) -> ...
+
+    def submit_all(self, launches: list[Launch]) -> list[str]:
+        """Worker ids (``slurm:JOB`` or ``slurm:JOB_TASK``) of trials submitted together."""
+        if not self.array or len(launches) < 2:
+            return [self.submit(launch) for launch in launches]
+        from floe_dist.assets import SbatchTemplate
+
+        for launch in launches:
+            launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        first = launches[0]
+        tasks = first.trial_dir.parent / f"array-{first.trial_id:04d}.tasks"
+        tasks.write_text("".join(f"{shlex.join(l.argv)} > {shlex.quote(str(l.trial_dir / 'trial.log'))} 2>&1\n"
+                                 for l in launches))
+        script = tasks.with_suffix(".sbatch")
+        script.write_text(SbatchTemplate.named("search_array").substitute(workdir=shlex.quote(os.getcwd())))
+        minutes = max(1, int(max(l.timeout for l in launches) // 60) + 1)
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(launches) - 1}", f"--time={minutes}",
+               f"--output={tasks.parent}/array-%A_%a.log", *self.sbatch_args, str(script), str(tasks)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=trial_env())
+        if out.returncode != 0:
+            raise ChildProcessError(f"sbatch --array failed ({out.returncode}): {out.stderr.strip()}")
+        job = out.stdout.strip().split(";")[0]
+        workers = []
+        for task, launch in enumerate(launches):
+            self.running[f"{job}_{task}"] = (launch, time.monotonic())
+            workers.append(f"slurm:{job}_{task}")
+        return workers
+
+    @property
+    def free_slots(self) -> int:
+        return self.workers - len(self.running)
+
+    def submit(self, launch: Launch) -> str:
+        launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        minutes = max(1, int(launch.timeout // 60) + 1)
+        cmd = ["sbatch", "--parsable", f"--job-name=floe-trial-{launch.trial_id}",
+               f"--output={launch.trial_dir / 'trial.log'}", f"--time={minutes}", *self.sbatch_args,
+               f"--wrap={shlex.join(launch.argv)}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=trial_env())
+        if out.returncode != 0:
+            raise ChildProcessError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
+        job = out.stdout.strip().split(";")[0]
+        self.running[job] = (launch, time.monotonic())
+        return f"slurm:{job}"
+
+    def adopt(self, launch: Launch, worker: str) -> bool:
+        """Re-attach a resumed search to its trial's job if that job is still queued or running."""
+        if not worker.startswith("slurm:"):
+            return False
+        job = worker.split(":", 1)[1]
+        if job not in (self._queued() or set()):
+            return False
+        self.running[job] = (launch, time.monotonic())
+        return True
+
+    @staticmethod
+    def _queued() -> set[str] | None:
+        """Ids of this user's queued or running jobs; None when the controller did not answer."""
+        out = subprocess.run(["squeue", "-h", "--me", "--array", "-o", "%i"], capture_output=True, text=True)
+        return set(out.stdout.split()) if out.returncode == 0 else None
+
+    def wait(self, poll_seconds: float = 2.0) -> list[Outcome]:
+        while self.running:
+            queued = self._queued()
+            if queued is None:  # controller busy or restarting: ask again later
+                time.sleep(poll_seconds)
+                continue
+            done = []
+            for job in [j for j in self.running if j not in queued]:
+                launch, start = self.running.pop(job)
+                state, seconds, worker = _final_state(job), time.monotonic() - start, f"slurm:{job}"
+                if state == "TIMEOUT":
+                    done.append(_outcome(launch, None, True, seconds, worker))
+                else:
+                    done.append(_outcome(launch, 0 if state in ("COMPLETED", "") else 1, False, seconds, worker))
+            if done:
+                return done
+            time.sleep(poll_seconds)
+        return []
+
+    def shutdown(self) -> None:
+        """Jobs are left to finish (Slurm enforces their time limit): a resumed search adopts them."""
+        self.running.clear()

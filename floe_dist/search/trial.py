@@ -1,0 +1,72 @@
+"""One search trial: train the sparse model for ``budget`` steps on the *fit* split, score it on *val*.
+
+    python -m floe_dist.search.trial runs/search/trials/0007            # one process
+    torchrun --nproc_per_node 2 -m floe_dist.search.trial runs/search/trials/0007
+
+The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the
+budget in optimizer steps, the seed and the fixed settings). The trial writes ``allocation.json``
+(the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
+a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
+choice cross-entropy on the validation split (``objective: loss``) or ``1 - accuracy``
+(``objective: error``). The test split is never read.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from floe_dist.allocation import Allocation, write_json_atomic
+
+
+def run_trial(trial_dir: Path) -> dict | None:
+    from floe_dist.distributed.runtime import discover
+    from floe_dist.stages.evaluate import EvalArgs
+    from floe_dist.stages.evaluate import run as evaluate
+    from floe_dist.stages.train import TrainArgs
+    from floe_dist.stages.train import run as train
+
+    start = time.time()
+    spec = json.loads((trial_dir / "trial.json").read_text())
+    config, settings = spec["config"], spec["settings"]
+    allocation_file = trial_dir / "allocation.json"
+    if discover().is_main:
+        base = Allocation.load(settings["allocation"])
+        base.resized(int(config["rank"]), config.get("experts")).save(allocation_file)
+    else:  # every rank of the group reads the same file
+        while not allocation_file.is_file():
+            time.sleep(0.1)
+    train(TrainArgs(model=settings["model"], task=settings["task"], output=str(trial_dir / "train"),
+                    allocation=str(allocation_file), split="fit", steps=int(spec["budget"]),
+                    lr=float(config["lr"]), micro_batch=settings["micro_batch"], zero=settings["zero"],
+                    quant=settings["quant"], seed=int(spec["seed"]), checkpoint_every=0, keep_checkpoints=1,
+                    max_length=settings["max_length"]))
+    if not discover().is_main:
+        return None
+    scored = evaluate(EvalArgs(model=settings["model"], task=settings["task"], split="val",
+                               adapter=str(trial_dir / "train" / "adapter"), quant=settings["quant"],
+                               limit=settings["val_limit"], max_length=settings["max_length"]))
+    cost = scored["choice_loss"] if settings["objective"] == "loss" else 1.0 - scored["accuracy"]
+    return {"cost": cost, "val_loss": scored["choice_loss"], "val_accuracy": scored["accuracy"],
+            "val_examples": scored["examples"], "seconds": time.time() - start}
+
+
+def main(argv: list[str]) -> int:
+    from floe_dist.distributed.runtime import shutdown
+
+    args = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    if len(args) != 1 or not (Path(args[0]) / "trial.json").is_file():
+        print("usage: python -m floe_dist.search.trial TRIAL_DIR (a folder holding trial.json)", file=sys.stderr)
+        return 2
+    try:
+        result = run_trial(Path(args[0]))
+    finally:
+        shutdown()
+    if result is not None:
+        write_json_atomic(Path(args[0]) / "result.json", result)  # last: its presence means success
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

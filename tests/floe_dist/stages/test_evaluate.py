@@ -1,0 +1,60 @@
+"""Log-likelihood scoring against the plain full-logits definition, and the evaluate command."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from floe_dist.data import Example, collate, encode
+from floe_dist.stages.evaluate import accuracy, choice_loss, choice_scores
+from floe_dist.modeling.answer_lm import AnswerLM
+from floe_dist.modeling.backbone import load_backbone, load_tokenizer
+from tests.conftest import run_floe
+
+
+def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_backbone(tiny_model_dir)
+    examples = [Example("Review: good film\nSentiment:", (" negative", " positive"), 1),
+                Example("Q: two plus two?\nA:", (" four", " five hundred", " 4"), 0)]
+    scores = choice_scores(AnswerLM(lm), tok, examples, batch_size=3, max_length=64,
+                           device=torch.device("cpu"), progress=False)
+    for ex, row in zip(examples, scores):
+        for c, score in enumerate(row):
+            ids, n = encode(tok, ex.prompt, ex.choices[c], 64)
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :-1], -1)
+            manual = sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+            assert abs(score - manual) < 1e-4
+    assert accuracy([[0.0, -1.0], [-3.0, -2.0, -9.0]], examples) == 0.0
+    assert accuracy([[-1.0, 0.0], [-1.0, -2.0, -9.0]], examples) == 1.0
+    # choice loss: -log of the right choice's softmax share; equal scores give log(#choices)
+    assert abs(choice_loss([[0.0, 0.0], [-5.0, -5.0, -5.0]], examples) - (math.log(2) + math.log(3)) / 2) < 1e-12
+    assert abs(choice_loss([[0.0, math.log(3)], [0.0, -50.0, -50.0]], examples) - math.log(4 / 3) / 2) < 1e-9
+
+
+def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain definition: cross-entropy of every labelled token from full logits (B, T, V)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def test_answer_loss_equals_cross_entropy_on_full_logits(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_backbone(tiny_model_dir)
+    batch = collate([encode(tok, "Review: bad\nSentiment:", " negative", 64),
+                     encode(tok, "Review: lovely and warm\nSentiment:", " positive", 64)], tok.pad_token_id)
+    with torch.no_grad():
+        ours = AnswerLM(lm)(**batch)["ce"]
+        ref = answer_loss_reference(lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+    assert abs(ours.item() - ref.item()) < 1e-5
+
+
+def test_evaluate_command_and_its_errors(tmp_path):
+    proc = run_floe(["evaluate", "--model", "tiny", "--task", "sst2", "--limit", "8"])
+    assert "sst2/test: accuracy" in proc.stdout
+    proc = run_floe(["evaluate", "--model", "tiny", "--adapter", str(tmp_path / "none")], check=False)
+    assert proc.returncode == 2 and "not a complete floe-dist export" in proc.stderr
+    proc = run_floe(["evaluate", "--model", str(tmp_path / "nomodel")], check=False)
+    assert proc.returncode == 2 and "not a known name" in proc.stderr

@@ -1,0 +1,99 @@
+"""``floe-dist plan``: its published comparison, exact meta-device counts, advice and bad inputs."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.bench_plan_published import PUBLISHED, predict
+from benchmarks.result_file import read_result
+from floe_dist.stages.plan import PlanArgs, count_model, model_config, plan
+from tests.conftest import run_floe
+
+
+def test_meta_device_counts_equal_the_loaded_model(tiny_model_dir):
+    from floe_dist.modeling.backbone import load_backbone
+
+    count = count_model(model_config(str(tiny_model_dir)))
+    model = load_backbone(tiny_model_dir)
+    assert count.total == sum(p.numel() for p in model.parameters())
+    assert count.layers == 4 and count.shapes["q_proj"] == (64, 64)
+
+
+@pytest.mark.parametrize("row", PUBLISHED, ids=lambda r: f"{r.role}: {r.run}")
+def test_the_published_comparison_in_benchmarks_is_what_the_planner_predicts_now(row):
+    """BENCHMARKS.md's calibration and validation tables (benchmarks/results/plan_published.json) are
+    the current planner's figures: a change to plan.py that moves one must rerun the benchmark."""
+    committed = {r["run"]: r for r in read_result("plan_published")["rows"]}[row.run]
+    assert predict(row) == pytest.approx(committed["plan"], rel=1e-9)
+    assert committed["error"] == pytest.approx(committed["plan"] / row.published - 1)
+
+
+def test_calibration_reproduces_the_figure_it_was_fitted_on_and_counts_exactly():
+    """GPU_FACTOR was fitted on the PEFT ZeRO-3 QLoRA 70B run; this guards the fit, it validates nothing."""
+    row = next(r for r in PUBLISHED if r.role == "calibration")
+    assert abs(predict(row) / row.published - 1) <= 0.05
+    assert plan(PlanArgs(**row.plan))["model"]["parameters"] == 68_976_648_192  # Llama-2-70B, exactly
+    assert len([r for r in PUBLISHED if r.role == "validation"]) >= 3
+
+
+def test_llama2_70b_with_offload_fits_on_24_gb():
+    offload = next(r for r in PUBLISHED if r.plan.get("offload"))
+    assert plan(PlanArgs(**offload.plan))["fits"]
+
+
+def test_a_plan_that_does_not_fit_says_what_would():
+    result = plan(PlanArgs(model="llama3-70b", gpus_per_node=1, quant="bf16", gpu_memory=80))
+    assert not result["fits"]
+    tips = " | ".join(result["advice"])
+    assert "--quant nf4" in tips and "--nodes" in tips
+    nodes = int(tips.split("use --nodes ")[1].split()[0])
+    assert plan(PlanArgs(model="llama3-70b", nodes=nodes, gpus_per_node=1, quant="bf16", gpu_memory=80))["fits"]
+
+
+def test_split_experts_hold_their_whole_state_on_an_ep_shard():
+    """Split experts keep weight, grad and AdamW moments (16 B) on each of ep_size ranks; everything
+    else is divided by the world size under ZeRO-3. So --ep-size saves communication (no expert
+    gathers), not state memory, against ZeRO-3 partitioned replicas: the planner must say so."""
+    common = dict(model="llama3-8b", gpus_per_node=8, experts=8, rank=8, targets="gate_proj,up_proj,down_proj")
+    replicated, split = plan(PlanArgs(**common)), plan(PlanArgs(**common, ep_size=2))
+    experts, total = split["split_expert_parameters"], split["trainable_parameters"]
+    assert 0 < experts < total
+    assert split["bytes"]["adapters"] == pytest.approx(16 * experts / 2 + 16 * (total - experts) / 8)
+    assert replicated["bytes"]["adapters"] == pytest.approx(16 * total / 8)
+
+
+def test_bad_plan_inputs_fail_clearly(tmp_path):
+    for flags, message in [(["--nodes", "0"], "--nodes must be >= 1"),
+                           (["--ep-size", "3"], "--ep-size 3 must divide the world size 8"),
+                           (["--zero", "1"], "--zero must be 0, 2 or 3"),
+                           (["--ep-size", "2", "--zero", "2"], "runs beside ZeRO-3"),
+                           (["--allocation", str(tmp_path / "missing.json")], "file not found")]:
+        proc = run_floe(["plan", *flags], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match="--quant must be one of"):
+        plan(PlanArgs(quant="int3"))
+
+
+def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model_dir):
+    """plan() has no gather term on one rank because DeepSpeed's gathered parameter is then a view of
+    its own partition; this keeps that assumption checked against the installed DeepSpeed."""
+    import torch
+
+    from floe_dist.allocation import Allocation
+    from floe_dist.distributed import engine as ds
+    from floe_dist.distributed.runtime import init_distributed
+    from floe_dist.modeling.backbone import load_backbone
+    from floe_dist.modeling.inject import inject_adapters
+
+    init_distributed()
+    lm = load_backbone(tiny_model_dir)
+    inject_adapters(lm, Allocation.uniform(lm.config.num_hidden_layers, ["q_proj"], rank=2))
+    config = ds.build_config(3, micro_batch=1, accumulation=1, world_size=1, lr=1e-3, weight_decay=0.0)
+    engine, _ = ds.initialize(lm, config, total_steps=1, warmup_steps=1)
+    down = lm.model.layers[0].mlp.down_proj
+    in_place = []
+    down.register_forward_pre_hook(lambda *_: in_place.append(  # runs after DeepSpeed's gather hook
+        down.weight.numel() > 0 and down.weight.untyped_storage().data_ptr() == down.weight.ds_tensor.untyped_storage().data_ptr()))
+    engine(input_ids=torch.tensor([[1, 2, 3]]))
+    assert in_place == [True]
+    one, two = (plan(PlanArgs(model=str(tiny_model_dir), device="cpu", gpus_per_node=n)) for n in (1, 2))
+    assert one["bytes"]["gather"] == 0 < two["bytes"]["gather"]

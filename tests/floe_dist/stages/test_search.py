@@ -1,0 +1,217 @@
+"""``floe-dist search`` on the planted-rank toy (tests/search_toy.py): every trial is a real process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from floe_dist.allocation import Allocation
+from tests.conftest import REPO, clean_env, floe_command, run_floe
+
+# Grid: 5 ranks x 3 learning rates at 270 steps = 15 full trials. Rank 4 is planted.
+SPACE = ["--model", "tiny", "--trial-module", "tests.search_toy", "--ranks", "1,2,4,8,16",
+         "--lr", "3e-3:3e-2", "--grid-lr-points", "3", "--min-steps", "30", "--max-steps", "270", "--workers", "2"]
+
+
+def ledger(out: Path) -> dict:
+    return json.loads((out / "search.json").read_text())
+
+
+def smac_runhistory(out: Path) -> list:
+    (path,) = (out / "smac").glob("*/*/runhistory.json")
+    return json.loads(path.read_text())["data"]
+
+
+def first_budgets(trials: list[dict]) -> list[int]:
+    """The budget each configuration was first tried at (a bracket's starting rung)."""
+    first = {}
+    for t in sorted(trials, key=lambda t: t["id"]):
+        first.setdefault(json.dumps(t["config"], sort_keys=True), t["budget"])
+    return list(first.values())
+
+
+def alive(pid: str) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    run_floe(["search", "--mode", "grid", "--output", str(out), *SPACE])
+    return out
+
+
+def test_grid_tries_every_point_and_finds_the_planted_rank(grid):
+    trials = ledger(grid)["trials"]
+    assert len(trials) == 15 and all(t["status"] == "success" and t["budget"] == 270 for t in trials)
+    assert len({(t["config"]["rank"], t["config"]["lr"]) for t in trials}) == 15
+    best = min(trials, key=lambda t: t["cost"])
+    assert best["config"]["rank"] == 4
+    chosen = Allocation.load(grid / "allocation.json")
+    assert {m.ranks for mods in chosen.layers.values() for m in mods.values()} == {(4,)}
+    assert chosen.meta["search"]["config"] == best["config"] and chosen.trainable_parameters > 0
+    assert (grid / "search.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0])  # seeds 1 and 2 pass too (BENCHMARKS.md); one keeps the suite short
+def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compute(grid, tmp_path, seed):
+    grid_trials = ledger(grid)["trials"]
+    grid_compute = sum(t["budget"] for t in grid_trials)
+    grid_best = min(grid_trials, key=lambda t: t["cost"])
+    run_floe(["search", "--mode", "smac", "--seed", str(seed), "--output", str(tmp_path), *SPACE,
+              "--max-compute", str(0.35 * len(grid_trials))])
+    search = ledger(tmp_path)
+    compute = sum(t["budget"] for t in search["trials"])
+    assert compute <= 0.35 * grid_compute
+    assert len({t["budget"] for t in search["trials"]}) == 3  # multi-fidelity: 30, 90, 270 steps
+    assert set(first_budgets(search["trials"])) == {30}  # successive halving: every configuration starts at the bottom
+    incumbent = search["summary"]["incumbent"]
+    assert incumbent["config"]["rank"] == grid_best["config"]["rank"] and incumbent["budget"] == 270
+    assert incumbent["cost"] <= grid_best["cost"] * 1.05  # within noise of the grid's best point
+
+
+def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
+    args = ["search", "--output", str(tmp_path), *SPACE, "--max-compute", "3"]
+    proc = subprocess.Popen(floe_command(args), cwd=REPO, env=clean_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (tmp_path / "search.json").is_file() and \
+                sum(t["status"] == "success" for t in ledger(tmp_path)["trials"]) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t["id"]: t for t in ledger(tmp_path)["trials"]}
+    done_before = {i for i, t in before.items() if t["status"] == "success"}
+    running_before = {i for i, t in before.items() if t["status"] == "running"}
+    assert len(done_before) >= 5 and running_before, "the kill should land while trials are running"
+    time.sleep(0.5)  # the killed search's trials die with it (PR_SET_PDEATHSIG)
+    for i in running_before:  # (a trial asked for but not yet started has no worker)
+        if before[i]["worker"]:
+            assert not alive(before[i]["worker"].rsplit(":pid", 1)[1])
+
+    run_floe(args)
+    after = ledger(tmp_path)["trials"]
+    assert len({t["id"] for t in after}) == len(after)
+    assert len({(json.dumps(t["config"], sort_keys=True), t["budget"]) for t in after}) == len(after)
+    assert all(t["status"] == "success" for t in after)
+    by_id = {t["id"]: t for t in after}
+    for i in done_before:  # kept with its result, never started again
+        assert by_id[i]["cost"] == before[i]["cost"] and by_id[i]["attempts"] == 1
+        assert len((tmp_path / "trials" / f"{i:04d}" / "starts.log").read_text().split()) == 1
+    for i in running_before:
+        starts = len((tmp_path / "trials" / f"{i:04d}" / "starts.log").read_text().split())
+        if by_id[i]["attempts"] == before[i]["attempts"]:  # wrote its result just before the kill:
+            assert before[i]["attempts"] == 1 and starts == 1  # collected on resume, not run again
+        else:  # issued again and finished
+            assert by_id[i]["attempts"] == before[i]["attempts"] + 1
+    history = smac_runhistory(tmp_path)
+    assert len(history) == len(after)  # SMAC knows every trial, none left RUNNING
+    assert sorted(round(entry["cost"], 10) for entry in history) == sorted(round(t["cost"], 10) for t in after)
+
+
+def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
+    args = ["search", "--output", str(tmp_path), *SPACE, "--ranks", "1,2,4", "--max-trials", "10",
+            "--max-compute", "10", "--trial-timeout", "20", "--workers", "2"]
+    proc = run_floe(args, env={"TOY_CRASH_RANK": "1", "TOY_HANG_RANK": "2"})
+    trials = ledger(tmp_path)["trials"]
+    by_rank = {r: [t for t in trials if t["config"]["rank"] == r] for r in (1, 2, 4)}
+    assert by_rank[1] and all(t["status"] == "crashed" and "planted crash for rank 1" in t["reason"]
+                              for t in by_rank[1])
+    assert by_rank[2] and all(t["status"] == "timeout" and "20s time limit" in t["reason"] for t in by_rank[2])
+    assert all(t["status"] == "success" for t in by_rank[4])
+    assert ledger(tmp_path)["summary"]["incumbent"]["config"]["rank"] == 4
+    assert "planted crash" in proc.stderr
+    for t in by_rank[2]:  # the hung process group was killed
+        pid = (tmp_path / "trials" / f"{t['id']:04d}" / "starts.log").read_text().split()[0]
+        assert not alive(pid)
+    statuses = {entry["status"] for entry in smac_runhistory(tmp_path)}
+    assert {1, 2, 3} <= statuses  # SMAC's StatusType: SUCCESS, CRASHED, TIMEOUT
+
+
+def test_hyperband_also_starts_brackets_above_the_smallest_budget(tmp_path):
+    run_floe(["search", "--brackets", "hyperband", "--model", "tiny", "--trial-module", "tests.search_toy",
+              "--ranks", "2,4,8", "--lr", "3e-3:3e-2", "--min-steps", "30", "--max-steps", "90", "--workers", "2",
+              "--max-compute", "4.5", "--output", str(tmp_path)])
+    trials = ledger(tmp_path)["trials"]
+    assert trials and all(t["status"] == "success" for t in trials)
+    first = first_budgets(trials)
+    assert min(first) == 30 and max(first) > 30, first
+    assert {t["budget"] for t in trials} <= {30, 90}
+
+
+def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tmp_path):
+    """--mode bo trains every trial at --max-steps; --objective error scores a real LM trial by 1 - accuracy."""
+    run_floe(["search", "--mode", "bo", "--objective", "error", "--model", "tiny", "--task", "sst2", "--ranks", "2,4",
+              "--lr", "1e-3:1e-2", "--max-steps", "2", "--micro-batch", "2", "--val-limit", "8",
+              "--initial-configs", "2", "--max-trials", "2", "--workers", "2", "--output", str(tmp_path)])
+    search = ledger(tmp_path)
+    trials = search["trials"]
+    assert len(trials) == 2 and all(t["status"] == "success" and t["budget"] == 2 for t in trials)
+    for t in trials:
+        assert t["metrics"]["val_examples"] == 8
+        assert t["cost"] == pytest.approx(1 - t["metrics"]["val_accuracy"]) != t["metrics"]["val_loss"]
+    assert search["summary"]["incumbent"]["cost"] == min(t["cost"] for t in trials)
+
+
+@pytest.mark.parametrize("launcher,ranks", [("torchrun", "2,4"), ("deepspeed", "4")])
+def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher, ranks):
+    run_floe(["search", "--mode", "grid", "--model", "tiny", "--task", "sst2", "--ranks", ranks, "--lr", "1e-3",
+              "--max-steps", "2", "--micro-batch", "2", "--val-limit", "8", "--trial-nproc", "2", "--zero", "3",
+              "--trial-launcher", launcher, "--workers", "1", "--output", str(tmp_path)])
+    trials = ledger(tmp_path)["trials"]
+    assert [t["status"] for t in trials] == ["success"] * len(ranks.split(","))
+    for t in trials:
+        trial_dir = tmp_path / "trials" / f"{t['id']:04d}"
+        assert json.loads((trial_dir / "train" / "train.json").read_text())["world_size"] == 2
+        assert json.loads((trial_dir / "train" / "train_args.json").read_text())["split"] == "fit"
+        assert t["metrics"]["val_examples"] == 8 and t["cost"] == t["metrics"]["val_loss"] > 0
+        ranks = {m.ranks for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
+                 for m in mods.values()}
+        assert ranks == {(t["config"]["rank"],)}
+    best = min(trials, key=lambda t: t["cost"])
+    assert Allocation.load(tmp_path / "allocation.json").meta["search"]["config"] == best["config"]
+
+
+def test_bad_search_arguments_and_changed_settings_fail_clearly(tmp_path):
+    proc = run_floe(["search", "--model", "tiny", "--ranks", "0,x", "--lr", "5:1", "--mode", "random",
+                     "--output", str(tmp_path / "s")], check=False)
+    assert proc.returncode == 2 and not (tmp_path / "s").exists()
+    for message in ("--ranks must be comma-separated integers", "--lr needs 0 < LO <= HI", "--mode must be one of"):
+        assert message in proc.stderr
+    args = ["search", "--mode", "grid", "--output", str(tmp_path / "g"), *SPACE, "--ranks", "4",
+            "--lr", "1e-2", "--max-steps", "30"]
+    run_floe(args)
+    proc = run_floe([*args[:-1], "60"], check=False)
+    assert proc.returncode == 2 and "other settings: max_steps (30 -> 60)" in proc.stderr
+
+
+def test_killing_the_search_takes_down_the_ranks_of_group_trials(tmp_path):
+    """torchrun starts ranks in sessions of their own: they must still die with the search."""
+    args = ["search", "--mode", "grid", "--output", str(tmp_path), *SPACE, "--ranks", "4", "--lr", "1e-2",
+            "--trial-nproc", "2", "--workers", "1"]
+    proc = subprocess.Popen(floe_command(args), cwd=REPO, env={**clean_env(1), "TOY_DELAY": "60"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    starts = tmp_path / "trials" / "0000" / "starts.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (starts.is_file() and len(starts.read_text().split()) == 2):
+        time.sleep(0.2)
+    ranks = starts.read_text().split()
+    assert len(ranks) == 2 and all(alive(pid) for pid in ranks)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in ranks):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in ranks)

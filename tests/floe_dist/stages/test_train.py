@@ -1,0 +1,247 @@
+"""Training under DeepSpeed: 1 rank == 2 ranks (ZeRO-3), exact resume after kill -9, exports that load back."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, run_floe
+
+MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
+PROBE = "tests/floe_dist/logits_probe.py"
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    """The same 4 steps on 1 rank (micro-batch 4) and on 2 ZeRO-3 ranks (micro-batch 2 each).
+
+    The balance loss is off: its routing statistics are global (all-reduced over ranks), but one rank of
+    micro-batch 4 pads its batch differently from two ranks of micro-batch 2, and the padded positions
+    are routed too, so it is the one term that differs between the two splits.
+    """
+    root = tmp_path_factory.mktemp("zero3")
+    common = ["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--checkpoint-every", "2",
+              "--balance-coef", "0", *MOE]
+    run_floe([*common, "--micro-batch", "4", "--output", str(root / "one")])
+    run_floe([*common, "--micro-batch", "2", "--output", str(root / "two")], nproc=2)
+    return root / "one", root / "two"
+
+
+def test_two_rank_zero3_matches_one_rank(zero3_runs):
+    one, two = (_losses(r) for r in zero3_runs)
+    assert len(one) == len(two) == 4
+    assert abs(one[0] - two[0]) <= 1e-6 * abs(one[0])  # first step: same samples, same weights
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert json.loads((zero3_runs[1] / "train.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("stage", ["2", "0"])
+def test_two_rank_zero2_and_zero0_match_one_rank_zero3(zero3_runs, tmp_path, stage):
+    """Loss and logged gradient norm (fp32 ZeRO-0 clips without recording it: train computes it)."""
+    out = tmp_path / f"zero{stage}"
+    run_floe(["train", "--model", "tiny", "--steps", "4", "--zero", stage, "--micro-batch", "2", "--balance-coef", "0",
+              *MOE, "--output", str(out)], nproc=2)
+    reference, run = read_metrics(zero3_runs[0]), read_metrics(out)
+    for a, b in zip(reference, run):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+        assert b["grad_norm"] > 0 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+
+
+def test_deepspeed_launcher_runs_the_same_training(zero3_runs, tmp_path):
+    """`deepspeed --num_gpus 2 --module launcher.cli train ...` (it prepends --local_rank=N)."""
+    from floe_dist.distributed.runtime import free_port
+
+    args = json.loads((zero3_runs[1] / "train_args.json").read_text())
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "launcher.cli", "train", "--model", "tiny", "--steps", "4", "--zero", "3", "--micro-batch", "2",
+           "--checkpoint-every", "2", "--balance-coef", "0", *MOE, "--output", str(out)]
+    assert args["micro_batch"] == 2 and args["steps"] == 4
+    subprocess.run(cmd, cwd=REPO, env=clean_env(2), check=True, capture_output=True, timeout=600)
+    for a, b in zip(_losses(zero3_runs[0]), _losses(out)):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert json.loads((out / "train.json").read_text())["world_size"] == 2
+
+
+def test_tensorboard_has_loss_lr_balance_and_expert_load(zero3_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(zero3_runs[1] / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/balance", "train/ce"} <= tags
+    assert "expert_load/layer_00/expert_0" in tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def _probe_logits(model: str, adapter: Path | None, quant: str, out: Path) -> torch.Tensor:
+    """Logits of a fixed batch, computed in a fresh Python process."""
+    args = [sys.executable, PROBE, model, str(adapter or "-"), quant, str(out)]
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True, timeout=300)
+    return torch.load(out)
+
+
+def _reference_logits(run_dir: Path, quant: str) -> torch.Tensor:
+    """Logits with adapter weights consolidated from the last checkpoint by DeepSpeed's zero_to_fp32."""
+    from floe_dist.allocation import Allocation
+    from floe_dist.stages.export import consolidated_lora_state
+    from floe_dist.modeling.backbone import load_backbone, resolve_model
+    from floe_dist.modeling.inject import inject_adapters, lora_state_dict
+    from tests.floe_dist.logits_probe import PROBE_IDS
+
+    ckpt = run_dir / "checkpoints"
+    state = consolidated_lora_state(ckpt, (ckpt / "latest").read_text().strip())
+    model = load_backbone(resolve_model("tiny"), quant)
+    inject_adapters(model, Allocation.load(run_dir / "allocation.json"))
+    params = lora_state_dict(model)
+    assert set(params) == set(state)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+        return model(PROBE_IDS).logits
+
+
+def test_zero3_export_reloads_in_a_fresh_process(zero3_runs, tmp_path):
+    run = zero3_runs[1]
+    fresh = _probe_logits("tiny", run / "adapter", "none", tmp_path / "fresh.pt")
+    base = _probe_logits("tiny", None, "none", tmp_path / "base.pt")
+    assert (fresh - base).abs().max() > 1e-4  # the export is not an empty/zero adapter
+    torch.testing.assert_close(fresh, _reference_logits(run, "none"), rtol=0, atol=1e-6)
+
+
+def test_nf4_zero3_export_reloads_in_a_fresh_process(tmp_path):
+    out = tmp_path / "nf4"
+    run_floe(["train", "--model", "tiny", "--steps", "2", "--micro-batch", "2", "--quant", "nf4", "--zero", "3",
+              "--output", str(out), *MOE], nproc=2)
+    fresh = _probe_logits("tiny", out / "adapter", "nf4", tmp_path / "fresh.pt")
+    base = _probe_logits("tiny", None, "nf4", tmp_path / "base.pt")
+    assert (fresh - base).abs().max() > 1e-4
+    torch.testing.assert_close(fresh, _reference_logits(out, "nf4"), rtol=0, atol=1e-6)
+
+
+def test_plain_lora_export_loads_with_peft(tmp_path):
+    from peft import PeftModel
+
+    from floe_dist.modeling.backbone import load_backbone, resolve_model
+    from tests.floe_dist.logits_probe import PROBE_IDS
+
+    out = tmp_path / "lora"
+    run_floe(["train", "--model", "tiny", "--steps", "2", "--micro-batch", "2", "--rank", "4", "--zero", "3",
+              "--output", str(out)], nproc=2)
+    assert (out / "adapter" / "peft" / "adapter_config.json").is_file()
+    peft_model = PeftModel.from_pretrained(load_backbone(resolve_model("tiny")), str(out / "adapter" / "peft"))
+    peft_model.eval()
+    with torch.no_grad():
+        peft_logits = peft_model(PROBE_IDS).logits
+    ours = _probe_logits("tiny", out / "adapter", "none", tmp_path / "ours.pt")
+    torch.testing.assert_close(peft_logits, ours, rtol=0, atol=1e-6)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted_run, tmp_path):
+    common = ["train", *RESUMABLE_RUN]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(floe_command([*common, "--output", str(killed)], nproc=2), cwd=REPO, env=clean_env(2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").is_file() and len(read_metrics(killed)) >= 12:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "train.json").exists()
+    assert 12 <= len(read_metrics(killed)) < 40
+
+    resumed = run_floe([*common, "--output", str(killed)], nproc=2)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    straight, again = _losses(uninterrupted_run), _losses(killed)
+    assert len(again) == 40
+    for a, b in zip(straight, again):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from floe_dist.stages import train
+    from floe_dist.modeling.answer_lm import AnswerLM
+
+    class NanAtFourthForward(AnswerLM):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            NanAtFourthForward.calls += 1
+            if NanAtFourthForward.calls == 4:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    monkeypatch.setattr(train, "AnswerLM", NanAtFourthForward)
+    out = tmp_path / "nan"
+    args = train.TrainArgs(model="tiny", steps=6, micro_batch=2, checkpoint_every=2, output=str(out), zero="3")
+    with pytest.raises(FloatingPointError, match="loss is not finite at step 3"):
+        train.run(args)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"  # last good one kept
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert not (out / "adapter").exists()
+
+
+def test_resuming_with_other_settings_is_refused(zero3_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(zero3_runs[0], run)
+    proc = run_floe(["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--micro-batch", "4", "--rank", "8",
+                     "--output", str(run)], check=False)
+    assert proc.returncode == 2 and "checkpoints of a run made with other settings: rank (" in proc.stderr
+
+
+def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_path):
+    run = zero3_runs[0]
+    run_floe(["export", "--run", str(run), "--output", str(tmp_path / "again")])
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_curve(tmp_path):
+    common = ["train", "--model", "tiny", "--steps", "3", "--micro-batch", "2", "--zero", "0", "--dropout", "0",
+              *MOE[:-2]]
+    run_floe([*common, "--output", str(tmp_path / "plain")])
+    run_floe([*common, "--output", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")):
+        assert abs(a - b) <= 1e-6 * abs(a)
+
+
+def test_optimizer_is_torch_adamw_fused_on_gpu_and_cpu_adam_under_gpu_offload(monkeypatch, tmp_path):
+    """No nvcc JIT build at the first step: torch's AdamW everywhere (its fused kernel on CUDA),
+    except an optimizer offloaded from a GPU, which keeps DeepSpeedCPUAdam."""
+    from floe_dist.distributed import engine as ds
+
+    def optimizer(stage):
+        return ds.build_config(stage, micro_batch=1, accumulation=1, world_size=1, lr=1e-3,
+                               weight_decay=0.0)["optimizer"]["params"]
+
+    assert optimizer(3)["torch_adam"] is True and "fused" not in optimizer(3)  # CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert optimizer(3)["torch_adam"] is True and optimizer(3)["fused"] is True
+    offload = json.loads((ds.ZERO_CONFIGS / "zero3.json").read_text())
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "offload.json").write_text(json.dumps(offload))
+    params = optimizer(str(tmp_path / "offload.json"))
+    assert "torch_adam" not in params and "fused" not in params
