@@ -34,35 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from floe_dist.allocation import Allocation, AllocationError
 from floe_dist.modeling.inject import adapter_modules
 from floe_dist.modeling.lora_moe import LoRAMoELinear
-
-
-def check_layout(allocation: Allocation, ep_size: int, world_size: int, zero_stage: int) -> None:
-    """Every reason an expert-parallel layout is impossible, in one error (before anything runs)."""
-    if ep_size == 1:
-        return
-    problems = []
-    if ep_size < 1 or world_size % ep_size:
-        problems.append(f"--ep-size {ep_size} must divide the world size {world_size}")
-    if zero_stage != 3:
-        problems.append(f"expert parallelism runs beside ZeRO-3; the DeepSpeed config has stage {zero_stage}")
-    sharded = 0
-    for layer, mods in sorted(allocation.layers.items()):
-        for name, m in mods.items():
-            if m.experts == 1:
-                continue  # plain LoRA: replicated like any other adapter
-            if m.router != "topk":
-                problems.append(f"layer {layer} {name}: the dense (HydraLoRA) router shares one A across "
-                                f"experts and cannot be split; use the topk router")
-            elif ep_size >= 1 and m.experts % ep_size:
-                problems.append(f"layer {layer} {name}: {m.experts} experts do not split over --ep-size {ep_size}")
-            sharded += 1
-    if not sharded:
-        problems.append("the allocation has no module with more than one expert: nothing to split")
-    if problems:
-        raise AllocationError("impossible expert-parallel layout:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass(frozen=True)

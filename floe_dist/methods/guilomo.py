@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, ModuleAllocation
-from floe_dist.modeling.inject import find_layer_linears
+from floe_dist.modeling.inject import find_layer_linears, replace_module
 from floe_dist.modeling.lora_moe import LoRAMoELinear
 from floe_dist.methods import register
 
@@ -140,10 +140,7 @@ def inject_guided(model: nn.Module, layers: list[int], targets: list[str], **kwa
     for layer in layers:
         for name in targets:
             full_name, base = linears[layer][name]
-            module = GuidedLoRAMoE(base, **kwargs)
-            parent, _, child = full_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
-            out.setdefault(layer, []).append((name, module))
+            out.setdefault(layer, []).append((name, replace_module(model, full_name, GuidedLoRAMoE(base, **kwargs))))
     return out
 
 

@@ -176,12 +176,11 @@ def quantize_nf4_(model, dtype: torch.dtype | None = None):
     ``load_backbone(quant="nf4")``."""
     from torch import nn
 
-    from floe_dist.modeling.inject import find_layer_linears
+    from floe_dist.modeling.inject import find_layer_linears, replace_module
 
     for mods in find_layer_linears(model).values():
         for full_name, linear in mods.values():
             if isinstance(linear, nn.Linear):
-                parent, _, child = full_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, nf4_linear(linear, dtype))
+                replace_module(model, full_name, nf4_linear(linear, dtype))
     model.is_loaded_in_4bit = True  # what PEFT checks before it wraps Linear4bit layers
     return model

@@ -30,6 +30,13 @@ def find_layer_linears(model: nn.Module) -> dict[int, dict[str, tuple[str, nn.Mo
     return dict(found)
 
 
+def replace_module(model: nn.Module, full_name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``full_name`` is (adapters, NF4 linears and GuiLoMo's search modules all go in this way)."""
+    parent, _, child = full_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    return new
+
+
 def module_shapes(model: nn.Module) -> tuple[int, dict[str, tuple[int, int]]]:
     """(number of decoder layers, {short module name: (d_in, d_out)}) of a model."""
     layers = find_layer_linears(model)
@@ -57,11 +64,8 @@ def inject_adapters(model: nn.Module, allocation: Allocation) -> dict[int, list[
         adapters[layer] = []
         for name, spec in mods.items():
             full_name, base = linears[layer][name]
-            wrapped = LoRAMoELinear(base, spec.ranks, spec.router, spec.top_k, allocation.alpha, allocation.dropout,
-                                    spec.top_p, spec.min_k)
-            parent_name, _, child = full_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, wrapped)
-            adapters[layer].append(wrapped)
+            adapters[layer].append(replace_module(model, full_name, LoRAMoELinear(
+                base, spec.ranks, spec.router, spec.top_k, allocation.alpha, allocation.dropout, spec.top_p, spec.min_k)))
     real = sum(p.numel() for p in model.parameters() if p.requires_grad)
     expected = allocation.count_parameters(shapes)
     if real != expected:  # the file and the modules must agree exactly

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m floe_dist.search.trial runs/search/trials/0007
 
 The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the
-budget in optimizer steps, the seed and the fixed settings). The trial writes ``allocation.json``
+budget in optimizer steps, the seed, and the train and evaluate stage configurations it runs). The trial writes ``allocation.json``
 (the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
 a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
 choice cross-entropy on the validation split (``objective: loss``) or ``1 - accuracy``
@@ -15,9 +15,30 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from floe_dist.allocation import Allocation, write_json_atomic
+
+
+@dataclass
+class TrialSpec:
+    """``trial.json``: one trial, as the stage configurations it runs (written by ``floe-dist search``)."""
+    trial_id: int
+    config: dict  # the sampled point: rank, lr (and experts)
+    budget: int  # optimizer steps
+    seed: int
+    base_allocation: str  # the allocation whose layers the sampled rank is applied to
+    objective: str  # loss | error
+    train: dict = field(default_factory=dict)  # TrainArgs of the trial's training run
+    evaluate: dict = field(default_factory=dict)  # EvalArgs of its validation
+
+    def save(self, trial_dir: Path) -> Path:
+        return write_json_atomic(trial_dir / "trial.json", asdict(self))
+
+    @classmethod
+    def load(cls, trial_dir: Path) -> "TrialSpec":
+        return cls(**json.loads((trial_dir / "trial.json").read_text()))
 
 
 def run_trial(trial_dir: Path) -> dict | None:
@@ -28,26 +49,20 @@ def run_trial(trial_dir: Path) -> dict | None:
     from floe_dist.stages.train import run as train
 
     start = time.time()
-    spec = json.loads((trial_dir / "trial.json").read_text())
-    config, settings = spec["config"], spec["settings"]
-    allocation_file = trial_dir / "allocation.json"
+    spec = TrialSpec.load(trial_dir)
+    train_args, eval_args = TrainArgs(**spec.train), EvalArgs(**spec.evaluate)
+    allocation_file = Path(train_args.allocation)
     if discover().is_main:
-        base = Allocation.load(settings["allocation"])
-        base.resized(int(config["rank"]), config.get("experts")).save(allocation_file)
+        base = Allocation.load(spec.base_allocation)
+        base.resized(int(spec.config["rank"]), spec.config.get("experts")).save(allocation_file)
     else:  # every rank of the group reads the same file
         while not allocation_file.is_file():
             time.sleep(0.1)
-    train(TrainArgs(model=settings["model"], task=settings["task"], output=str(trial_dir / "train"),
-                    allocation=str(allocation_file), split="fit", steps=int(spec["budget"]),
-                    lr=float(config["lr"]), micro_batch=settings["micro_batch"], zero=settings["zero"],
-                    quant=settings["quant"], seed=int(spec["seed"]), checkpoint_every=0, keep_checkpoints=1,
-                    max_length=settings["max_length"]))
+    train(train_args)
     if not discover().is_main:
         return None
-    scored = evaluate(EvalArgs(model=settings["model"], task=settings["task"], split="val",
-                               adapter=str(trial_dir / "train" / "adapter"), quant=settings["quant"],
-                               limit=settings["val_limit"], max_length=settings["max_length"]))
-    cost = scored["choice_loss"] if settings["objective"] == "loss" else 1.0 - scored["accuracy"]
+    scored = evaluate(eval_args)
+    cost = scored["choice_loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
     return {"cost": cost, "val_loss": scored["choice_loss"], "val_accuracy": scored["accuracy"],
             "val_examples": scored["examples"], "seconds": time.time() - start}
 

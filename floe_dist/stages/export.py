@@ -16,6 +16,7 @@ import torch
 
 from floe_dist.allocation import Allocation
 from floe_dist.config import arg
+from floe_dist.distributed.layout import zero_stage
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import LORA_TAG
 
@@ -45,7 +46,7 @@ def _zero_stage(tag_dir: Path) -> int:
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states")
     meta = torch.load(files[0], map_location="cpu", weights_only=False)
-    return int(meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    return zero_stage(meta.get("ds_config", {}))
 
 
 def run(args: ExportArgs) -> Path:

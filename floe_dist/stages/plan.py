@@ -36,6 +36,7 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.config import arg, below_one
+from floe_dist.distributed.layout import Layout
 from floe_dist.flops import flops_per_token
 
 GIB = 2 ** 30
@@ -98,14 +99,13 @@ class PlanArgs:
     mfu: float = arg(0.3, "assumed MFU: model FLOPs (no recomputation, floe_dist/flops.py) over the peak")
     output: str | None = arg(None, "also write the plan as JSON here")
 
+    def layout(self) -> Layout:
+        return Layout.planned(max(1, self.nodes), max(1, self.gpus_per_node), self.ep_size, self.zero)
+
     def validate(self) -> None:
         problems = below_one(self, ("nodes", "gpus_per_node", "micro_batch", "seq_len", "accumulation",
                                     "experts", "rank", "ep_size"))
-        world = max(1, self.nodes) * max(1, self.gpus_per_node)
-        if self.ep_size >= 1 and world % self.ep_size:
-            problems.append(f"--ep-size {self.ep_size} must divide the world size {world}")
-        if self.ep_size > 1 and self.zero != 3:
-            problems.append("--ep-size > 1 runs beside ZeRO-3 (as floe-dist train does): use --zero 3")
+        problems += self.layout().problems()  # the rules train applies, without an allocation yet
         if self.zero not in (0, 2, 3):
             problems.append(f"--zero must be 0, 2 or 3, got {self.zero}")
         if self.quant not in BYTES_PER_WEIGHT:
@@ -195,10 +195,11 @@ def plan(args: PlanArgs) -> dict:
         allocation = Allocation.uniform(count.layers, [t for t in args.targets.split(",") if t],
                                         experts=args.experts, rank=args.rank, top_k=min(args.top_k, args.experts))
         allocation.validate(count.layers, count.shapes)
+    args.layout().check(allocation)  # the experts split over --ep-size as training would split them
     trainable = allocation.count_parameters(count.shapes)
     experts = expert_parameters(allocation, count.shapes) if args.ep_size > 1 else 0
 
-    n = args.nodes * args.gpus_per_node
+    n = args.layout().world_size
     b, s, h, L = args.micro_batch, args.seq_len, count.hidden, count.layers
     gpu = args.device == "gpu"
     act = 2 if gpu else 4  # bytes per activation value

@@ -17,7 +17,6 @@ the selected layers, sized like the warm-up adapter unless ``--final-*`` say oth
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from floe_dist.data import collate, encode, load_task
 from floe_dist.methods.fisher import (MODES, accumulate_fisher, default_k, refine_with_block, select_budget,
                               select_top_k)
 from floe_dist.distributed import engine as ds
-from floe_dist.distributed.runtime import all_reduce_sum, device_for, init_distributed
+from floe_dist.distributed.layout import Layout, zero_stage
+from floe_dist.distributed.runtime import all_reduce_sum
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
@@ -132,8 +132,8 @@ def scoring_batches(examples, tokenizer, batch: int, rank: int, world: int, max_
 
 def run(args: ScoreArgs) -> dict:
     args.validate()
-    info = init_distributed()
-    device = device_for(info)
+    info = Layout.current()
+    device = info.torch_device
     out = Path(args.output)
     check_before_warmup(args, info.world_size)  # minutes of warm-up must not precede a bad-input error
     t0 = time.time()
@@ -150,7 +150,7 @@ def run(args: ScoreArgs) -> dict:
     k = args.k if args.k is not None else default_k(len(adapters))
     config = ds.build_config(args.zero, micro_batch=args.score_batch, accumulation=1, world_size=info.world_size,
                              lr=1e-9, weight_decay=0.0)
-    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero_stage(config) == 3:
         forward, _ = ds.initialize(model, config, total_steps=1, warmup_steps=1)  # partitioned backbone
     else:
         forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
@@ -168,18 +168,7 @@ def run(args: ScoreArgs) -> dict:
     t_score = time.time() - t1
 
     layers = sorted(adapters)
-    # ZeRO-3 leaves each rank a partition (numel() is 0 or a shard); ds_numel is the full count
-    counts = torch.tensor([sum(getattr(p, "ds_numel", p.numel()) for m in adapters[l] for p in m.adapter_parameters())
-                           for l in layers], dtype=torch.float64)
-    scores = sums.scores(args.mode, counts if args.normalize_param else None)
-    if args.select == "budget":
-        kept_idx = select_budget(scores, counts.long().tolist(), args.budget)
-    else:
-        kept_idx = select_top_k(scores, k)
-        if args.select == "refine":
-            kept_idx = refine_with_block(sums.block, kept_idx)
-    kept = [layers[i] for i in kept_idx]
-
+    scores, kept = select_layers(args, sums, adapters, k)
     allocation = selected_allocation(Allocation.load(export / "allocation.json"), kept, args)
     allocation.with_parameter_count(shapes)
     result = {
@@ -198,6 +187,22 @@ def run(args: ScoreArgs) -> dict:
         print(f"scored {len(layers)} layers on {sums.samples} samples ({info.world_size} rank(s)); "
               f"selected {kept} -> {out / 'allocation.json'}")
     return result
+
+
+def select_layers(args: ScoreArgs, sums, adapters: dict, k: int) -> tuple[torch.Tensor, list[int]]:
+    """Per-layer scores (in layer order) and the layers the selection keeps."""
+    layers = sorted(adapters)
+    # ZeRO-3 leaves each rank a partition (numel() is 0 or a shard); ds_numel is the full count
+    counts = torch.tensor([sum(getattr(p, "ds_numel", p.numel()) for m in adapters[l] for p in m.adapter_parameters())
+                           for l in layers], dtype=torch.float64)
+    scores = sums.scores(args.mode, counts if args.normalize_param else None)
+    if args.select == "budget":
+        kept_idx = select_budget(scores, counts.long().tolist(), args.budget)
+    else:
+        kept_idx = select_top_k(scores, k)
+        if args.select == "refine":
+            kept_idx = refine_with_block(sums.block, kept_idx)
+    return scores, [layers[i] for i in kept_idx]
 
 
 def selected_allocation(warm: Allocation, kept: list[int], args: ScoreArgs) -> Allocation:

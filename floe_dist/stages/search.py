@@ -21,25 +21,22 @@ issued again (a Slurm job that is still queued is adopted instead).
 """
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, write_json_atomic
 from floe_dist.config import arg, below_one
 from floe_dist.distributed.runtime import free_port
 from floe_dist.resume import guard
-from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, default_workers
+from floe_dist.search.ledger import Ledger, Trial
+from floe_dist.search.loop import SearchLoop
+from floe_dist.search.proposers import GridProposer, SmacProposer
+from floe_dist.search.trial import TrialSpec
 
 MODES = ("smac", "bo", "grid")
-FINISHED = ("success", "crashed", "timeout")
-SEARCH_FORMAT = "floe-dist/search@1"
 
 
 @dataclass
@@ -137,223 +134,6 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-# --------------------------------------------------------------------------------------- the ledger
-@dataclass
-class Trial:
-    id: int
-    config: dict
-    budget: int
-    seed: int
-    status: str = "running"  # running | success | crashed | timeout
-    cost: float | None = None
-    seconds: float | None = None
-    worker: str = ""
-    attempts: int = 0
-    reason: str = ""
-    metrics: dict = field(default_factory=dict)
-    smac_seed: int | None = None
-
-    @property
-    def key(self) -> str:
-        return trial_key(self.config, self.budget)
-
-
-def trial_key(config: dict, budget: float) -> str:
-    return json.dumps({"config": config, "budget": int(round(budget))}, sort_keys=True)
-
-
-class Ledger:
-    """``search.json``: every trial and its fate, rewritten atomically after every event."""
-
-    def __init__(self, path: Path, args: SearchArgs):
-        self.path, self.args = path, args
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        self.trials = [Trial(**t) for t in data.get("trials", [])]
-        self.extra: dict = {}
-
-    def add(self, config: dict, budget: int, smac_seed: int | None = None) -> Trial:
-        trial = Trial(len(self.trials), config, budget, self.args.trial_seed, smac_seed=smac_seed)
-        self.trials.append(trial)
-        self.save()
-        return trial
-
-    def find(self, key: str) -> Trial | None:
-        return next((t for t in self.trials if t.key == key), None)
-
-    def finished(self) -> list[Trial]:
-        return [t for t in self.trials if t.status in FINISHED]
-
-    def compute_used(self) -> int:
-        return sum(t.budget for t in self.trials)
-
-    def incumbent(self) -> Trial | None:
-        """Best successful trial at the largest budget that has one (the most trusted fidelity)."""
-        ok = [t for t in self.trials if t.status == "success"]
-        if not ok:
-            return None
-        top = max(t.budget for t in ok)
-        return min((t for t in ok if t.budget == top), key=lambda t: (t.cost, t.id))
-
-    def save(self) -> None:
-        write_json_atomic(self.path, {"format": SEARCH_FORMAT, "args": asdict(self.args),
-                                      "trials": [asdict(t) for t in self.trials], **self.extra})
-
-
-# ------------------------------------------------------------------------------------ proposers
-def build_space(args: SearchArgs, seed: int):
-    from ConfigSpace import ConfigurationSpace, Constant, Float, OrdinalHyperparameter
-
-    space = ConfigurationSpace(seed=seed)
-    space.add(OrdinalHyperparameter("rank", args.rank_choices()))
-    lo, hi = args.lr_range()
-    space.add(Float("lr", (lo, hi), log=True) if hi > lo else Constant("lr", lo))
-    if args.expert_choices():
-        space.add(OrdinalHyperparameter("experts", args.expert_choices()))
-    return space
-
-
-def _plain(config) -> dict:
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
-
-
-class GridProposer:
-    """Every rank x learning rate (x experts) point at ``--max-steps``, in a fixed order."""
-
-    def __init__(self, args: SearchArgs):
-        lo, hi = args.lr_range()
-        n = args.grid_lr_points if hi > lo else 1
-        lrs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [lo]
-        experts = args.expert_choices() or [None]
-        self.points = [{k: v for k, v in (("rank", r), ("lr", lr), ("experts", e)) if v is not None}
-                       for r, e, lr in itertools.product(args.rank_choices(), experts, lrs)]
-        self.budget = args.max_steps
-
-    def resume(self, ledger: Ledger) -> list[Trial]:
-        return [t for t in ledger.trials if t.status == "running"]
-
-    def ask(self, ledger: Ledger) -> Trial | None:
-        for point in self.points:
-            if ledger.find(trial_key(point, self.budget)) is None:
-                return ledger.add(point, self.budget)
-        return None
-
-    def tell(self, trial: Trial) -> None:
-        pass
-
-
-class SmacProposer:
-    """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell."""
-
-    def __init__(self, args: SearchArgs, out: Path):
-        from smac import HyperparameterOptimizationFacade as HPO
-        from smac import MultiFidelityFacade as MF
-        from smac import Scenario
-
-        multi = args.mode == "smac"
-        facade = MF if multi else HPO
-        budgets = dict(min_budget=args.min_steps, max_budget=args.max_steps) if multi else {}
-        scenario = Scenario(build_space(args, args.seed), name="search", output_directory=out / "smac",
-                            deterministic=True, n_trials=100_000, seed=args.seed, crash_cost=args.failed_cost,
-                            **budgets)
-        self._check_same_scenario(scenario)
-        if not multi:
-            intensifier = HPO.get_intensifier(scenario, max_config_calls=1)
-        elif args.brackets == "hyperband":
-            intensifier = MF.get_intensifier(scenario, eta=args.eta)
-        else:
-            from smac.intensifier.successive_halving import SuccessiveHalving
-
-            intensifier = SuccessiveHalving(scenario, eta=args.eta)
-        self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
-                           initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
-                           config_selector=facade.get_config_selector(scenario, retrain_after=1),
-                           logging_level=40)
-        self.max_steps = args.max_steps
-        self.multi = multi
-        self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
-
-    @staticmethod
-    def _check_same_scenario(scenario) -> None:
-        """SMAC asks on stdin when a saved run differs; we check first and fail with a message."""
-        from smac import Scenario
-
-        def plain(sc) -> dict:  # the facade adds its own ``_meta`` later: compare everything else
-            return {k: v for k, v in Scenario.make_serializable(sc).items() if k != "_meta"}
-
-        saved = Path(scenario.output_directory) / "scenario.json"
-        if saved.is_file() and plain(Scenario.load(saved.parent)) != plain(scenario):
-            raise ValueError(f"{saved.parent} holds a SMAC run with another search space or seed; "
-                             f"use another --output, or the same flags to resume it")
-
-    def _info(self, trial: Trial):
-        from ConfigSpace import Configuration
-        from smac.runhistory.dataclasses import TrialInfo
-
-        if trial.key in self.asked:
-            return self.asked[trial.key]
-        config = Configuration(self.smac.scenario.configspace, values=trial.config)
-        return TrialInfo(config, seed=trial.smac_seed, budget=float(trial.budget) if self.multi else None)
-
-    def resume(self, ledger: Ledger) -> list[Trial]:
-        """Reconcile SMAC's runhistory with the ledger; return the trials to issue again."""
-        from smac.runhistory.enumerations import StatusType
-
-        rh = self.smac.runhistory
-        for info in rh.get_running_trials():
-            self.asked[trial_key(_plain(info.config), info.budget if self.multi else self.max_steps)] = info
-        smac_state = {}
-        for k, v in rh.items():
-            budget = k.budget if self.multi else self.max_steps
-            smac_state[trial_key(_plain(rh.get_config(k.config_id)), budget)] = (k, v.status)
-        for key, (k, status) in smac_state.items():  # asked by SMAC, unknown to the ledger: issue it
-            if status == StatusType.RUNNING and ledger.find(key) is None:
-                info = json.loads(key)
-                ledger.add(info["config"], info["budget"], smac_seed=k.seed)
-        for trial in ledger.trials:  # finished here, not (yet) told to SMAC: tell it now
-            known = smac_state.get(trial.key)
-            if trial.status in FINISHED and (known is None or known[1] == StatusType.RUNNING):
-                self.tell(trial)
-        return [t for t in ledger.trials if t.status == "running"]
-
-    def ask(self, ledger: Ledger) -> Trial | None:
-        try:
-            info = self.smac.ask()
-        except StopIteration:  # SMAC found no new configuration: the space is exhausted
-            return None
-        self.smac.optimizer.save()  # the RUNNING entry is durable before the trial starts
-        budget = int(round(info.budget)) if self.multi else self.max_steps
-        trial = ledger.add(_plain(info.config), budget, smac_seed=info.seed)
-        self.asked[trial.key] = info
-        return trial
-
-    def tell(self, trial: Trial) -> None:
-        from smac.runhistory.dataclasses import TrialValue
-        from smac.runhistory.enumerations import StatusType
-
-        status = {"success": StatusType.SUCCESS, "timeout": StatusType.TIMEOUT}.get(trial.status, StatusType.CRASHED)
-        cost = trial.cost if trial.status == "success" else self.smac.scenario.crash_cost
-        self.smac.tell(self._info(trial), TrialValue(cost=cost, time=trial.seconds or 0.0, status=status))
-        if self.multi:
-            self._promotions_first()
-
-    def _promotions_first(self) -> None:
-        """Make successive halving issue promotions before new configurations.
-
-        SMAC's bracket generator walks its tracker from the lowest stage up and stays suspended
-        inside it between asks, so with several workers it keeps opening fresh lowest-budget groups
-        while a finished rung waits for its promotions (measured: 26 cheap trials before the first
-        promotion with 2 workers). Walking the highest stages first and restarting the generator
-        after every tell (SMAC itself restarts it on load) promotes as soon as a rung is complete.
-        Touches two private attributes of smac 2.4.1 (pinned).
-        """
-        intensifier = self.smac.intensifier
-        stages = sorted(intensifier._tracker.items(), key=lambda item: -item[0][1])
-        intensifier._tracker.clear()
-        intensifier._tracker.update(stages)
-        self.smac.optimizer._trial_generator = iter(intensifier)
-
-
-# ---------------------------------------------------------------------------------------- the loop
 RESUME_MAY_CHANGE = {"max_trials", "max_compute", "workers", "trial_timeout", "runner", "sbatch_args",
                      "trial_threads"}
 
@@ -384,94 +164,28 @@ def run(args: SearchArgs) -> dict:
 
     shape = model_shape(args.model)  # meta device: shapes only, no weights
     base = base_allocation(args, shape)
-    base_file = write_json_atomic(out / "base_allocation.json", base.to_json())
-    settings = {"model": args.model, "task": args.task, "allocation": str(base_file.resolve()),
-                "micro_batch": args.micro_batch, "zero": args.zero, "quant": args.quant,
-                "max_length": args.max_length, "val_limit": args.val_limit, "objective": args.objective}
+    base_file = write_json_atomic(out / "base_allocation.json", base.to_json()).resolve()
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
-    workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
-    runner = (SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
-              if args.runner.startswith("slurm") else LocalPool(workers, args.trial_nproc, args.trial_threads))
-    by_id = {t.id: t for t in ledger.trials}
-    cap = args.max_compute * args.max_steps
-
-    def prepare(trial: Trial) -> Launch | None:
-        """The trial's launch, with its trial.json written; None when there is nothing to start."""
-        trial_dir = out / "trials" / f"{trial.id:04d}"
-        result = trial_dir / "result.json"
-        if trial.attempts and result.is_file():  # finished while the search was down (a Slurm job)
-            record(Outcome(trial.id, "success", trial.seconds or 0.0, trial.worker))
-            return None
-        job = Launch(trial.id, trial_argv(args, trial_dir), trial_dir, args.trial_timeout)
-        if trial.attempts and isinstance(runner, SlurmRunner) and runner.adopt(job, trial.worker):
-            return None
-        result.unlink(missing_ok=True)
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(trial_dir / "trial.json", {"trial_id": trial.id, "config": trial.config,
-                                                     "budget": trial.budget, "seed": trial.seed,
-                                                     "settings": settings})
-        return job
-
-    def submit_batch(batch: list[tuple[Trial, Launch]]) -> None:
-        """Submit trials that start together (one job array with --runner slurm-array)."""
-        for (trial, _), worker in zip(batch, runner.submit_all([job for _, job in batch])):
-            trial.worker, trial.attempts, trial.status = worker, trial.attempts + 1, "running"
-        if batch:
-            ledger.save()
-
-    def record(outcome: Outcome) -> None:
-        trial = by_id[outcome.trial_id]
-        trial.status, trial.seconds, trial.worker, trial.reason = (outcome.status, outcome.seconds,
-                                                                   outcome.worker, outcome.reason)
-        if outcome.status == "success":
-            result = json.loads((out / "trials" / f"{trial.id:04d}" / "result.json").read_text())
-            trial.cost, trial.metrics = float(result["cost"]), result
-            if not math.isfinite(trial.cost):
-                trial.status, trial.reason = "crashed", f"non-finite cost {trial.cost}"
-        else:
-            print(f"[search] trial {trial.id} {outcome.status}: {outcome.reason}", file=sys.stderr)
-        ledger.save()  # the result is durable before SMAC hears of it (resume tells SMAC again)
-        proposer.tell(trial)
-        pbar.update(trial.budget / args.max_steps)
-        best = ledger.incumbent()
-        if best:
-            pbar.set_postfix(best=f"{best.cost:.4f}", rank=best.config["rank"], steps=best.budget)
-
-    pending = proposer.resume(ledger)
-    by_id.update({t.id: t for t in ledger.trials})
-    if ledger.trials:
-        print(f"[search] resuming: {len(ledger.finished())} trials finished, {len(pending)} to issue again")
-    total = len(proposer.points) if args.mode == "grid" else args.max_compute
-    pbar = tqdm(total=total, desc=f"search ({args.mode})", unit="trial",
-                initial=sum(t.budget for t in ledger.finished()) / args.max_steps,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} full trials [{elapsed}{postfix}]")
-    try:
-        while True:
-            batch: list[tuple[Trial, Launch]] = []
-            while runner.free_slots - len(batch) > 0:
-                if pending:
-                    trial = pending.pop(0)
-                elif args.mode == "grid" or (len(ledger.trials) < args.max_trials
-                                             and ledger.compute_used() + args.max_steps <= cap):
-                    trial = proposer.ask(ledger)
-                    if trial is None:  # the grid or the space is exhausted
-                        break
-                    by_id[trial.id] = trial
-                else:
-                    break
-                job = prepare(trial)
-                if job is not None:
-                    batch.append((trial, job))
-            submit_batch(batch)
-            if not runner.running:
-                break
-            for outcome in runner.wait():
-                record(outcome)
-    finally:
-        runner.shutdown()
-        pbar.close()
+    loop = SearchLoop(args, out, ledger, proposer, lambda trial: trial_spec(args, trial, out, base_file),
+                      lambda trial_dir: trial_argv(args, trial_dir))
+    loop.run()
     return finish(args, out, ledger, base, shape, time.time() - start)
+
+
+def trial_spec(args: SearchArgs, trial: Trial, out: Path, base_file: Path) -> TrialSpec:
+    """A trial as the train and evaluate configurations it runs: fit split to train, val split to score."""
+    from floe_dist.stages.evaluate import EvalArgs
+    from floe_dist.stages.train import TrainArgs
+
+    trial_dir = (out / "trials" / f"{trial.id:04d}").resolve()
+    common = {"model": args.model, "task": args.task, "quant": args.quant, "max_length": args.max_length}
+    train = TrainArgs(**common, output=str(trial_dir / "train"), allocation=str(trial_dir / "allocation.json"),
+                      split="fit", steps=int(trial.budget), lr=float(trial.config["lr"]), micro_batch=args.micro_batch,
+                      zero=args.zero, seed=int(trial.seed), checkpoint_every=0, keep_checkpoints=1)
+    evaluate = EvalArgs(**common, split="val", adapter=str(trial_dir / "train" / "adapter"), limit=args.val_limit)
+    return TrialSpec(trial.id, trial.config, trial.budget, trial.seed, str(base_file), args.objective,
+                     asdict(train), asdict(evaluate))
 
 
 def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape, seconds: float) -> dict:

@@ -18,8 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from floe_dist.allocation import Allocation, AllocationError
-from floe_dist.distributed.expert_parallel import check_layout
 from tests.conftest import REPO, clean_env, read_metrics, run_floe
 
 PROBE = "tests/floe_dist/distributed/ep_probe.py"
@@ -134,23 +132,6 @@ def test_capacity_drops_are_logged_to_tensorboard(tmp_path):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("train/dropped_picks")] == dropped
-
-
-def _allocation(experts: int, router: str = "topk") -> Allocation:
-    return Allocation.uniform(4, ["q_proj"], experts=experts, rank=2, router=router, top_k=1)
-
-
-@pytest.mark.parametrize("allocation,ep_size,world,stage,message", [
-    (_allocation(4), 2, 3, 3, "must divide the world size 3"),
-    (_allocation(3), 2, 2, 3, "3 experts do not split over --ep-size 2"),
-    (_allocation(4, "dense"), 2, 2, 3, "dense (HydraLoRA) router"),
-    (_allocation(1), 2, 2, 3, "nothing to split"),
-    (_allocation(4), 2, 2, 2, "stage 2"),
-], ids=["world", "experts", "dense", "plain-lora", "zero2"])
-def test_impossible_layouts_are_refused(allocation, ep_size, world, stage, message):
-    with pytest.raises(AllocationError, match="impossible expert-parallel layout") as err:
-        check_layout(allocation, ep_size, world, stage)
-    assert message in str(err.value)
 
 
 def test_cli_refuses_ep_size_that_does_not_divide_world(tmp_path):

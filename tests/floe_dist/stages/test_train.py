@@ -174,8 +174,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted_run
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from floe_dist.stages import train
+    from floe_dist import trainer
     from floe_dist.modeling.answer_lm import AnswerLM
+    from floe_dist.stages import train
 
     class NanAtFourthForward(AnswerLM):
         calls = 0
@@ -187,7 +188,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
                 out["loss"] = out["loss"] * float("nan")
             return out
 
-    monkeypatch.setattr(train, "AnswerLM", NanAtFourthForward)
+    monkeypatch.setattr(trainer, "AnswerLM", NanAtFourthForward)
     out = tmp_path / "nan"
     args = train.TrainArgs(model="tiny", steps=6, micro_batch=2, checkpoint_every=2, output=str(out), zero="3")
     with pytest.raises(FloatingPointError, match="loss is not finite at step 3"):

@@ -1,0 +1,119 @@
+"""The search loop: keep every worker busy with proposed trials, record each outcome, stop on budget.
+
+A trial's outcome is written to the ledger before the proposer is told, and trials that were running
+when a search died are issued again (a Slurm job still queued is adopted instead), so a resumed
+search loses and repeats no finished trial.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from tqdm import tqdm
+
+from floe_dist.search.ledger import Ledger, Trial
+from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, default_workers
+from floe_dist.search.trial import TrialSpec
+
+if TYPE_CHECKING:
+    from floe_dist.stages.search import SearchArgs
+
+
+class SearchLoop:
+    def __init__(self, args: "SearchArgs", out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec],
+                 argv: Callable[[Path], list[str]]):
+        self.args, self.out, self.ledger, self.proposer = args, out, ledger, proposer
+        self.spec, self.argv = spec, argv
+        workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
+        self.runner = (SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
+                       if args.runner.startswith("slurm") else LocalPool(workers, args.trial_nproc, args.trial_threads))
+        self.by_id = {t.id: t for t in ledger.trials}
+        self.pbar = None
+
+    def trial_dir(self, trial: Trial) -> Path:
+        return self.out / "trials" / f"{trial.id:04d}"
+
+    def prepare(self, trial: Trial) -> Launch | None:
+        """The trial's launch, with its trial.json written; None when there is nothing to start."""
+        trial_dir = self.trial_dir(trial)
+        result = trial_dir / "result.json"
+        if trial.attempts and result.is_file():  # finished while the search was down (a Slurm job)
+            self.record(Outcome(trial.id, "success", trial.seconds or 0.0, trial.worker))
+            return None
+        job = Launch(trial.id, self.argv(trial_dir), trial_dir, self.args.trial_timeout)
+        if trial.attempts and isinstance(self.runner, SlurmRunner) and self.runner.adopt(job, trial.worker):
+            return None
+        result.unlink(missing_ok=True)
+        self.spec(trial).save(trial_dir)
+        return job
+
+    def submit(self, batch: list[tuple[Trial, Launch]]) -> None:
+        """Submit trials that start together (one job array with --runner slurm-array)."""
+        for (trial, _), worker in zip(batch, self.runner.submit_all([job for _, job in batch])):
+            trial.worker, trial.attempts, trial.status = worker, trial.attempts + 1, "running"
+        if batch:
+            self.ledger.save()
+
+    def record(self, outcome: Outcome) -> None:
+        trial = self.by_id[outcome.trial_id]
+        trial.status, trial.seconds, trial.worker, trial.reason = (outcome.status, outcome.seconds,
+                                                                   outcome.worker, outcome.reason)
+        if outcome.status == "success":
+            result = json.loads((self.trial_dir(trial) / "result.json").read_text())
+            trial.cost, trial.metrics = float(result["cost"]), result
+            if not math.isfinite(trial.cost):
+                trial.status, trial.reason = "crashed", f"non-finite cost {trial.cost}"
+        else:
+            print(f"[search] trial {trial.id} {outcome.status}: {outcome.reason}", file=sys.stderr)
+        self.ledger.save()  # the result is durable before SMAC hears of it (resume tells SMAC again)
+        self.proposer.tell(trial)
+        self.pbar.update(trial.budget / self.args.max_steps)
+        best = self.ledger.incumbent()
+        if best:
+            self.pbar.set_postfix(best=f"{best.cost:.4f}", rank=best.config["rank"], steps=best.budget)
+
+    def next_trial(self, pending: list[Trial]) -> Trial | None:
+        """A trial to issue again, else a new proposal while the budget allows, else None."""
+        args, ledger = self.args, self.ledger
+        if pending:
+            return pending.pop(0)
+        within = (len(ledger.trials) < args.max_trials
+                  and ledger.compute_used() + args.max_steps <= args.max_compute * args.max_steps)
+        if args.mode != "grid" and not within:
+            return None
+        trial = self.proposer.ask(ledger)  # None: the grid or the space is exhausted
+        if trial is not None:
+            self.by_id[trial.id] = trial
+        return trial
+
+    def run(self) -> None:
+        args, ledger = self.args, self.ledger
+        pending = self.proposer.resume(ledger)
+        self.by_id.update({t.id: t for t in ledger.trials})
+        if ledger.trials:
+            print(f"[search] resuming: {len(ledger.finished())} trials finished, {len(pending)} to issue again")
+        total = len(self.proposer.points) if args.mode == "grid" else args.max_compute
+        self.pbar = tqdm(total=total, desc=f"search ({args.mode})", unit="trial",
+                         initial=sum(t.budget for t in ledger.finished()) / args.max_steps,
+                         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} full trials [{elapsed}{postfix}]")
+        try:
+            while True:
+                batch: list[tuple[Trial, Launch]] = []
+                while self.runner.free_slots - len(batch) > 0:
+                    trial = self.next_trial(pending)
+                    if trial is None:
+                        break
+                    job = self.prepare(trial)
+                    if job is not None:
+                        batch.append((trial, job))
+                self.submit(batch)
+                if not self.runner.running:
+                    break
+                for outcome in self.runner.wait():
+                    self.record(outcome)
+        finally:
+            self.runner.shutdown()
+            self.pbar.close()

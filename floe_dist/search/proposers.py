@@ -1,0 +1,169 @@
+"""What to try next: the exhaustive grid (for comparison) or SMAC (BO, multi-fidelity over steps).
+
+Both speak ask/tell against the ledger; SMAC's state is saved after every ask and tell so a killed
+search resumes with the same surrogate.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from floe_dist.search.ledger import FINISHED, Ledger, Trial, trial_key
+
+if TYPE_CHECKING:
+    from floe_dist.stages.search import SearchArgs
+
+
+def build_space(args: SearchArgs, seed: int):
+    from ConfigSpace import ConfigurationSpace, Constant, Float, OrdinalHyperparameter
+
+    space = ConfigurationSpace(seed=seed)
+    space.add(OrdinalHyperparameter("rank", args.rank_choices()))
+    lo, hi = args.lr_range()
+    space.add(Float("lr", (lo, hi), log=True) if hi > lo else Constant("lr", lo))
+    if args.expert_choices():
+        space.add(OrdinalHyperparameter("experts", args.expert_choices()))
+    return space
+
+
+def _plain(config) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
+
+
+class GridProposer:
+    """Every rank x learning rate (x experts) point at ``--max-steps``, in a fixed order."""
+
+    def __init__(self, args: SearchArgs):
+        lo, hi = args.lr_range()
+        n = args.grid_lr_points if hi > lo else 1
+        lrs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [lo]
+        experts = args.expert_choices() or [None]
+        self.points = [{k: v for k, v in (("rank", r), ("lr", lr), ("experts", e)) if v is not None}
+                       for r, e, lr in itertools.product(args.rank_choices(), experts, lrs)]
+        self.budget = args.max_steps
+
+    def resume(self, ledger: Ledger) -> list[Trial]:
+        return [t for t in ledger.trials if t.status == "running"]
+
+    def ask(self, ledger: Ledger) -> Trial | None:
+        for point in self.points:
+            if ledger.find(trial_key(point, self.budget)) is None:
+                return ledger.add(point, self.budget)
+        return None
+
+    def tell(self, trial: Trial) -> None:
+        pass
+
+
+class SmacProposer:
+    """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell."""
+
+    def __init__(self, args: SearchArgs, out: Path):
+        from smac import HyperparameterOptimizationFacade as HPO
+        from smac import MultiFidelityFacade as MF
+        from smac import Scenario
+
+        multi = args.mode == "smac"
+        facade = MF if multi else HPO
+        budgets = dict(min_budget=args.min_steps, max_budget=args.max_steps) if multi else {}
+        scenario = Scenario(build_space(args, args.seed), name="search", output_directory=out / "smac",
+                            deterministic=True, n_trials=100_000, seed=args.seed, crash_cost=args.failed_cost,
+                            **budgets)
+        self._check_same_scenario(scenario)
+        if not multi:
+            intensifier = HPO.get_intensifier(scenario, max_config_calls=1)
+        elif args.brackets == "hyperband":
+            intensifier = MF.get_intensifier(scenario, eta=args.eta)
+        else:
+            from smac.intensifier.successive_halving import SuccessiveHalving
+
+            intensifier = SuccessiveHalving(scenario, eta=args.eta)
+        self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
+                           initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
+                           config_selector=facade.get_config_selector(scenario, retrain_after=1),
+                           logging_level=40)
+        self.max_steps = args.max_steps
+        self.multi = multi
+        self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
+
+    @staticmethod
+    def _check_same_scenario(scenario) -> None:
+        """SMAC asks on stdin when a saved run differs; we check first and fail with a message."""
+        from smac import Scenario
+
+        def plain(sc) -> dict:  # the facade adds its own ``_meta`` later: compare everything else
+            return {k: v for k, v in Scenario.make_serializable(sc).items() if k != "_meta"}
+
+        saved = Path(scenario.output_directory) / "scenario.json"
+        if saved.is_file() and plain(Scenario.load(saved.parent)) != plain(scenario):
+            raise ValueError(f"{saved.parent} holds a SMAC run with another search space or seed; "
+                             f"use another --output, or the same flags to resume it")
+
+    def _info(self, trial: Trial):
+        from ConfigSpace import Configuration
+        from smac.runhistory.dataclasses import TrialInfo
+
+        if trial.key in self.asked:
+            return self.asked[trial.key]
+        config = Configuration(self.smac.scenario.configspace, values=trial.config)
+        return TrialInfo(config, seed=trial.smac_seed, budget=float(trial.budget) if self.multi else None)
+
+    def resume(self, ledger: Ledger) -> list[Trial]:
+        """Reconcile SMAC's runhistory with the ledger; return the trials to issue again."""
+        from smac.runhistory.enumerations import StatusType
+
+        rh = self.smac.runhistory
+        for info in rh.get_running_trials():
+            self.asked[trial_key(_plain(info.config), info.budget if self.multi else self.max_steps)] = info
+        smac_state = {}
+        for k, v in rh.items():
+            budget = k.budget if self.multi else self.max_steps
+            smac_state[trial_key(_plain(rh.get_config(k.config_id)), budget)] = (k, v.status)
+        for key, (k, status) in smac_state.items():  # asked by SMAC, unknown to the ledger: issue it
+            if status == StatusType.RUNNING and ledger.find(key) is None:
+                info = json.loads(key)
+                ledger.add(info["config"], info["budget"], smac_seed=k.seed)
+        for trial in ledger.trials:  # finished here, not (yet) told to SMAC: tell it now
+            known = smac_state.get(trial.key)
+            if trial.status in FINISHED and (known is None or known[1] == StatusType.RUNNING):
+                self.tell(trial)
+        return [t for t in ledger.trials if t.status == "running"]
+
+    def ask(self, ledger: Ledger) -> Trial | None:
+        try:
+            info = self.smac.ask()
+        except StopIteration:  # SMAC found no new configuration: the space is exhausted
+            return None
+        self.smac.optimizer.save()  # the RUNNING entry is durable before the trial starts
+        budget = int(round(info.budget)) if self.multi else self.max_steps
+        trial = ledger.add(_plain(info.config), budget, smac_seed=info.seed)
+        self.asked[trial.key] = info
+        return trial
+
+    def tell(self, trial: Trial) -> None:
+        from smac.runhistory.dataclasses import TrialValue
+        from smac.runhistory.enumerations import StatusType
+
+        status = {"success": StatusType.SUCCESS, "timeout": StatusType.TIMEOUT}.get(trial.status, StatusType.CRASHED)
+        cost = trial.cost if trial.status == "success" else self.smac.scenario.crash_cost
+        self.smac.tell(self._info(trial), TrialValue(cost=cost, time=trial.seconds or 0.0, status=status))
+        if self.multi:
+            self._promotions_first()
+
+    def _promotions_first(self) -> None:
+        """Make successive halving issue promotions before new configurations.
+
+        SMAC's bracket generator walks its tracker from the lowest stage up and stays suspended
+        inside it between asks, so with several workers it keeps opening fresh lowest-budget groups
+        while a finished rung waits for its promotions (measured: 26 cheap trials before the first
+        promotion with 2 workers). Walking the highest stages first and restarting the generator
+        after every tell (SMAC itself restarts it on load) promotes as soon as a rung is complete.
+        Touches two private attributes of smac 2.4.1 (pinned).
+        """
+        intensifier = self.smac.intensifier
+        stages = sorted(intensifier._tracker.items(), key=lambda item: -item[0][1])
+        intensifier._tracker.clear()
+        intensifier._tracker.update(stages)
+        self.smac.optimizer._trial_generator = iter(intensifier)

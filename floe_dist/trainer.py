@@ -1,0 +1,213 @@
+"""One training run on this rank: setup -> resume -> step ... -> save -> export (``floe-dist train``).
+
+Every rank builds the same adapters (seeded), DeepSpeed partitions them as its config says, split
+experts sit beside it on expert-parallel groups, and batches are a pure function of (seed, step,
+micro-step, rank), so a resumed run continues the loss curve it would have had.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from floe_dist.allocation import write_json_atomic
+from floe_dist.data import load_task, train_batch
+from floe_dist.distributed import engine as ds
+from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
+from floe_dist.distributed.layout import Layout
+from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
+from floe_dist.modeling.answer_lm import AnswerLM
+from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+from floe_dist.modeling.export import save_adapter
+from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
+from floe_dist.resume import guard
+
+RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "keep_checkpoints", "output"}  # how long, not what
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args, self.t0 = args, time.time()
+        self.out = Path(args.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.setup()
+
+    def setup(self) -> None:
+        """Data, backbone, adapters and the DeepSpeed engine; every bad input fails before a file is written."""
+        from floe_dist.stages.train import build_allocation
+
+        args = self.args
+        info = init_distributed()
+        config = ds.build_config(args.zero, micro_batch=args.micro_batch, accumulation=args.accumulation,
+                                 world_size=info.world_size, lr=args.lr, weight_decay=args.weight_decay)
+        self.layout = layout = Layout.current(args.ep_size, config)
+        model_dir = resolve_model(args.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.examples = load_task(args.task, args.split)[: args.max_train_examples]
+        if not self.examples:
+            raise ValueError(f"task {args.task!r} has no training examples")
+        self.lm = lm = load_backbone(model_dir, args.quant, layout.torch_device)
+        self.allocation = build_allocation(args, lm.config.num_hidden_layers)
+        torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
+        inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written
+        layout.check(self.allocation)
+        for adapter in adapter_modules(lm).values():
+            adapter.capacity_factor = args.capacity_factor
+            if layout.world_size > 1:
+                adapter.routing_stats_reducer = all_reduce_sum  # balance loss over the global batch
+        self.experts = ExpertParallel(lm, create_groups(args.ep_size)) if args.ep_size > 1 else None
+        if args.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = AnswerLM(lm, args.balance_coef)
+        guard(self.out / "train_args.json", asdict(args), what="checkpoints of a run", may_change=RESUME_MAY_CHANGE,
+              active=(self.ckpt_dir / "latest").is_file(), write=False)
+        if layout.is_main:
+            self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
+            write_json_atomic(self.out / "train_args.json", asdict(args))
+        self.engine, _ = ds.initialize(self.model, config, args.steps, max(1, round(args.warmup_ratio * args.steps)))
+        if self.experts:
+            self.experts.attach(self.engine, config)
+
+    def resume(self) -> int:
+        """The step of the latest complete checkpoint (0 without one), loaded into the engine."""
+        if not (self.ckpt_dir / "latest").is_file():
+            return 0
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=False)
+        if self.experts:
+            self.experts.load(self.ckpt_dir / _latest_tag(self.ckpt_dir))
+        if self.layout.is_main:
+            print(f"resumed from {self.ckpt_dir} at step {int(client['step'])}")
+        return int(client["step"])
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step (``accumulation`` micro-steps); the losses are means over ranks."""
+        args, layout, engine = self.args, self.layout, self.engine
+        totals = torch.zeros(4, device=layout.torch_device)  # loss, ce, balance (rank means), dropped picks (sum)
+        lr = engine.get_lr()[0]  # the rate this step uses
+        grad_norm = None
+        for micro in range(args.accumulation):
+            torch.manual_seed(hash((args.seed, step, micro, layout.rank)) % 2**62)  # dropout, resumable
+            batch = train_batch(self.examples, self.tokenizer, step=step, micro=micro, rank=layout.rank,
+                                world=layout.world_size, micro_batch=args.micro_batch,
+                                accumulation=args.accumulation, seed=args.seed, max_length=args.max_length)
+            result = engine(**{k: v.to(layout.torch_device) for k, v in batch.items()})
+            stats = all_reduce_sum(torch.stack([result["loss"], result["ce"], result["balance"],
+                                                self.model.dropped_picks().to(result["loss"])]).detach())
+            if not torch.isfinite(stats).all():  # every rank sees the reduced value: all stop together
+                raise FloatingPointError(
+                    f"loss is not finite at step {step} (micro-step {micro}); nothing was applied. "
+                    f"Last good checkpoint: {_latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}. "
+                    f"Try a lower --lr or check the data.")
+            engine.backward(result["loss"])
+            if self.experts:
+                self.experts.before_engine_step(engine)
+            if micro == args.accumulation - 1:
+                grad_norm = ds.grad_norm_before_step(engine)
+            engine.step()
+            if self.experts:
+                self.experts.after_engine_step(engine, lr)
+            totals[:3] += stats[:3] / layout.world_size / args.accumulation
+            totals[3] += stats[3]
+        loss, ce, balance, dropped = totals.tolist()
+        return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
+                "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.engine, self.ckpt_dir, step, self.args.keep_checkpoints, self.layout.is_main,
+                        self.experts)
+
+    def fit(self) -> dict:
+        args = self.args
+        start_step = self.resume()
+        log = MetricsLog(self.out, start_step) if self.layout.is_main else None
+        pbar = tqdm(range(start_step, args.steps), desc="train", disable=not self.layout.is_main,
+                    initial=start_step, total=args.steps)
+        for step in pbar:
+            step_start = time.perf_counter()
+            metrics = self.step(step)
+            if log:
+                if args.capacity_factor <= 0:
+                    metrics.pop("dropped_picks")
+                log.write(step + 1, **metrics, step_seconds=time.perf_counter() - step_start,
+                          expert_load={k: v.tolist() for k, v in self.model.expert_load().items()})
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            if (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or step + 1 == args.steps:
+                self.save(step + 1)
+        return self.export(start_step, log)
+
+    def export(self, start_step: int, log: "MetricsLog | None") -> dict:
+        """The adapter in its replicated layout (loads with any --ep-size) and ``train.json``."""
+        args, layout = self.args, self.layout
+        state = ds.gather_full(lora_state_dict(self.lm))  # collective: every rank takes part
+        if self.experts:
+            state.update(self.experts.gather_full())
+        trainable = self.allocation.trainable_parameters
+        summary = {"steps": args.steps, "world_size": layout.world_size, "ep_size": args.ep_size,
+                   "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
+                   "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
+                   + (self.experts.state_bytes() if self.experts else 0), "args": asdict(args)}
+        if layout.is_main:
+            save_adapter(self.out / "adapter", state, self.allocation,
+                         {"base_model": args.model, "quant": args.quant, "task": args.task, "step": args.steps})
+            summary["final_loss"] = log.last.get("loss") if log.last else None
+            write_json_atomic(self.out / "train.json", summary)
+            log.close()
+            print(f"trained {trainable:,} adapter parameters for {args.steps} steps "
+                  f"on {layout.world_size} rank(s) in {summary['seconds']:.0f}s -> {self.out / 'adapter'}")
+        return summary
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, is_main: bool,
+                    experts: ExpertParallel | None = None) -> None:
+    """Expert shards first, then DeepSpeed's tag folder and its ``latest`` pointer: a crash at any
+    point leaves ``latest`` on the previous complete checkpoint."""
+    if experts:
+        experts.save(ckpt_dir / f"step_{step}")
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step},
+                           exclude_frozen_parameters=True)
+    if is_main:
+        tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` + TensorBoard on rank 0; on resume, drops entries past the checkpoint."""
+
+    def __init__(self, out: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.last: dict = json.loads(kept[-1]) if kept else {}
+
+    def write(self, step: int, expert_load: dict[int, list[float]], **scalars: float) -> None:
+        self.last = {"step": step, **scalars}
+        self.file.write(json.dumps(self.last) + "\n")
+        self.file.flush()
+        for key, value in scalars.items():
+            self.tb.add_scalar(f"train/{key}", value, step)
+        for layer, load in expert_load.items():
+            for e, share in enumerate(load):
+                self.tb.add_scalar(f"expert_load/layer_{layer:02d}/expert_{e}", share, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
