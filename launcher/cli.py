@@ -97,6 +97,8 @@ def strip_launcher_flags(argv: list[str]) -> list[str]:
 
 def campaign_args(argv: list[str]):
     """``--config`` (default: the shipped default recipe), ``--output`` and dotted recipe settings."""
+    from jsonargparse import ArgumentError
+
     from floe_dist.recipe import DEFAULT_RECIPE, recipe_from_namespace, recipe_parser, recipe_path
     from launcher.campaign import CampaignArgs
 
@@ -106,7 +108,10 @@ def campaign_args(argv: list[str]):
     argv = resolve_config_names(argv)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", str(recipe_path(DEFAULT_RECIPE)), *argv]
-    cfg = parser.parse_args(argv)
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:  # unknown keys, wrong types: the message names them
+        raise ValueError(f"bad recipe: {err}") from None
     return CampaignArgs(recipe=recipe_from_namespace(parser, cfg), output=cfg.output)
 
 

@@ -121,7 +121,8 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
         (["slurm", "--time", "soon", "--output", str(tmp_path / "b")], "is not [D-]HH:MM:SS"),
         (["slurm", "--args=--output elsewhere", "--output", str(tmp_path / "c")], "must not set --output"),
         (["slurm", "--launch", "deepspeed", "--output", str(tmp_path / "f")], "applies to the train template"),
-        (["campaign", "--nodes", "2", "--output", str(tmp_path / "d")], "needs --launcher srun"),
+        (["campaign", "--parallel.nodes", "2", "--output", str(tmp_path / "d")], "needs parallel.launcher srun"),
+        (["campaign", "--nodes", "2", "--output", str(tmp_path / "g")], "bad recipe: unrecognized arguments: --nodes"),
     ]
     for argv, message in cases:
         proc = run_floe(argv, check=False)
