@@ -30,7 +30,11 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], allocation:
     allocation.save(folder / "allocation.json")
     if allocation.is_plain_lora:
         save_peft_adapter(folder / "peft", state, allocation, meta.get("base_model", ""))
-    write_json_atomic(folder / "export.json", {"format": EXPORT_FORMAT, **meta})  # written last: complete
+    serve = ("merge it into the base: floe-dist export --merged DIR" if allocation.is_plain_lora
+             else "floe-dist's loader (load_backbone + load_adapter); routing depends on the input, so it "
+                  "cannot be merged into the base")
+    write_json_atomic(folder / "export.json", {"format": EXPORT_FORMAT, **meta, "mergeable": allocation.is_plain_lora,
+                                               "serve": serve})  # written last: the export is complete
     return folder
 
 

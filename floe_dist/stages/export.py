@@ -2,6 +2,7 @@
 
     floe-dist export --run runs/x                 # latest checkpoint -> runs/x/adapter
     floe-dist export --run runs/x --tag step_20 --output /tmp/adapter_step20
+    floe-dist export --run runs/x --merged runs/x/merged   # plain LoRA: + a merged model folder
 
 Uses DeepSpeed's own ``zero_to_fp32`` consolidation (no process group needed), so an adapter can be
 recovered from a run that was pre-empted before it reached its final export.
@@ -26,6 +27,9 @@ class ExportArgs:
     run: str = arg("runs/train", "a train --output folder (with checkpoints/ and allocation.json)")
     tag: str | None = arg(None, "checkpoint tag such as step_20; default: the latest")
     output: str | None = arg(None, "export folder; default: <run>/adapter")
+    merged: str | None = arg(None, "also write this folder: the base model with the adapter merged in, for "
+                                   "AutoModelForCausalLM / inference servers (plain LoRA only; see "
+                                   "floe_dist/modeling/merge.py)")
 
 
 def consolidated_lora_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -56,6 +60,10 @@ def run(args: ExportArgs) -> Path:
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} in {ckpt_dir}")
     allocation = Allocation.load(run_dir / "allocation.json")
+    if args.merged and not allocation.is_plain_lora:
+        from floe_dist.modeling.merge import MERGE_REFUSED
+
+        raise ValueError(f"--merged: {MERGE_REFUSED}")
     args_file = run_dir / "train_args.json"
     train_args = json.loads(args_file.read_text()) if args_file.is_file() else {}
     state = consolidated_lora_state(ckpt_dir, tag)
@@ -65,4 +73,8 @@ def run(args: ExportArgs) -> Path:
     save_adapter(out, state, allocation, {"base_model": train_args.get("model"), "quant": train_args.get("quant",
                  "none"), "task": train_args.get("task"), "step": int(tag.split("_")[-1]) if "_" in tag else None})
     print(f"exported {len(state)} adapter tensors from {ckpt_dir / tag} -> {out}")
+    if args.merged:
+        from floe_dist.modeling.merge import merge_adapter
+
+        print(f"merged the adapter into the base -> {merge_adapter(out, args.merged)}")
     return out

@@ -218,6 +218,9 @@ def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_p
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    proc = run_floe(["export", "--run", str(run), "--merged", str(tmp_path / "merged")], check=False)
+    assert proc.returncode == 2 and "LoRA-MoE adapter" in proc.stderr and "cannot be merged" in proc.stderr
+    assert not (tmp_path / "merged").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_curve(tmp_path):
