@@ -187,7 +187,8 @@ def run(args: CampaignArgs) -> dict:
         write_recipe(c.out / "search", recipe)
         found = c.step("search", lambda: search(search_args))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
-        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e}")
+        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e} (proposed by: "
+              f"{found.get('incumbent_origin') or 'unknown'}; top-budget origins {found.get('top_budget_origins')})")
     train_args = c.stage_args("train", TrainArgs, allocation=allocation, lr=lr, output=str(c.out / "train"))
     trained = c.step("train", lambda: c.launch("train", train_args, c.out / "train" / "train.json"))
     final = c.step("final_eval", lambda: evaluate(c.stage_args("evaluate", EvalArgs,

@@ -33,6 +33,7 @@ class Trial:
     reason: str = ""
     metrics: dict = field(default_factory=dict)
     smac_seed: int | None = None
+    origin: str = ""  # who proposed the configuration: initial design | model | random | grid
 
     @property
     def key(self) -> str:
@@ -52,8 +53,8 @@ class Ledger:
         self.trials = [Trial(**t) for t in data.get("trials", [])]
         self.extra: dict = {}
 
-    def add(self, config: dict, budget: int, smac_seed: int | None = None) -> Trial:
-        trial = Trial(len(self.trials), config, budget, self.args.trial_seed, smac_seed=smac_seed)
+    def add(self, config: dict, budget: int, smac_seed: int | None = None, origin: str = "") -> Trial:
+        trial = Trial(len(self.trials), config, budget, self.args.trial_seed, smac_seed=smac_seed, origin=origin)
         self.trials.append(trial)
         self.save()
         return trial
@@ -74,6 +75,13 @@ class Ledger:
             return None
         top = max(t.budget for t in ok)
         return min((t for t in ok if t.budget == top), key=lambda t: (t.cost, t.id))
+
+    def top_budget_origins(self) -> dict[str, int]:
+        """How many configurations that reached the top budget each origin proposed."""
+        ok = [t for t in self.trials if t.status == "success"]
+        top = max((t.budget for t in ok), default=None)
+        configs = {json.dumps(t.config, sort_keys=True): t.origin for t in ok if t.budget == top}
+        return {origin: list(configs.values()).count(origin) for origin in sorted(set(configs.values()))}
 
     def save(self) -> None:
         write_json_atomic(self.path, {"format": SEARCH_FORMAT, "args": asdict(self.args),

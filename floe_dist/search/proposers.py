@@ -28,6 +28,17 @@ def build_space(args: SearchArgs, seed: int):
     return space
 
 
+def origin_of(config) -> str:
+    """SMAC's ``config.origin`` in three words: the initial design, the model (the acquisition function
+    chose it: local search, or random candidates sorted by it), or a random interleave."""
+    text = str(getattr(config, "origin", "") or "")
+    if text.lower().startswith("initial"):
+        return "initial design"
+    if any(s in text for s in ("Local Search", "(sorted)", "Differential Evolution")):
+        return "model"
+    return "random" if "Random" in text else (text or "unknown")
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -50,7 +61,7 @@ class GridProposer:
     def ask(self, ledger: Ledger) -> Trial | None:
         for point in self.points:
             if ledger.find(trial_key(point, self.budget)) is None:
-                return ledger.add(point, self.budget)
+                return ledger.add(point, self.budget, origin="grid")
         return None
 
     def tell(self, trial: Trial) -> None:
@@ -124,7 +135,8 @@ class SmacProposer:
         for key, (k, status) in smac_state.items():  # asked by SMAC, unknown to the ledger: issue it
             if status == StatusType.RUNNING and ledger.find(key) is None:
                 info = json.loads(key)
-                ledger.add(info["config"], info["budget"], smac_seed=k.seed)
+                ledger.add(info["config"], info["budget"], smac_seed=k.seed,
+                           origin=origin_of(rh.get_config(k.config_id)))
         for trial in ledger.trials:  # finished here, not (yet) told to SMAC: tell it now
             known = smac_state.get(trial.key)
             if trial.status in FINISHED and (known is None or known[1] == StatusType.RUNNING):
@@ -138,7 +150,7 @@ class SmacProposer:
             return None
         self.smac.optimizer.save()  # the RUNNING entry is durable before the trial starts
         budget = int(round(info.budget)) if self.multi else self.max_steps
-        trial = ledger.add(_plain(info.config), budget, smac_seed=info.seed)
+        trial = ledger.add(_plain(info.config), budget, smac_seed=info.seed, origin=origin_of(info.config))
         self.asked[trial.key] = info
         return trial
 

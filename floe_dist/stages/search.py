@@ -204,7 +204,8 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape,
                "compute_steps": sum(t.budget for t in finished),
                "compute_full_trials": sum(t.budget for t in finished) / args.max_steps,
                "trial_seconds": sum(t.seconds or 0.0 for t in finished), "wall_seconds": seconds,
-               "lr": best.config["lr"], "rank": best.config["rank"],
+               "lr": best.config["lr"], "rank": best.config["rank"], "incumbent_origin": best.origin,
+               "top_budget_origins": ledger.top_budget_origins(),
                "trainable_parameters": chosen.trainable_parameters}
     ledger.extra = {"summary": summary}
     ledger.save()
@@ -213,6 +214,8 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape,
           f"{summary['compute_full_trials']:.2f} full-trial equivalents, {seconds:.0f}s; incumbent rank "
           f"{best.config['rank']} lr {best.config['lr']:.2e} cost {best.cost:.4f} at {best.budget} steps "
           f"-> {out / 'allocation.json'}")
+    origins = ", ".join(f"{n} from {o}" for o, n in summary["top_budget_origins"].items())
+    print(f"[search] configurations at the top budget: {origins}; the incumbent came from {best.origin or 'unknown'}")
     return summary
 
 

@@ -53,6 +53,7 @@ def grid(tmp_path_factory):
 def test_grid_tries_every_point_and_finds_the_planted_rank(grid):
     trials = ledger(grid)["trials"]
     assert len(trials) == 15 and all(t["status"] == "success" and t["budget"] == 270 for t in trials)
+    assert {t["origin"] for t in trials} == {"grid"}
     assert len({(t["config"]["rank"], t["config"]["lr"]) for t in trials}) == 15
     best = min(trials, key=lambda t: t["cost"])
     assert best["config"]["rank"] == 4
@@ -77,6 +78,11 @@ def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compu
     incumbent = search["summary"]["incumbent"]
     assert incumbent["config"]["rank"] == grid_best["config"]["rank"] and incumbent["budget"] == 270
     assert incumbent["cost"] <= grid_best["cost"] * 1.05  # within noise of the grid's best point
+    origins = {t["origin"] for t in search["trials"]}  # every trial says who proposed it
+    assert origins <= {"initial design", "model", "random"} and "initial design" in origins
+    top = {json.dumps(t["config"], sort_keys=True) for t in search["trials"] if t["budget"] == 270}
+    assert sum(search["summary"]["top_budget_origins"].values()) == len(top)
+    assert search["summary"]["incumbent_origin"] == incumbent["origin"]
 
 
 def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
