@@ -81,6 +81,20 @@ class Allocation:
                           layers={i: {name: resize(m) for name, m in mods.items()} for i, mods in self.layers.items()},
                           alpha=self.alpha, dropout=self.dropout, meta=dict(self.meta))
 
+    @property
+    def is_uniform(self) -> bool:
+        """Every module the same: one expert count and one rank everywhere."""
+        return len({(m.experts, *m.ranks) for mods in self.layers.values() for m in mods.values()}) == 1
+
+    def rank_scaled(self, rank: int, method: str | None = None) -> "Allocation":
+        """Every rank times ``rank / largest rank``: the largest becomes ``rank`` and the shape (which
+        layers and experts get more) is kept; a uniform allocation ends with every rank = ``rank``.
+        How a rank search applies its choice without flattening a HILO or GuiLoMo allocation."""
+        largest = max(r for mods in self.layers.values() for m in mods.values() for r in m.ranks)
+        scale = lambda m: replace(m, ranks=tuple(max(1, round(r * rank / largest)) for r in m.ranks))
+        return replace(self, method=method or self.method, meta=dict(self.meta),
+                       layers={i: {n: scale(m) for n, m in mods.items()} for i, mods in self.layers.items()})
+
     def scaled_to_budget(self, budget: int, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
         """Every rank times one factor f (rounded, at least 1), f chosen so the parameter count is closest
         to ``budget``: the shape of a schedule (which layers and experts get more) is kept, its size is

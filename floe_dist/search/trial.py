@@ -41,6 +41,14 @@ class TrialSpec:
         return cls(**json.loads((trial_dir / "trial.json").read_text()))
 
 
+def searched_allocation(base: Allocation, config: dict, method: str | None = None) -> Allocation:
+    """The base allocation at a sampled point: its ranks scaled so the largest is ``rank`` (the shape of a
+    heterogeneous allocation is kept), or, when experts are searched too, every module resized."""
+    if config.get("experts"):
+        return base.resized(int(config["rank"]), int(config["experts"]), method=method)
+    return base.rank_scaled(int(config["rank"]), method=method)
+
+
 def run_trial(trial_dir: Path) -> dict | None:
     from floe_dist.distributed.runtime import discover
     from floe_dist.stages.evaluate import EvalArgs
@@ -54,7 +62,7 @@ def run_trial(trial_dir: Path) -> dict | None:
     allocation_file = Path(train_args.allocation)
     if discover().is_main:
         base = Allocation.load(spec.base_allocation)
-        base.resized(int(spec.config["rank"]), spec.config.get("experts")).save(allocation_file)
+        searched_allocation(base, spec.config).save(allocation_file)
     else:  # every rank of the group reads the same file
         while not allocation_file.is_file():
             time.sleep(0.1)

@@ -34,7 +34,7 @@ from floe_dist.resume import guard
 from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
-from floe_dist.search.trial import TrialSpec
+from floe_dist.search.trial import TrialSpec, searched_allocation
 
 MODES = ("smac", "bo", "grid")
 
@@ -47,7 +47,8 @@ class SearchArgs:
                                        "none = q,v on every layer")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
     task: str = arg("sst2", "sst2, boolq, or a JSONL file; trials train on its fit split, score on val")
-    ranks: str = arg("2,4,8,16,32,64", "rank choices (ordinal, so the surrogate sees a log scale)")
+    ranks: str = arg("2,4,8,16,32,64", "rank choices (ordinal, so the surrogate sees a log scale): the largest rank of "
+                                       "the allocation, whose other ranks scale with it (a HILO or GuiLoMo shape is kept)")
     lr: str = arg("1e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
     min_steps: int = arg(4, "smallest trial budget in optimizer steps (smac mode)")
@@ -164,6 +165,9 @@ def run(args: SearchArgs) -> dict:
 
     shape = model_shape(args.model)  # meta device: shapes only, no weights
     base = base_allocation(args, shape)
+    if args.expert_choices() and not base.is_uniform:
+        raise ValueError(f"--experts would give every module of {args.allocation} the same shape, flattening its "
+                         f"per-layer/per-expert sizes; search the rank (a scale on its ranks) alone")
     base_file = write_json_atomic(out / "base_allocation.json", base.to_json()).resolve()
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
@@ -193,7 +197,7 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape,
     if best is None:
         reasons = "\n  - ".join(f"trial {t.id}: {t.status}: {t.reason}" for t in ledger.finished()[-5:])
         raise ValueError(f"no trial succeeded, so there is no rank to choose; last failures:\n  - {reasons}")
-    chosen = base.resized(int(best.config["rank"]), best.config.get("experts"), method=f"{base.method}+{args.mode}")
+    chosen = searched_allocation(base, best.config, method=f"{base.method}+{args.mode}")
     chosen.with_parameter_count(shape.shapes)
     chosen.meta["search"] = {"config": best.config, "cost": best.cost, "budget": best.budget,
                              "objective": args.objective, "search": str(out / "search.json")}

@@ -117,3 +117,13 @@ def test_train_with_a_bad_allocation_fails_clearly_and_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert "layer 9 is out of range" in proc.stderr
     assert not Path(out).exists()
+
+
+def test_rank_scaling_keeps_a_heterogeneous_shape_and_matches_resizing_on_a_uniform_one():
+    hetero = Allocation.from_json(GOOD)
+    scaled = hetero.rank_scaled(16)
+    assert scaled.layers[0]["q_proj"].ranks == (2, 4, 8) and scaled.layers[2]["down_proj"].ranks == (16,)
+    assert scaled.layers[2]["v_proj"].ranks == (8, 8) and scaled.layers[2]["v_proj"].router == "dense"
+    assert not hetero.is_uniform and hetero.rank_scaled(1).layers[0]["q_proj"].ranks == (1, 1, 1)  # at least 1
+    uniform = Allocation.uniform(4, ["q_proj"], experts=2, rank=4, top_k=1)
+    assert uniform.is_uniform and uniform.rank_scaled(8) == uniform.resized(8)

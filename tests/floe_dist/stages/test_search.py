@@ -87,8 +87,9 @@ def test_smac_finds_the_grid_best_rank_with_at_most_35_percent_of_the_grid_compu
 
 def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
     args = ["search", "--output", str(tmp_path), *SPACE, "--max-compute", "3"]
-    proc = subprocess.Popen(floe_command(args), cwd=REPO, env=clean_env(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # numpy trials end in a fraction of a second: a delay keeps both workers busy when the kill lands
+    proc = subprocess.Popen(floe_command(args), cwd=REPO, env={**clean_env(1), "TOY_DELAY": "1.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
         if (tmp_path / "search.json").is_file() and \
@@ -124,6 +125,24 @@ def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
     history = smac_runhistory(tmp_path)
     assert len(history) == len(after)  # SMAC knows every trial, none left RUNNING
     assert sorted(round(entry["cost"], 10) for entry in history) == sorted(round(t["cost"], 10) for t in after)
+
+
+def test_a_heterogeneous_allocation_keeps_its_shape_through_the_search(tmp_path):
+    hilo = tmp_path / "hilo.json"
+    data = Allocation.uniform(4, ["q_proj"], experts=2, rank=2, top_k=1).to_json()
+    for layer, ranks in zip(data["layers"], ([2, 2], [2, 4], [4, 6], [6, 8])):  # a HILO-like schedule
+        data["layers"][layer]["q_proj"]["ranks"] = ranks
+    hilo.write_text(json.dumps(data))
+    run_floe(["search", "--mode", "grid", "--allocation", str(hilo), "--output", str(tmp_path / "s"), *SPACE,
+              "--ranks", "4,16", "--lr", "1e-2"])
+    chosen = Allocation.load(tmp_path / "s" / "allocation.json")
+    rank = ledger(tmp_path / "s")["summary"]["rank"]
+    ranks = [chosen.layers[i]["q_proj"].ranks for i in range(4)]
+    assert max(max(r) for r in ranks) == rank and len({x for r in ranks for x in r}) > 1  # not flattened
+    assert ranks == [tuple(max(1, round(x * rank / 8)) for x in r) for r in ([2, 2], [2, 4], [4, 6], [6, 8])]
+    proc = run_floe(["search", "--allocation", str(hilo), "--experts", "2,4", "--output", str(tmp_path / "e"),
+                     *SPACE], check=False)
+    assert proc.returncode == 2 and "flattening" in proc.stderr
 
 
 def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
