@@ -92,7 +92,7 @@ class Allocation:
         How a rank search applies its choice without flattening a HILO or GuiLoMo allocation."""
         largest = max(r for mods in self.layers.values() for m in mods.values() for r in m.ranks)
         scale = lambda m: replace(m, ranks=tuple(max(1, round(r * rank / largest)) for r in m.ranks))
-        return replace(self, method=method or self.method, meta=dict(self.meta),
+        return replace(self, method=method or self.method, meta=dict(self.meta), trainable_parameters=None,
                        layers={i: {n: scale(m) for n, m in mods.items()} for i, mods in self.layers.items()})
 
     def scaled_to_budget(self, budget: int, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":

@@ -125,5 +125,6 @@ def test_rank_scaling_keeps_a_heterogeneous_shape_and_matches_resizing_on_a_unif
     assert scaled.layers[0]["q_proj"].ranks == (2, 4, 8) and scaled.layers[2]["down_proj"].ranks == (16,)
     assert scaled.layers[2]["v_proj"].ranks == (8, 8) and scaled.layers[2]["v_proj"].router == "dense"
     assert not hetero.is_uniform and hetero.rank_scaled(1).layers[0]["q_proj"].ranks == (1, 1, 1)  # at least 1
-    uniform = Allocation.uniform(4, ["q_proj"], experts=2, rank=4, top_k=1)
-    assert uniform.is_uniform and uniform.rank_scaled(8) == uniform.resized(8)
+    uniform = Allocation.uniform(4, ["q_proj"], experts=2, rank=4, top_k=1).with_parameter_count({"q_proj": (8, 8)})
+    assert uniform.is_uniform and uniform.rank_scaled(8) == uniform.resized(8)  # the old count is not carried
+    assert uniform.rank_scaled(8).trainable_parameters is None and uniform.trainable_parameters == 4 * (8 * 8 + 8 * 8 + 8 * 2)
