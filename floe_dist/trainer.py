@@ -18,6 +18,7 @@ from tqdm import tqdm
 from floe_dist.allocation import write_json_atomic
 from floe_dist.data import load_task, train_batch
 from floe_dist.distributed import engine as ds
+from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
 from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
@@ -28,6 +29,7 @@ from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_sta
 from floe_dist.resume import guard
 
 RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "keep_checkpoints", "output"}  # how long, not what
+LAYOUT_KEYS = {"micro_batch", "accumulation", "ep_size", "zero"}  # with a portable checkpoint (global batch kept)
 
 
 class Trainer:
@@ -56,6 +58,10 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
         inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written
         layout.check(self.allocation)
+        self.global_batch = args.micro_batch * args.accumulation * layout.world_size
+        self.moved = self.layout_change()  # a checkpoint of another layout: its full adapters go in now
+        if self.moved:
+            portable.load_weights(lm, self.moved)
         for adapter in adapter_modules(lm).values():
             adapter.capacity_factor = args.capacity_factor
             if layout.world_size > 1:
@@ -64,8 +70,10 @@ class Trainer:
         if args.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = AnswerLM(lm, args.balance_coef)
-        guard(self.out / "train_args.json", asdict(args), what="checkpoints of a run", may_change=RESUME_MAY_CHANGE,
-              active=(self.ckpt_dir / "latest").is_file(), write=False)
+        portable_resume = self.latest is not None and (self.ckpt_dir / self.latest / portable.FILE).is_file()
+        guard(self.out / "train_args.json", asdict(args), what="checkpoints of a run", write=False,
+              may_change=RESUME_MAY_CHANGE | (LAYOUT_KEYS if portable_resume else set()),
+              active=self.latest is not None)
         if layout.is_main:
             self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
             write_json_atomic(self.out / "train_args.json", asdict(args))
@@ -73,10 +81,34 @@ class Trainer:
         if self.experts:
             self.experts.attach(self.engine, config)
 
+    @property
+    def latest(self) -> str | None:
+        return _latest_tag(self.ckpt_dir)
+
+    def layout_change(self) -> dict | None:
+        """The portable state of the latest checkpoint when it was written by another layout, else None."""
+        state = portable.read(self.ckpt_dir / self.latest) if self.latest else None
+        if state is None:
+            return None
+        layout = self.layout
+        portable.check_global_batch(state, self.global_batch, layout.world_size, self.args.accumulation)
+        saved = state["layout"]
+        same = (saved["world_size"], saved["ep_size"], saved["zero_stage"]) == (
+            layout.world_size, layout.ep_size, layout.zero_stage)
+        return None if same else state
+
     def resume(self) -> int:
         """The step of the latest complete checkpoint (0 without one), loaded into the engine."""
-        if not (self.ckpt_dir / "latest").is_file():
+        if self.latest is None:
             return 0
+        if self.moved:
+            portable.load_optimizer(self.engine, self.experts, self.moved)
+            if self.layout.is_main:
+                s, now = self.moved["layout"], self.layout
+                print(f"resumed from {self.ckpt_dir / self.latest} at step {self.moved['step']} on another layout: "
+                      f"{s['world_size']} -> {now.world_size} ranks, ep_size {s['ep_size']} -> {now.ep_size}, "
+                      f"ZeRO-{s['zero_stage']} -> ZeRO-{now.zero_stage} (global batch {self.global_batch} kept)")
+            return int(self.moved["step"])
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=False)
         if self.experts:
             self.experts.load(self.ckpt_dir / _latest_tag(self.ckpt_dir))
@@ -118,6 +150,12 @@ class Trainer:
                 "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
 
     def save(self, step: int) -> None:
+        """The layout-free state first (``portable.pt``), then DeepSpeed's checkpoint and its ``latest``."""
+        weights = ds.gather_full(lora_state_dict(self.lm))  # collective: every rank takes part
+        if self.experts:
+            weights.update(self.experts.gather_full())
+        portable.save(self.ckpt_dir / f"step_{step}", step, self.engine, self.experts, self.layout,
+                      self.global_batch, weights)
         save_checkpoint(self.engine, self.ckpt_dir, step, self.args.keep_checkpoints, self.layout.is_main,
                         self.experts)
 

@@ -209,6 +209,32 @@ def test_resuming_with_other_settings_is_refused(zero3_runs, tmp_path):
     assert "rank (4 -> 8)" in proc.stderr
 
 
+def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(zero3_runs, tmp_path):
+    """Layout change: 2 ZeRO-3 ranks of micro-batch 2 -> 1 rank of micro-batch 4 from the step-2 checkpoint.
+    Adapters, AdamW moments, step and schedule come from portable.pt; steps 3-4 equal the 2-rank run's."""
+    import shutil
+
+    two = zero3_runs[1]
+    moved = tmp_path / "moved"
+    shutil.copytree(two, moved, ignore=shutil.ignore_patterns("step_4", "adapter", "train.json"))
+    (moved / "checkpoints" / "latest").write_text("step_2")
+    flags = ["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--checkpoint-every", "2",
+             "--balance-coef", "0", *MOE, "--output", str(moved)]
+    refused = run_floe([*flags, "--micro-batch", "2"], check=False)  # global batch 2 instead of 4
+    assert refused.returncode == 2 and "global batch of 4" in refused.stderr and "--micro-batch 4" in refused.stderr
+    proc = run_floe([*flags, "--micro-batch", "4"])
+    assert "at step 2 on another layout: 2 -> 1 ranks" in proc.stdout
+    original, again = read_metrics(two), read_metrics(moved)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(original[2:], again[2:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    from safetensors.torch import load_file
+
+    a, b, c = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (two, moved, zero3_runs[0]))
+    gap = lambda x, y: max((x[k] - y[k]).abs().max().item() for k in x)
+    assert gap(a, b) <= gap(a, c)  # no further from the 2-rank run than a 1-rank run from the start is
+
+
 def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_path):
     run = zero3_runs[0]
     run_floe(["export", "--run", str(run), "--output", str(tmp_path / "again")])
