@@ -30,13 +30,15 @@ def build_space(args: SearchArgs, seed: int):
 
 def origin_of(config) -> str:
     """SMAC's ``config.origin`` in three words: the initial design, the model (the acquisition function
-    chose it: local search, or random candidates sorted by it), or a random interleave."""
+    chose it: local search, or random candidates sorted by it), or random (an interleaved random
+    configuration, or one sampled while no result was in yet)."""
     text = str(getattr(config, "origin", "") or "")
     if text.lower().startswith("initial"):
         return "initial design"
     if any(s in text for s in ("Local Search", "(sorted)", "Differential Evolution")):
         return "model"
-    return "random" if "Random" in text else (text or "unknown")
+    # no origin: SMAC sampled it at random because no result had come back yet to fit the model on
+    return "random" if "Random" in text or not text else text
 
 
 def _plain(config) -> dict:
@@ -135,8 +137,9 @@ class SmacProposer:
         for key, (k, status) in smac_state.items():  # asked by SMAC, unknown to the ledger: issue it
             if status == StatusType.RUNNING and ledger.find(key) is None:
                 info = json.loads(key)
+                first = next((t.origin for t in ledger.trials if t.config == info["config"] and t.origin), None)
                 ledger.add(info["config"], info["budget"], smac_seed=k.seed,
-                           origin=origin_of(rh.get_config(k.config_id)))
+                           origin=first or origin_of(rh.get_config(k.config_id)))
         for trial in ledger.trials:  # finished here, not (yet) told to SMAC: tell it now
             known = smac_state.get(trial.key)
             if trial.status in FINISHED and (known is None or known[1] == StatusType.RUNNING):
@@ -150,7 +153,10 @@ class SmacProposer:
             return None
         self.smac.optimizer.save()  # the RUNNING entry is durable before the trial starts
         budget = int(round(info.budget)) if self.multi else self.max_steps
-        trial = ledger.add(_plain(info.config), budget, smac_seed=info.seed, origin=origin_of(info.config))
+        config = _plain(info.config)
+        # a promotion comes back without its origin: the configuration's proposer is whoever proposed it first
+        first = next((t.origin for t in ledger.trials if t.config == config and t.origin), None)
+        trial = ledger.add(config, budget, smac_seed=info.seed, origin=first or origin_of(info.config))
         self.asked[trial.key] = info
         return trial
 
