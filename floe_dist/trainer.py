@@ -111,7 +111,7 @@ class Trainer:
             return int(self.moved["step"])
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=False)
         if self.experts:
-            self.experts.load(self.ckpt_dir / _latest_tag(self.ckpt_dir))
+            self.experts.load(self.ckpt_dir / self.latest)
         if self.layout.is_main:
             print(f"resumed from {self.ckpt_dir} at step {int(client['step'])}")
         return int(client["step"])
@@ -149,13 +149,19 @@ class Trainer:
         return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
                 "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
 
+    def full_adapter(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, full and on rank 0, in the replicated layout (collective: every rank calls it)."""
+        state = ds.gather_full(lora_state_dict(self.lm))
+        if self.experts:
+            state.update(self.experts.gather_full())
+        return state
+
     def save(self, step: int) -> None:
         """The layout-free state first (``portable.pt``), then DeepSpeed's checkpoint and its ``latest``."""
-        weights = ds.gather_full(lora_state_dict(self.lm))  # collective: every rank takes part
-        if self.experts:
-            weights.update(self.experts.gather_full())
+        weights = self.full_adapter()
         portable.save(self.ckpt_dir / f"step_{step}", step, self.engine, self.experts, self.layout,
                       self.global_batch, weights)
+        self.saved = (step, weights)  # the export at this step reuses the gathered tensors
         save_checkpoint(self.engine, self.ckpt_dir, step, self.args.keep_checkpoints, self.layout.is_main,
                         self.experts)
 
@@ -181,9 +187,9 @@ class Trainer:
     def export(self, start_step: int, log: "MetricsLog | None") -> dict:
         """The adapter in its replicated layout (loads with any --ep-size) and ``train.json``."""
         args, layout = self.args, self.layout
-        state = ds.gather_full(lora_state_dict(self.lm))  # collective: every rank takes part
-        if self.experts:
-            state.update(self.experts.gather_full())
+        saved_step, state = getattr(self, "saved", (None, None))
+        if saved_step != args.steps:  # the same decision on every rank: the gather is collective
+            state = self.full_adapter()
         trainable = self.allocation.trainable_parameters
         summary = {"steps": args.steps, "world_size": layout.world_size, "ep_size": args.ep_size,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
