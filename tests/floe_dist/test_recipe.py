@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from floe_dist.recipe import Recipe, load_recipe, read_recipe, shipped_recipes, stage_settings, write_recipe
+from floe_dist.recipe import SOURCES, Recipe, load_recipe, read_recipe, shipped_recipes, stage_settings, write_recipe
 from floe_dist.stages.score import ScoreArgs
 from floe_dist.stages.search import SearchArgs
 from floe_dist.stages.train import TrainArgs
@@ -75,3 +75,24 @@ def test_the_70b_recipe_plans_and_renders_its_sbatch(tmp_path):
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert f"--config {tmp_path / 'c' / 'recipe.yaml'}" in script and "--parallel.nproc 8" in script
     assert read_recipe(tmp_path / "c" / "recipe.yaml") == load_recipe("llama3-70b-2node")
+
+
+def test_every_recipe_setting_reaches_a_stage_argument_of_the_same_type():
+    """The recipe restates the stages' settings (their flat flags stay for single-stage use): this keeps
+    the two from drifting: no recipe key is dead, and each lands on a stage argument of its own type."""
+    from floe_dist.stages.allocate import AllocateArgs
+    from floe_dist.stages.evaluate import EvalArgs
+
+    campaign_only = {"model.name", "model.shape", "allocate.method", "allocate.file", "search.enabled",
+                     "parallel.nproc", "parallel.nodes", "parallel.launcher", "parallel.gpus_per_node"}
+    stages = {"score": ScoreArgs, "allocate": AllocateArgs, "search": SearchArgs, "train": TrainArgs,
+              "evaluate": EvalArgs}
+    recipe, reached = Recipe(), set()
+    for stage, cls in stages.items():
+        types = {f.name: f.type for f in fields(cls)}
+        for section in SOURCES[stage]:
+            for f in fields(getattr(recipe, section)):
+                if f.name in types:
+                    assert f.type == types[f.name], (stage, f"{section}.{f.name}", f.type, types[f.name])
+                    reached.add(f"{section}.{f.name}")
+    assert set(recipe.flat()) - reached - campaign_only == set()
