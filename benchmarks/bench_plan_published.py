@@ -67,15 +67,16 @@ PUBLISHED = [
 ]
 
 
-def predict(row: Published) -> float:
-    """The plan's total for a published run, in the published unit."""
+def predict(row: Published, key: str = "total_bytes") -> float:
+    """The plan's training peak (or, with ``key="load_bytes"``, its load peak) for a published run, in the
+    published unit."""
     with tempfile.TemporaryDirectory() as tmp:
         args = dict(row.plan)
         if args["model"] == "yi-34b":  # not a built-in shape: its public config, written as a config.json
             config = Path(tmp) / "config.json"
             config.write_text(json.dumps(YI_34B))
             args["model"] = str(config)
-        total = plan(PlanArgs(**args))["total_bytes"]
+        total = plan(PlanArgs(**args))[key]
     return total / (GIB if row.unit == "GiB" else 1e9)
 
 
@@ -85,7 +86,7 @@ def main() -> None:
         predicted = predict(row)
         error = predicted / row.published - 1
         rows.append({"run": row.run, "source": row.source, "role": row.role, "published": row.published,
-                     "unit": row.unit, "plan": predicted, "error": error, "fitted": row.fitted, "plan_args": row.plan})
+                     "unit": row.unit, "plan": predicted, "plan_load": predict(row, "load_bytes"), "error": error, "fitted": row.fitted, "plan_args": row.plan})
         print(f"{row.role:<11} {row.run:<75} published {row.published:6.2f} {row.unit}  plan {predicted:6.2f}  "
               f"{error:+.1%}", flush=True)
     write_result("plan_published", rows)

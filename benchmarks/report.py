@@ -126,10 +126,10 @@ def expert_parallel(d):
 def plan_published(kind):
     def render(d):
         rows = [[r["run"], r["source"], f"{r['published']:g} {r['unit']}", f"{r['plan']:.2f} {r['unit']}",
-                 f"**{r['error']:+.1%}**", ("within ±15%" if abs(r["error"]) <= 0.15 else "**missed** (outside ±15%)")
+                 f"**{r['error']:+.1%}**", f"{r['plan_load']:.2f} {r['unit']}", ("within ±15%" if abs(r["error"]) <= 0.15 else "**missed** (outside ±15%)")
                  if kind == "validation" else r["fitted"]] for r in d["rows"] if r["role"] == kind]
         last = "against ±15%" if kind == "validation" else "constant fitted on it"
-        return table(["run", "source", "published", "plan", "error", last], rows)
+        return table(["run", "source", "published", "plan", "error", "plan: load peak", last], rows)
     return render
 
 
@@ -141,6 +141,22 @@ def plan_cpu(d):
     return table(["run", "plan (MiB)", "glibc malloc", "glibc, `MALLOC_MMAP_THRESHOLD_=131072`",
                   "jemalloc (`LD_PRELOAD`)"],
                  rows)
+
+
+def backbone_load(d):
+    def goal(r):
+        if r["ranks"] == 1:
+            return "(the reference)"
+        return f"{r['goal_mib']:,} → **{'met' if r['meets_goal'] else 'missed'}**"
+
+    def planned(r):
+        if "plan_load_mib" not in r:
+            return "–"
+        return f"{r['plan_load_mib']:,} ({(r['plan_load_mib'] / r['load_mib'] - 1) * 100:+.0f}%)"
+
+    rows = [[r["path"], r["ranks"], f"{r['load_mib']:,}", goal(r), planned(r), f"{r['step_mib']:,}"] for r in d["rows"]]
+    return table(["path", "ranks", "load peak per rank (MiB)", "goal (1/N + 0.15) × one-rank peak",
+                  "`plan --device cpu` load (error)", "peak through the first step (MiB)"], rows)
 
 
 def compare_allocators(d):
@@ -225,6 +241,7 @@ TABLES = {
     "plan-validation": ("plan_published", plan_published("validation")),
     "plan-cpu": ("plan_cpu", plan_cpu),
     "compare-allocators-sst2": ("compare_allocators_sst2", compare_allocators),
+    "load": ("load", backbone_load),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),
     "gpu-throughput": ("gpu_throughput", gpu_throughput),

@@ -23,8 +23,10 @@ from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
 from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
 from floe_dist.modeling.answer_lm import AnswerLM
-from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+from floe_dist.distributed.sharded_load import load_for_layout
+from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import save_adapter
+from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
 from floe_dist.resume import guard
 
@@ -53,7 +55,8 @@ class Trainer:
         self.examples = load_task(args.task, args.split)[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
-        self.lm = lm = load_backbone(model_dir, args.quant, layout.torch_device)
+        self.lm = lm = load_for_layout(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
+        release_frozen_weights(lm)  # backward does not pin gathered weights
         self.allocation = build_allocation(args, lm.config.num_hidden_layers)
         torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
         inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written

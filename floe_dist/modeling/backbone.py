@@ -157,16 +157,21 @@ def nf4_linear(linear, dtype: torch.dtype | None = None):
     """A bitsandbytes NF4 ``Linear4bit`` holding ``linear``'s weights, quantized where they are (CUDA or
     CPU). Same settings as ``load_backbone(quant="nf4")``: no double quantization, compute and storage
     in ``dtype`` (so ZeRO-3 can partition the packed weight)."""
+    bias = linear.bias.data if linear.bias is not None else None
+    return nf4_weights(linear, linear.weight.data, bias, dtype or compute_dtype(), linear.weight.device)
+
+
+def nf4_weights(linear, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device):
+    """An NF4 ``Linear4bit`` of ``linear``'s shape from the given weight and bias, quantized on ``device``."""
     import bitsandbytes as bnb
     from torch import nn
 
-    dtype = dtype or compute_dtype()
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
                           compute_dtype=dtype, quant_type="nf4", quant_storage=dtype, device="meta")
-    q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
-                                 quant_storage=dtype).to(linear.weight.device)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    q.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, quant_type="nf4", compress_statistics=False,
+                                 quant_storage=dtype).to(device)
+    if bias is not None:
+        q.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
     return q
 
 

@@ -3,11 +3,11 @@ server or ``AutoModelForCausalLM.from_pretrained`` loads without floe-dist.
 
 Every adapted linear becomes ``W + (alpha / r) * B @ A`` (dropout is off at inference). For an adapter
 trained over an NF4 backbone the base weights of the merged model are the *dequantised* NF4 weights
-(every decoder linear, adapted or not, read back from the NF4 backbone the training loaded), so the
-merged model computes what the trained NF4 model computed, in full precision; merging into the original
-full-precision weights instead would add the quantisation error the adapter never saw. The merge holds
-the model in fp32 in host memory (4 bytes per parameter): fine for the models trained here, a
-shard-by-shard merge is still missing for 70B.
+(every decoder linear, adapted or not, quantized as ``load_backbone(quant="nf4")`` quantizes it and read
+back), so the merged model computes what the trained NF4 model computed; merging into the original
+weights instead would add the quantisation error the adapter never saw. The merge goes through the base
+checkpoint one safetensors file at a time and writes the same files in the same dtypes (a 70B merge holds
+one shard, not the model); a bf16 base therefore rounds ``W + delta`` to bf16.
 
 LoRA-MoE adapters (more than one expert in a module) cannot be merged: which experts a token uses
 depends on the token. They are served with floe-dist's loader (``load_backbone`` +
@@ -15,33 +15,35 @@ depends on the token. They are served with floe-dist's loader (``load_backbone``
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from floe_dist.allocation import write_json_atomic
+from floe_dist.modeling.checkpoint import INDEX, weight_files
 from floe_dist.modeling.export import read_export
 from floe_dist.modeling.inject import find_layer_linears
 
 MERGE_REFUSED = ("a LoRA-MoE adapter (more than one expert per module) cannot be merged into the base: its "
                  "routing depends on the input. Serve it with floe-dist's loader (load_backbone + "
                  "floe_dist.modeling.export.load_adapter, as `floe-dist evaluate --adapter` does)")
+NF4_BLOCK = 64  # bitsandbytes' Params4bit default, what load_backbone and nf4_linear use
 
 
-def dequantised_nf4_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every NF4 linear's weight as the training backbone held it (``load_backbone(quant="nf4")``), dequantised."""
+def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as an NF4 backbone holds it: quantized (no double quantization) and read back, in fp32."""
     import bitsandbytes.functional as bnbf
 
-    from floe_dist.modeling.backbone import load_backbone
-
-    quantized = load_backbone(model_dir, "nf4", "cpu")
-    return {f"{name}.weight": bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-            for name, m in quantized.named_modules() if type(m).__name__ == "Linear4bit"}
+    packed, state = bnbf.quantize_4bit(weight.float(), blocksize=NF4_BLOCK, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).float()
 
 
 def merge_adapter(export: str | Path, out: str | Path) -> Path:
-    """Write ``out``: the base model of ``export`` with its plain-LoRA adapter merged in (fp32 safetensors)."""
-    from transformers import AutoModelForCausalLM
+    """Write ``out``: the base model of ``export`` with its plain-LoRA adapter merged in."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 
@@ -49,23 +51,39 @@ def merge_adapter(export: str | Path, out: str | Path) -> Path:
     if not allocation.is_plain_lora:
         raise ValueError(f"{export}: {MERGE_REFUSED}")
     model_dir = resolve_model(meta["base_model"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    linears = find_layer_linears(model)
-    with torch.no_grad():
-        if meta.get("quant") == "nf4":
-            params = dict(model.named_parameters())
-            for name, weight in dequantised_nf4_weights(model_dir).items():
-                params[name].copy_(weight)
-        for layer, mods in allocation.layers.items():
-            for name, spec in mods.items():
-                full_name, linear = linears[layer][name]
-                a, b = tensors[f"{full_name}.lora_A"].float(), tensors[f"{full_name}.lora_B"].float()
-                linear.weight.add_((allocation.alpha / spec.ranks[0]) * b @ a)
+    files = weight_files(model_dir)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    linears = find_layer_linears(skeleton)
+    nf4 = meta.get("quant") == "nf4"
+    quantized = {f"{full}.weight" for mods in linears.values() for full, _ in mods.values()} if nf4 else set()
+    adapted = {f"{linears[layer][name][0]}.weight": (linears[layer][name][0], spec.ranks[0])
+               for layer, mods in allocation.layers.items() for name, spec in mods.items()}
     out = Path(out)
-    model.save_pretrained(out)
-    load_tokenizer(model_dir).save_pretrained(out)
-    write_json_atomic(out / "floe_dist_merge.json", {"adapter": str(export), "base_model": meta["base_model"],
-                                                     "quant": meta.get("quant", "none"),
-                                                     "base_weights": "nf4-dequantised" if meta.get("quant") == "nf4"
-                                                     else "original", "alpha": allocation.alpha})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in files:
+        shard = load_file(str(f))
+        for key, weight in shard.items():
+            if key not in quantized and key not in adapted:
+                continue
+            merged = nf4_roundtrip(weight) if key in quantized else weight.float()
+            if key in adapted:
+                full_name, rank = adapted[key]
+                a, b = tensors[f"{full_name}.lora_A"].float(), tensors[f"{full_name}.lora_B"].float()
+                merged += (allocation.alpha / rank) * b @ a
+            shard[key] = merged.to(weight.dtype)
+        save_file(shard, str(tmp / f.name), metadata={"format": "pt"})
+        del shard
+    for extra in model_dir.iterdir():  # config, generation config, index (same keys, same files)
+        if extra.is_file() and extra.suffix != ".safetensors" and not extra.name.endswith(".lock"):
+            shutil.copy2(extra, tmp / extra.name)
+    load_tokenizer(model_dir).save_pretrained(tmp)
+    write_json_atomic(tmp / "floe_dist_merge.json", {
+        "adapter": str(export), "base_model": meta["base_model"], "quant": meta.get("quant", "none"),
+        "base_weights": "nf4-dequantised" if nf4 else "original", "alpha": allocation.alpha,
+        "index": (tmp / INDEX).is_file()})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out

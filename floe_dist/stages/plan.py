@@ -20,6 +20,12 @@ file (or a uniform one from the flags). Memory per GPU follows the model in
     runtime   CUDA/NCCL context and allocator slack (GPU), or the Python/torch process (CPU)
     total     1.2 x the sum on GPU (calibrated on the PEFT 70B run; the CPU factor is 1.0)
 
+Loading is planned apart, because it can be the limit: under ZeRO-3 on several ranks
+(floe_dist/distributed/sharded_load.py) a rank holds its partition plus the largest module
+materialised whole in the compute dtype (at 70B the 16-bit embedding, 2 GiB) and, on a CPU rank 0,
+the 16-bit copy read from the checkpoint (on a GPU node that copy is in host memory); otherwise every rank loads the whole model. ``load`` = base +
+adapters + that working set + runtime, times the same factor; a plan fits when both load and training do.
+
 On CPU the plan is the memory a run holds live. glibc's malloc keeps freed activation and gather
 buffers resident (its mmap threshold rises after the first frees), which added 28-62% to SmolLM2's peak
 RSS in BENCHMARKS.md; jemalloc (LD_PRELOAD=libjemalloc.so.2) or a pinned MALLOC_MMAP_THRESHOLD_ gives it back.
@@ -146,6 +152,7 @@ class ModelCount:
     vocab: int
     linear: int  # parameters of the decoder layers' linear modules (quantized by nf4)
     other: int  # embeddings, head, norms (kept 16-bit)
+    largest: int  # elements of the largest parameter (the embedding or head, at every Llama size)
     shapes: dict[str, tuple[int, int]]
 
     @property
@@ -167,7 +174,7 @@ def count_model(config) -> ModelCount:
     layers, shapes = module_shapes(model)
     return ModelCount(layers=layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
                       heads=config.num_attention_heads, vocab=config.vocab_size, linear=linear,
-                      other=total - linear, shapes=shapes)
+                      other=total - linear, largest=max(p.numel() for p in model.parameters()), shapes=shapes)
 
 
 def expert_parameters(allocation: Allocation, shapes: dict[str, tuple[int, int]]) -> int:
@@ -235,20 +242,29 @@ def plan(args: PlanArgs) -> dict:
     runtime = GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
     terms = {"base": base, "adapters": adapters, "ckpt": ckpt, "layer": layer, "logits": logits,
              "gather": gather, "moe": moe, "runtime": runtime}
-    total = (GPU_FACTOR if gpu else 1.0) * sum(terms.values())
+    factor = GPU_FACTOR if gpu else 1.0
+    total = factor * sum(terms.values())
+    # loading: the largest module whole in the compute dtype, plus (CPU) rank 0's 16-bit read of it
+    whole = wq * count.linear + w16 * count.other
+    partitioned_load = args.zero == 3 and n > 1
+    load_terms = {"base": base if partitioned_load or args.offload else whole, "adapters": adapters,
+                  "working": count.largest * (w16 + (0 if gpu else 2)) if partitioned_load or args.offload else 0.0,
+                  "runtime": runtime}
+    load = factor * sum(load_terms.values())
 
     tokens = b * s * n * args.accumulation
     per_token = flops_per_token(decoder_linear=count.linear, head=count.vocab * h, layers=L, hidden=h, seq_len=s,
                                 adapter_active=allocation.count_active_parameters(count.shapes),
                                 adapter_computed=trainable, recompute=args.gradient_checkpointing)
     seconds = per_token.model * tokens / (n * args.peak_tflops * 1e12 * args.mfu)
-    fits = total <= args.gpu_memory * GIB
+    fits = max(total, load) <= args.gpu_memory * GIB
     return {"args": asdict(args), "model": {"layers": L, "hidden": h, "parameters": count.total,
                                            "quantized_linear": count.linear, "other": count.other},
             "world_size": n, "trainable_parameters": trainable, "split_expert_parameters": experts,
-            "bytes": terms, "total_bytes": total, "fits": fits, "tokens_per_step": tokens,
+            "bytes": terms, "total_bytes": total, "load_bytes": load, "load_terms": load_terms,
+            "limit": "loading" if load > total else "training", "fits": fits, "tokens_per_step": tokens,
             "flops_per_token": {"model": per_token.model, "hardware": per_token.hardware},
-            "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, total)}
+            "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, max(total, load))}
 
 
 def advice(args: PlanArgs, terms: dict[str, float], total: float) -> list[str]:
@@ -284,7 +300,10 @@ def run(args: PlanArgs) -> dict:
           f"{result['trainable_parameters']:,} trainable; {result['world_size']} ranks, ZeRO-{args.zero}, "
           f"{args.quant}, ep_size {args.ep_size}, b={args.micro_batch} s={args.seq_len}")
     print("  " + "  ".join(f"{k} {v:.2f}" for k, v in gib.items()) + "  (GiB)")
-    print(f"  total {result['total_bytes'] / GIB:.2f} GiB {where} -> "
+    load = result["load_terms"]
+    print(f"  training {result['total_bytes'] / GIB:.2f} GiB, loading {result['load_bytes'] / GIB:.2f} GiB {where} "
+          f"(load: base {load['base'] / GIB:.2f} + largest module whole {load['working'] / GIB:.2f} GiB) -> "
+          + (f"{result['limit']} is the limit, " if result["limit"] == "loading" else "")
           + ("fits" if result["fits"] else f"DOES NOT FIT in {args.gpu_memory:g} GiB"))
     print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
     for tip in result["advice"]:

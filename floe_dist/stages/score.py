@@ -33,8 +33,10 @@ from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
 from floe_dist.distributed.runtime import all_reduce_sum
 from floe_dist.modeling.answer_lm import AnswerLM
-from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+from floe_dist.distributed.sharded_load import load_for_layout
+from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
+from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import module_shapes
 from floe_dist.resume import guard
 
@@ -142,14 +144,15 @@ def run(args: ScoreArgs) -> dict:
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)
-    lm = load_backbone(model_dir, args.quant, device)
+    config = ds.build_config(args.zero, micro_batch=args.score_batch, accumulation=1, world_size=info.world_size,
+                             lr=1e-9, weight_decay=0.0)
+    lm = load_for_layout(model_dir, args.quant, Layout.current(1, config), config)
+    release_frozen_weights(lm)  # the Fisher backward does not pin gathered weights
     load_adapter(lm, export)
     model = AnswerLM(lm)
     adapters = model.adapters_by_layer
     _, shapes = module_shapes(lm)
     k = args.k if args.k is not None else default_k(len(adapters))
-    config = ds.build_config(args.zero, micro_batch=args.score_batch, accumulation=1, world_size=info.world_size,
-                             lr=1e-9, weight_decay=0.0)
     if zero_stage(config) == 3:
         forward, _ = ds.initialize(model, config, total_steps=1, warmup_steps=1)  # partitioned backbone
     else:

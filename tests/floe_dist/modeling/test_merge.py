@@ -65,3 +65,28 @@ def test_a_lora_moe_adapter_is_not_merged_and_says_how_to_serve_it(tmp_path):
     with pytest.raises(ValueError, match="cannot be merged"):
         merge_adapter(export, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_sharded_base_is_merged_shard_by_shard_into_the_same_files(tmp_path):
+    """A base saved as several safetensors shards merges file by file (no whole model in memory) into the
+    same file names and index, and computes what the one-file merge computes."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded-base"
+    AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).save_pretrained(sharded, max_shard_size="1MB")
+    from floe_dist.modeling.backbone import load_tokenizer
+
+    load_tokenizer(resolve_model("tiny")).save_pretrained(sharded)
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) >= 2
+    export = exported(tmp_path, "nf4")
+    meta = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**meta, "base_model": str(sharded)}))
+    merged = merge_adapter(export, tmp_path / "merged")
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == shards
+    assert json.loads((merged / "floe_dist_merge.json").read_text())["index"] is True
+    whole = merge_adapter(exported(tmp_path / "one", "nf4"), tmp_path / "merged-one")
+    with torch.no_grad():
+        a, b = (AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32)(torch.tensor(IDS)).logits
+                for m in (merged, whole))
+    assert torch.equal(a, b)

@@ -97,3 +97,24 @@ def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model
     assert in_place == [True]
     one, two = (plan(PlanArgs(model=str(tiny_model_dir), device="cpu", gpus_per_node=n)) for n in (1, 2))
     assert one["bytes"]["gather"] == 0 < two["bytes"]["gather"]
+
+
+def test_load_peak_is_planned_apart_from_training():
+    """Sharded ZeRO-3 loading holds the partition plus the largest module whole; one rank loads the whole
+    model; the plan fits only when the larger of the two does."""
+    from floe_dist.stages.plan import GIB, GPU_FACTOR
+
+    common = dict(model="llama3-70b", quant="nf4", rank=8, seq_len=512)
+    sharded = plan(PlanArgs(**common, nodes=2, gpus_per_node=8))
+    embedding = 128256 * 8192  # Llama-3-70B's largest parameter (embedding = head size)
+    assert sharded["load_terms"]["working"] == embedding * 2  # bf16, on the GPU
+    assert sharded["load_terms"]["base"] == sharded["bytes"]["base"]  # each rank keeps only its partition
+    assert sharded["load_bytes"] == pytest.approx(GPU_FACTOR * sum(sharded["load_terms"].values()))
+    assert sharded["limit"] == ("loading" if sharded["load_bytes"] > sharded["total_bytes"] else "training")
+    one = plan(PlanArgs(**common, gpus_per_node=1, gpu_memory=80))
+    assert one["load_terms"]["working"] == 0 and one["load_terms"]["base"] == one["bytes"]["base"] > 0
+    cpu = plan(PlanArgs(**common, nodes=2, gpus_per_node=8, device="cpu"))
+    assert cpu["load_terms"]["working"] == embedding * (4 + 2)  # fp32 module and rank 0's bf16 read
+    larger = max(sharded["load_bytes"], sharded["total_bytes"]) / GIB
+    assert plan(PlanArgs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 1.001))["fits"]
+    assert not plan(PlanArgs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 0.999))["fits"]
