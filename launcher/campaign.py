@@ -31,11 +31,12 @@ from floe_dist.recipe import Recipe, read_recipe, stage_settings, write_recipe
 from floe_dist.resume import changed_settings, describe
 
 # Settings each finished stage's result depends on (prefixes of the recipe's dotted keys) ...
-DEPENDS = {"prepare": ("model.name",), "zero_shot": ("model.", "data.", "evaluate.limit")}
+EVALUATION = ("evaluate.limit", "evaluate.max_new_tokens", "evaluate.stop")
+DEPENDS = {"prepare": ("model.name",), "zero_shot": ("model.", "data.", *EVALUATION)}
 DEPENDS["allocate"] = ("model.", "data.", "adapter.", "score.", "allocate.", "parallel.zero", "parallel.ep_size")
 DEPENDS["search"] = DEPENDS["allocate"] + ("search.",)
 DEPENDS["train"] = DEPENDS["search"] + ("train.", "parallel.nproc", "parallel.nodes")
-DEPENDS["final_eval"] = DEPENDS["train"] + ("evaluate.limit",)
+DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
 # ... except those that say only how to run.
 HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
               "search.trial_threads", "search.sbatch_args", "evaluate.batch_size"}

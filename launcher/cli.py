@@ -1,7 +1,7 @@
 """The ``floe-dist`` command: one sub-command per stage.
 
     floe-dist campaign [--config RECIPE] [--section.key VALUE ...]   # all stages (launcher/campaign.py)
-    floe-dist score|allocate|search|train|evaluate [--config RECIPE] [--flag VALUE ...]
+    floe-dist score|allocate|search|train|evaluate|generate [--config RECIPE] [--flag VALUE ...]
     floe-dist export --run DIR
     floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8    # memory per GPU before any run
     floe-dist slurm --action render --config RECIPE --output runs/c  # an sbatch script that runs a recipe
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
-    from floe_dist.stages import allocate, evaluate, export, plan, score, search, train
+    from floe_dist.stages import allocate, evaluate, export, generate, plan, score, search, train
     from launcher import campaign, slurm
 
     return {
@@ -33,7 +33,8 @@ def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "allocate": (allocate.AllocateArgs, allocate.run, "write an allocation file with a registered method"),
         "search": (search.SearchArgs, search.run, "choose rank and learning rate with SMAC from parallel trials"),
         "train": (train.TrainArgs, train.run, "train adapters under DeepSpeed (ZeRO-0/2/3)"),
-        "evaluate": (evaluate.EvalArgs, evaluate.run, "multiple-choice accuracy of a base model or adapter"),
+        "evaluate": (evaluate.EvalArgs, evaluate.run, "accuracy, loss or exact match of a base model or adapter"),
+        "generate": (generate.GenerateArgs, generate.run, "what a base model or adapter writes for prompts"),
         "export": (export.ExportArgs, export.run, "rebuild an adapter export from a checkpoint"),
         "campaign": (campaign.CampaignArgs, campaign.run, "run a recipe's stages end to end"),
         "slurm": (slurm.SlurmArgs, slurm.run, "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),

@@ -13,11 +13,12 @@ def load_for_search(args, hold_out: int, device="cpu"):
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 
     model_dir = resolve_model(args.model)
-    examples = load_task(args.task, "train")
+    tokenizer = load_tokenizer(model_dir)
+    examples = load_task(args.task, "train", data_format=args.data_format, columns=args.columns, tokenizer=tokenizer)
     if len(examples) <= hold_out:
         raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
     train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])
-    return load_tokenizer(model_dir), load_backbone(model_dir, device=device), train, held
+    return tokenizer, load_backbone(model_dir, device=device), train, held
 
 
 def batch_stream(examples: list[Example], tokenizer, batch: int, seed: int, rank: int = 0, world: int = 1,

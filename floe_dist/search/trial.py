@@ -7,7 +7,7 @@ The trial folder holds ``trial.json`` (written by ``floe-dist search``: the samp
 budget in optimizer steps, the seed, and the train and evaluate stage configurations it runs). The trial writes ``allocation.json``
 (the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
 a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
-choice cross-entropy on the validation split (``objective: loss``) or ``1 - accuracy``
+choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
 (``objective: error``). The test split is never read.
 """
 from __future__ import annotations
@@ -70,8 +70,8 @@ def run_trial(trial_dir: Path) -> dict | None:
     if not discover().is_main:
         return None
     scored = evaluate(eval_args)
-    cost = scored["choice_loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
-    return {"cost": cost, "val_loss": scored["choice_loss"], "val_accuracy": scored["accuracy"],
+    cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
+    return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],
             "val_examples": scored["examples"], "seconds": time.time() - start}
 
 

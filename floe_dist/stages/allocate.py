@@ -48,6 +48,8 @@ class AllocateArgs:
     expert_schedule: str = arg("2468", "hilo: experts per layer group, e.g. 2468, 8642 or uniform")
     rank_schedule: str = arg("uniform", "hilo: rank per layer group, e.g. 2468, 8642 or uniform")
     task: str = arg("sst2", "flexora: the task whose data the search trains and validates on")
+    data_format: str = arg("auto", "flexora/guilomo: a data file's format: auto, multiple_choice, alpaca, chat or text")
+    columns: str = arg("", "flexora/guilomo: a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
     flexora_steps: int = arg(50, "flexora: alternating steps (one LoRA step + one alpha step each)")
     flexora_batch: int = arg(8, "flexora: training examples per LoRA step")
     flexora_val: int = arg(200, "flexora: training examples held out for the alpha steps")

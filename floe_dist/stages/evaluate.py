@@ -1,8 +1,11 @@
-"""``floe-dist evaluate``: multiple-choice accuracy by log-likelihood of each choice.
+"""``floe-dist evaluate``: what fits the task's format, on a base model or an exported adapter.
 
-Each (prompt, choice) pair is scored by the summed log-probability of the choice tokens given the
-prompt; the prediction is the highest-scoring choice (lm-eval-harness's ``acc``). Runs in one
-process on the exported adapter, so evaluation also proves the export loads back.
+Multiple choice: each (prompt, choice) pair is scored by the summed log-probability of the choice
+tokens given the prompt; the prediction is the highest-scoring choice (lm-eval-harness's ``acc``).
+Generative (alpaca, chat, text, arithmetic): validation loss (mean negative log-likelihood per answer
+token) and perplexity, and, for examples with a prompt, greedy generation scored by normalised exact
+match (SQuAD's normalisation) and by numeric answer (GSM8K's ``#### 42``, "the answer is 42", else the
+last number). Runs in one process on the exported adapter, so evaluation also proves the export loads back.
 
     floe-dist evaluate --model smollm2-135m --task sst2 --adapter runs/x/adapter
 """
@@ -16,6 +19,7 @@ from tqdm import tqdm
 
 from floe_dist.config import arg
 from floe_dist.data import Example, collate, encode, load_task
+from floe_dist.generation import generate, numeric_answer, score_generations
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 
@@ -23,13 +27,17 @@ from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_m
 @dataclass
 class EvalArgs:
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
-    task: str = arg("sst2", "sst2, boolq, or a JSONL file of {prompt, choices, label}")
+    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
+    data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
+    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
     split: str = arg("test", "test, train, all, or the search's parts of train: fit, val")
     adapter: str | None = arg(None, "an export folder written by train; none = the zero-shot base model")
     quant: str = arg("none", "backbone precision: none (fp32 on CPU / bf16 on GPU) or nf4")
     batch_size: int = arg(32, "examples per forward pass (each choice of an example is scored)")
     max_length: int = arg(256, "truncate prompt + answer to this many tokens")
     limit: int | None = arg(None, "evaluate only the first N examples of the split")
+    max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
+    stop: str = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
 
 
 @torch.no_grad()
@@ -52,6 +60,21 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
 def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
     hits = sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples))
     return hits / len(examples)
+
+
+@torch.no_grad()
+def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                device: torch.device) -> float:
+    """Mean negative log-likelihood per answer token (its exp is the perplexity)."""
+    total, tokens = 0.0, 0
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length)
+                         for e in examples[start:start + batch_size]], tokenizer.pad_token_id)
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        total -= out["seq_logprob"].sum().item()
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(tokens, 1)
 
 
 def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
@@ -77,14 +100,41 @@ def run(args: EvalArgs) -> dict:
     lm = load_backbone(model_dir, args.quant, device)
     if args.adapter:
         load_adapter(lm, args.adapter)
-    examples = load_task(args.task, args.split)[: args.limit]
+    examples = load_task(args.task, args.split, data_format=args.data_format, columns=args.columns,
+                         tokenizer=tokenizer)[: args.limit]
     model = AnswerLM(lm)
     model.reset_activity()
-    scores = choice_scores(model, tokenizer, examples, args.batch_size, args.max_length, device)
-    result = {"task": args.task, "split": args.split, "examples": len(examples),
-              "accuracy": accuracy(scores, examples), "choice_loss": choice_loss(scores, examples),
-              "active_parameters_per_token": model.active_parameters_per_token() if args.adapter else 0,
-              "adapter": args.adapter, "seconds": time.time() - start}
-    print(f"{args.task}/{args.split}: accuracy {result['accuracy']:.4f} on {len(examples)} examples "
+    result = {"task": args.task, "split": args.split, "examples": len(examples), "adapter": args.adapter}
+    if all(e.generative for e in examples):
+        result.update(evaluate_generative(args, model, lm, tokenizer, examples, device))
+    else:
+        scores = choice_scores(model, tokenizer, examples, args.batch_size, args.max_length, device)
+        result.update(accuracy=accuracy(scores, examples), choice_loss=choice_loss(scores, examples))
+        result["loss"] = result["choice_loss"]
+    result.update(active_parameters_per_token=model.active_parameters_per_token() if args.adapter else 0,
+                  seconds=time.time() - start)
+    what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
+            if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
+    print(f"{args.task}/{args.split}: {what}, loss {result['loss']:.4f} on {len(examples)} examples "
           f"({'adapter ' + args.adapter if args.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
+    return result
+
+
+def evaluate_generative(args: EvalArgs, model: AnswerLM, lm, tokenizer, examples: list[Example], device) -> dict:
+    """Loss and perplexity on every example; generation scores on those with a prompt (not plain text)."""
+    import math
+
+    loss = answer_loss(model, tokenizer, examples, args.batch_size, args.max_length, device)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0}
+    prompted = [e for e in examples if e.prompt]
+    if prompted:
+        stops = [s.replace("\\n", "\n") for s in args.stop.split("||") if s]
+        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=args.max_new_tokens, stop=stops,
+                         batch_size=args.batch_size, max_length=args.max_length, device=device)
+        scores = score_generations(texts, [e.reference for e in prompted])
+        result.update(scores, accuracy=scores["exact_match"],
+                      samples=[{"prompt": e.prompt[-200:], "generation": t, "reference": e.reference}
+                               for e, t in list(zip(prompted, texts))[:5]])
+        if all(numeric_answer(e.reference) is not None for e in prompted):  # a numeric task: its answer decides
+            result["accuracy"] = scores["numeric_match"]
     return result

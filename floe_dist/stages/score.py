@@ -46,7 +46,9 @@ SELECTIONS = ("topk", "budget", "refine")
 @dataclass
 class ScoreArgs:
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
-    task: str = arg("sst2", "sst2, boolq, or a JSONL file of {prompt, choices, label}")
+    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
+    data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
+    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
     output: str = arg("runs/score", "output folder (warmup/, fisher.json, fisher.png, allocation.json)")
     quant: str = arg("none", "backbone: none or nf4")
     zero: str = arg("3", "DeepSpeed config for warm-up and scoring: 0, 2, 3 or a JSON path")
@@ -92,9 +94,9 @@ def warm_up(args: ScoreArgs, out: Path) -> Path:
     """Train (or reuse) the all-layer warm-up adapter; returns its export folder."""
     from floe_dist.stages.train import TrainArgs, run as train
 
-    targs = TrainArgs(model=args.model, task=args.task, output=str(out / "warmup"), targets=args.targets,
-                      experts=args.experts, rank=args.rank, router=args.router, top_k=args.top_k,
-                      alpha=args.alpha, dropout=0.0, quant=args.quant, zero=args.zero, steps=args.warmup_steps,
+    targs = TrainArgs(model=args.model, task=args.task, data_format=args.data_format, columns=args.columns,
+                      output=str(out / "warmup"), targets=args.targets, experts=args.experts, rank=args.rank,
+                      router=args.router, top_k=args.top_k, alpha=args.alpha, dropout=0.0, quant=args.quant, zero=args.zero, steps=args.warmup_steps,
                       micro_batch=args.micro_batch, lr=args.warmup_lr, max_train_examples=args.proxy_examples,
                       seed=args.seed, checkpoint_every=0)
     export = out / "warmup" / "adapter"
@@ -159,7 +161,8 @@ def run(args: ScoreArgs) -> dict:
         forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
     forward.eval()  # no dropout: the Fisher of the deterministic model
 
-    examples = load_task(args.task, "train")[: min(args.samples, args.proxy_examples)]
+    examples = load_task(args.task, "train", data_format=args.data_format, columns=args.columns,
+                         tokenizer=tokenizer)[: min(args.samples, args.proxy_examples)]
     batches = list(scoring_batches(examples, tokenizer, args.score_batch, info.rank, info.world_size))
     t1 = time.time()
     local = accumulate_fisher(forward, adapters,

@@ -24,7 +24,9 @@ from floe_dist.trainer import Trainer
 @dataclass
 class TrainArgs:
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
-    task: str = arg("sst2", "sst2, boolq, or a JSONL file of {prompt, choices, label}")
+    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
+    data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
+    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
     output: str = arg("runs/train", "output folder (checkpoints, logs, adapter export)")
     allocation: str | None = arg(None, "allocation.json; none = uniform over all layers from the flags below")
     targets: str = arg("q_proj,v_proj", "uniform allocation: comma-separated module names")

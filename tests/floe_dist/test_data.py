@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from floe_dist.data import collate, encode, load_task, read_jsonl, train_batch
+from floe_dist.data import collate, encode, load_task, read_file, train_batch
 from floe_dist.modeling.backbone import load_tokenizer
 
 
@@ -46,13 +46,13 @@ def test_user_jsonl_and_its_errors(tmp_path):
     assert len(load_task(str(good), "test")) == 5 and len(load_task(str(good), "train")) == 11
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "choices": ["a"], "label": 0}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: need >= 2 choices"):
-        read_jsonl(bad)
+    with pytest.raises(ValueError, match="bad.jsonl: row 1: need >= 2 choices"):
+        read_file(bad)
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="expected"):
-        read_jsonl(bad)
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_file(bad)
     with pytest.raises(FileNotFoundError):
-        read_jsonl(tmp_path / "missing.jsonl")
+        read_file(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="unknown task"):
         load_task("mnli-not-shipped", "train")
 

@@ -1,0 +1,65 @@
+"""Greedy generation in batches, and how a generation is scored against its reference.
+
+Exact match uses SQuAD's normalisation (lower case, no punctuation, no articles, single spaces); the
+numeric answer is GSM8K's ``#### 42``, else "the answer is 42", else the last number in the text.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+@torch.no_grad()
+def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
+             max_length: int, device) -> list[str]:
+    """What ``lm`` writes after each prompt (greedy, left-padded batches), cut at the first stop string."""
+    from tqdm import tqdm
+
+    lm.eval()
+    keep = max(1, max_length - max_new_tokens)  # prompts cut from the left, as in training
+    texts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+        ids = [tokenizer(p, add_special_tokens=False).input_ids[-keep:] for p in prompts[start:start + batch_size]]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, use_cache=True, temperature=None, top_p=None,
+                          top_k=None)
+        for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True):
+            text = text.lstrip()  # a leading newline is not the end of an answer
+            for s in stop:
+                text = text.split(s)[0]
+            texts.append(text.strip())
+    return texts
+
+
+def normalise(text: str) -> str:
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def numeric_answer(text: str) -> str | None:
+    """The answer's number as a canonical string, or None."""
+    found = (re.search(rf"####\s*({_NUMBER})", text) or re.search(rf"answer is\s*\$?({_NUMBER})", text, re.I))
+    number = found.group(1) if found else (re.findall(_NUMBER, text) or [None])[-1]
+    if number is None:
+        return None
+    number = number.replace(",", "")
+    return str(float(number)).removesuffix(".0") if "." in number else str(int(number))
+
+
+def score_generations(generations: list[str], references: list[str]) -> dict[str, float]:
+    n = max(len(references), 1)
+    exact = sum(normalise(g) == normalise(r) for g, r in zip(generations, references))
+    numeric = sum(numeric_answer(r) is not None and numeric_answer(g) == numeric_answer(r)
+                  for g, r in zip(generations, references))
+    return {"exact_match": exact / n, "numeric_match": numeric / n, "generated": len(generations)}

@@ -1,0 +1,161 @@
+"""Instruction, chat and text data through ``datasets``: formats, column mapping, loss masks, bad rows,
+generation scoring, and the train -> evaluate -> generate path on a user's files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from floe_dist.data import collate, encode, load_task, read_file, train_batch, truncated
+from floe_dist.generation import numeric_answer, score_generations
+from floe_dist.modeling.backbone import load_tokenizer, resolve_model
+from tests.conftest import run_floe
+
+ALPACA_COLUMNS = "instruction=question,input=context,output=answer"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model("tiny"))
+
+
+def alpaca_rows(n: int = 24) -> list[dict]:
+    """Someone else's instruction data: their own field names, an optional context."""
+    return [{"question": f"Add {i} and {i + 1}.", "context": "" if i % 3 else f"Both are below {i + 9}.",
+             "answer": f"The answer is {2 * i + 1}."} for i in range(n)]
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    return [{"dialog": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."},
+                        {"role": "user", "content": f"And {i + 1}?"}, {"role": "assistant", "content": f"{i + 1}."}]}
+            for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_alpaca_rows_train_on_the_response_only_and_end_with_eos(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+    examples = load_task(str(data), "all", data_format="alpaca", columns=ALPACA_COLUMNS, tokenizer=tokenizer)
+    assert load_task(str(data), "all", columns=ALPACA_COLUMNS, tokenizer=tokenizer) == examples  # auto detects it
+    first, second = examples[0], examples[1]
+    assert "### Input:\nBoth are below 9." in first.prompt and "### Input" not in second.prompt
+    assert first.prompt.endswith("### Response:\n") and first.choices == ("The answer is 1." + tokenizer.eos_token,)
+    assert first.generative and first.reference == "The answer is 1."
+    ids, n_answer = encode(tokenizer, first.prompt, first.choices[0], 256)
+    batch = collate([(ids, n_answer)], tokenizer.pad_token_id)
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labelled == tokenizer(first.choices[0], add_special_tokens=False).input_ids
+    assert labelled[-1] == tokenizer.eos_token_id
+
+
+def test_chat_rows_learn_the_last_assistant_turn_under_the_chat_template(tmp_path, tokenizer):
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(chat_rows()))
+    ex = load_task(str(data), "all", data_format="chat", columns="messages=dialog", tokenizer=tokenizer)[0]
+    rendered = tokenizer.apply_chat_template(chat_rows()[0]["dialog"], tokenize=False)
+    assert ex.prompt + ex.choices[0] == rendered  # the whole conversation, split before the last answer
+    assert ex.prompt.endswith("<|im_start|>assistant\n") and "Say 0." in ex.prompt and ex.reference == "1."
+
+
+def test_text_rows_are_all_answer_and_long_ones_are_cut_and_counted(tmp_path, tokenizer):
+    rows = [{"text": "word " * (5 + 300 * (i == 2))} for i in range(4)]
+    examples = load_task(str(write_jsonl(tmp_path / "t.jsonl", rows)), "all", tokenizer=tokenizer)
+    assert all(e.prompt == "" for e in examples) and truncated(examples, tokenizer, 64) == 1
+    ids, n_answer = encode(tokenizer, examples[2].prompt, examples[2].choices[0], 64)
+    assert len(ids) == n_answer == 64
+
+
+def test_csv_parquet_and_save_to_disk_read_the_same_examples(tmp_path, tokenizer):
+    import datasets
+
+    rows = alpaca_rows(8)
+    frame = datasets.Dataset.from_list(rows)
+    frame.to_csv(str(tmp_path / "a.csv"))
+    frame.to_parquet(str(tmp_path / "a.parquet"))
+    frame.save_to_disk(str(tmp_path / "saved"))
+    want = read_file(write_jsonl(tmp_path / "a.jsonl", rows), "alpaca", ALPACA_COLUMNS, tokenizer)
+    for source in ("a.parquet", "saved", "a.csv"):
+        got = read_file(tmp_path / source, "alpaca", ALPACA_COLUMNS, tokenizer)
+        assert got == want, source
+
+
+def test_batches_stay_a_pure_function_so_ranks_split_one_rank_batch(tmp_path, tokenizer):
+    examples = load_task(str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows())), "train", columns=ALPACA_COLUMNS,
+                         tokenizer=tokenizer)
+    kw = dict(step=3, micro=0, accumulation=1, seed=7, max_length=128)
+    one = train_batch(examples, tokenizer, rank=0, world=1, micro_batch=4, **kw)
+    parts = [train_batch(examples, tokenizer, rank=r, world=2, micro_batch=2, **kw) for r in (0, 1)]
+    got = [row[row != tokenizer.pad_token_id].tolist() for p in parts for row in p["input_ids"]]
+    assert got == [row[row != tokenizer.pad_token_id].tolist() for row in one["input_ids"]]
+
+
+@pytest.mark.parametrize("name,content,kwargs,message", [
+    ("empty.jsonl", "", {}, "the file is empty"),
+    ("broken.jsonl", '{"question": "a", "answer": "b"}\n{"question": \n', {"columns": ALPACA_COLUMNS},
+     "row 2 is not JSON"),
+    ("blank.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c", "answer": ""}\n',
+     {"data_format": "alpaca", "columns": "instruction=question,output=answer"}, "row 2: output must be a non-empty"),
+    ("nocol.jsonl", '{"question": "a", "reply": "b"}\n', {"data_format": "alpaca", "columns": "instruction=question"},
+     r"needs column\(s\) \['output'\]"),
+    ("noturn.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', {"data_format": "chat"},
+     "row 1: the chat has no assistant turn"),
+    ("fmt.jsonl", '{"text": "a"}\n', {"data_format": "poem"}, "unknown data format 'poem'"),
+    ("map.jsonl", '{"text": "a"}\n', {"data_format": "text", "columns": "body=text"}, "not fields of format 'text'"),
+    ("what.jsonl", '{"a": 1}\n', {}, "cannot tell the format"),
+    ("x.tsv", "a\tb\n", {}, "unknown data file type"),
+])
+def test_bad_data_fails_naming_the_file_and_row(tmp_path, tokenizer, name, content, kwargs, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        read_file(path, tokenizer=tokenizer, **kwargs)
+    assert name in str(err.value)
+
+
+def test_chat_needs_a_tokenizer_with_a_template(tmp_path, tokenizer):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(chat_rows(2)))
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+            read_file(path, "chat", "messages=dialog", tokenizer)
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_generations_are_scored_by_normalised_exact_match_and_numeric_answer():
+    assert numeric_answer("so #### 1,234") == "1234" and numeric_answer("The answer is 42.") == "42"
+    assert numeric_answer("3 apples and 5 pears") == "5" and numeric_answer("none") is None
+    scores = score_generations(["The Paris!", "#### 7", "8"], ["paris", "7", "9"])
+    assert scores == {"exact_match": 2 / 3, "numeric_match": 1 / 3, "generated": 3}  # "#### 7" normalises to "7"
+
+
+def test_arithmetic_is_a_generative_built_in_task_with_numeric_references(tokenizer):
+    test = load_task("arithmetic", "test", tokenizer=tokenizer)
+    assert len(test) == 937 and all(e.generative and numeric_answer(e.reference) == e.reference for e in test)
+    assert test[0].prompt.startswith("Calculate ") and test[0].choices[0].endswith(tokenizer.eos_token)
+
+
+def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(chat_rows()))
+    for data, columns in ((alpaca, ALPACA_COLUMNS), (chat, "messages=dialog")):
+        out = tmp_path / f"run-{data.stem}"
+        common = ["--model", "tiny", "--task", str(data), "--columns", columns]
+        run_floe(["train", *common, "--steps", "2", "--micro-batch", "2", "--zero", "0", "--output", str(out)])
+        ev = run_floe(["evaluate", *common, "--adapter", str(out / "adapter"), "--max-new-tokens", "4"])
+        assert "exact match" in ev.stdout and "loss" in ev.stdout
+        gen = tmp_path / f"{data.stem}.out.jsonl"
+        run_floe(["generate", "--model", "tiny", "--adapter", str(out / "adapter"), "--input", str(data),
+                  "--columns", columns, "--limit", "3", "--max-new-tokens", "4", "--output", str(gen)])
+        rows = [json.loads(line) for line in gen.read_text().splitlines()]
+        assert len(rows) == 3 and all(set(r) == {"prompt", "generation", "reference"} for r in rows)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*alpaca_rows(3), {"question": "q", "context": "", "answer": None}])
+    proc = run_floe(["train", "--model", "tiny", "--task", str(bad), "--columns", ALPACA_COLUMNS, "--steps", "1",
+                     "--output", str(tmp_path / "bad-run")], check=False)
+    assert proc.returncode != 0 and "bad.jsonl: row 4: output must be a non-empty string" in proc.stderr
+    assert not (tmp_path / "bad-run").exists()
