@@ -13,6 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLOE_DIST_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run tiny models and toys, whose small kernels are slower on 2 threads than on 1 (the Flexora toy
+# search took 10 s on 1 thread and 27 s on 2 in one measurement); 2-rank runs already take a core each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_configure(config):
@@ -45,7 +49,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def clean_env(nproc: int) -> dict[str, str]:
     """This process's environment without launcher variables (a child starts its own world)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["OMP_NUM_THREADS"] = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    env["OMP_NUM_THREADS"] = "1" if nproc > 1 else os.environ["OMP_NUM_THREADS"]
     return env
 
 
