@@ -230,6 +230,7 @@ def lora_moe_layer(d):
 TABLES = {
     "foundation": ("foundation", foundation),
     "campaign": ("campaign", campaign),
+    "campaign-arithmetic": ("campaign_smollm2-arithmetic", campaign),
     "floe-layers-sst2": ("floe_layers_sst2", floe_layers),
     "floe-layers-boolq": ("floe_layers_boolq", floe_layers),
     "fisher-toy": ("fisher_toy", fisher_toy),

@@ -16,14 +16,14 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import write_json_atomic
-from floe_dist.data import load_task, train_batch
+from floe_dist.data import load_task, train_batch, truncated
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
 from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
-from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.distributed.sharded_load import load_for_layout
+from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.frozen_linear import release_frozen_weights
@@ -56,6 +56,10 @@ class Trainer:
                                   tokenizer=self.tokenizer)[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
+        self.truncated = truncated(self.examples, self.tokenizer, args.max_length)
+        if self.truncated and layout.is_main:
+            print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
+                  f"{args.max_length} tokens and are cut (prompts from the left, plain text from the right)")
         self.lm = lm = load_for_layout(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
         release_frozen_weights(lm)  # backward does not pin gathered weights
         self.allocation = build_allocation(args, lm.config.num_hidden_layers)
@@ -196,6 +200,7 @@ class Trainer:
             state = self.full_adapter()
         trainable = self.allocation.trainable_parameters
         summary = {"steps": args.steps, "world_size": layout.world_size, "ep_size": args.ep_size,
+                   "truncated_examples": self.truncated,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
                    + (self.experts.state_bytes() if self.experts else 0), "args": asdict(args)}

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLOE_DIST_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests run tiny models and toys, whose small kernels are slower on 2 threads than on 1 (the Flexora toy
-# search took 10 s on 1 thread and 27 s on 2 in one measurement); 2-rank runs already take a core each.
+# search took 10 s on 1 thread and 27 s on 2, measured once beside another job); 2-rank runs take a core each.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

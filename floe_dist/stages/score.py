@@ -32,8 +32,8 @@ from floe_dist.methods.fisher import (MODES, accumulate_fisher, default_k, refin
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
 from floe_dist.distributed.runtime import all_reduce_sum
-from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.distributed.sharded_load import load_for_layout
+from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
 from floe_dist.modeling.frozen_linear import release_frozen_weights
@@ -96,9 +96,9 @@ def warm_up(args: ScoreArgs, out: Path) -> Path:
 
     targs = TrainArgs(model=args.model, task=args.task, data_format=args.data_format, columns=args.columns,
                       output=str(out / "warmup"), targets=args.targets, experts=args.experts, rank=args.rank,
-                      router=args.router, top_k=args.top_k, alpha=args.alpha, dropout=0.0, quant=args.quant, zero=args.zero, steps=args.warmup_steps,
-                      micro_batch=args.micro_batch, lr=args.warmup_lr, max_train_examples=args.proxy_examples,
-                      seed=args.seed, checkpoint_every=0)
+                      router=args.router, top_k=args.top_k, alpha=args.alpha, dropout=0.0, quant=args.quant,
+                      zero=args.zero, steps=args.warmup_steps, micro_batch=args.micro_batch, lr=args.warmup_lr,
+                      max_train_examples=args.proxy_examples, seed=args.seed, checkpoint_every=0)
     export = out / "warmup" / "adapter"
     # A copied warm-up folder, or one made under another ZeRO stage, is the same warm-up.
     guard(out / "warmup" / "train_args.json", asdict(targs), what="a warm-up", may_change=("output", "zero"),

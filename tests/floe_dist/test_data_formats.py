@@ -140,18 +140,20 @@ def test_arithmetic_is_a_generative_built_in_task_with_numeric_references(tokeni
 
 
 def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
+    from floe_dist.stages import evaluate, generate, train
+
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps(chat_rows()))
     for data, columns in ((alpaca, ALPACA_COLUMNS), (chat, "messages=dialog")):
         out = tmp_path / f"run-{data.stem}"
-        common = ["--model", "tiny", "--task", str(data), "--columns", columns]
-        run_floe(["train", *common, "--steps", "2", "--micro-batch", "2", "--zero", "0", "--output", str(out)])
-        ev = run_floe(["evaluate", *common, "--adapter", str(out / "adapter"), "--max-new-tokens", "4"])
-        assert "exact match" in ev.stdout and "loss" in ev.stdout
+        common = dict(model="tiny", task=str(data), columns=columns)
+        train.run(train.TrainArgs(**common, steps=2, micro_batch=2, zero="0", output=str(out)))
+        scored = evaluate.run(evaluate.EvalArgs(**common, adapter=str(out / "adapter"), max_new_tokens=4))
+        assert scored["examples"] > 0 and scored["loss"] > 0 and "exact_match" in scored and scored["samples"]
         gen = tmp_path / f"{data.stem}.out.jsonl"
-        run_floe(["generate", "--model", "tiny", "--adapter", str(out / "adapter"), "--input", str(data),
-                  "--columns", columns, "--limit", "3", "--max-new-tokens", "4", "--output", str(gen)])
+        generate.run(generate.GenerateArgs(model="tiny", adapter=str(out / "adapter"), input=str(data), columns=columns,
+                                           limit=3, max_new_tokens=4, output=str(gen)))
         rows = [json.loads(line) for line in gen.read_text().splitlines()]
         assert len(rows) == 3 and all(set(r) == {"prompt", "generation", "reference"} for r in rows)
     bad = write_jsonl(tmp_path / "bad.jsonl", [*alpaca_rows(3), {"question": "q", "context": "", "answer": None}])

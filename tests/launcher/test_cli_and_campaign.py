@@ -12,7 +12,8 @@ from tests.conftest import run_floe
 
 def test_every_sub_command_has_grouped_help_and_every_option_a_help_line():
     parser, subs = build_parser(_stages())
-    assert set(subs) == {"score", "search", "allocate", "train", "evaluate", "export", "campaign", "plan", "slurm"}
+    assert set(subs) == {"score", "search", "allocate", "train", "evaluate", "generate", "export", "campaign", "plan",
+                         "slurm"}
     for name, stage in subs.items():
         if name == "campaign":
             stage = recipe_parser()  # the campaign's flags are the recipe's
