@@ -42,6 +42,11 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: li
     return texts
 
 
+def stop_strings(text: str) -> list[str]:
+    """``--stop`` as a list: strings separated by ``||``, with ``\\n`` written for a newline."""
+    return [s.replace("\\n", "\n") for s in text.split("||") if s]
+
+
 def normalise(text: str) -> str:
     text = "".join(c for c in text.lower() if c not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())

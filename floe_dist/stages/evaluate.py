@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from floe_dist.config import arg
 from floe_dist.data import Example, collate, encode, load_task
-from floe_dist.generation import generate, numeric_answer, score_generations
+from floe_dist.generation import generate, numeric_answer, score_generations, stop_strings
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 
@@ -128,9 +128,9 @@ def evaluate_generative(args: EvalArgs, model: AnswerLM, lm, tokenizer, examples
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0}
     prompted = [e for e in examples if e.prompt]
     if prompted:
-        stops = [s.replace("\\n", "\n") for s in args.stop.split("||") if s]
-        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=args.max_new_tokens, stop=stops,
-                         batch_size=args.batch_size, max_length=args.max_length, device=device)
+        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=args.max_new_tokens,
+                         stop=stop_strings(args.stop), batch_size=args.batch_size, max_length=args.max_length,
+                         device=device)
         scores = score_generations(texts, [e.reference for e in prompted])
         result.update(scores, accuracy=scores["exact_match"],
                       samples=[{"prompt": e.prompt[-200:], "generation": t, "reference": e.reference}

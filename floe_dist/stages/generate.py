@@ -47,7 +47,7 @@ class GenerateArgs:
 
 def run(args: GenerateArgs) -> list[dict]:
     from floe_dist.data import load_task
-    from floe_dist.generation import generate
+    from floe_dist.generation import generate, stop_strings
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.modeling.export import export_meta, load_adapter
 
@@ -70,8 +70,7 @@ def run(args: GenerateArgs) -> list[dict]:
     lm = load_backbone(model_dir, args.quant, device)
     if args.adapter:
         load_adapter(lm, args.adapter)
-    stops = [s.replace("\\n", "\n") for s in args.stop.split("||") if s]
-    texts = generate(lm, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=stops,
+    texts = generate(lm, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=stop_strings(args.stop),
                      batch_size=args.batch_size, max_length=args.max_length, device=device)
     rows = [{"prompt": p, "generation": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
     if args.output:
