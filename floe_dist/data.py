@@ -233,6 +233,10 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
         examples = read_file(task, data_format, columns, tokenizer)
+    elif task.count("/") == 1 and not task.startswith((".", "/")):
+        raise ValueError(f"task {task!r} looks like a Hugging Face hub dataset, which floe-dist does not download "
+                         f"(its machines reach no hub): on a machine that does, datasets.load_dataset({task!r}, "
+                         f"split='train').save_to_disk(DIR), then pass DIR")
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow) or a save_to_disk folder")

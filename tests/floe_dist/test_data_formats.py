@@ -115,6 +115,11 @@ def test_bad_data_fails_naming_the_file_and_row(tmp_path, tokenizer, name, conte
     assert name in str(err.value)
 
 
+def test_a_hub_dataset_id_says_how_to_bring_the_data_here():
+    with pytest.raises(ValueError, match=r"hub dataset.*save_to_disk\(DIR\)"):
+        load_task("tatsu-lab/alpaca", "train")
+
+
 def test_chat_needs_a_tokenizer_with_a_template(tmp_path, tokenizer):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(chat_rows(2)))
