@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from floe_dist.modeling.backbone import compute_dtype, load_backbone, nf4_weights
-from floe_dist.modeling.checkpoint import Checkpoint
+from floe_dist.modeling.checkpoint import INDEX, Checkpoint
 
 
 def load_partitioned(model_dir: str | Path, quant: str, ds_config: dict, device: torch.device):
@@ -106,5 +106,9 @@ def load_for_layout(model_dir: str | Path, quant: str, layout, ds_config: dict |
     """Partitioned while loading under ZeRO-3 (several ranks); ``load_backbone`` otherwise, where every
     rank keeps the whole backbone anyway (ZeRO-0/1/2 replicate frozen weights by design)."""
     if ds_config is not None and layout.zero_stage == 3 and layout.world_size > 1:
-        return load_partitioned(model_dir, quant, ds_config, layout.torch_device)
+        if any((Path(model_dir) / name).is_file() for name in ("model.safetensors", INDEX)):
+            return load_partitioned(model_dir, quant, ds_config, layout.torch_device)
+        if layout.is_main:  # a .bin checkpoint still trains, at the old cost
+            print(f"note: {model_dir} has no safetensors weights, so every rank loads the whole model before "
+                  f"ZeRO-3 partitions it (save_pretrained writes safetensors; convert once to load partitioned)")
     return load_backbone(model_dir, quant, layout.torch_device)

@@ -46,3 +46,23 @@ def test_a_checkpoint_that_lacks_weights_fails_before_any_collective(tmp_path):
     (broken / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no safetensors weights"):
         load_partitioned(broken, "none", {}, torch.device("cpu"))
+
+
+def test_a_bin_checkpoint_falls_back_to_the_whole_model_load(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from floe_dist.distributed.layout import Layout
+    from floe_dist.distributed.sharded_load import load_for_layout
+    from floe_dist.modeling.backbone import load_backbone, resolve_model
+
+    folder = tmp_path / "bin-only"
+    reference = load_backbone(resolve_model("tiny"))
+    AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).save_pretrained(folder)
+    weights = folder / "model.safetensors"  # rewritten as the older pytorch_model.bin format
+    torch.save(load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
+    model = load_for_layout(folder, "none", Layout(world_size=2, zero_stage=3), {"zero_optimization": {"stage": 3}})
+    assert "no safetensors weights" in capsys.readouterr().out
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
