@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -68,6 +69,14 @@ def _build_once(target: Path, build) -> Path:
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)
+        if (target / "config.json").is_file():  # another process published it (a lock the filesystem ignores)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        if target.exists():  # an incomplete folder (an interrupted copy): set it aside, never publish over it
+            stale = target.with_name(target.name + f".stale{os.getpid()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"floe-dist: replaced an incomplete {target} (it had no config.json)", file=sys.stderr)
         os.replace(tmp, target)
     return target
 

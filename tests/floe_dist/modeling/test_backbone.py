@@ -1,4 +1,4 @@
-"""Backbones built in memory: NF4 quantization of a model made from a config (benchmarks, GPU tests)."""
+"""Backbones: NF4 quantization of a model made from a config; the model cache's build-once folders."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +29,20 @@ def test_quantize_nf4_swaps_decoder_linears_and_keeps_the_function():
             ref.weight.copy_(bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state))
         ids = torch.randint(128, (2, 9))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_incomplete_cached_model_folder_is_rebuilt_not_published_over(tmp_path, monkeypatch):
+    """A folder without config.json (an interrupted copy) is replaced; a complete one is reused as is."""
+    from floe_dist.modeling import backbone
+
+    tokenizer = backbone.resolve_model("tiny").parent / "smollm2-tokenizer"  # the real cache's, reused
+    monkeypatch.setenv("FLOE_DIST_CACHE", str(tmp_path))
+    (tmp_path / "tiny-llama").mkdir()
+    (tmp_path / "tiny-llama" / "model.safetensors").write_text("truncated")
+    (tmp_path / "smollm2-tokenizer").symlink_to(tokenizer)
+    built = backbone.resolve_model("tiny")
+    assert built == tmp_path / "tiny-llama" and (built / "config.json").is_file()
+    assert not list(tmp_path.glob("tiny-llama.*[0-9]"))  # no tmp or stale folders left behind
+    marker = built / "marker"
+    marker.write_text("kept")
+    assert backbone.resolve_model("tiny") == built and marker.is_file()
