@@ -16,18 +16,17 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import write_json_atomic
-from floe_dist.data import load_task, train_batch, truncated
+from floe_dist.data import train_batch, truncated
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
 from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
-from floe_dist.distributed.sharded_load import load_for_layout
 from floe_dist.modeling.answer_lm import AnswerLM
-from floe_dist.modeling.backbone import load_tokenizer, resolve_model
+from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
-from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
+from floe_dist.resources import Resources
 from floe_dist.resume import guard
 
 RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "keep_checkpoints", "output"}  # how long, not what
@@ -35,8 +34,9 @@ LAYOUT_KEYS = {"micro_batch", "accumulation", "ep_size", "zero"}  # with a porta
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, resources: Resources | None = None):
         self.args, self.t0 = args, time.time()
+        self.resources = resources or Resources()  # a warm search worker passes the ones it keeps
         self.out = Path(args.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.setup()
@@ -51,17 +51,18 @@ class Trainer:
                                  world_size=info.world_size, lr=args.lr, weight_decay=args.weight_decay)
         self.layout = layout = Layout.current(args.ep_size, config)
         model_dir = resolve_model(args.model)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.examples = load_task(args.task, args.split, data_format=args.data_format, columns=args.columns,
-                                  tokenizer=self.tokenizer)[: args.max_train_examples]
+        res = self.resources
+        self.tokenizer = res.tokenizer(model_dir)
+        examples = res.examples(args.task, args.split, args.data_format, args.columns, self.tokenizer)
+        self.examples = examples[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
-        self.truncated = truncated(self.examples, self.tokenizer, args.max_length)
+        self.truncated = (res.truncated(examples, self.tokenizer, args.max_length) if args.max_train_examples is None
+                          else truncated(self.examples, self.tokenizer, args.max_length))
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
                   f"{args.max_length} tokens and are cut (prompts from the left, plain text from the right)")
-        self.lm = lm = load_for_layout(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
-        release_frozen_weights(lm)  # backward does not pin gathered weights
+        self.lm = lm = res.backbone(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
         self.allocation = build_allocation(args, lm.config.num_hidden_layers)
         torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
         inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written
@@ -179,9 +180,11 @@ class Trainer:
         log = MetricsLog(self.out, start_step) if self.layout.is_main else None
         pbar = tqdm(range(start_step, args.steps), desc="train", disable=not self.layout.is_main,
                     initial=start_step, total=args.steps)
+        self.step_seconds = 0.0  # time in optimizer steps only (a search trial's overhead is the rest)
         for step in pbar:
             step_start = time.perf_counter()
             metrics = self.step(step)
+            self.step_seconds += time.perf_counter() - step_start
             if log:
                 if args.capacity_factor <= 0:
                     metrics.pop("dropped_picks")
@@ -202,6 +205,7 @@ class Trainer:
         summary = {"steps": args.steps, "world_size": layout.world_size, "ep_size": args.ep_size,
                    "truncated_examples": self.truncated,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
+                   "step_seconds": self.step_seconds,
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
                    + (self.experts.state_bytes() if self.experts else 0), "args": asdict(args)}
         if layout.is_main:

@@ -9,8 +9,8 @@ and ranks above it fit the noise, so rank 4 is best at every learning rate in 3e
 r=2 and >= 0.0446 for r=8).
 
 Fault injection for the failure tests: ``TOY_CRASH_RANK=r`` makes rank-r trials raise,
-``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_DELAY=s`` makes every trial take
-``s`` seconds longer. Every start appends to ``starts.log``.
+``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_NAN_RANK=r`` makes them cost NaN,
+``TOY_DELAY=s`` makes every trial take ``s`` seconds longer. Every start appends to ``starts.log``.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def write_result(trial_dir: Path, result: dict) -> None:
     os.replace(tmp, trial_dir / "result.json")  # atomic, as the search expects of every trial
 
 
-def main(trial_dir: Path) -> None:
+def run_trial(trial_dir: Path, resources=None) -> dict:
+    """The toy's trial, as a warm worker calls it (floe_dist/search/worker.py)."""
     spec = json.loads((trial_dir / "trial.json").read_text())
     with open(trial_dir / "starts.log", "a") as f:
         f.write(f"{os.getpid()}\n")
@@ -69,8 +70,13 @@ def main(trial_dir: Path) -> None:
     if str(rank) == os.environ.get("TOY_HANG_RANK"):
         time.sleep(3600)
     time.sleep(float(os.environ.get("TOY_DELAY", 0)))
-    cost = toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"]))
-    write_result(trial_dir, {"cost": cost})
+    if str(rank) == os.environ.get("TOY_NAN_RANK"):
+        return {"cost": float("nan")}
+    return {"cost": toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"]))}
+
+
+def main(trial_dir: Path) -> None:
+    write_result(trial_dir, run_trial(trial_dir))
 
 
 if __name__ == "__main__":

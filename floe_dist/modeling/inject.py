@@ -81,3 +81,12 @@ def adapter_modules(model: nn.Module) -> dict[str, LoRAMoELinear]:
 def lora_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter tensors only, keyed by their full names in ``model``."""
     return {name: p for name, p in model.named_parameters() if LORA_TAG in name}
+
+
+def remove_adapters(model: nn.Module) -> int:
+    """Put every adapter's frozen base module back where the adapter was (a warm search worker reuses its
+    backbone for the next trial's allocation); returns how many were removed."""
+    adapters = adapter_modules(model)
+    for name, adapter in adapters.items():
+        replace_module(model, name, adapter.base)
+    return len(adapters)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from tqdm import tqdm
 
 from floe_dist.search.ledger import Ledger, Trial
-from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, default_workers
+from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, WarmPool, default_workers
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
@@ -24,12 +24,16 @@ if TYPE_CHECKING:
 
 class SearchLoop:
     def __init__(self, args: "SearchArgs", out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec],
-                 argv: Callable[[Path], list[str]]):
+                 argv: Callable[[Path], list[str]], worker_argv: Callable[[Path], list[str]]):
         self.args, self.out, self.ledger, self.proposer = args, out, ledger, proposer
         self.spec, self.argv = spec, argv
         workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
-        self.runner = (SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
-                       if args.runner.startswith("slurm") else LocalPool(workers, args.trial_nproc, args.trial_threads))
+        if args.runner.startswith("slurm"):
+            self.runner = SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
+        elif args.trial_workers == "warm":
+            self.runner = WarmPool(workers, worker_argv, out / "workers", args.trial_nproc, args.trial_threads)
+        else:
+            self.runner = LocalPool(workers, args.trial_nproc, args.trial_threads)
         self.by_id = {t.id: t for t in ledger.trials}
         self.pbar = None
 

@@ -1,4 +1,4 @@
-"""Where search trials run: each trial is its own process (or process group, or Slurm job).
+"""Where search trials run: on warm workers, or each trial as its own process (or process group, or Slurm job).
 
 A trial is a command that reads ``<trial_dir>/trial.json`` and writes ``<trial_dir>/result.json``
 (see floe_dist/search/trial.py). A runner starts trials, bounds each by a time limit, and reports every one
@@ -6,7 +6,9 @@ that ended as an :class:`Outcome`: ``success`` only when the command exited 0 *a
 result; ``timeout`` when it outlived its limit (its whole process group is killed); ``crashed``
 otherwise, with the tail of its log as the reason. Nothing is retried here: the search decides.
 
-* :class:`LocalPool` — local processes, ``workers`` at a time, each pinned to its own CPU threads or
+* :class:`WarmPool` — the local default: long-lived workers (floe_dist/search/worker.py) that load once and
+  run trial after trial; a worker that crashed, hung or diverged is replaced by a fresh one.
+* :class:`LocalPool` — one local process (group) per trial, ``workers`` at a time, each pinned to its own CPU threads or
   GPUs. Trials die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
   groups), so a killed search leaves no orphans.
 * :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
@@ -143,6 +145,71 @@ class LocalPool:
         for _, proc, _ in self.running.values():
             _kill_group(proc)
         self.running.clear()
+
+
+class WarmPool(LocalPool):
+    """Local warm workers (floe_dist/search/worker.py): ``workers`` long-lived processes or process groups, each
+    running trial after trial with its backbone and data loaded once. A worker whose trial crashed, hung or
+    diverged is gone (it exits, or is killed here) and the next trial on its slot starts a fresh one."""
+
+    def __init__(self, workers: int, worker_argv, root: Path, nproc_per_trial: int = 1, threads_per_rank: int = 1):
+        super().__init__(workers, nproc_per_trial, threads_per_rank)
+        self.worker_argv, self.root = worker_argv, root  # worker_argv(worker_dir) -> the command
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.seq: dict[int, int] = {}
+
+    def submit(self, launch: Launch) -> str:
+        from floe_dist.search.worker import hand_over
+
+        slot = next(s for s in range(self.workers) if s not in self.running)
+        worker_dir = self.root / f"worker-{slot}"
+        launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        self.seq[slot] = self.seq.get(slot, 0) + 1
+        hand_over(worker_dir, self.seq[slot], launch.trial_dir)  # before a fresh worker starts: it takes this one
+        proc = self.procs.get(slot)
+        if proc is None or proc.poll() is not None:
+            with open(worker_dir / "worker.log", "ab") as log:
+                proc = subprocess.Popen(self.worker_argv(worker_dir), stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=os.getcwd(), env=trial_env(self._slot_env(slot)),
+                                        preexec_fn=_die_with_parent)
+            self.procs[slot] = proc
+        self.running[slot] = (launch, proc, time.monotonic())
+        return f"warm:{slot}:pid{proc.pid}"
+
+    def wait(self, poll_seconds: float = 0.05) -> list[Outcome]:
+        while True:
+            done = []
+            for slot, (launch, proc, start) in list(self.running.items()):
+                seconds, worker = time.monotonic() - start, f"warm:{slot}:pid{proc.pid}"
+                if (launch.trial_dir / "result.json").is_file():
+                    if not _finite_cost(launch.trial_dir / "result.json"):
+                        _kill_group(proc)  # it is on its way out (worker.py): no next trial goes to it
+                    done.append(Outcome(launch.trial_id, "success", seconds, worker))
+                elif proc.poll() is not None:
+                    done.append(_outcome(launch, proc.returncode or 1, False, seconds, worker))
+                elif seconds > launch.timeout:
+                    _kill_group(proc)
+                    done.append(_outcome(launch, None, True, seconds, worker))
+                else:
+                    continue
+                del self.running[slot]
+            if done or not self.running:
+                return done
+            time.sleep(poll_seconds)
+
+    def shutdown(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _kill_group(proc)
+        self.procs.clear()
+        self.running.clear()
+
+
+def _finite_cost(result: Path) -> bool:
+    import json
+    import math
+
+    return math.isfinite(float(json.loads(result.read_text()).get("cost", math.nan)))
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:

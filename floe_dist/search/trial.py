@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from floe_dist.allocation import Allocation, write_json_atomic
+from floe_dist.resources import Resources
 
 
 @dataclass
@@ -49,12 +50,16 @@ def searched_allocation(base: Allocation, config: dict, method: str | None = Non
     return base.rank_scaled(int(config["rank"]), method=method)
 
 
-def run_trial(trial_dir: Path) -> dict | None:
+def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
+    """Train and score one trial on this rank; the result on rank 0 (None on the others). A warm worker passes
+    the resources it keeps between trials; a trial computes the same on a fresh worker as on a warm one."""
+    import torch
+
     from floe_dist.distributed.runtime import discover
-    from floe_dist.stages.evaluate import EvalArgs
+    from floe_dist.stages.evaluate import EvalArgs, evaluate_lm
     from floe_dist.stages.evaluate import run as evaluate
     from floe_dist.stages.train import TrainArgs
-    from floe_dist.stages.train import run as train
+    from floe_dist.trainer import Trainer
 
     start = time.time()
     spec = TrialSpec.load(trial_dir)
@@ -66,13 +71,25 @@ def run_trial(trial_dir: Path) -> dict | None:
     else:  # every rank of the group reads the same file
         while not allocation_file.is_file():
             time.sleep(0.1)
-    train(train_args)
-    if not discover().is_main:
+    train_args.validate()
+    trainer = Trainer(train_args, resources)
+    summary = trainer.fit()
+    layout, lm, tokenizer = trainer.layout, trainer.lm, trainer.tokenizer
+    trainer.engine.destroy()
+    del trainer
+    if not layout.is_main:
         return None
-    scored = evaluate(eval_args)
+    eval_start = time.time()
+    if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
+        scored = evaluate_lm(eval_args, lm, tokenizer, layout.torch_device, resources)
+    else:  # partitioned: the export on a whole backbone (kept by a warm worker)
+        scored = evaluate(eval_args, resources)
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
+    if layout.torch_device.type == "cuda":
+        torch.cuda.synchronize()
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],
-            "val_examples": scored["examples"], "seconds": time.time() - start}
+            "val_examples": scored["examples"], "train_seconds": summary["step_seconds"],
+            "eval_seconds": time.time() - eval_start, "seconds": time.time() - start}
 
 
 def main(argv: list[str]) -> int:
@@ -83,7 +100,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m floe_dist.search.trial TRIAL_DIR (a folder holding trial.json)", file=sys.stderr)
         return 2
     try:
-        result = run_trial(Path(args[0]))
+        result = run_trial(Path(args[0]), Resources())
     finally:
         shutdown()
     if result is not None:

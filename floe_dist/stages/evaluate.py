@@ -18,10 +18,11 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.config import arg
-from floe_dist.data import Example, collate, encode, load_task
+from floe_dist.data import Example, collate, encode
 from floe_dist.generation import generate, numeric_answer, score_generations, stop_strings
 from floe_dist.modeling.answer_lm import AnswerLM
-from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+from floe_dist.modeling.backbone import resolve_model
+from floe_dist.resources import Resources
 
 
 @dataclass
@@ -86,7 +87,7 @@ def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
     return total / len(examples)
 
 
-def run(args: EvalArgs) -> dict:
+def run(args: EvalArgs, resources: Resources | None = None) -> dict:
     from floe_dist.modeling.export import export_meta, load_adapter
 
     start = time.time()
@@ -95,13 +96,25 @@ def run(args: EvalArgs) -> dict:
         if meta.get("quant", "none") != args.quant:
             print(f"note: adapter was trained with quant={meta.get('quant')}, evaluating with {args.quant}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resources = resources or Resources()
     model_dir = resolve_model(args.model)
-    tokenizer = load_tokenizer(model_dir)
-    lm = load_backbone(model_dir, args.quant, device)
+    tokenizer = resources.tokenizer(model_dir)
+    lm = resources.eval_backbone(model_dir, args.quant, device)
     if args.adapter:
         load_adapter(lm, args.adapter)
-    examples = load_task(args.task, args.split, data_format=args.data_format, columns=args.columns,
-                         tokenizer=tokenizer)[: args.limit]
+    result = evaluate_lm(args, lm, tokenizer, device, resources)
+    result["seconds"] = time.time() - start
+    what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
+            if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
+    print(f"{args.task}/{args.split}: {what}, loss {result['loss']:.4f} on {result['examples']} examples "
+          f"({'adapter ' + args.adapter if args.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
+    return result
+
+
+def evaluate_lm(args: EvalArgs, lm, tokenizer, device: torch.device, resources: Resources | None = None) -> dict:
+    """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading."""
+    resources = resources or Resources()
+    examples = resources.examples(args.task, args.split, args.data_format, args.columns, tokenizer)[: args.limit]
     model = AnswerLM(lm)
     model.reset_activity()
     result = {"task": args.task, "split": args.split, "examples": len(examples), "adapter": args.adapter}
@@ -111,12 +124,7 @@ def run(args: EvalArgs) -> dict:
         scores = choice_scores(model, tokenizer, examples, args.batch_size, args.max_length, device)
         result.update(accuracy=accuracy(scores, examples), choice_loss=choice_loss(scores, examples))
         result["loss"] = result["choice_loss"]
-    result.update(active_parameters_per_token=model.active_parameters_per_token() if args.adapter else 0,
-                  seconds=time.time() - start)
-    what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
-            if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
-    print(f"{args.task}/{args.split}: {what}, loss {result['loss']:.4f} on {len(examples)} examples "
-          f"({'adapter ' + args.adapter if args.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
+    result["active_parameters_per_token"] = model.active_parameters_per_token()  # 0 without adapters
     return result
 
 

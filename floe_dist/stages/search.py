@@ -78,7 +78,10 @@ class SearchArgs:
     trial_launcher: str = arg("torchrun", "torchrun or deepspeed (for trials of more than one rank)")
     trial_threads: int = arg(1, "CPU threads per trial rank (local runner)")
     trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout")
-    trial_module: str = arg("floe_dist.search.trial", "trial program, run as `python -m MODULE TRIAL_DIR`")
+    trial_workers: str = arg("warm", "local runner: warm (long-lived workers that load the backbone and data once and "
+                                     "run trial after trial) or cold (a fresh process per trial, as before)")
+    trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
+                                                      "run_trial(trial_dir, resources) on warm workers")
     sbatch_args: str = arg("", "slurm runner: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'")
 
     def rank_choices(self) -> list[int]:
@@ -106,7 +109,8 @@ class SearchArgs:
             except ValueError as err:
                 problems.append(str(err))
         choices = {"mode": MODES, "brackets": ("sh", "hyperband"), "objective": ("loss", "error"),
-                   "runner": ("local", "slurm", "slurm-array"), "trial_launcher": ("torchrun", "deepspeed")}
+                   "runner": ("local", "slurm", "slurm-array"), "trial_launcher": ("torchrun", "deepspeed"),
+                   "trial_workers": ("warm", "cold")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -138,7 +142,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 RESUME_MAY_CHANGE = {"max_trials", "max_compute", "workers", "trial_timeout", "runner", "sbatch_args",
-                     "trial_threads"}
+                     "trial_threads", "trial_workers"}
 
 
 def base_allocation(args: SearchArgs, shape) -> Allocation:
@@ -147,14 +151,23 @@ def base_allocation(args: SearchArgs, shape) -> Allocation:
     return Allocation.uniform(shape.num_layers, ["q_proj", "v_proj"], rank=8, dropout=0.05)
 
 
-def trial_argv(args: SearchArgs, trial_dir: Path) -> list[str]:
+def launch_argv(args: SearchArgs, module: str, *module_args: str) -> list[str]:
+    """``python -m MODULE ARGS`` as one process, or as a group of --trial-nproc ranks on a free port."""
     if args.trial_nproc == 1:
-        return [sys.executable, "-m", args.trial_module, str(trial_dir)]
+        return [sys.executable, "-m", module, *module_args]
     if args.trial_launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={args.trial_nproc}",
-                f"--master_port={free_port()}", "--module", args.trial_module, str(trial_dir)]
+                f"--master_port={free_port()}", "--module", module, *module_args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.trial_nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", args.trial_module, str(trial_dir)]
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *module_args]
+
+
+def trial_argv(args: SearchArgs, trial_dir: Path) -> list[str]:
+    return launch_argv(args, args.trial_module, str(trial_dir))
+
+
+def worker_argv(args: SearchArgs, worker_dir: Path) -> list[str]:
+    return launch_argv(args, "floe_dist.search.worker", str(worker_dir), "--trial-module", args.trial_module)
 
 
 def run(args: SearchArgs) -> dict:
@@ -174,7 +187,7 @@ def run(args: SearchArgs) -> dict:
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
     loop = SearchLoop(args, out, ledger, proposer, lambda trial: trial_spec(args, trial, out, base_file),
-                      lambda trial_dir: trial_argv(args, trial_dir))
+                      lambda trial_dir: trial_argv(args, trial_dir), lambda worker_dir: worker_argv(args, worker_dir))
     loop.run()
     return finish(args, out, ledger, base, shape, time.time() - start)
 

@@ -1,0 +1,76 @@
+"""What a run loads before its first step: the tokenizer, the tokenised examples and the frozen backbone.
+
+A training run loads each once (``Resources()``). A warm search worker keeps one ``Resources(keep=True)``
+across its trials (floe_dist/search/worker.py), so only its first trial pays for loading: later trials
+get the same objects, the backbone with the previous trial's adapters taken out. A kept backbone is
+never written to (it is frozen, and adapters only wrap its linears), so a trial on a warm worker computes
+what it would on a fresh one. A ZeRO-3 backbone is not kept: the engine that partitioned it leaves its
+gather hooks on every module, so each trial loads its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class Resources:
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+        self.kept: dict[tuple, object] = {}
+
+    def get(self, key: tuple, make: Callable[[], object]):
+        if not self.keep:
+            return make()
+        if key not in self.kept:
+            self.kept[key] = make()
+        return self.kept[key]
+
+    def tokenizer(self, model_dir: Path):
+        from floe_dist.modeling.backbone import load_tokenizer
+
+        return self.get(("tokenizer", str(model_dir)), lambda: load_tokenizer(model_dir))
+
+    def examples(self, task: str, split: str, data_format: str, columns: str, tokenizer) -> list:
+        from floe_dist.data import load_task
+
+        return self.get(("examples", task, split, data_format, columns, tokenizer.name_or_path),
+                        lambda: load_task(task, split, data_format=data_format, columns=columns, tokenizer=tokenizer))
+
+    def truncated(self, examples: list, tokenizer, max_length: int) -> int:
+        """How many examples ``max_length`` cuts (tokenises every example: kept per examples list)."""
+        from floe_dist.data import truncated
+
+        return self.get(("truncated", id(examples), len(examples), max_length),
+                        lambda: truncated(examples, tokenizer, max_length))
+
+    def backbone(self, model_dir: Path, quant: str, layout, ds_config: dict):
+        """The frozen backbone for training on ``layout``, without adapters; frozen linears pin no weight."""
+        from floe_dist.distributed.sharded_load import load_for_layout
+        from floe_dist.modeling.frozen_linear import release_frozen_weights
+
+        def load():
+            lm = load_for_layout(model_dir, quant, layout, ds_config)  # ZeRO-3: partitioned as it loads
+            release_frozen_weights(lm)  # backward does not pin gathered weights
+            return lm
+
+        if layout.zero_stage == 3:
+            return load()
+        return self._clean(self.get(("train-backbone", str(model_dir), quant, str(layout.torch_device)), load))
+
+    def eval_backbone(self, model_dir: Path, quant: str, device: torch.device):
+        """The whole backbone on one device, for evaluation (no adapters)."""
+        from floe_dist.modeling.backbone import load_backbone
+
+        return self._clean(self.get(("eval-backbone", str(model_dir), quant, str(device)),
+                                    lambda: load_backbone(model_dir, quant, device)))
+
+    @staticmethod
+    def _clean(lm):
+        from floe_dist.modeling.inject import remove_adapters
+
+        remove_adapters(lm)
+        if getattr(lm, "is_gradient_checkpointing", False):
+            lm.gradient_checkpointing_disable()
+        return lm
