@@ -10,7 +10,8 @@ r=2 and >= 0.0446 for r=8).
 
 Fault injection for the failure tests: ``TOY_CRASH_RANK=r`` makes rank-r trials raise,
 ``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_NAN_RANK=r`` makes them cost NaN,
-``TOY_DELAY=s`` makes every trial take ``s`` seconds longer. Every start appends to ``starts.log``.
+``TOY_DELAY=s`` makes every trial take ``s`` seconds longer, ``TOY_WORSE_ALLOCATION=NAME`` adds 0.05 to the
+cost of trials on the search candidate NAME. Every start appends to ``starts.log``.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def run_trial(trial_dir: Path, resources=None) -> dict:
     time.sleep(float(os.environ.get("TOY_DELAY", 0)))
     if str(rank) == os.environ.get("TOY_NAN_RANK"):
         return {"cost": float("nan")}
-    return {"cost": toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"]))}
+    worse = Path(spec["base_allocation"]).stem == os.environ.get("TOY_WORSE_ALLOCATION")
+    return {"cost": toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"])) + 0.05 * worse}
 
 
 def main(trial_dir: Path) -> None:

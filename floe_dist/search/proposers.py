@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 
 
 def build_space(args: SearchArgs, seed: int):
-    from ConfigSpace import ConfigurationSpace, Constant, Float, OrdinalHyperparameter
+    from ConfigSpace import Categorical, ConfigurationSpace, Constant, Float, OrdinalHyperparameter
 
     space = ConfigurationSpace(seed=seed)
+    if len(args.candidate_files()) > 1:
+        space.add(Categorical("allocation", list(args.candidate_files())))
     space.add(OrdinalHyperparameter("rank", args.rank_choices()))
     lo, hi = args.lr_range()
     space.add(Float("lr", (lo, hi), log=True) if hi > lo else Constant("lr", lo))
@@ -53,8 +55,9 @@ class GridProposer:
         n = args.grid_lr_points if hi > lo else 1
         lrs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [lo]
         experts = args.expert_choices() or [None]
-        self.points = [{k: v for k, v in (("rank", r), ("lr", lr), ("experts", e)) if v is not None}
-                       for r, e, lr in itertools.product(args.rank_choices(), experts, lrs)]
+        candidates = list(args.candidate_files()) if len(args.candidate_files()) > 1 else [None]
+        self.points = [{k: v for k, v in (("allocation", a), ("rank", r), ("lr", lr), ("experts", e)) if v is not None}
+                       for a, r, e, lr in itertools.product(candidates, args.rank_choices(), experts, lrs)]
         self.budget = args.max_steps
 
     def resume(self, ledger: Ledger) -> list[Trial]:

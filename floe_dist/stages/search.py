@@ -53,6 +53,8 @@ class SearchArgs:
                                        "the allocation, whose other ranks scale with it (a HILO or GuiLoMo shape is kept)")
     lr: str = arg("1e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
+    candidates: str = arg("", "allocations to choose among, NAME=FILE,... (e.g. floe=a.json,uniform=b.json): a "
+                              "categorical 'allocation' joins the space; each keeps its shape, the rank scales it")
     min_steps: int = arg(4, "smallest trial budget in optimizer steps (smac mode)")
     max_steps: int = arg(36, "largest trial budget; every bo and grid trial uses it")
     eta: int = arg(3, "successive-halving ratio between budgets (smac mode)")
@@ -90,6 +92,18 @@ class SearchArgs:
     def expert_choices(self) -> list[int]:
         return _int_list(self.experts, "--experts") if self.experts.strip() else []
 
+    def candidate_files(self) -> dict[str, str]:
+        """{name: allocation file} of --candidates (empty without)."""
+        found = {}
+        for item in (i.strip() for i in self.candidates.split(",") if i.strip()):
+            name, eq, path = item.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise ValueError(f"--candidates must be NAME=FILE,..., got {item!r}")
+            if name.strip() in found:
+                raise ValueError(f"--candidates names {name.strip()!r} twice")
+            found[name.strip()] = path.strip()
+        return found
+
     def lr_range(self) -> tuple[float, float]:
         try:
             lo, _, hi = self.lr.partition(":")
@@ -103,7 +117,7 @@ class SearchArgs:
 
     def validate(self) -> None:
         problems = []
-        for check in (self.rank_choices, self.expert_choices, self.lr_range):
+        for check in (self.rank_choices, self.expert_choices, self.lr_range, self.candidate_files):
             try:
                 check()
             except ValueError as err:
@@ -127,6 +141,14 @@ class SearchArgs:
             problems.append("--max-compute and --trial-timeout must be > 0")
         if self.allocation and not Path(self.allocation).is_file():
             problems.append(f"--allocation {self.allocation}: file not found")
+        try:
+            candidates = self.candidate_files()
+        except ValueError:
+            candidates = {}
+        if candidates and self.allocation:
+            problems.append("give --allocation or --candidates, not both (a candidate may be that file)")
+        problems += [f"--candidates {name}={path}: file not found" for name, path in candidates.items()
+                     if not Path(path).is_file()]
         if problems:
             raise ValueError("bad search arguments:\n  - " + "\n  - ".join(problems))
 
@@ -145,10 +167,18 @@ RESUME_MAY_CHANGE = {"max_trials", "max_compute", "workers", "trial_timeout", "r
                      "trial_threads", "trial_workers"}
 
 
-def base_allocation(args: SearchArgs, shape) -> Allocation:
+def base_allocations(args: SearchArgs, shape) -> dict[str, Allocation]:
+    """The allocations trials scale: the --candidates, or the one --allocation (q,v on every layer without)."""
+    if args.candidate_files():
+        return {name: Allocation.load(path) for name, path in args.candidate_files().items()}
     if args.allocation:
-        return Allocation.load(args.allocation)
-    return Allocation.uniform(shape.num_layers, ["q_proj", "v_proj"], rank=8, dropout=0.05)
+        return {"given": Allocation.load(args.allocation)}
+    return {"given": Allocation.uniform(shape.num_layers, ["q_proj", "v_proj"], rank=8, dropout=0.05)}
+
+
+def base_of(config: dict, names: list[str]) -> str:
+    """The candidate a trial's configuration scales (the only one when the space has no choice)."""
+    return config.get("allocation", names[0])
 
 
 def launch_argv(args: SearchArgs, module: str, *module_args: str) -> list[str]:
@@ -179,17 +209,22 @@ def run(args: SearchArgs) -> dict:
     from floe_dist.stages.allocate import model_shape
 
     shape = model_shape(args.model)  # meta device: shapes only, no weights
-    base = base_allocation(args, shape)
-    if args.expert_choices() and not base.is_uniform:
-        raise ValueError(f"--experts would give every module of {args.allocation} the same shape, flattening its "
-                         f"per-layer/per-expert sizes; search the rank (a scale on its ranks) alone")
-    base_file = write_json_atomic(out / "base_allocation.json", base.to_json()).resolve()
+    bases = base_allocations(args, shape)
+    for name, base in bases.items():
+        base.validate(shape.num_layers, shape.shapes)  # a candidate for another model fails here, not in a trial
+        if args.expert_choices() and not base.is_uniform:
+            raise ValueError(f"--experts would give every module of allocation {name!r} the same shape, flattening "
+                             f"its per-layer/per-expert sizes; search the rank (a scale on its ranks) alone")
+    files = {name: write_json_atomic(out / "candidates" / f"{name}.json", base.to_json()).resolve()
+             for name, base in bases.items()}
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
-    loop = SearchLoop(args, out, ledger, proposer, lambda trial: trial_spec(args, trial, out, base_file),
+    names = list(bases)
+    loop = SearchLoop(args, out, ledger, proposer,
+                      lambda trial: trial_spec(args, trial, out, files[base_of(trial.config, names)]),
                       lambda trial_dir: trial_argv(args, trial_dir), lambda worker_dir: worker_argv(args, worker_dir))
     loop.run()
-    return finish(args, out, ledger, base, shape, time.time() - start)
+    return finish(args, out, ledger, bases, shape, time.time() - start)
 
 
 def trial_spec(args: SearchArgs, trial: Trial, out: Path, base_file: Path) -> TrialSpec:
@@ -208,15 +243,20 @@ def trial_spec(args: SearchArgs, trial: Trial, out: Path, base_file: Path) -> Tr
                      asdict(train), asdict(evaluate))
 
 
-def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape, seconds: float) -> dict:
+def finish(args: SearchArgs, out: Path, ledger: Ledger, bases: dict[str, Allocation], shape, seconds: float) -> dict:
     best = ledger.incumbent()
     if best is None:
         reasons = "\n  - ".join(f"trial {t.id}: {t.status}: {t.reason}" for t in ledger.finished()[-5:])
         raise ValueError(f"no trial succeeded, so there is no rank to choose; last failures:\n  - {reasons}")
+    won = base_of(best.config, list(bases))
+    base = bases[won]
     chosen = searched_allocation(base, best.config, method=f"{base.method}+{args.mode}")
     chosen.with_parameter_count(shape.shapes)
-    chosen.meta["search"] = {"config": best.config, "cost": best.cost, "budget": best.budget,
+    per_candidate = candidate_report(ledger, list(bases))
+    chosen.meta["search"] = {"config": best.config, "cost": best.cost, "budget": best.budget, "allocation": won,
                              "objective": args.objective, "search": str(out / "search.json")}
+    if len(bases) > 1:
+        chosen.meta["search"]["candidates"] = per_candidate
     chosen.save(out / "allocation.json")
     finished = ledger.finished()
     summary = {"mode": args.mode, "incumbent": asdict(best), "trials": len(finished),
@@ -225,7 +265,7 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape,
                "compute_full_trials": sum(t.budget for t in finished) / args.max_steps,
                "trial_seconds": sum(t.seconds or 0.0 for t in finished), "wall_seconds": seconds,
                "lr": best.config["lr"], "rank": best.config["rank"], "incumbent_origin": best.origin,
-               "top_budget_origins": ledger.top_budget_origins(),
+               "top_budget_origins": ledger.top_budget_origins(), "allocation": won, "candidates": per_candidate,
                "trainable_parameters": chosen.trainable_parameters}
     ledger.extra = {"summary": summary}
     ledger.save()
@@ -236,7 +276,25 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, base: Allocation, shape,
           f"-> {out / 'allocation.json'}")
     origins = ", ".join(f"{n} from {o}" for o, n in summary["top_budget_origins"].items())
     print(f"[search] configurations at the top budget: {origins}; the incumbent came from {best.origin or 'unknown'}")
+    if len(bases) > 1:
+        print(f"[search] allocation {won!r} won; best validation cost at {best.budget} steps per candidate: " + ", ".join(
+            f"{name} {c['best_cost']:.4f} ({c['trials']} trials)" if c["best_cost"] is not None else
+            f"{name} - ({c['trials']} trials, none promoted that far)" for name, c in per_candidate.items()))
     return summary
+
+
+def candidate_report(ledger: Ledger, names: list[str]) -> dict[str, dict]:
+    """Per candidate allocation: trials run, and its best cost at the top budget any trial reached (the
+    fidelity the incumbent is taken at, so the figures compare)."""
+    ok = [t for t in ledger.trials if t.status == "success"]
+    top = max((t.budget for t in ok), default=None)
+    report = {}
+    for name in names:
+        mine = [t for t in ledger.trials if base_of(t.config, names) == name]
+        at_top = [t.cost for t in ok if t.budget == top and base_of(t.config, names) == name]
+        report[name] = {"trials": len(mine), "best_cost": min(at_top) if at_top else None, "budget": top,
+                        "top_budget_trials": len(at_top)}
+    return report
 
 
 def plot_search(ledger: Ledger, path: Path, max_steps: int) -> None:
