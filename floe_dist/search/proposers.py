@@ -1,4 +1,5 @@
-"""What to try next: the exhaustive grid (for comparison) or SMAC (BO, multi-fidelity over steps).
+"""What to try next: the exhaustive grid (for comparison) or SMAC (BO, multi-fidelity over steps; in random
+mode the same fidelities and halving with random configurations, as the control).
 
 Both speak ask/tell against the ledger; SMAC's state is saved after every ask and tell so a killed
 search resumes with the same surrogate.
@@ -77,11 +78,12 @@ class SmacProposer:
     """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell."""
 
     def __init__(self, args: SearchArgs, out: Path):
+        from smac import BlackBoxFacade as BB
         from smac import HyperparameterOptimizationFacade as HPO
         from smac import MultiFidelityFacade as MF
         from smac import Scenario
 
-        multi = args.mode == "smac"
+        multi = args.mode in ("smac", "random")
         facade = MF if multi else HPO
         budgets = dict(min_budget=args.min_steps, max_budget=args.max_steps) if multi else {}
         scenario = Scenario(build_space(args, args.seed), name="search", output_directory=out / "smac",
@@ -96,7 +98,10 @@ class SmacProposer:
             from smac.intensifier.successive_halving import SuccessiveHalving
 
             intensifier = SuccessiveHalving(scenario, eta=args.eta)
+        interleave = 1.0 if args.mode == "random" else args.random_interleave  # random: the control arm
         self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
+                           model=BB.get_model(scenario) if args.surrogate == "gp" else None,
+                           random_design=facade.get_random_design(scenario, probability=interleave),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
                            config_selector=facade.get_config_selector(scenario, retrain_after=1),
                            logging_level=40)

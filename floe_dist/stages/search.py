@@ -36,13 +36,16 @@ from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
 from floe_dist.search.trial import TrialSpec, searched_allocation
 
-MODES = ("smac", "bo", "grid")
+MODES = ("smac", "bo", "random", "grid")
 
 
 @dataclass
 class SearchArgs:
     output: str = arg("runs/search", "search folder; rerun the same command to resume")
-    mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at --max-steps) or grid")
+    mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at --max-steps), random (smac's "
+                            "fidelities and halving, random configurations: the control) or grid")
+    surrogate: str = arg("rf", "smac/bo: the surrogate model, rf (SMAC's random forest) or gp (Gaussian process)")
+    random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
     allocation: str | None = arg(None, "allocation.json whose layers get the searched rank (e.g. from score); "
                                        "none = q,v on every layer")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
@@ -124,11 +127,11 @@ class SearchArgs:
                 problems.append(str(err))
         choices = {"mode": MODES, "brackets": ("sh", "hyperband"), "objective": ("loss", "error"),
                    "runner": ("local", "slurm", "slurm-array"), "trial_launcher": ("torchrun", "deepspeed"),
-                   "trial_workers": ("warm", "cold")}
+                   "trial_workers": ("warm", "cold"), "surrogate": ("rf", "gp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.max_steps < 1 or (self.mode == "smac" and not 1 <= self.min_steps <= self.max_steps):
+        if self.max_steps < 1 or (self.mode in ("smac", "random") and not 1 <= self.min_steps <= self.max_steps):
             problems.append(f"need 1 <= --min-steps <= --max-steps, got {self.min_steps} and {self.max_steps}")
         for name in ("eta",):
             if getattr(self, name) < 2:
@@ -137,6 +140,8 @@ class SearchArgs:
                                      "initial_configs"))
         if self.workers is not None and self.workers < 1:
             problems.append("--workers must be >= 1")
+        if not 0 <= self.random_interleave <= 1:
+            problems.append(f"--random-interleave must be in [0, 1], got {self.random_interleave}")
         if self.max_compute <= 0 or self.trial_timeout <= 0:
             problems.append("--max-compute and --trial-timeout must be > 0")
         if self.allocation and not Path(self.allocation).is_file():
