@@ -167,6 +167,36 @@ def allocate_stage(c: Campaign) -> str:
     return str(folder / "allocation.json")
 
 
+def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
+    """{name: allocation file} the search chooses among: the allocate stage's, then ``search.allocations``."""
+    from floe_dist.allocation import Allocation
+    from floe_dist.stages.allocate import AllocateArgs
+    from floe_dist.stages.allocate import run as allocate
+
+    a = c.recipe.allocate
+    files = {"given" if a.file else a.method: selected}
+    folder = c.out / "allocate" / "candidates"
+    for item in (i.strip() for i in c.recipe.search.allocations.split(",") if i.strip()):
+        name, eq, path = item.partition("=")
+        if eq:
+            files[name.strip()] = path.strip()
+            continue
+        method, _, k = item.partition(":")
+        if method not in ("uniform", "random", "floe") or (k and not k.isdigit()) or (method == "uniform" and k):
+            raise ValueError(f"search.allocations: {item!r} is not uniform, random, random:K, floe:K or NAME=FILE")
+        if method == "floe" and not (c.out / "allocate" / "fisher.json").is_file():
+            raise ValueError(f"search.allocations: {item!r} needs Fisher scores: allocate.method floe")
+        layers = int(k) if k else len(Allocation.load(selected).layers)
+        name = f"{method}-{layers}" if method != "uniform" else method
+        if name in files:
+            raise ValueError(f"search.allocations names {name!r} twice")
+        files[name] = str(folder / f"{name}.json")
+        if not Path(files[name]).is_file():
+            allocate(c.stage_args("allocate", AllocateArgs, method=method, k=None if method == "uniform" else layers,
+                                  scores=str(c.out / "allocate" / "fisher.json"), output=files[name]))
+    return files
+
+
 def run(args: CampaignArgs) -> dict:
     from floe_dist.modeling.backbone import resolve_model
     from floe_dist.stages.evaluate import EvalArgs
@@ -184,12 +214,17 @@ def run(args: CampaignArgs) -> dict:
     zero_shot = c.step("zero_shot", lambda: evaluate(c.stage_args("evaluate", EvalArgs)))
     allocation, lr = allocate_stage(c), recipe.train.lr
     if recipe.search.enabled:
-        search_args = c.stage_args("search", SearchArgs, allocation=allocation, output=str(c.out / "search"))
+        chosen = {"allocation": allocation}
+        if recipe.search.allocations:
+            candidates = search_candidates(c, allocation)
+            chosen = {"allocation": None, "candidates": ",".join(f"{n}={f}" for n, f in candidates.items())}
+        search_args = c.stage_args("search", SearchArgs, **chosen, output=str(c.out / "search"))
         write_recipe(c.out / "search", recipe)
         found = c.step("search", lambda: search(search_args))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
-        print(f"[campaign] search chose rank {found['rank']}, learning rate {lr:.2e} (proposed by: "
-              f"{found.get('incumbent_origin') or 'unknown'}; top-budget origins {found.get('top_budget_origins')})")
+        print(f"[campaign] search chose allocation {found.get('allocation')}, rank {found['rank']}, learning rate "
+              f"{lr:.2e} (proposed by: {found.get('incumbent_origin') or 'unknown'}; top-budget origins "
+              f"{found.get('top_budget_origins')})")
     train_args = c.stage_args("train", TrainArgs, allocation=allocation, lr=lr, output=str(c.out / "train"))
     trained = c.step("train", lambda: c.launch("train", train_args, c.out / "train" / "train.json"))
     final = c.step("final_eval", lambda: evaluate(c.stage_args("evaluate", EvalArgs,
@@ -199,7 +234,9 @@ def run(args: CampaignArgs) -> dict:
 
 def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained: dict, final: dict) -> dict:
     r = c.recipe
+    searched = json.loads((c.out / RESULT_FILES["search"]).read_text()) if r.search.enabled else {}
     summary = {"model": r.model.name, "task": r.data.task, "method": r.allocate.method,
+               "searched_allocation": searched.get("allocation"), "candidates": searched.get("candidates"),
                "ranks": r.parallel.nproc * r.parallel.nodes, "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": c.timings,
@@ -208,6 +245,10 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
     print("\n[campaign] summary")
     print(f"  model / task          {r.model.name} / {r.data.task} ({final['examples']} test examples)")
     print(f"  allocation            {r.allocate.file or r.allocate.method}")
+    if summary["candidates"] and len(summary["candidates"]) > 1:
+        costs = ", ".join(f"{n} {v['best_cost']:.4f}" if v["best_cost"] is not None else f"{n} -"
+                          for n, v in summary["candidates"].items())
+        print(f"  searched allocations  {summary['searched_allocation']} won (best validation cost: {costs})")
     print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")

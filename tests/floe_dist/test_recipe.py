@@ -84,6 +84,7 @@ def test_every_recipe_setting_reaches_a_stage_argument_of_the_same_type():
     from floe_dist.stages.evaluate import EvalArgs
 
     campaign_only = {"model.name", "model.shape", "allocate.method", "allocate.file", "search.enabled",
+                     "search.allocations",
                      "parallel.nproc", "parallel.nodes", "parallel.launcher", "parallel.gpus_per_node"}
     stages = {"score": ScoreArgs, "allocate": AllocateArgs, "search": SearchArgs, "train": TrainArgs,
               "evaluate": EvalArgs}

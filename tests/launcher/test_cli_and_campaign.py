@@ -58,7 +58,8 @@ USER_RECIPE = """\
 model: {{name: tiny}}
 data: {{task: {task}}}
 score: {{warmup_steps: 2, proxy_examples: 32, samples: 32, micro_batch: 2}}
-search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute: 2.0, val_limit: 16, micro_batch: 2}}
+search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute: 2.0, val_limit: 16, micro_batch: 2,
+          allocations: "uniform,random"}}
 train: {{steps: 4, micro_batch: 2}}
 evaluate: {{limit: 24}}
 """
@@ -83,8 +84,15 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     fisher = json.loads((out / "allocate" / "fisher.json").read_text())
     assert fisher["world_size"] == 2 and len(fisher["selected_layers"]) == 1  # 25% of 4 layers
     search = json.loads((out / "search" / "search.json").read_text())["summary"]
+    assert set(search["candidates"]) == {"floe", "uniform", "random-1"}  # the search chose the allocation too
+    assert summary["searched_allocation"] == search["allocation"] and "searched allocations" in proc.stdout
+    winner = json.loads((out / "search" / "candidates" / f"{search['allocation']}.json").read_text())
+    candidates = {p.stem: json.loads(p.read_text()) for p in (out / "allocate" / "candidates").glob("*.json")}
+    assert sorted(candidates) == ["random-1", "uniform"] and len(candidates["uniform"]["layers"]) == 4
     trained = json.loads((out / "train" / "allocation.json").read_text())
-    assert sorted(map(int, trained["layers"])) == fisher["selected_layers"]  # score chose where,
+    if search["allocation"] == "floe":
+        assert sorted(map(int, trained["layers"])) == fisher["selected_layers"]  # score chose where,
+    assert sorted(trained["layers"]) == sorted(winner["layers"])  # the search chose among where-s,
     assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
     train_args = json.loads((out / "train" / "train_args.json").read_text())
     assert train_args["lr"] == search["lr"] == summary["lr"] and train_args["steps"] == 4
