@@ -11,9 +11,13 @@ BO with every trial at ``--max-steps``; ``grid`` tries every rank x learning rat
 ``--max-steps``. SMAC and BO stop at ``--max-trials`` or when the trials' steps would pass
 ``--max-compute`` full trials, then wait for the running ones; the grid always runs to the end.
 
-Outputs in ``--output``: ``smac/`` (SMAC's own state), ``trials/NNNN/`` (one folder per trial: its
-spec, log, training run and result), ``search.json`` (every trial: config, budget, cost, status,
-wall time, worker), ``search.png`` and ``allocation.json`` (the chosen rank applied to the layers).
+With ``--candidates NAME=FILE,...`` the allocation is searched too (a categorical beside rank and lr).
+Trials run on warm workers (floe_dist/search/worker.py) unless ``--trial-workers cold``.
+
+Outputs in ``--output``: ``smac/`` (SMAC's own state), ``candidates/`` (the allocations trials scale),
+``trials/NNNN/`` (one folder per trial: its spec, log, training run and result), ``workers/`` (warm
+workers' task files and logs), ``search.json`` (every trial: config, budget, cost, status, wall time,
+worker, origin), ``search.png`` and ``allocation.json`` (the chosen allocation at the chosen rank).
 
 Resume: rerun the same command. ``search.json`` is rewritten after every event and SMAC's state
 after every ask and tell, so no finished trial is lost or rerun; trials that were running are
