@@ -98,12 +98,15 @@ class SmacProposer:
             from smac.intensifier.successive_halving import SuccessiveHalving
 
             intensifier = SuccessiveHalving(scenario, eta=args.eta)
+        from smac.main.config_selector import ConfigSelector
+
         interleave = 1.0 if args.mode == "random" else args.random_interleave  # random: the control arm
+        min_points = args.model_min_points or len(scenario.configspace) + 1  # BOHB's default
         self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
                            model=BB.get_model(scenario) if args.surrogate == "gp" else None,
                            random_design=facade.get_random_design(scenario, probability=interleave),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
-                           config_selector=facade.get_config_selector(scenario, retrain_after=1),
+                           config_selector=ConfigSelector(scenario, retrain_after=1, min_trials=min_points),
                            logging_level=40)
         self.max_steps = args.max_steps
         self.multi = multi

@@ -50,6 +50,9 @@ class SearchArgs:
                             "fidelities and halving, random configurations: the control) or grid")
     surrogate: str = arg("rf", "smac/bo: the surrogate model, rf (SMAC's random forest) or gp (Gaussian process)")
     random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
+    model_min_points: int = arg(0, "smac: the model learns from the highest budget holding at least this many "
+                                   "results (SMAC's own default, 1, fits it on the first top-budget trial alone); "
+                                   "0 = the space's dimensions + 1, as BOHB")
     allocation: str | None = arg(None, "allocation.json whose layers get the searched rank (e.g. from score); "
                                        "none = q,v on every layer")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
@@ -142,6 +145,8 @@ class SearchArgs:
                 problems.append(f"--{name} must be >= 2")
         problems += below_one(self, ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "micro_batch",
                                      "initial_configs"))
+        if self.model_min_points < 0:
+            problems.append(f"--model-min-points must be >= 0 (0 = automatic), got {self.model_min_points}")
         if self.workers is not None and self.workers < 1:
             problems.append("--workers must be >= 1")
         if not 0 <= self.random_interleave <= 1:
