@@ -113,6 +113,44 @@ def search_compute(d):
                   "SMAC incumbent (cost)", "grid's best cost at SMAC's rank"], rows)
 
 
+def search_workers(d):
+    rows = [[r["arm"], r["trial"], f"{r['trials']}", f"{r['wall_s']:.0f} s", f"{r['trials_per_h']:.1f}",
+             f"{r['mean_trial_s']:.1f} s", f"**{r['overhead_share']:.0%}**", f"{r['vs_cold_1']:.2f}×"]
+            for r in d["rows"]]
+    return table(["arm", "trial", "trials", "search wall", "trials/h", "mean trial wall", "overhead share",
+                  "trials/h vs cold"], rows) + (
+        f"\n\nWarm, 2 workers vs 1: **{d['two_vs_one_workers']:.2f}×** trials per hour (goal ≥ 1.7×). "
+        f"Identical costs in all three arms: {d['identical_costs']}.")
+
+
+def search_methods(d):
+    rows = [[r["method"], f"{r['reached']}/{r['seeds']}", f"{r['mean_compute_to_target']:.2f}",
+             ", ".join("–" if c is None else f"{c:.2f}" for c in r["compute_to_target"]),
+             f"{r['mean_final_cost']:.4f} ({r['final_within_target']}/{r['seeds']} within)",
+             f"{r['model_share_top_budget']:.0%}"] for r in d["rows"]]
+    return table(["method", "seeds within ε", f"mean compute to ε (miss = {d['max_compute']:g})",
+                  "per seed (full trials)", "mean final cost", "model share of top-budget configs"], rows) + (
+        f"\n\nGrid: best cost {d['grid_best']:.4f} after {d['grid_full_trials']:.0f} full trials; "
+        f"ε = {d['epsilon']:.0%} (target ≤ {d['grid_best'] * (1 + d['epsilon']):.4f}); "
+        f"initial design {d['initial_configs']} configurations; budget {d['max_compute']:g} full trials per search.")
+
+
+def campaign_vs_peft(d):
+    rows = []
+    for r in d["rows"]:
+        c, p = r["campaign"], r["peft"]
+        rows.append([r["seed"], f"{100 * c['accuracy']:.1f}%", f"{c['wall_s']:.0f} s",
+                     f"{c['searched_allocation'] or '–'}, r={c['rank']}, lr {c['lr']:.1e}, {c['train_steps']} steps",
+                     f"{c['trainable_parameters']:,}", f"{100 * p['accuracy']:.1f}%", f"{p['wall_s']:.0f} s",
+                     f"{p['train_steps']}", f"{p['trainable_parameters']:,}"])
+    m, s = d["mean_accuracy"], d["std_accuracy"]
+    rows.append(["**mean ± std**", f"**{100 * m['campaign']:.1f} ± {100 * s['campaign']:.1f}%**",
+                 f"{d['mean_wall_s']['campaign']:.0f} s", "", "",
+                 f"**{100 * m['peft']:.1f} ± {100 * s['peft']:.1f}%**", f"{d['mean_wall_s']['peft']:.0f} s", "", ""])
+    return table(["seed", "campaign accuracy", "campaign wall", "campaign's choice", "campaign params",
+                  "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows)
+
+
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
                  [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s",
@@ -238,6 +276,9 @@ TABLES = {
     "search-throughput": ("search_throughput", search_throughput),
     "search-compute": ("search_compute", search_compute),
     "expert-parallel": ("expert_parallel", expert_parallel),
+    "search-workers": ("search_workers_smollm2", search_workers),
+    "search-methods": ("search_methods", search_methods),
+    "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
     "plan-calibration": ("plan_published", plan_published("calibration")),
     "plan-validation": ("plan_published", plan_published("validation")),
     "plan-cpu": ("plan_cpu", plan_cpu),

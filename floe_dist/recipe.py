@@ -57,11 +57,11 @@ class ScoreSection:
     """score: the warm-up and the per-layer Fisher scores (used when allocate.method is floe)"""
     mode: str = arg("mask", "Fisher of: mask (a per-layer gate on the adapter output), param or gain")
     normalize_param: bool = arg(False, "param mode: divide by each layer's adapter parameter count")
-    proxy_examples: int = arg(256, "training examples used for warm-up and scoring")
-    warmup_steps: int = arg(20, "warm-up optimizer steps")
+    proxy_examples: int = arg(128, "training examples used for warm-up and scoring")
+    warmup_steps: int = arg(10, "warm-up optimizer steps")
     warmup_lr: float = arg(1e-3, "warm-up peak learning rate")
     micro_batch: int = arg(4, "warm-up examples per rank per step")
-    samples: int = arg(256, "examples scored")
+    samples: int = arg(128, "examples scored")
     score_batch: int = arg(8, "examples per Fisher mini-batch (one gradient per mini-batch)")
     select: str = arg("topk", "selection: topk, budget or refine")
     seed: int = arg(0, "seed of the warm-up")
@@ -99,7 +99,7 @@ class SearchSection:
     ranks: str = arg("2,4,8,16", "rank choices")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
-    allocations: str = arg("", "let the search also choose the allocation: the allocate stage's and these, comma-"
+    allocations: str = arg("uniform", "let the search also choose the allocation: the allocate stage's and these, comma-"
                                "separated: uniform (every layer), random (as many layers, seeded), floe:K (Fisher "
                                "top-K; allocate.method floe) or NAME=FILE; allocate.budget, if set, sizes them all")
     min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac mode)")
@@ -128,7 +128,7 @@ class SearchSection:
 @dataclass
 class TrainSection:
     """train: the final training of the chosen adapter"""
-    steps: int = arg(40, "optimizer steps")
+    steps: int = arg(100, "optimizer steps")
     micro_batch: int = arg(4, "examples per rank per micro-step")
     accumulation: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(1e-3, "peak learning rate when the search is off (the search's choice otherwise)")

@@ -188,8 +188,8 @@ def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
             raise ValueError(f"search.allocations: {item!r} needs Fisher scores: allocate.method floe")
         layers = int(k) if k else len(Allocation.load(selected).layers)
         name = f"{method}-{layers}" if method != "uniform" else method
-        if name in files:
-            raise ValueError(f"search.allocations names {name!r} twice")
+        if name in files:  # e.g. uniform when allocate.method is uniform: that candidate is there already
+            continue
         files[name] = str(folder / f"{name}.json")
         if not Path(files[name]).is_file():
             allocate(c.stage_args("allocate", AllocateArgs, method=method, k=None if method == "uniform" else layers,

@@ -1,0 +1,129 @@
+"""The user's question: is the whole campaign worth its wall time against plain PEFT LoRA given the same time?
+
+    python benchmarks/bench_campaign_vs_peft.py                        # default recipe, seeds 0 1 2 (~45 min, 2 cores)
+    python benchmarks/bench_campaign_vs_peft.py --config smollm2-sst2 --seeds 0
+
+Per seed, side by side in one run: (1) the campaign (score + search + train + evaluations; ``--score.seed``,
+``--search.seed``, ``--search.trial_seed`` and ``--train.seed`` set to the seed), timed from its start to its summary;
+(2) PEFT LoRA through PEFT itself (``get_peft_model``, r=8, alpha 16, dropout 0.05 on q_proj and v_proj of every
+layer, AdamW at lr 1e-3 with 10% warm-up and cosine decay, the campaign's global batch, one process with every
+core) given the campaign's whole wall time: it loads, measures its step time over 5 steps, plans as many steps
+as fit before the test evaluation (whose time it takes from the campaign's own final evaluation: same model,
+same examples), trains them, and is scored like the campaign (choice log-likelihood accuracy on the test
+split). Not the same work: the comparison is at equal wall time, which is the point. Result:
+benchmarks/results/campaign_vs_peft.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean, stdev
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.result_file import write_result  # noqa: E402
+
+
+def campaign(recipe: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "campaign"
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--config", recipe, "--output", str(out),
+                        "--score.seed", str(seed), "--search.seed", str(seed), "--search.trial_seed", str(seed),
+                        "--train.seed", str(seed)], cwd=REPO, check=True)
+        wall = time.time() - start
+        summary = json.loads((out / "campaign.json").read_text())
+        steps = json.loads((out / "train" / "train.json").read_text())["steps"]
+        search = json.loads((out / "search_stage.json").read_text()) if (out / "search_stage.json").is_file() else {}
+    return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
+            "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
+            "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
+            "rank": search.get("rank"), "lr": summary["lr"], "top_budget_origins": search.get("top_budget_origins")}
+
+
+def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
+    """PEFT LoRA r=8 on q,v of every layer, as many steps as fit in ``budget_s`` including its evaluation."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    from floe_dist.data import load_task, train_batch
+    from floe_dist.modeling.answer_lm import AnswerLM
+    from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+    from floe_dist.stages.evaluate import accuracy, choice_scores
+
+    start = time.time()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    model_dir = resolve_model(recipe.model.name)
+    tokenizer = load_tokenizer(model_dir)
+    lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                            target_modules=["q_proj", "v_proj"]))
+    model = AnswerLM(lm.base_model.model)
+    train = load_task(recipe.data.task, "train")
+    test = load_task(recipe.data.task, "test")[: recipe.evaluate.limit]
+    batch = recipe.train.micro_batch * recipe.parallel.nproc * recipe.parallel.nodes  # the campaign's global batch
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+    def step(i: int) -> None:
+        b = train_batch(train, tokenizer, step=i, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1,
+                        seed=seed, max_length=recipe.model.max_length)
+        model.train()
+        model(**b)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+
+    probe = time.time()
+    for i in range(5):  # measures the step time; these steps count (constant lr: the schedule is not set yet)
+        step(i)
+    step_s = (time.time() - probe) / 5
+    steps = 5 + max(0, math.floor((budget_s - (time.time() - start) - eval_s) / step_s))
+    sched = get_cosine_schedule_with_warmup(opt, max(1, (steps - 5) // 10), max(1, steps - 5))
+    for i in range(5, steps):
+        step(i)
+        sched.step()
+    train_end = time.time()
+    scores = choice_scores(model, tokenizer, test, recipe.evaluate.batch_size, recipe.model.max_length,
+                           torch.device("cpu"), progress=False)
+    return {"wall_s": time.time() - start, "accuracy": accuracy(scores, test), "train_steps": steps,
+            "step_s": step_s, "eval_s": time.time() - train_end,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    from floe_dist.recipe import load_recipe
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="smollm2-sst2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ns = parser.parse_args()
+    recipe = load_recipe(ns.config)
+    rows = []
+    for seed in ns.seeds:
+        ours = campaign(ns.config, seed)
+        theirs = peft_lora(recipe, seed, ours["wall_s"], ours["stage_seconds"]["final_eval"])
+        rows.append({"seed": seed, "campaign": ours, "peft": theirs})
+        print(f"seed {seed}: campaign {ours['accuracy']:.4f} in {ours['wall_s']:.0f}s ({ours['train_steps']} final "
+              f"steps); PEFT LoRA {theirs['accuracy']:.4f} in {theirs['wall_s']:.0f}s ({theirs['train_steps']} steps)",
+              flush=True)
+    acc = {arm: [r[arm]["accuracy"] for r in rows] for arm in ("campaign", "peft")}
+    spread = {arm: stdev(v) if len(v) > 1 else 0.0 for arm, v in acc.items()}
+    print(f"\n== {ns.config}, {len(rows)} seeds: campaign {100 * mean(acc['campaign']):.1f} ± "
+          f"{100 * spread['campaign']:.1f}% vs PEFT LoRA at equal wall time {100 * mean(acc['peft']):.1f} ± "
+          f"{100 * spread['peft']:.1f}% ==")
+    write_result("campaign_vs_peft", rows, recipe=ns.config,
+                 mean_accuracy={arm: mean(v) for arm, v in acc.items()}, std_accuracy=spread,
+                 mean_wall_s={arm: mean(r[arm]["wall_s"] for r in rows) for arm in ("campaign", "peft")})
+
+
+if __name__ == "__main__":
+    main()
