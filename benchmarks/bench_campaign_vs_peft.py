@@ -89,6 +89,9 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     steps = 5 + max(0, math.floor((budget_s - (time.time() - start) - eval_s) / step_s))
     sched = get_cosine_schedule_with_warmup(opt, max(1, (steps - 5) // 10), max(1, steps - 5))
     for i in range(5, steps):
+        if time.time() - start + eval_s > budget_s:  # slower steps than probed: stop at the budget, not after it
+            steps = i
+            break
         step(i)
         sched.step()
     train_end = time.time()
