@@ -62,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max-compute", type=float, default=10.0, help="budget of each search, in full trials")
-    parser.add_argument("--initial-configs", type=int, default=3, help="SMAC's initial design, every arm")
+    parser.add_argument("--initial-configs", type=int, default=5,
+                        help="SMAC's initial design, every arm (default: floe-dist's)")
     parser.add_argument("--out", default="runs/bench_search_methods")
     ns = parser.parse_args()
     out = Path(ns.out)
@@ -81,7 +82,8 @@ def main() -> None:
             origins = run["summary"]["top_budget_origins"]
             model_share.append(origins.get("model", 0) / max(1, sum(origins.values())))
             print(f"{name[:40]:40s} seed {seed}: within {EPSILON:.0%} after "
-                  f"{'never' if reached[-1] is None else f'{reached[-1]:.2f} full trials'}, final cost {final[-1]:.4f}, "
+                  f"{'never' if reached[-1] is None else f'{reached[-1]:.2f} full trials'}, "
+                  f"final cost {final[-1]:.4f}, "
                   f"top-budget origins {origins}", flush=True)
         hits = [r for r in reached if r is not None]
         rows.append({"method": name, "seeds": ns.seeds, "reached": len(hits),
@@ -93,7 +95,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['method']}\n    reached in {r['reached']}/{r['seeds']} seeds; mean compute to target "
               f"{r['mean_compute_to_target']:.2f} full trials (a miss counts as the whole {ns.max_compute:g}); mean "
-              f"final cost {r['mean_final_cost']:.4f}; model share of top-budget configs {r['model_share_top_budget']:.0%}")
+              f"final cost {r['mean_final_cost']:.4f}; model share of top-budget configs "
+              f"{r['model_share_top_budget']:.0%}")
     write_result("search_methods", rows, grid_best=grid_best, grid_full_trials=grid_compute, epsilon=EPSILON,
                  max_compute=ns.max_compute, initial_configs=ns.initial_configs, space=" ".join(SPACE))
 

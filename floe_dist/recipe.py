@@ -99,8 +99,8 @@ class SearchSection:
     ranks: str = arg("2,4,8,16", "rank choices")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
-    allocations: str = arg("uniform", "let the search also choose the allocation: the allocate stage's and these, comma-"
-                               "separated: uniform (every layer), random (as many layers, seeded), floe:K (Fisher "
+    allocations: str = arg("uniform", "let the search also choose the allocation: the allocate stage's and these, "
+                                      "comma-separated: uniform (every layer), random (as many layers, seeded), floe:K (Fisher "
                                "top-K; allocate.method floe) or NAME=FILE; allocate.budget, if set, sizes them all")
     min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac mode)")
     max_steps: int = arg(24, "largest trial budget; every bo and grid trial uses it")

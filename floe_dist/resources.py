@@ -38,12 +38,11 @@ class Resources:
         return self.get(("examples", task, split, data_format, columns, tokenizer.name_or_path),
                         lambda: load_task(task, split, data_format=data_format, columns=columns, tokenizer=tokenizer))
 
-    def truncated(self, examples: list, tokenizer, max_length: int) -> int:
-        """How many examples ``max_length`` cuts (tokenises every example: kept per examples list)."""
+    def truncated(self, key: tuple, examples: list, tokenizer, max_length: int) -> int:
+        """How many of ``examples`` (named by ``key``) ``max_length`` cuts: it tokenises every one, so it is kept."""
         from floe_dist.data import truncated
 
-        return self.get(("truncated", id(examples), len(examples), max_length),
-                        lambda: truncated(examples, tokenizer, max_length))
+        return self.get(("truncated", *key, max_length), lambda: truncated(examples, tokenizer, max_length))
 
     def backbone(self, model_dir: Path, quant: str, layout, ds_config: dict):
         """The frozen backbone for training on ``layout``, without adapters; frozen linears pin no weight."""

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import write_json_atomic
-from floe_dist.data import train_batch, truncated
+from floe_dist.data import train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
@@ -53,12 +53,12 @@ class Trainer:
         model_dir = resolve_model(args.model)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        examples = res.examples(args.task, args.split, args.data_format, args.columns, self.tokenizer)
-        self.examples = examples[: args.max_train_examples]
+        data = (args.task, args.split, args.data_format, args.columns)
+        self.examples = res.examples(*data, self.tokenizer)[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
-        self.truncated = (res.truncated(examples, self.tokenizer, args.max_length) if args.max_train_examples is None
-                          else truncated(self.examples, self.tokenizer, args.max_length))
+        self.truncated = res.truncated((*data, args.max_train_examples), self.examples, self.tokenizer,
+                                       args.max_length)
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
                   f"{args.max_length} tokens and are cut (prompts from the left, plain text from the right)")

@@ -8,8 +8,8 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 
 * :class:`WarmPool` — the local default: long-lived workers (floe_dist/search/worker.py) that load once and
   run trial after trial; a worker that crashed, hung or diverged is replaced by a fresh one.
-* :class:`LocalPool` — one local process (group) per trial, ``workers`` at a time, each pinned to its own CPU threads or
-  GPUs. Trials die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
+* :class:`LocalPool` — one local process (group) per trial, ``workers`` at a time, each pinned to its own CPU
+  threads or GPUs. Trials (and warm workers) die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
   groups), so a killed search leaves no orphans.
 * :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
   together as one job array (slurm/search_array.sbatch, one task per trial); polled with ``squeue``

@@ -53,8 +53,6 @@ def searched_allocation(base: Allocation, config: dict, method: str | None = Non
 def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     """Train and score one trial on this rank; the result on rank 0 (None on the others). A warm worker passes
     the resources it keeps between trials; a trial computes the same on a fresh worker as on a warm one."""
-    import torch
-
     from floe_dist.distributed.runtime import discover
     from floe_dist.stages.evaluate import EvalArgs, evaluate_lm
     from floe_dist.stages.evaluate import run as evaluate
@@ -85,8 +83,6 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     else:  # partitioned: the export on a whole backbone (kept by a warm worker)
         scored = evaluate(eval_args, resources)
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
-    if layout.torch_device.type == "cuda":
-        torch.cuda.synchronize()
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],
             "val_examples": scored["examples"], "train_seconds": summary["step_seconds"],
             "eval_seconds": time.time() - eval_start, "seconds": time.time() - start}

@@ -291,9 +291,10 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, bases: dict[str, Allocat
     origins = ", ".join(f"{n} from {o}" for o, n in summary["top_budget_origins"].items())
     print(f"[search] configurations at the top budget: {origins}; the incumbent came from {best.origin or 'unknown'}")
     if len(bases) > 1:
-        print(f"[search] allocation {won!r} won; best validation cost at {best.budget} steps per candidate: " + ", ".join(
-            f"{name} {c['best_cost']:.4f} ({c['trials']} trials)" if c["best_cost"] is not None else
-            f"{name} - ({c['trials']} trials, none promoted that far)" for name, c in per_candidate.items()))
+        costs = [f"{name} {c['best_cost']:.4f} ({c['trials']} trials)" if c["best_cost"] is not None else
+                 f"{name} - ({c['trials']} trials, none promoted that far)" for name, c in per_candidate.items()]
+        print(f"[search] allocation {won!r} won; best validation cost at {best.budget} steps per candidate: "
+              + ", ".join(costs))
     return summary
 
 
