@@ -70,6 +70,6 @@ class Resources:
         from floe_dist.modeling.inject import remove_adapters
 
         remove_adapters(lm)
-        if getattr(lm, "is_gradient_checkpointing", False):
-            lm.gradient_checkpointing_disable()
+        if getattr(lm, "is_activation_checkpointing", False):  # a trial that asked for it: the next may not
+            lm.activation_checkpointing_disable()
         return lm
