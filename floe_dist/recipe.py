@@ -116,7 +116,8 @@ class SearchSection:
     seed: int = arg(0, "seed of SMAC's sampling")
     trial_seed: int = arg(0, "seed of every trial's training")
     runner: str = arg("local", "local (worker processes), slurm (a job per trial) or slurm-array")
-    trial_workers: str = arg("warm", "local runner: warm (workers load once, run trial after trial) or cold")
+    trial_workers: str = arg("auto", "warm (workers load once, run trial after trial), cold or auto (warm locally, "
+                                     "a job per trial on Slurm)")
     workers: int | None = arg(None, "concurrent trials; default: as many as the machine holds")
     trial_nproc: int = arg(1, "ranks per trial")
     trial_launcher: str = arg("torchrun", "torchrun or deepspeed (trials of more than one rank)")

@@ -39,7 +39,7 @@ DEPENDS["train"] = DEPENDS["search"] + ("train.", "parallel.nproc", "parallel.no
 DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
 # ... except those that say only how to run.
 HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
-              "search.trial_threads", "search.sbatch_args", "evaluate.batch_size"}
+              "search.trial_threads", "search.trial_workers", "search.sbatch_args", "evaluate.batch_size"}
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable
 from tqdm import tqdm
 
 from floe_dist.search.ledger import Ledger, Trial
-from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, WarmPool, default_workers
+from floe_dist.search.runners import (Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool,
+                                     default_workers)
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
@@ -28,9 +29,11 @@ class SearchLoop:
         self.args, self.out, self.ledger, self.proposer = args, out, ledger, proposer
         self.spec, self.argv = spec, argv
         workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
-        if args.runner.startswith("slurm"):
+        if args.runner.startswith("slurm") and args.trial_workers == "warm":
+            self.runner = SlurmWorkers(workers, worker_argv, out / "workers", args.sbatch_args)
+        elif args.runner.startswith("slurm"):  # auto or cold: one job per trial, adopted on resume
             self.runner = SlurmRunner(workers, args.sbatch_args, array=args.runner == "slurm-array")
-        elif args.trial_workers == "warm":
+        elif args.trial_workers in ("auto", "warm"):
             self.runner = WarmPool(workers, worker_argv, out / "workers", args.trial_nproc, args.trial_threads)
         else:
             self.runner = LocalPool(workers, args.trial_nproc, args.trial_threads)

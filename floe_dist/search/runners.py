@@ -11,6 +11,7 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 * :class:`LocalPool` — one local process (group) per trial, ``workers`` at a time, each pinned to its own CPU
   threads or GPUs. Trials (and warm workers) die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
   groups), so a killed search leaves no orphans.
+* :class:`SlurmWorkers` — warm workers as Slurm jobs, each taking trial after trial until the search ends.
 * :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
   together as one job array (slurm/search_array.sbatch, one task per trial); polled with ``squeue``
   (final state from ``scontrol``, else ``sacct``); a resumed search re-attaches to jobs or array
@@ -202,6 +203,84 @@ class WarmPool(LocalPool):
             if proc.poll() is None:
                 _kill_group(proc)
         self.procs.clear()
+        self.running.clear()
+
+
+class SlurmWorkers:
+    """Warm workers as Slurm jobs (``--runner slurm --trial-workers warm``): each job runs
+    floe_dist/search/worker.py and takes trial after trial, through its task file on the shared filesystem,
+    until the search cancels it at the end. A job that ended under a trial (crash, node failure, its time
+    limit) records that trial as crashed, and the slot's next trial gets a new job; a trial past its limit
+    has its job cancelled. A resumed search first cancels the workers a killed one left behind (they share
+    a job name derived from the search folder) and issues their trials again."""
+
+    def __init__(self, workers: int, worker_argv, root: Path, sbatch_args: str = ""):
+        import hashlib
+
+        self.workers, self.worker_argv, self.root = workers, worker_argv, root
+        self.sbatch_args = shlex.split(sbatch_args)
+        self.name = "floe-workers-" + hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+        subprocess.run(["scancel", "--name", self.name], capture_output=True)  # a killed search's idle workers
+        self.jobs: dict[int, str] = {}  # slot -> Slurm job id of its worker
+        self.seq: dict[int, int] = {}
+        self.running: dict[int, tuple[Launch, float]] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return self.workers - len(self.running)
+
+    def submit_all(self, launches: list[Launch]) -> list[str]:
+        return [self.submit(launch) for launch in launches]
+
+    def submit(self, launch: Launch) -> str:
+        from floe_dist.search.worker import hand_over
+
+        slot = next(s for s in range(self.workers) if s not in self.running)
+        worker_dir = self.root / f"worker-{slot}"
+        launch.trial_dir.mkdir(parents=True, exist_ok=True)
+        self.seq[slot] = self.seq.get(slot, 0) + 1
+        hand_over(worker_dir, self.seq[slot], launch.trial_dir)
+        job = self.jobs.get(slot)
+        if job is None or job not in (SlurmRunner._queued() or {job}):
+            cmd = ["sbatch", "--parsable", f"--job-name={self.name}", f"--output={worker_dir / 'worker.log'}",
+                   *self.sbatch_args, f"--wrap={shlex.join(self.worker_argv(worker_dir))}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=trial_env())
+            if out.returncode != 0:
+                raise ChildProcessError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
+            job = self.jobs[slot] = out.stdout.strip().split(";")[0]
+        self.running[slot] = (launch, time.monotonic())
+        return f"slurm-worker:{job}"
+
+    def wait(self, poll_seconds: float = 1.0) -> list[Outcome]:
+        while self.running:
+            queued, done = SlurmRunner._queued(), []
+            for slot, (launch, start) in list(self.running.items()):
+                job = self.jobs[slot]
+                seconds, worker = time.monotonic() - start, f"slurm-worker:{job}"
+                if (launch.trial_dir / "result.json").is_file():
+                    if not _finite_cost(launch.trial_dir / "result.json"):
+                        self._cancel(slot)  # it is on its way out (worker.py)
+                    done.append(Outcome(launch.trial_id, "success", seconds, worker))
+                elif queued is not None and job not in queued:
+                    del self.jobs[slot]
+                    done.append(_outcome(launch, 1, False, seconds, worker))
+                elif seconds > launch.timeout:
+                    self._cancel(slot)
+                    done.append(_outcome(launch, None, True, seconds, worker))
+                else:
+                    continue
+                del self.running[slot]
+            if done:
+                return done
+            time.sleep(poll_seconds)
+        return []
+
+    def _cancel(self, slot: int) -> None:
+        subprocess.run(["scancel", self.jobs.pop(slot)], capture_output=True)
+
+    def shutdown(self) -> None:
+        subprocess.run(["scancel", "--name", self.name], capture_output=True)
+        self.jobs.clear()
         self.running.clear()
 
 

@@ -12,7 +12,8 @@ BO with every trial at ``--max-steps``; ``grid`` tries every rank x learning rat
 ``--max-compute`` full trials, then wait for the running ones; the grid always runs to the end.
 
 With ``--candidates NAME=FILE,...`` the allocation is searched too (a categorical beside rank and lr).
-Trials run on warm workers (floe_dist/search/worker.py) unless ``--trial-workers cold``.
+Trials run on warm workers (floe_dist/search/worker.py): local processes by default, Slurm jobs with
+``--runner slurm --trial-workers warm``; ``--trial-workers cold`` starts a process or job per trial.
 
 Outputs in ``--output``: ``smac/`` (SMAC's own state), ``candidates/`` (the allocations trials scale),
 ``trials/NNNN/`` (one folder per trial: its spec, log, training run and result), ``workers/`` (warm
@@ -90,8 +91,9 @@ class SearchArgs:
     trial_launcher: str = arg("torchrun", "torchrun or deepspeed (for trials of more than one rank)")
     trial_threads: int = arg(1, "CPU threads per trial rank (local runner)")
     trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout")
-    trial_workers: str = arg("warm", "local runner: warm (long-lived workers that load the backbone and data once and "
-                                     "run trial after trial) or cold (a fresh process per trial, as before)")
+    trial_workers: str = arg("auto", "warm (long-lived workers, local processes or Slurm jobs, that load the backbone "
+                                     "and data once and run trial after trial), cold (a fresh process or job per "
+                                     "trial) or auto (warm locally, a job per trial on Slurm)")
     trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
                                                       "run_trial(trial_dir, resources) on warm workers")
     sbatch_args: str = arg("", "slurm runner: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'")
@@ -134,7 +136,7 @@ class SearchArgs:
                 problems.append(str(err))
         choices = {"mode": MODES, "brackets": ("sh", "hyperband"), "objective": ("loss", "error"),
                    "runner": ("local", "slurm", "slurm-array"), "trial_launcher": ("torchrun", "deepspeed"),
-                   "trial_workers": ("warm", "cold"), "surrogate": ("rf", "gp")}
+                   "trial_workers": ("auto", "warm", "cold"), "surrogate": ("rf", "gp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -50,3 +50,24 @@ def test_a_resumed_search_adopts_its_running_jobs_instead_of_resubmitting(slurm,
         log = (tmp_path / "trials" / f"{t['id']:04d}" / "starts.log").read_text().split()
         assert len(log) == 1
     assert json.loads((tmp_path / "search.json").read_text())["summary"]["trials"] == 4
+
+
+def test_warm_worker_jobs_take_trial_after_trial_and_a_crash_gets_a_new_job(slurm, tmp_path):
+    """One warm worker job: ranks 1 and 2 run on it (2 crashes it), ranks 4 and 8 on its replacement."""
+    run_floe(["search", "--mode", "grid", "--runner", "slurm", "--trial-workers", "warm", "--output", str(tmp_path),
+              *SPACE, "--ranks", "1,2,4,8", "--lr", "1e-2", "--max-steps", "90", "--workers", "1"],
+             env={"TOY_CRASH_RANK": "2"})
+    trials = {t["config"]["rank"]: t for t in ledger(tmp_path)["trials"]}
+    workers = [trials[r]["worker"] for r in (1, 2, 4, 8)]
+    assert all(w.startswith("slurm-worker:") for w in workers)
+    assert workers[0] == workers[1] != workers[2] == workers[3], workers
+    assert trials[2]["status"] == "crashed" and "planted crash for rank 2" in trials[2]["reason"]
+    assert all(trials[r]["status"] == "success" for r in (1, 4, 8))
+    jobs = {w.split(":")[1] for w in workers}
+    deadline = time.time() + 20
+    while time.time() < deadline:  # the search cancels its idle workers when it ends
+        queued = set(subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True).stdout.split())
+        if not jobs & queued:
+            break
+        time.sleep(0.5)
+    assert not jobs & queued
