@@ -143,12 +143,26 @@ def campaign_vs_peft(d):
                      f"{c['searched_allocation'] or '–'}, r={c['rank']}, lr {c['lr']:.1e}, {c['train_steps']} steps",
                      f"{c['trainable_parameters']:,}", f"{100 * p['accuracy']:.1f}%", f"{p['wall_s']:.0f} s",
                      f"{p['train_steps']}", f"{p['trainable_parameters']:,}"])
-    m, s = d["mean_accuracy"], d["std_accuracy"]
-    rows.append(["**mean ± std**", f"**{100 * m['campaign']:.1f} ± {100 * s['campaign']:.1f}%**",
-                 f"{d['mean_wall_s']['campaign']:.0f} s", "", "",
-                 f"**{100 * m['peft']:.1f} ± {100 * s['peft']:.1f}%**", f"{d['mean_wall_s']['peft']:.0f} s", "", ""])
+    if len(d["rows"]) > 1:
+        from statistics import mean, stdev
+
+        def both(arm, key):
+            values = [r[arm][key] for r in d["rows"]]
+            return mean(values), stdev(values)
+
+        (ca, cs), (pa, ps) = both("campaign", "accuracy"), both("peft", "accuracy")
+        rows.append(["**mean ± std**", f"**{100 * ca:.1f} ± {100 * cs:.1f}%**",
+                     f"{both('campaign', 'wall_s')[0]:.0f} s", "", "", f"**{100 * pa:.1f} ± {100 * ps:.1f}%**",
+                     f"{both('peft', 'wall_s')[0]:.0f} s", "", ""])
+    stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins",
+                    "candidates' best validation cost"],
+                   [[r["seed"], ", ".join(f"{k} {v:.0f}" for k, v in r["campaign"]["stage_seconds"].items()),
+                     f"{r['campaign']['search_trials']}, {r['campaign']['search_overhead_share']:.0%}, "
+                     f"{r['campaign']['top_budget_origins']}",
+                     ", ".join(f"{n} {'–' if c['best_cost'] is None else format(c['best_cost'], '.4f')}"
+                               for n, c in (r["campaign"]["candidates"] or {}).items())] for r in d["rows"]])
     return table(["seed", "campaign accuracy", "campaign wall", "campaign's choice", "campaign params",
-                  "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows)
+                  "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows) + "\n\n" + stages
 
 
 def expert_parallel(d):

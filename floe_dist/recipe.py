@@ -156,10 +156,12 @@ class EvaluateSection:
 @dataclass
 class ParallelSection:
     """parallel: ranks, nodes and how they start"""
-    nproc: int = arg(2, "ranks per node for score and train (local processes, or GPUs per node)")
+    nproc: int = arg(1, "ranks per node for score and train (local processes, or GPUs per node): as many as pay "
+                        "on the machine (one on a small CPU box, every GPU on a GPU node)")
     nodes: int = arg(1, "nodes (more than 1 needs launcher srun, inside an sbatch job)")
     launcher: str = arg("local", "local (torchrun on this machine) or srun (inside an sbatch job; slurm/)")
-    zero: str = arg("3", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path")
+    zero: str = arg("0", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path; 3 "
+                         "partitions a backbone too big for one device")
     ep_size: int = arg(1, "expert parallelism: ranks that split every MoE module's experts")
     gpus_per_node: int = arg(0, "GPUs per node to request from Slurm (0 on CPU clusters)")
 

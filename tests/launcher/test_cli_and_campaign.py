@@ -62,6 +62,7 @@ search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute
           allocations: "uniform,random"}}
 train: {{steps: 4, micro_batch: 2}}
 evaluate: {{limit: 24}}
+parallel: {{nproc: 2, zero: "3"}}
 """
 
 
