@@ -8,8 +8,8 @@ Per seed, side by side in one run: (1) the campaign (score + search + train + ev
 (2) PEFT LoRA through PEFT itself (``get_peft_model``, r=8, alpha 16, dropout 0.05 on q_proj and v_proj of every
 layer, AdamW at lr 1e-3 with 10% warm-up and cosine decay, the campaign's global batch, one process with every
 core) given the campaign's whole wall time: it loads, measures its step time over 5 steps after a first one, plans
-as many steps as fit before the test evaluation (whose time it takes from the campaign's own final evaluation: same model,
-same examples), trains them, and is scored like the campaign (choice log-likelihood accuracy on the test
+as many steps as fit before the test evaluation (whose time it takes from the campaign's own final evaluation:
+same model, same examples), trains them, and is scored like the campaign (choice log-likelihood accuracy on the test
 split). Not the same work: the comparison is at equal wall time, which is the point. Result:
 benchmarks/results/campaign_vs_peft.json (one row per seed, written as each seed finishes; the table's mean and
 spread are over the rows). The row also carries the campaign search's overhead share: 1 - the trials' training-step

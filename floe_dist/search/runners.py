@@ -239,15 +239,16 @@ class SlurmWorkers:
         worker_dir = self.root / f"worker-{slot}"
         launch.trial_dir.mkdir(parents=True, exist_ok=True)
         self.seq[slot] = self.seq.get(slot, 0) + 1
-        hand_over(worker_dir, self.seq[slot], launch.trial_dir)
         job = self.jobs.get(slot)
         if job is None or job not in (SlurmRunner._queued() or {job}):
+            worker_dir.mkdir(parents=True, exist_ok=True)
             cmd = ["sbatch", "--parsable", f"--job-name={self.name}", f"--output={worker_dir / 'worker.log'}",
                    *self.sbatch_args, f"--wrap={shlex.join(self.worker_argv(worker_dir))}"]
             out = subprocess.run(cmd, capture_output=True, text=True, env=trial_env())
             if out.returncode != 0:
                 raise ChildProcessError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
             job = self.jobs[slot] = out.stdout.strip().split(";")[0]
+        hand_over(worker_dir, self.seq[slot], launch.trial_dir, job)  # addressed: a dying predecessor ignores it
         self.running[slot] = (launch, time.monotonic())
         return f"slurm-worker:{job}"
 

@@ -39,10 +39,11 @@ def read_task(worker_dir: Path) -> dict | None:
         return None
 
 
-def hand_over(worker_dir: Path, seq: int, trial_dir: Path) -> None:
-    """The search's side: give the worker its next trial."""
+def hand_over(worker_dir: Path, seq: int, trial_dir: Path, job: str | None = None) -> None:
+    """The search's side: give the worker its next trial (with ``job``: only the Slurm job of that id takes it,
+    not a cancelled predecessor that has not died yet)."""
     worker_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(worker_dir / TASK, {"seq": seq, "trial_dir": str(trial_dir)})
+    write_json_atomic(worker_dir / TASK, {"seq": seq, "trial_dir": str(trial_dir), "job": job})
 
 
 @contextmanager
@@ -74,7 +75,7 @@ def serve(worker_dir: Path, trial_module: str, poll_seconds: float = 0.05) -> in
     done = -1
     while True:
         task = read_task(worker_dir)
-        if task is None or task["seq"] <= done:
+        if task is None or task["seq"] <= done or task.get("job") not in (None, os.environ.get("SLURM_JOB_ID")):
             time.sleep(poll_seconds)
             continue
         done = task["seq"]
