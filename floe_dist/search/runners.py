@@ -20,6 +20,8 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 from __future__ import annotations
 
 import ctypes
+import json
+import math
 import os
 import shlex
 import signal
@@ -286,9 +288,6 @@ class SlurmWorkers:
 
 
 def _finite_cost(result: Path) -> bool:
-    import json
-    import math
-
     return math.isfinite(float(json.loads(result.read_text()).get("cost", math.nan)))
 
 
