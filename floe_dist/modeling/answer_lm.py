@@ -53,6 +53,50 @@ class AnswerLM(nn.Module):
         return {"loss": ce + self.balance_coef * balance, "ce": ce, "balance": balance,
                 "seq_logprob": seq_logprob, "n_tokens": picked.sum()}
 
+    @torch.no_grad()
+    def choice_logprobs(self, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int
+                        ) -> list[list[float]]:
+        """Summed log-probability of every choice given its prompt, each prompt run once and its KV cache
+        reused for every choice: about 1/n_choices of the work of scoring each prompt + choice pair.
+
+        Prompts are left-padded (positions count from each prompt's first token) and choices right-padded
+        after them, the layout of batched generation. Every prompt must be non-empty."""
+        device = self.lm.get_input_embeddings().weight.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(device), mask.to(device)
+        decoder, head = self.lm.get_decoder(), self.lm.get_output_embeddings()
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                      use_cache=True)
+        cache, lengths = out.past_key_values, mask.sum(1, keepdim=True)
+        first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # predicts every choice's 1st token
+        scores = [[0.0] * len(c) for c in choices]
+        for c in range(max(len(cs) for cs in choices)):
+            answers = [cs[c] if c < len(cs) else cs[0] for cs in choices]  # a stand-in where a row has fewer
+            rest = max(len(a) for a in answers) - 1
+            logprob = first.gather(1, torch.tensor([[a[0]] for a in answers], device=device)).squeeze(1)
+            if rest > 0:  # tokens 2.. of each choice, predicted from tokens 1.. after the prompt's cache
+                cont = torch.full((len(answers), rest), pad_id, dtype=torch.long)
+                picked = torch.zeros((len(answers), rest), dtype=torch.bool)
+                target = torch.zeros((len(answers), rest), dtype=torch.long)
+                for i, a in enumerate(answers):
+                    cont[i, :len(a) - 1], target[i, :len(a) - 1] = torch.tensor(a[:-1]), torch.tensor(a[1:])
+                    picked[i, :len(a) - 1] = True
+                cont, picked, target = cont.to(device), picked.to(device), target.to(device)
+                hidden = decoder(input_ids=cont, attention_mask=torch.cat([mask, picked.long()], 1),
+                                 position_ids=lengths + torch.arange(rest, device=device), past_key_values=cache,
+                                 use_cache=True).last_hidden_state
+                cache.crop(-rest)  # back to the prompts alone for the next choice
+                token = head(hidden[picked]).float().log_softmax(-1).gather(-1, target[picked].unsqueeze(-1))
+                logprob = logprob.index_add(0, picked.nonzero()[:, 0], token.squeeze(-1))
+            for i, value in enumerate(logprob.tolist()):
+                if c < len(choices[i]):
+                    scores[i][c] = value
+        return scores
+
     def balance_loss(self, like: torch.Tensor) -> torch.Tensor:
         """Sum of the Switch balance losses of every top-k LoRA-MoE module in the last forward."""
         losses = [m.balance_loss for mods in self._adapters_by_layer.values() for m in mods

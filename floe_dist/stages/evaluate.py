@@ -43,18 +43,36 @@ class EvalArgs:
 
 @torch.no_grad()
 def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                  device: torch.device, progress: bool = True) -> list[list[float]]:
-    """Summed log-probability of every choice of every example."""
-    flat = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
-    scores = [[0.0] * len(ex.choices) for ex in examples]
+                  device: torch.device, progress: bool = True, share_prompts: bool = True) -> list[list[float]]:
+    """Summed log-probability of every choice of every example: the prompt runs once per example and its
+    KV cache serves every choice (``AnswerLM.choice_logprobs``); an example whose prompt must be cut to fit
+    ``max_length``, or has none (or every example, ``share_prompts=False``), is scored pair by pair, each
+    prompt + choice a sequence of its own, as ``encode`` cuts it."""
+    tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
+    shared, pairs = [], []
+    for i, ex in enumerate(examples):
+        prompt, answers = tokens(ex.prompt) if ex.prompt else [], [tokens(c) for c in ex.choices]
+        if share_prompts and prompt and len(prompt) + max(len(a) for a in answers) <= max_length:
+            shared.append((i, prompt, answers))
+        else:
+            pairs += [(i, c) for c in range(len(ex.choices))]
     model.eval()
-    for start in tqdm(range(0, len(flat), batch_size), desc="evaluate", disable=not progress, leave=False):
-        chunk = flat[start:start + batch_size]
-        batch = collate([encode(tokenizer, examples[i].prompt, examples[i].choices[c], max_length)
-                         for i, c in chunk], tokenizer.pad_token_id)
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        for (i, c), s in zip(chunk, out["seq_logprob"].tolist()):
-            scores[i][c] = s
+    with tqdm(total=len(shared) + len(pairs), desc="evaluate", disable=not progress, leave=False) as bar:
+        for start in range(0, len(shared), batch_size):
+            chunk = shared[start:start + batch_size]
+            got = model.choice_logprobs([p for _, p, _ in chunk], [a for _, _, a in chunk], tokenizer.pad_token_id)
+            for (i, _, _), s in zip(chunk, got):
+                scores[i] = s
+            bar.update(len(chunk))
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = collate([encode(tokenizer, examples[i].prompt, examples[i].choices[c], max_length)
+                             for i, c in chunk], tokenizer.pad_token_id)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            for (i, c), s in zip(chunk, out["seq_logprob"].tolist()):
+                scores[i][c] = s
+            bar.update(len(chunk))
     return scores
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from floe_dist.data import Example, collate, encode
@@ -16,21 +17,28 @@ def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     lm = load_backbone(tiny_model_dir)
     examples = [Example("Review: good film\nSentiment:", (" negative", " positive"), 1),
-                Example("Q: two plus two?\nA:", (" four", " five hundred", " 4"), 0)]
+                Example("Q: two plus two?\nA:", (" four", " five hundred", " 4"), 0),
+                Example("Q: a much longer question, " * 12 + "yes or no?\nA:", (" yes", " no"), 1)]  # cut to fit
+    # prompts run once for all their choices (a KV cache, left-padded batches) and, where the prompt must
+    # be cut, prompt + choice pairs: both equal the plain definition, in any batch size
     scores = choice_scores(AnswerLM(lm), tok, examples, batch_size=3, max_length=64,
                            device=torch.device("cpu"), progress=False)
-    for ex, row in zip(examples, scores):
+    one_by_one = choice_scores(AnswerLM(lm), tok, examples, batch_size=1, max_length=64,
+                               device=torch.device("cpu"), progress=False)
+    assert len(tok(examples[2].prompt, add_special_tokens=False).input_ids) > 64
+    for ex, row, single in zip(examples, scores, one_by_one):
+        assert row == pytest.approx(single, abs=1e-4)
         for c, score in enumerate(row):
             ids, n = encode(tok, ex.prompt, ex.choices[c], 64)
             with torch.no_grad():
                 logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :-1], -1)
             manual = sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
             assert abs(score - manual) < 1e-4
-    assert accuracy([[0.0, -1.0], [-3.0, -2.0, -9.0]], examples) == 0.0
-    assert accuracy([[-1.0, 0.0], [-1.0, -2.0, -9.0]], examples) == 1.0
+    assert accuracy([[0.0, -1.0], [-3.0, -2.0, -9.0]], examples[:2]) == 0.0
+    assert accuracy([[-1.0, 0.0], [-1.0, -2.0, -9.0]], examples[:2]) == 1.0
     # choice loss: -log of the right choice's softmax share; equal scores give log(#choices)
-    assert abs(choice_loss([[0.0, 0.0], [-5.0, -5.0, -5.0]], examples) - (math.log(2) + math.log(3)) / 2) < 1e-12
-    assert abs(choice_loss([[0.0, math.log(3)], [0.0, -50.0, -50.0]], examples) - math.log(4 / 3) / 2) < 1e-9
+    assert abs(choice_loss([[0.0, 0.0], [-5.0, -5.0, -5.0]], examples[:2]) - (math.log(2) + math.log(3)) / 2) < 1e-12
+    assert abs(choice_loss([[0.0, math.log(3)], [0.0, -50.0, -50.0]], examples[:2]) - math.log(4 / 3) / 2) < 1e-9
 
 
 def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
