@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment inside the checkout (once; again when pyproject.toml changes), then run:
 #   bash launcher/bootstrap.sh campaign [flags]   # the default campaign (SmolLM2-135M on SST-2)
-#   bash launcher/bootstrap.sh test [pytest args] # the test suite
+#   bash launcher/bootstrap.sh test [pytest args] # the test suite, on 2 xdist workers (-n 0: one process)
 #   bash launcher/bootstrap.sh <any floe-dist sub-command> [flags]
 # Needs only python3 (>= 3.10) with venv, and access to PyPI.
 set -euo pipefail
@@ -24,6 +24,7 @@ export TOKENIZERS_PARALLELISM=false
 cmd="${1:-campaign}"
 [ $# -gt 0 ] && shift
 if [ "$cmd" = test ]; then
-  exec "$venv/bin/python" -m pytest "$@"
+  # two workers: most tests wait on launcher subprocesses, so two at once fill a 2-core machine better
+  exec "$venv/bin/python" -m pytest -n 2 --dist loadgroup "$@"
 fi
 exec "$venv/bin/floe-dist" "$cmd" "$@"

@@ -23,8 +23,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu); deselected, not skipped, without one")
 
 
+# Tests that share one local Slurm, one sshd and Debian packages installed on first use: one xdist worker.
+CLUSTER_FILES = ("test_cluster_ops.py", "test_runners_slurm.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run wherever CUDA is present (`pytest -m gpu` on a GPU node) and are left out elsewhere."""
+    """Each test file runs on one xdist worker (its module fixtures are built once), the cluster files on
+    the same one; GPU tests run wherever CUDA is present (`pytest -m gpu` on a GPU node) and are left
+    out elsewhere."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("cluster" if name in CLUSTER_FILES else str(item.path)))
     if torch.cuda.is_available():
         return
     gpu = [item for item in items if item.get_closest_marker("gpu")]
