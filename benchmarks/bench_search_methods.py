@@ -44,19 +44,28 @@ PRESETS = {
 METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMAC's default)",
                             ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "1"]),
            "bohb-rule": ("SMAC RF, model on the highest budget with >= dims+1 results (BOHB's rule)",
-                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
+                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "dims+1"]),
            "rf-min6": ("SMAC RF, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "6"]),
+           "floe-default": ("SMAC RF, model on the highest budget with >= 2(dims+1) results (floe-dist's default)",
+                            ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
            "rf-init9": ("SMAC RF, BOHB's rule, initial design = the first rung (9)",
-                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0", "--initial-configs", "9"]),
+                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "dims+1",
+                         "--initial-configs", "9"]),
            "rf-interleave0.5": ("SMAC RF, BOHB's rule, half the proposals random",
-                                ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0",
+                                ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "dims+1",
                                  "--random-interleave", "0.5"]),
            "gp": ("SMAC GP, model on the highest budget with >= dims+1 results",
-                  ["--mode", "smac", "--surrogate", "gp", "--model-min-points", "0"]),
+                  ["--mode", "smac", "--surrogate", "gp", "--model-min-points", "dims+1"]),
            "gp-min6": ("SMAC GP, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "gp", "--model-min-points", "6"]),
            "random": ("random search (same halving)", ["--mode", "random"])}
+
+
+def dimensions(space: list[str]) -> int:
+    """The search space's dimensions: rank, and lr unless it is fixed (no candidates or experts here)."""
+    lr = space[space.index("--lr") + 1]
+    return 1 + (":" in lr)
 
 
 def search(out: Path, space: list[str], *args: str) -> dict:
@@ -82,8 +91,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0,
-                        help="calibrate settings on other seeds (e.g. 100) than those that validate them (0)")
-    parser.add_argument("--methods", default="smac-default,bohb-rule,gp,random",
+                        help="calibrate settings on other seeds (100: --result search_methods_calibration) than "
+                             "those that validate them (0)")
+    parser.add_argument("--methods", default="smac-default,bohb-rule,floe-default,gp,random",
                         help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--result", help="result file name (benchmarks/results/NAME.json; default: the preset's)")
     parser.add_argument("--max-compute", type=float, help="budget of each search, in full trials (default: the preset's)")
@@ -102,6 +112,7 @@ def main() -> None:
     rows = []
     for key in ns.methods.split(","):
         name, flags = METHODS[key]
+        flags = [str(dimensions(space) + 1) if f == "dims+1" else f for f in flags]
         if "--initial-configs" not in flags:
             flags = [*flags, "--initial-configs", str(ns.initial_configs)]
         reached, final, model_share = [], [], []
