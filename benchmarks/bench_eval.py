@@ -1,7 +1,8 @@
 """Multiple-choice evaluation: each prompt + choice as its own sequence vs the prompt once with its KV cache
 serving every choice (``choice_scores(share_prompts=...)``), side by side in one process, same examples.
 
-    python benchmarks/bench_eval.py                 # SmolLM2-135M, SST-2 and BoolQ validation, 1 CPU thread
+    python benchmarks/bench_eval.py --tasks sst2 --limit 100   # SmolLM2-135M, 1 CPU thread
+    python benchmarks/bench_eval.py --tasks boolq --limit 32   # long passages: rows merge by task
 
 Prints seconds per arm, the speed-up and the largest score difference; writes
 benchmarks/results/eval_choice_scoring.json.
@@ -59,7 +60,7 @@ def main() -> None:
         print(f"{task}: {len(examples)} examples x {row['choices']} choices: pair by pair {pair_s:.1f}s, prompt once "
               f"{shared_s:.1f}s ({row['speedup']:.2f}x); max |score diff| {diff:.1e}; accuracy "
               f"{row['accuracy_pairwise']:.3f} / {row['accuracy_shared_prompt']:.3f}", flush=True)
-    write_result("eval_choice_scoring", rows)
+    write_result("eval_choice_scoring", rows, merge_key="task")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ PRESETS = {
                 min_steps=30, max_steps=270, grid_lr_points=4, epsilon=0.05, max_compute=10.0, result="search_methods"),
     "smollm2": dict(space=["--model", "smollm2-135m", "--task", "sst2", "--ranks", "2,4,8,16", "--lr", "2e-4:3e-3",
                            "--micro-batch", "4", "--val-limit", "100", "--trial-threads", "1", "--workers", "2"],
-                    min_steps=8, max_steps=24, grid_lr_points=3, epsilon=0.02, max_compute=6.0,
+                    min_steps=8, max_steps=24, grid_lr_points=3, epsilon=0.02, max_compute=8.0,
                     result="search_methods_smollm2"),
 }
 METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMAC's default)",

@@ -135,6 +135,14 @@ def search_methods(d):
         f"initial design {d['initial_configs']} configurations; budget {d['max_compute']:g} full trials per search.")
 
 
+def eval_choice_scoring(d):
+    rows = [[r["task"], f"{r['examples']} × {r['choices']}", f"{r['pairwise_s']:.1f} s", f"{r['shared_prompt_s']:.1f} s",
+             f"**{r['speedup']:.2f}×**", f"{r['max_abs_score_diff']:.1e}",
+             f"{r['accuracy_pairwise']:.3f} / {r['accuracy_shared_prompt']:.3f}"] for r in d["rows"]]
+    return table(["task", "examples × choices", "pair by pair", "prompt once, KV cache per choice", "speed-up",
+                  "max abs. score difference", "accuracy (pairwise / shared)"], rows)
+
+
 def campaign_vs_peft(d):
     rows = []
     for r in d["rows"]:
@@ -292,6 +300,9 @@ TABLES = {
     "expert-parallel": ("expert_parallel", expert_parallel),
     "search-workers": ("search_workers_smollm2", search_workers),
     "search-methods": ("search_methods", search_methods),
+    "search-methods-calibration": ("search_methods_calibration", search_methods),
+    "search-methods-smollm2": ("search_methods_smollm2", search_methods),
+    "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
     "plan-calibration": ("plan_published", plan_published("calibration")),
     "plan-validation": ("plan_published", plan_published("validation")),
