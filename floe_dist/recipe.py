@@ -95,7 +95,12 @@ class AllocateSection:
 class SearchSection:
     """search: SMAC picks the rank and learning rate from short parallel trials"""
     enabled: bool = arg(True, "false: train the allocation as it is, at train.lr")
-    mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps) or grid")
+    mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps), random (smac's "
+                            "fidelities and halving, random configurations) or grid")
+    surrogate: str = arg("rf", "smac/bo: the surrogate model, rf (random forest) or gp (Gaussian process)")
+    random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
+    model_min_points: int = arg(0, "smac: results a budget needs before the model learns from it; 0 = 2 x "
+                                   "(dimensions + 1)")
     ranks: str = arg("2,4,8,16", "rank choices")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")

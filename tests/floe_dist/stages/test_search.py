@@ -177,13 +177,13 @@ def test_the_allocation_itself_is_searched_and_the_winner_keeps_its_shape(tmp_pa
 
 def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
     args = ["search", "--output", str(tmp_path), *SPACE, "--ranks", "1,2,4", "--max-trials", "10",
-            "--max-compute", "10", "--trial-timeout", "20", "--workers", "2"]
+            "--max-compute", "10", "--trial-timeout", "30", "--workers", "2"]
     proc = run_floe(args, env={"TOY_CRASH_RANK": "1", "TOY_HANG_RANK": "2"})
     trials = ledger(tmp_path)["trials"]
     by_rank = {r: [t for t in trials if t["config"]["rank"] == r] for r in (1, 2, 4)}
     assert by_rank[1] and all(t["status"] == "crashed" and "planted crash for rank 1" in t["reason"]
                               for t in by_rank[1])
-    assert by_rank[2] and all(t["status"] == "timeout" and "20s time limit" in t["reason"] for t in by_rank[2])
+    assert by_rank[2] and all(t["status"] == "timeout" and "30s time limit" in t["reason"] for t in by_rank[2])
     assert all(t["status"] == "success" for t in by_rank[4])
     assert ledger(tmp_path)["summary"]["incumbent"]["config"]["rank"] == 4
     assert "planted crash" in proc.stderr
