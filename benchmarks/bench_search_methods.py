@@ -38,17 +38,17 @@ PRESETS = {
                 min_steps=30, max_steps=270, grid_lr_points=4, epsilon=0.05, max_compute=10.0, result="search_methods"),
     "smollm2": dict(space=["--model", "smollm2-135m", "--task", "sst2", "--ranks", "2,4,8,16", "--lr", "2e-4:3e-3",
                            "--micro-batch", "4", "--val-limit", "100", "--trial-threads", "1", "--workers", "2"],
-                    min_steps=8, max_steps=24, grid_lr_points=3, epsilon=0.02, max_compute=8.0,
+                    min_steps=8, max_steps=24, grid_lr_points=3, epsilon=0.02, max_compute=6.0,
                     result="search_methods_smollm2"),
 }
 METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMAC's default)",
                             ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "1"]),
-           "bohb-rule": ("SMAC RF, model on the highest budget with >= dims+1 results (BOHB's rule)",
-                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "dims+1"]),
+           "bohb-rule": ("SMAC RF, model on the highest budget with >= dims+1 results (BOHB's rule, floe-dist's default)",
+                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
            "rf-min6": ("SMAC RF, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "6"]),
-           "floe-default": ("SMAC RF, model on the highest budget with >= 2(dims+1) results (floe-dist's default)",
-                            ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
+           "twice-bohb": ("SMAC RF, model on the highest budget with >= 2(dims+1) results",
+                          ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "2(dims+1)"]),
            "rf-init9": ("SMAC RF, BOHB's rule, initial design = the first rung (9)",
                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "dims+1",
                          "--initial-configs", "9"]),
@@ -68,8 +68,10 @@ def dimensions(space: list[str]) -> int:
     return 1 + (":" in lr)
 
 
-def search(out: Path, space: list[str], *args: str) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+def search(out: Path, space: list[str], *args: str, fresh: bool = True) -> dict:
+    """One search, from scratch; ``fresh=False`` resumes a folder of the same settings (a finished grid is reused)."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     subprocess.run([sys.executable, "-m", "launcher.cli", "search", "--output", str(out), *space, *args],
                    cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="calibrate settings on other seeds (100: --result search_methods_calibration) than "
                              "those that validate them (0)")
-    parser.add_argument("--methods", default="smac-default,bohb-rule,floe-default,gp,random",
+    parser.add_argument("--methods", default="smac-default,bohb-rule,twice-bohb,gp,random",
                         help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--result", help="result file name (benchmarks/results/NAME.json; default: the preset's)")
     parser.add_argument("--max-compute", type=float, help="budget of each search, in full trials (default: the preset's)")
@@ -105,14 +107,15 @@ def main() -> None:
     space, top, epsilon = [*p["space"], "--max-steps", str(p["max_steps"])], p["max_steps"], p["epsilon"]
     max_compute = ns.max_compute or p["max_compute"]
     out = Path(ns.out) / ns.preset
-    grid = search(out / "grid", space, "--mode", "grid", "--grid-lr-points", str(p["grid_lr_points"]))
+    grid = search(out / "grid", space, "--mode", "grid", "--grid-lr-points", str(p["grid_lr_points"]), fresh=False)
     grid_best = min(t["cost"] for t in grid["trials"] if t["status"] == "success")
     grid_compute = sum(t["budget"] for t in grid["trials"]) / top
     target = grid_best * (1 + epsilon)
     rows = []
     for key in ns.methods.split(","):
         name, flags = METHODS[key]
-        flags = [str(dimensions(space) + 1) if f == "dims+1" else f for f in flags]
+        n = dimensions(space)
+        flags = [{"dims+1": str(n + 1), "2(dims+1)": str(2 * (n + 1))}.get(f, f) for f in flags]
         if "--initial-configs" not in flags:
             flags = [*flags, "--initial-configs", str(ns.initial_configs)]
         reached, final, model_share = [], [], []

@@ -53,8 +53,7 @@ class SearchArgs:
     random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
     model_min_points: int = arg(0, "smac: the model learns from the highest budget holding at least this many "
                                    "results (SMAC's own default, 1, fits it on the first top-budget trial alone); "
-                                   "0 = twice the space's dimensions + 1 (BOHB's rule, dimensions + 1, doubled: "
-                                   "better on the planted toy's calibration seeds, BENCHMARKS.md)")
+                                   "0 = the space's dimensions + 1, as BOHB")
     allocation: str | None = arg(None, "allocation.json whose layers get the searched rank (e.g. from score); "
                                        "none = q,v on every layer")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
