@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from floe_dist.allocation import write_json_atomic, write_text_atomic
 from floe_dist.search.ledger import FINISHED, Ledger, Trial, trial_key
 
 if TYPE_CHECKING:
@@ -44,6 +46,14 @@ def origin_of(config) -> str:
     return "random" if "Random" in text or not text else text
 
 
+def _readable(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except ValueError:
+        return False
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -75,7 +85,11 @@ class GridProposer:
 
 
 class SmacProposer:
-    """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell."""
+    """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell.
+
+    SMAC writes its state files in place, so a kill -9 during a save can leave one of them empty. After every
+    save the complete set is also kept in one file written atomically (``smac/state.json``), which a resumed
+    search restores first; the ledger's reconciliation (``resume``) covers the step the copy may lag behind."""
 
     def __init__(self, args: SearchArgs, out: Path):
         from smac import BlackBoxFacade as BB
@@ -89,6 +103,8 @@ class SmacProposer:
         scenario = Scenario(build_space(args, args.seed), name="search", output_directory=out / "smac",
                             deterministic=True, n_trials=100_000, seed=args.seed, crash_cost=args.failed_cost,
                             **budgets)
+        self.folder, self.state = Path(scenario.output_directory), out / "smac" / "state.json"
+        self._restore()
         self._check_same_scenario(scenario)
         if not multi:
             intensifier = HPO.get_intensifier(scenario, max_config_calls=1)
@@ -112,6 +128,18 @@ class SmacProposer:
         self.max_steps = args.max_steps
         self.multi = multi
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
+
+    def _restore(self) -> None:
+        """SMAC's files as of the last complete save; without a saved copy, a folder with an unreadable file
+        comes from a search killed before its first trial was asked, and is started afresh."""
+        if self.state.is_file():
+            for name, text in json.loads(self.state.read_text()).items():
+                write_text_atomic(self.folder / name, text)
+        elif self.folder.is_dir() and not all(_readable(f) for f in self.folder.glob("*.json")):
+            shutil.rmtree(self.folder)
+
+    def _snapshot(self) -> None:
+        write_json_atomic(self.state, {f.name: f.read_text() for f in sorted(self.folder.glob("*.json"))})
 
     @staticmethod
     def _check_same_scenario(scenario) -> None:
@@ -164,6 +192,7 @@ class SmacProposer:
         except StopIteration:  # SMAC found no new configuration: the space is exhausted
             return None
         self.smac.optimizer.save()  # the RUNNING entry is durable before the trial starts
+        self._snapshot()
         budget = int(round(info.budget)) if self.multi else self.max_steps
         config = _plain(info.config)
         # a promotion comes back without its origin: the configuration's proposer is whoever proposed it first
@@ -179,6 +208,7 @@ class SmacProposer:
         status = {"success": StatusType.SUCCESS, "timeout": StatusType.TIMEOUT}.get(trial.status, StatusType.CRASHED)
         cost = trial.cost if trial.status == "success" else self.smac.scenario.crash_cost
         self.smac.tell(self._info(trial), TrialValue(cost=cost, time=trial.seconds or 0.0, status=status))
+        self._snapshot()
         if self.multi:
             self._promotions_first()
 

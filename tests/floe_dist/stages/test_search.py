@@ -127,6 +127,21 @@ def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
     assert sorted(round(entry["cost"], 10) for entry in history) == sorted(round(t["cost"], 10) for t in after)
 
 
+def test_a_smac_file_left_empty_by_a_kill_is_restored_on_resume(tmp_path):
+    """SMAC writes its state in place: a kill -9 mid-save left optimization.json empty in a suite run, and the
+    resume failed on it. The last complete copy is restored instead, and nothing is run again."""
+    args = ["search", "--output", str(tmp_path), *SPACE, "--max-compute", "1.5"]
+    run_floe(args)
+    before = ledger(tmp_path)["trials"]
+    folder = tmp_path / "smac" / "search" / "0"
+    for name in ("optimization.json", "runhistory.json"):
+        (folder / name).write_text("")
+    run_floe(args)
+    after = ledger(tmp_path)["trials"]
+    assert [(t["id"], t["cost"], t["attempts"]) for t in after] == [(t["id"], t["cost"], t["attempts"]) for t in before]
+    assert sorted(round(e["cost"], 10) for e in smac_runhistory(tmp_path)) == sorted(round(t["cost"], 10) for t in after)
+
+
 def test_a_heterogeneous_allocation_keeps_its_shape_through_the_search(tmp_path):
     hilo = tmp_path / "hilo.json"
     data = Allocation.uniform(4, ["q_proj"], experts=2, rank=2, top_k=1).to_json()
