@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,14 +43,6 @@ def origin_of(config) -> str:
         return "model"
     # no origin: SMAC sampled it at random because no result had come back yet to fit the model on
     return "random" if "Random" in text or not text else text
-
-
-def _readable(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except ValueError:
-        return False
 
 
 def _plain(config) -> dict:
@@ -130,13 +121,18 @@ class SmacProposer:
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
 
     def _restore(self) -> None:
-        """SMAC's files as of the last complete save; without a saved copy, a folder with an unreadable file
-        comes from a search killed before its first trial was asked, and is started afresh."""
+        """SMAC's files as of the last complete save. Without a saved copy an unreadable file is an error: a
+        SMAC state rebuilt from nothing could propose trials the ledger already holds."""
         if self.state.is_file():
             for name, text in json.loads(self.state.read_text()).items():
                 write_text_atomic(self.folder / name, text)
-        elif self.folder.is_dir() and not all(_readable(f) for f in self.folder.glob("*.json")):
-            shutil.rmtree(self.folder)
+            return
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                json.loads(path.read_text())
+            except ValueError:
+                raise ValueError(f"{path} is unreadable (the search was killed while SMAC wrote it) and there is "
+                                 f"no saved copy ({self.state}); start the search in another --output") from None
 
     def _snapshot(self) -> None:
         write_json_atomic(self.state, {f.name: f.read_text() for f in sorted(self.folder.glob("*.json"))})

@@ -129,7 +129,8 @@ def test_kill_9_mid_search_then_resume_loses_and_reruns_nothing(tmp_path):
 
 def test_a_smac_file_left_empty_by_a_kill_is_restored_on_resume(tmp_path):
     """SMAC writes its state in place: a kill -9 mid-save left optimization.json empty in a suite run, and the
-    resume failed on it. The last complete copy is restored instead, and nothing is run again."""
+    resume failed on it. The last complete copy is restored instead, and nothing is run again; without a
+    copy the search stops with an error that names the file."""
     args = ["search", "--output", str(tmp_path), *SPACE, "--max-compute", "1.5"]
     run_floe(args)
     before = ledger(tmp_path)["trials"]
@@ -140,6 +141,11 @@ def test_a_smac_file_left_empty_by_a_kill_is_restored_on_resume(tmp_path):
     after = ledger(tmp_path)["trials"]
     assert [(t["id"], t["cost"], t["attempts"]) for t in after] == [(t["id"], t["cost"], t["attempts"]) for t in before]
     assert sorted(round(e["cost"], 10) for e in smac_runhistory(tmp_path)) == sorted(round(t["cost"], 10) for t in after)
+    (tmp_path / "smac" / "state.json").unlink()  # no saved copy: a clear error, nothing rerun or rebuilt
+    (folder / "optimization.json").write_text("")
+    proc = run_floe(args, check=False)
+    assert proc.returncode == 2 and "optimization.json is unreadable" in proc.stderr and "another --output" in proc.stderr
+    assert ledger(tmp_path)["trials"] == after
 
 
 def test_a_heterogeneous_allocation_keeps_its_shape_through_the_search(tmp_path):
