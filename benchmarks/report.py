@@ -277,6 +277,32 @@ def gpu_throughput(d):
                   "step vs PEFT, all layers (equal params)", "step vs PEFT, same layers"], rows)
 
 
+def task_arms(recipe):
+    """Per recipe: each arm's accuracy per seed, then mean ± std, wall time and trainable parameters."""
+    def render(d):
+        from statistics import mean, stdev
+
+        arms = ("zero_shot", "peft", "uniform", "campaign")
+        names = {"zero_shot": "zero-shot", "peft": "PEFT LoRA q,v r=8, all layers (PEFT itself)",
+                 "uniform": "floe-dist uniform LoRA (same adapter, data, steps)", "campaign": "floe-dist campaign"}
+        rows_in = sorted((r for r in d["rows"] if r["recipe"] == recipe), key=lambda r: r["seed"])
+        rows = []
+        for arm in arms:
+            acc = [r[arm]["accuracy"] for r in rows_in]
+            spread = f" ± {100 * stdev(acc):.1f}" if len(acc) > 1 else ""
+            wall = mean(r[arm]["wall_s"] for r in rows_in)
+            params = {r[arm].get("trainable_parameters", 0) for r in rows_in}
+            steps = {r[arm].get("train_steps", 0) for r in rows_in}
+            rows.append([names[arm], " / ".join(f"{100 * a:.1f}" for a in acc), f"**{100 * mean(acc):.1f}{spread}%**",
+                         f"{wall:.0f} s", " / ".join(f"{p:,}" for p in sorted(params)),
+                         " / ".join(str(s) for s in sorted(steps))])
+        choices = "; ".join(f"seed {r['seed']}: {c['searched_allocation'] or '–'}, r={c['rank']}, lr {c['lr']:.1e}"
+                            for r in rows_in for c in [r["campaign"]])
+        return (table(["arm", "score per seed", "mean ± std", "wall (mean)", "trainable parameters", "train steps"],
+                      rows) + f"\n\nThe campaign's choices: {choices}.")
+    return render
+
+
 def lora_moe_layer(d):
     ms = ("base_ms", "router_ms", "floe_ms", "gather_ms", "loop_ms", "lora_ms")
     rows = [[r["call"], r["shape"], *(f"{r[k]:.3f}" for k in ms), f"**{r['floe_over_lora']:.2f}**",
@@ -304,6 +330,8 @@ TABLES = {
     "search-methods-smollm2": ("search_methods_smollm2", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
+    "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
+    "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
     "plan-calibration": ("plan_published", plan_published("calibration")),
     "plan-validation": ("plan_published", plan_published("validation")),
     "plan-cpu": ("plan_cpu", plan_cpu),

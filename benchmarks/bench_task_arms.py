@@ -1,0 +1,155 @@
+"""What a user gets per task from each way of adapting the model: zero-shot, PEFT LoRA, floe-dist's uniform LoRA,
+and the whole floe-dist campaign, seed by seed.
+
+    python benchmarks/bench_task_arms.py --config smollm2-arithmetic --seeds 0 1 2   # generative (~15 min a seed)
+    python benchmarks/bench_task_arms.py --config smollm2-sst2 --seeds 0 1 2         # multiple choice
+
+Arms, side by side in one run, all scored by the campaign's own evaluation (``evaluate_lm`` with the recipe's
+evaluate settings: choice log-likelihood accuracy, or greedy generation scored by its number on numeric tasks):
+- ``zero_shot``: the base model (the campaign's zero-shot stage).
+- ``peft``: what a user would run instead, through PEFT itself: ``get_peft_model`` with LoRA r=8, alpha 16,
+  dropout 0.05 on q_proj and v_proj of every layer; AdamW at lr 1e-3 with floe-dist's schedule (10% linear
+  warm-up, cosine to a tenth); the recipe's training steps and global batch (micro-batch x ranks) on the same
+  batches (``train_batch`` draws the same examples for 1 rank as for N); one process with every core.
+- ``uniform``: the same adapter, data and optimiser settings through ``floe-dist train`` (ZeRO-3 on the recipe's
+  ranks) and ``floe-dist evaluate``: same work as ``peft``, so their scores should agree and their times compare
+  the engines.
+- ``campaign``: ``floe-dist campaign`` with the recipe (score + search + train), seeded with the seed.
+Wall time per arm includes loading, training and the final evaluation (the campaign's also its zero-shot
+evaluation, scoring and search). Result: benchmarks/results/task_arms.json, one row per recipe and seed, written as
+each seed finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from statistics import mean, stdev
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_campaign_vs_peft import campaign  # noqa: E402
+from benchmarks.result_file import write_result  # noqa: E402
+
+LORA = {"targets": "q_proj,v_proj", "experts": 1, "rank": 8, "alpha": 16.0, "dropout": 0.05, "lr": 1e-3}
+
+
+def eval_args(recipe, **given):
+    from floe_dist.recipe import stage_settings
+    from floe_dist.stages.evaluate import EvalArgs
+
+    return EvalArgs(**{**stage_settings("evaluate", recipe, [f.name for f in fields(EvalArgs)]), **given})
+
+
+def train_args(recipe, seed: int, output: str):
+    from floe_dist.recipe import stage_settings
+    from floe_dist.stages.train import TrainArgs
+
+    settings = stage_settings("train", recipe, [f.name for f in fields(TrainArgs)])
+    return replace(TrainArgs(**settings), allocation=None, seed=seed, output=output, **LORA)
+
+
+def peft_lora(recipe, seed: int) -> dict:
+    """PEFT LoRA r=8 on q,v of every layer for the recipe's steps, evaluated like the campaign."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from floe_dist.data import load_task, train_batch
+    from floe_dist.distributed.engine import warmup_cosine
+    from floe_dist.modeling.answer_lm import AnswerLM
+    from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
+    from floe_dist.stages.evaluate import evaluate_lm
+
+    start = time.time()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    targs = train_args(recipe, seed, "unused")
+    model_dir = resolve_model(recipe.model.name)
+    tokenizer = load_tokenizer(model_dir)
+    lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
+                                                            lora_dropout=LORA["dropout"],
+                                                            target_modules=LORA["targets"].split(",")))
+    model = AnswerLM(lm.base_model.model)
+    train = load_task(targs.task, targs.split, data_format=targs.data_format, columns=targs.columns,
+                      tokenizer=tokenizer)[: targs.max_train_examples]
+    batch = targs.micro_batch * targs.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LORA["lr"], weight_decay=targs.weight_decay)
+    schedule = LambdaLR(opt, warmup_cosine(targs.steps, max(1, round(targs.warmup_ratio * targs.steps))))
+    model.train()
+    for step in range(targs.steps):
+        b = train_batch(train, tokenizer, step=step, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1,
+                        seed=seed, max_length=targs.max_length)
+        model(**b)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as zero_configs/zero3.json clips
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+    model.eval()
+    train_s = time.time() - start
+    result = evaluate_lm(eval_args(recipe), lm.base_model.model, tokenizer, torch.device("cpu"))
+    return {"wall_s": time.time() - start, "train_s": train_s, "accuracy": result["accuracy"],
+            "train_steps": targs.steps, "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def floe_uniform(recipe, seed: int) -> dict:
+    """The same LoRA through ``floe-dist train`` on the recipe's ranks, then ``floe-dist evaluate``."""
+    from launcher.campaign import stage_command
+    from floe_dist.stages.evaluate import run as evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = train_args(recipe, seed, str(Path(tmp) / "train"))
+        nproc = recipe.parallel.nproc * recipe.parallel.nodes
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        start = time.time()
+        subprocess.run(stage_command("train", args, nproc), cwd=REPO, env=env, check=True)
+        train_s = time.time() - start
+        trained = json.loads((Path(args.output) / "train.json").read_text())
+        result = evaluate(eval_args(recipe, adapter=str(Path(args.output) / "adapter")))
+    return {"wall_s": time.time() - start, "train_s": train_s, "accuracy": result["accuracy"],
+            "train_steps": trained["steps"], "trainable_parameters": trained["trainable_parameters"]}
+
+
+def summary(rows: list[dict], recipe: str) -> str:
+    lines = [f"== {recipe}, {len(rows)} seed(s): accuracy mean ± std (wall s) =="]
+    for arm in ("zero_shot", "peft", "uniform", "campaign"):
+        acc = [r[arm]["accuracy"] for r in rows]
+        wall = [r[arm].get("wall_s", 0.0) for r in rows]
+        spread = stdev(acc) if len(acc) > 1 else 0.0
+        lines.append(f"  {arm:10s} {100 * mean(acc):5.1f} ± {100 * spread:4.1f}%  ({mean(wall):.0f} s)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from floe_dist.recipe import load_recipe
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="smollm2-arithmetic")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ns = parser.parse_args()
+    recipe = load_recipe(ns.config)
+    rows = []
+    for seed in ns.seeds:
+        theirs = peft_lora(recipe, seed)
+        ours = floe_uniform(recipe, seed)
+        full = campaign(ns.config, seed)
+        row = {"key": f"{ns.config}/seed{seed}", "recipe": ns.config, "task": recipe.data.task, "seed": seed,
+               "zero_shot": {"accuracy": full["zero_shot"], "wall_s": full["stage_seconds"]["zero_shot"]},
+               "peft": theirs, "uniform": ours,
+               "campaign": {k: full[k] for k in ("wall_s", "accuracy", "trainable_parameters", "train_steps",
+                                                 "searched_allocation", "rank", "lr", "stage_seconds")}}
+        rows.append(row)
+        write_result("task_arms", [row], merge_key="key")
+        print(summary(rows, ns.config), flush=True)
+
+
+if __name__ == "__main__":
+    main()
