@@ -45,6 +45,27 @@ def origin_of(config) -> str:
     return "random" if "Random" in text or not text else text
 
 
+def ordered_maximizer(facade, scenario):
+    """SMAC's acquisition maximizer with its local-search start points in a fixed order.
+
+    SMAC 2.4.1 dedupes the start points through a ``set`` of Configurations, whose hash is that of a string,
+    so their order, and every random draw of the local search after it, changed with Python's per-process
+    hash seed: two runs with the same seed and results proposed different configurations from the first
+    model proposal on. Sorting the start points by their encoded values makes a search repeatable (and a
+    resumed one continue as the uninterrupted one would). Swaps the class of a private attribute.
+    """
+    from smac.acquisition.maximizer.local_search import LocalSearch
+
+    class OrderedLocalSearch(LocalSearch):
+        def _get_init_points_from_previous_configs(self, *args, **kwargs):
+            points = super()._get_init_points_from_previous_configs(*args, **kwargs)
+            return sorted(points, key=lambda config: config.get_array().tobytes())
+
+    maximizer = facade.get_acquisition_maximizer(scenario)
+    maximizer._local_search.__class__ = OrderedLocalSearch
+    return maximizer
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -113,6 +134,7 @@ class SmacProposer:
         self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
                            model=BB.get_model(scenario) if args.surrogate == "gp" else None,
                            random_design=facade.get_random_design(scenario, probability=interleave),
+                           acquisition_maximizer=ordered_maximizer(facade, scenario),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
                            config_selector=ConfigSelector(scenario, retrain_after=1, min_trials=min_points),
                            logging_level=40)
