@@ -63,7 +63,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
-    from floe_dist.data import load_task, train_batch
+    from floe_dist.data import load_task, tokenize, train_batch
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.stages.evaluate import accuracy, choice_scores
@@ -78,13 +78,14 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     model = AnswerLM(lm.base_model.model)
     train = load_task(recipe.data.task, "train")
     test = load_task(recipe.data.task, "test")[: recipe.evaluate.limit]
+    rows = tokenize(train, tokenizer, recipe.model.max_length)
     batch = recipe.train.micro_batch * recipe.parallel.nproc * recipe.parallel.nodes  # the campaign's global batch
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     def step(i: int) -> None:
-        b = train_batch(train, tokenizer, step=i, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1,
-                        seed=seed, max_length=recipe.model.max_length)
+        b = train_batch(rows, step=i, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1, seed=seed,
+                        pad_id=tokenizer.pad_token_id)
         model.train()
         model(**b)["loss"].backward()
         opt.step()

@@ -62,7 +62,7 @@ def peft_lora(recipe, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from torch.optim.lr_scheduler import LambdaLR
 
-    from floe_dist.data import load_task, train_batch
+    from floe_dist.data import load_task, tokenize, train_batch
     from floe_dist.distributed.engine import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
@@ -80,14 +80,15 @@ def peft_lora(recipe, seed: int) -> dict:
     model = AnswerLM(lm.base_model.model)
     train = load_task(targs.task, targs.split, data_format=targs.data_format, columns=targs.columns,
                       tokenizer=tokenizer)[: targs.max_train_examples]
+    rows = tokenize(train, tokenizer, targs.max_length)
     batch = targs.micro_batch * targs.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LORA["lr"], weight_decay=targs.weight_decay)
     schedule = LambdaLR(opt, warmup_cosine(targs.steps, max(1, round(targs.warmup_ratio * targs.steps))))
     model.train()
     for step in range(targs.steps):
-        b = train_batch(train, tokenizer, step=step, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1,
-                        seed=seed, max_length=targs.max_length)
+        b = train_batch(rows, step=step, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1, seed=seed,
+                        pad_id=tokenizer.pad_token_id)
         model(**b)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as zero_configs/zero3.json clips
         opt.step()

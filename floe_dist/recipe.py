@@ -38,6 +38,7 @@ class DataSection:
     task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
     data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
     columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
+    pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
 
 
 @dataclass

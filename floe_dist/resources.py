@@ -38,11 +38,17 @@ class Resources:
         return self.get(("examples", task, split, data_format, columns, tokenizer.name_or_path),
                         lambda: load_task(task, split, data_format=data_format, columns=columns, tokenizer=tokenizer))
 
-    def truncated(self, key: tuple, examples: list, tokenizer, max_length: int) -> int:
-        """How many of ``examples`` (named by ``key``) ``max_length`` cuts: it tokenises every one, so it is kept."""
-        from floe_dist.data import truncated
+    def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
+        """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many
+        examples ``max_length`` cuts."""
+        from floe_dist.data import tokenize
 
-        return self.get(("truncated", *key, max_length), lambda: truncated(examples, tokenizer, max_length))
+        def make():
+            rows = tokenize(examples, tokenizer, max_length)
+            cut = sum(rows["cut"])
+            return (tokenize(examples, tokenizer, max_length, pack=True) if pack else rows), cut
+
+        return self.get(("tokenized", *key, max_length, pack), make)
 
     def backbone(self, model_dir: Path, quant: str, layout, ds_config: dict):
         """The frozen backbone for training on ``layout``, without adapters; frozen linears pin no weight."""

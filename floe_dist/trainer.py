@@ -21,7 +21,7 @@ from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
-from floe_dist.distributed.runtime import all_reduce_sum, init_distributed
+from floe_dist.distributed.runtime import all_reduce_sum, init_distributed, main_rank_first
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
@@ -57,11 +57,15 @@ class Trainer:
         self.examples = res.examples(*data, self.tokenizer)[: args.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {args.task!r} has no training examples")
-        self.truncated = res.truncated((*data, args.max_train_examples), self.examples, self.tokenizer,
-                                       args.max_length)
+        with main_rank_first():  # the others then read the tokenised rows rank 0 cached
+            self.rows, self.truncated = res.tokenized((*data, args.max_train_examples), self.examples,
+                                                      self.tokenizer, args.max_length, args.pack)
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
                   f"{args.max_length} tokens and are cut (prompts from the left, plain text from the right)")
+        if args.pack and layout.is_main:
+            print(f"packed {len(self.examples)} training examples into {len(self.rows)} rows of <= {args.max_length} "
+                  f"tokens")
         self.lm = lm = res.backbone(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
         self.allocation = build_allocation(args, lm.config.num_hidden_layers)
         torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
@@ -133,9 +137,9 @@ class Trainer:
         grad_norm = None
         for micro in range(args.accumulation):
             torch.manual_seed(hash((args.seed, step, micro, layout.rank)) % 2**62)  # dropout, resumable
-            batch = train_batch(self.examples, self.tokenizer, step=step, micro=micro, rank=layout.rank,
-                                world=layout.world_size, micro_batch=args.micro_batch,
-                                accumulation=args.accumulation, seed=args.seed, max_length=args.max_length)
+            batch = train_batch(self.rows, step=step, micro=micro, rank=layout.rank, world=layout.world_size,
+                                micro_batch=args.micro_batch, accumulation=args.accumulation, seed=args.seed,
+                                pad_id=self.tokenizer.pad_token_id)
             result = engine(**{k: v.to(layout.torch_device) for k, v in batch.items()})
             stats = all_reduce_sum(torch.stack([result["loss"], result["ce"], result["balance"],
                                                 self.model.dropped_picks().to(result["loss"])]).detach())

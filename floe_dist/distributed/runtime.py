@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,20 @@ def init_distributed() -> DistInfo:
 
 def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextmanager
+def main_rank_first():
+    """Rank 0 runs the block before the others do (they then reuse what it cached), as Hugging Face's
+    ``main_process_first``; a world of one just runs it."""
+    import torch.distributed as dist
+
+    together = dist.is_initialized() and dist.get_world_size() > 1
+    if together and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if together and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

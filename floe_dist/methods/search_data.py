@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
-from floe_dist.data import Example, load_task, train_batch
+from floe_dist.data import Example, load_task, tokenize, train_batch
 
 
 def load_for_search(args, hold_out: int, device="cpu"):
@@ -27,6 +27,7 @@ def batch_stream(examples: list[Example], tokenizer, batch: int, seed: int, rank
     each yields its ``batch / world`` share, so the ranks together see what one process would."""
     if batch % world:
         raise ValueError(f"a batch of {batch} examples does not split over {world} ranks")
+    rows = tokenize(examples, tokenizer, max_length)
     return ({k: v.to(device) for k, v in train_batch(
-        examples, tokenizer, step=s, micro=0, rank=rank, world=world, micro_batch=batch // world, accumulation=1,
-        seed=seed, max_length=max_length).items()} for s in itertools.count())
+        rows, step=s, micro=0, rank=rank, world=world, micro_batch=batch // world, accumulation=1, seed=seed,
+        pad_id=tokenizer.pad_token_id).items()} for s in itertools.count())

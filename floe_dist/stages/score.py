@@ -49,6 +49,7 @@ class ScoreArgs:
     task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
     data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
     columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
+    pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     output: str = arg("runs/score", "output folder (warmup/, fisher.json, fisher.png, allocation.json)")
     quant: str = arg("none", "backbone: none or nf4")
     zero: str = arg("3", "DeepSpeed config for warm-up and scoring: 0, 2, 3 or a JSON path")
@@ -95,6 +96,7 @@ def warm_up(args: ScoreArgs, out: Path) -> Path:
     from floe_dist.stages.train import TrainArgs, run as train
 
     targs = TrainArgs(model=args.model, task=args.task, data_format=args.data_format, columns=args.columns,
+                      pack=args.pack,
                       output=str(out / "warmup"), targets=args.targets, experts=args.experts, rank=args.rank,
                       router=args.router, top_k=args.top_k, alpha=args.alpha, dropout=0.0, quant=args.quant,
                       zero=args.zero, steps=args.warmup_steps, micro_batch=args.micro_batch, lr=args.warmup_lr,

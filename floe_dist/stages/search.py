@@ -60,6 +60,7 @@ class SearchArgs:
     task: str = arg("sst2", "sst2, boolq, or a JSONL file; trials train on its fit split, score on val")
     data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
     columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
+    pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     ranks: str = arg("2,4,8,16,32,64", "rank choices (ordinal, so the surrogate sees a log scale): the largest rank of "
                                        "the allocation, whose other ranks scale with it (a HILO or GuiLoMo shape is kept)")
     lr: str = arg("1e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
@@ -251,7 +252,8 @@ def trial_spec(args: SearchArgs, trial: Trial, out: Path, base_file: Path) -> Tr
     trial_dir = (out / "trials" / f"{trial.id:04d}").resolve()
     common = {"model": args.model, "task": args.task, "data_format": args.data_format, "columns": args.columns,
               "quant": args.quant, "max_length": args.max_length}
-    train = TrainArgs(**common, output=str(trial_dir / "train"), allocation=str(trial_dir / "allocation.json"),
+    train = TrainArgs(**common, pack=args.pack, output=str(trial_dir / "train"),
+                      allocation=str(trial_dir / "allocation.json"),
                       split="fit", steps=int(trial.budget), lr=float(trial.config["lr"]), micro_batch=args.micro_batch,
                       zero=args.zero, seed=int(trial.seed), checkpoint_every=0, keep_checkpoints=1)
     evaluate = EvalArgs(**common, split="val", adapter=str(trial_dir / "train" / "adapter"), limit=args.val_limit)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from floe_dist.data import collate, encode, load_task, read_file, train_batch
+from floe_dist.data import collate, encode, load_task, read_file, tokenize, train_batch
 from floe_dist.modeling.backbone import load_tokenizer
 
 
@@ -70,16 +70,15 @@ def test_labels_mark_only_the_answer_tokens(tokenizer):
 
 
 def test_batch_stream_is_rank_layout_invariant_and_resumable(tokenizer):
-    examples = load_task("sst2", "train")
-    kw = dict(seed=3, max_length=64, accumulation=1)
+    rows = tokenize(load_task("sst2", "train"), tokenizer, 64)
+    kw = dict(seed=3, accumulation=1, pad_id=tokenizer.pad_token_id)
     for step in (0, 7, 151):  # 151 crosses into another epoch
-        one = train_batch(examples, tokenizer, step=step, micro=0, rank=0, world=1, micro_batch=4, **kw)
-        halves = [train_batch(examples, tokenizer, step=step, micro=0, rank=r, world=2, micro_batch=2, **kw)
-                  for r in (0, 1)]
+        one = train_batch(rows, step=step, micro=0, rank=0, world=1, micro_batch=4, **kw)
+        halves = [train_batch(rows, step=step, micro=0, rank=r, world=2, micro_batch=2, **kw) for r in (0, 1)]
         width = one["input_ids"].shape[1]
         joined = torch.cat([torch.nn.functional.pad(h["input_ids"], (0, width - h["input_ids"].shape[1]),
                                                     value=tokenizer.pad_token_id) for h in halves])
         assert torch.equal(one["input_ids"], joined)
-    again = train_batch(examples, tokenizer, step=7, micro=0, rank=0, world=1, micro_batch=4, **kw)
-    assert torch.equal(again["input_ids"], train_batch(examples, tokenizer, step=7, micro=0, rank=0, world=1,
-                                                       micro_batch=4, **kw)["input_ids"])
+    again = train_batch(rows, step=7, micro=0, rank=0, world=1, micro_batch=4, **kw)
+    assert torch.equal(again["input_ids"], train_batch(rows, step=7, micro=0, rank=0, world=1, micro_batch=4,
+                                                       **kw)["input_ids"])

@@ -3,10 +3,11 @@ generation scoring, and the train -> evaluate -> generate path on a user's files
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from floe_dist.data import collate, encode, load_task, read_file, train_batch, truncated
+from floe_dist.data import Example, collate, encode, load_task, read_file, tokenize, train_batch
 from floe_dist.generation import numeric_answer, score_generations
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from tests.conftest import run_floe
@@ -63,7 +64,7 @@ def test_chat_rows_learn_the_last_assistant_turn_under_the_chat_template(tmp_pat
 def test_text_rows_are_all_answer_and_long_ones_are_cut_and_counted(tmp_path, tokenizer):
     rows = [{"text": "word " * (5 + 300 * (i == 2))} for i in range(4)]
     examples = load_task(str(write_jsonl(tmp_path / "t.jsonl", rows)), "all", tokenizer=tokenizer)
-    assert all(e.prompt == "" for e in examples) and truncated(examples, tokenizer, 64) == 1
+    assert all(e.prompt == "" for e in examples) and sum(tokenize(examples, tokenizer, 64)["cut"]) == 1
     ids, n_answer = encode(tokenizer, examples[2].prompt, examples[2].choices[0], 64)
     assert len(ids) == n_answer == 64
 
@@ -85,11 +86,53 @@ def test_csv_parquet_and_save_to_disk_read_the_same_examples(tmp_path, tokenizer
 def test_batches_stay_a_pure_function_so_ranks_split_one_rank_batch(tmp_path, tokenizer):
     examples = load_task(str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows())), "train", columns=ALPACA_COLUMNS,
                          tokenizer=tokenizer)
-    kw = dict(step=3, micro=0, accumulation=1, seed=7, max_length=128)
-    one = train_batch(examples, tokenizer, rank=0, world=1, micro_batch=4, **kw)
-    parts = [train_batch(examples, tokenizer, rank=r, world=2, micro_batch=2, **kw) for r in (0, 1)]
-    got = [row[row != tokenizer.pad_token_id].tolist() for p in parts for row in p["input_ids"]]
-    assert got == [row[row != tokenizer.pad_token_id].tolist() for row in one["input_ids"]]
+    kw = dict(step=3, micro=0, accumulation=1, seed=7, pad_id=tokenizer.pad_token_id)
+    for rows in (tokenize(examples, tokenizer, 128), tokenize(examples, tokenizer, 128, pack=True)):
+        one = train_batch(rows, rank=0, world=1, micro_batch=4, **kw)
+        parts = [train_batch(rows, rank=r, world=2, micro_batch=2, **kw) for r in (0, 1)]
+        for key in ("input_ids", "labels"):
+            got = [row[m.bool()].tolist() for p in parts for row, m in zip(p[key], p["attention_mask"])]
+            assert got == [row[m.bool()].tolist() for row, m in zip(one[key], one["attention_mask"])]
+
+
+class NoTokenizing:
+    """A tokenizer that may be identified but not run: what a run that reuses the cache may touch."""
+
+    def __init__(self, tokenizer):
+        self.backend_tokenizer = tokenizer.backend_tokenizer
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenised again instead of reading the cache")
+
+
+def test_examples_are_tokenised_once_into_a_cache_that_ranks_and_reruns_read(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("FLOE_DIST_CACHE", str(tmp_path / "cache"))
+    examples = load_task(str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows())), "all", columns=ALPACA_COLUMNS,
+                         tokenizer=tokenizer)
+    rows = tokenize(examples, tokenizer, 40)
+    for ex, row in zip(examples, rows):  # what encode + collate make of each example, cut alike
+        ids, n_answer = encode(tokenizer, ex.prompt, ex.choices[0], 40)
+        assert row["input_ids"] == ids and row["labels"] == collate([(ids, n_answer)], 0)["labels"][0].tolist()
+    assert sum(rows["cut"]) == sum(len(tokenizer(e.prompt + e.choices[0]).input_ids) > 40 for e in examples) > 0
+    cached = sorted((tmp_path / "cache" / "tokenized").glob("*.arrow"))
+    assert [Path(f["filename"]) for f in rows.cache_files] == cached
+    again = tokenize(examples, NoTokenizing(tokenizer), 40)  # another rank or a rerun: read, not recomputed
+    assert again["input_ids"] == rows["input_ids"] and again.cache_files == rows.cache_files
+    assert tokenize(examples[1:], tokenizer, 40).cache_files != rows.cache_files  # other data, another file
+    assert tokenize(examples, tokenizer, 48).cache_files != rows.cache_files
+
+
+def test_packing_lays_examples_end_to_end_in_order_within_max_length(tokenizer):
+    examples = [Example("", (f"word {i} " * (1 + i % 7),), 0) for i in range(40)]
+    rows, packed = tokenize(examples, tokenizer, 32), tokenize(examples, tokenizer, 32, pack=True)
+    assert len(packed) < len(rows) and all(len(ids) <= 32 for ids in packed["input_ids"])
+    for key in ("input_ids", "labels"):  # nothing lost, nothing reordered
+        assert sum(packed[key], []) == sum(rows[key], [])
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    starts = {sum(lengths[:i]): i for i in range(len(rows))}  # stream offset where example i starts
+    for row in range(len(packed) - 1):  # each row ends on an example's end, and only when the next would overflow
+        end = len(sum(packed["input_ids"][:row + 1], []))
+        assert end in starts and len(packed["input_ids"][row]) + lengths[starts[end]] > 32
 
 
 @pytest.mark.parametrize("name,content,kwargs,message", [
@@ -115,9 +158,14 @@ def test_bad_data_fails_naming_the_file_and_row(tmp_path, tokenizer, name, conte
     assert name in str(err.value)
 
 
-def test_a_hub_dataset_id_says_how_to_bring_the_data_here():
-    with pytest.raises(ValueError, match=r"hub dataset.*save_to_disk\(DIR\)"):
-        load_task("tatsu-lab/alpaca", "train")
+def test_a_hub_dataset_id_that_cannot_be_reached_says_how_to_bring_the_data_here(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    for module in (datasets.config, huggingface_hub.constants):  # no hub: fail now, not after retries
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"hub dataset 'tatsu-lab/alpaca' could not be loaded.*save_to_disk\(DIR\)"):
+        load_task("tatsu-lab/alpaca", "train", data_format="alpaca")
 
 
 def test_chat_needs_a_tokenizer_with_a_template(tmp_path, tokenizer):
@@ -150,10 +198,10 @@ def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps(chat_rows()))
-    for data, columns in ((alpaca, ALPACA_COLUMNS), (chat, "messages=dialog")):
+    for data, columns, pack in ((alpaca, ALPACA_COLUMNS, True), (chat, "messages=dialog", False)):
         out = tmp_path / f"run-{data.stem}"
         common = dict(model="tiny", task=str(data), columns=columns)
-        train.run(train.TrainArgs(**common, steps=2, micro_batch=2, zero="0", output=str(out)))
+        train.run(train.TrainArgs(**common, pack=pack, steps=2, micro_batch=2, zero="0", output=str(out)))
         scored = evaluate.run(evaluate.EvalArgs(**common, adapter=str(out / "adapter"), max_new_tokens=4))
         assert scored["examples"] > 0 and scored["loss"] > 0 and "exact_match" in scored and scored["samples"]
         gen = tmp_path / f"{data.stem}.out.jsonl"

@@ -10,7 +10,7 @@ from floe_dist.stages.allocate import AllocateArgs, ModelShape, model_shape, run
 from floe_dist.allocation import Allocation
 from floe_dist.methods import REGISTRY, get
 from floe_dist.methods.hilo import schedule
-from floe_dist.data import load_task, train_batch
+from floe_dist.data import load_task, tokenize, train_batch
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from floe_dist.modeling.inject import inject_adapters
@@ -42,8 +42,8 @@ def test_every_allocator_builds_a_model_with_its_exact_count(method, tiny_shape,
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == allocation.trainable_parameters
     # ... and it trains: one step moves the loss on its batch
     tokenizer = load_tokenizer(tiny_model_dir)
-    batch = train_batch(load_task("sst2", "train"), tokenizer, step=0, micro=0, rank=0, world=1, micro_batch=4,
-                        accumulation=1, seed=0, max_length=64)
+    batch = train_batch(tokenize(load_task("sst2", "train"), tokenizer, 64), step=0, micro=0, rank=0, world=1,
+                        micro_batch=4, accumulation=1, seed=0, pad_id=tokenizer.pad_token_id)
     lm = AnswerLM(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)

@@ -93,13 +93,12 @@ def _probe_logits(model: str, adapter: Path | None, quant: str, out: Path) -> to
     return torch.load(out)
 
 
-def _reference_logits(run_dir: Path, quant: str) -> torch.Tensor:
-    """Logits with adapter weights consolidated from the last checkpoint by DeepSpeed's zero_to_fp32."""
+def _reference_model(run_dir: Path, quant: str) -> torch.nn.Module:
+    """The backbone with adapter weights consolidated from the last checkpoint by DeepSpeed's zero_to_fp32."""
     from floe_dist.allocation import Allocation
     from floe_dist.stages.export import consolidated_lora_state
     from floe_dist.modeling.backbone import load_backbone, resolve_model
     from floe_dist.modeling.inject import inject_adapters, lora_state_dict
-    from tests.floe_dist.logits_probe import PROBE_IDS
 
     ckpt = run_dir / "checkpoints"
     state = consolidated_lora_state(ckpt, (ckpt / "latest").read_text().strip())
@@ -110,7 +109,14 @@ def _reference_logits(run_dir: Path, quant: str) -> torch.Tensor:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k])
-        return model(PROBE_IDS).logits
+    return model.eval()
+
+
+def _reference_logits(run_dir: Path, quant: str) -> torch.Tensor:
+    from tests.floe_dist.logits_probe import PROBE_IDS
+
+    with torch.no_grad():
+        return _reference_model(run_dir, quant)(PROBE_IDS).logits
 
 
 def test_zero3_export_reloads_in_a_fresh_process(zero3_runs, tmp_path):
@@ -129,6 +135,32 @@ def test_nf4_zero3_export_reloads_in_a_fresh_process(tmp_path):
     base = _probe_logits("tiny", None, "nf4", tmp_path / "base.pt")
     assert (fresh - base).abs().max() > 1e-4
     torch.testing.assert_close(fresh, _reference_logits(out, "nf4"), rtol=0, atol=1e-6)
+    # generate on the NF4 backbone + LoRA-MoE export writes what greedy decoding by hand does
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": t, "output": "-"}) + "\n"
+                               for t in ("Review a fine film.", "Calculate 5 + 9.")))
+    run_floe(["generate", "--model", "tiny", "--adapter", str(out / "adapter"), "--quant", "nf4", "--input",
+              str(prompts), "--max-new-tokens", "6", "--output", str(tmp_path / "gen.jsonl")])
+    written = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert len(written) == 2 and all(w["generation"] for w in written)
+    assert [w["generation"] for w in written] == _greedy(_reference_model(out, "nf4"), [w["prompt"] for w in written])
+
+
+def _greedy(model, prompts: list[str], new_tokens: int = 6) -> list[str]:
+    """Greedy decoding one token at a time over the whole sequence (no KV cache, no batching)."""
+    from floe_dist.modeling.backbone import load_tokenizer, resolve_model
+
+    tokenizer, texts = load_tokenizer(resolve_model("tiny")), []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        start = len(ids)
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == tokenizer.eos_token_id:
+                break
+        texts.append(tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
+    return texts
 
 
 def test_plain_lora_export_loads_with_peft(tmp_path):
