@@ -81,6 +81,23 @@ class Allocation:
                           layers={i: {name: resize(m) for name, m in mods.items()} for i, mods in self.layers.items()},
                           alpha=self.alpha, dropout=self.dropout, meta=dict(self.meta))
 
+    def with_top_k(self, top_k: int) -> "Allocation":
+        """Every top-k-routed module with several experts routing each token to ``top_k`` of them (at most
+        its expert count); ranks, experts and dense modules unchanged: how a search applies a top-k choice."""
+        def route(m: ModuleAllocation) -> ModuleAllocation:
+            if m.router != "topk" or m.experts < 2:
+                return m
+            k = min(top_k, m.experts)
+            return replace(m, top_k=k, min_k=min(m.min_k, k))
+
+        return replace(self, meta=dict(self.meta), trainable_parameters=None,
+                       layers={i: {n: route(m) for n, m in mods.items()} for i, mods in self.layers.items()})
+
+    @property
+    def routes_top_k(self) -> bool:
+        """Some module picks among several experts per token: a top-k choice changes something."""
+        return any(m.router == "topk" and m.experts > 1 for mods in self.layers.values() for m in mods.values())
+
     @property
     def is_uniform(self) -> bool:
         """Every module the same: one expert count and one rank everywhere."""

@@ -105,6 +105,7 @@ class SearchSection:
     ranks: str = arg("2,4,8,16", "rank choices")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
+    top_ks: str = arg("", "experts-per-token choices of top-k routers, e.g. 1,2; empty keeps the allocation's")
     allocations: str = arg("uniform", "let the search also choose the allocation: the allocate stage's and these, "
                                       "comma-separated: uniform (every layer), random (as many layers, seeded), floe:K (Fisher "
                                "top-K; allocate.method floe) or NAME=FILE; allocate.budget, if set, sizes them all")

@@ -11,7 +11,8 @@ r=2 and >= 0.0446 for r=8).
 Fault injection for the failure tests: ``TOY_CRASH_RANK=r`` makes rank-r trials raise,
 ``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_NAN_RANK=r`` makes them cost NaN,
 ``TOY_DELAY=s`` makes every trial take ``s`` seconds longer, ``TOY_WORSE_ALLOCATION=NAME`` adds 0.05 to the
-cost of trials on the search candidate NAME. Every start appends to ``starts.log``.
+cost of trials on the search candidate NAME, ``TOY_BEST_TOP_K=k`` adds 0.01 to trials whose searched top_k is
+not k. Every start appends to ``starts.log``.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def run_trial(trial_dir: Path, resources=None) -> dict:
     if str(rank) == os.environ.get("TOY_NAN_RANK"):
         return {"cost": float("nan")}
     worse = Path(spec["base_allocation"]).stem == os.environ.get("TOY_WORSE_ALLOCATION")
-    return {"cost": toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"])) + 0.05 * worse}
+    off_k = "TOY_BEST_TOP_K" in os.environ and str(spec["config"].get("top_k")) != os.environ["TOY_BEST_TOP_K"]
+    cost = toy_cost(rank, float(spec["config"]["lr"]), int(spec["budget"]), int(spec["seed"]))
+    return {"cost": cost + 0.05 * worse + 0.01 * off_k}
 
 
 def main(trial_dir: Path) -> None:

@@ -29,6 +29,8 @@ def build_space(args: SearchArgs, seed: int):
     space.add(Float("lr", (lo, hi), log=True) if hi > lo else Constant("lr", lo))
     if args.expert_choices():
         space.add(OrdinalHyperparameter("experts", args.expert_choices()))
+    if args.top_k_choices():
+        space.add(OrdinalHyperparameter("top_k", args.top_k_choices()))
     return space
 
 
@@ -71,16 +73,17 @@ def _plain(config) -> dict:
 
 
 class GridProposer:
-    """Every rank x learning rate (x experts) point at ``--max-steps``, in a fixed order."""
+    """Every rank x learning rate (x experts x top-k) point at ``--max-steps``, in a fixed order."""
 
     def __init__(self, args: SearchArgs):
         lo, hi = args.lr_range()
         n = args.grid_lr_points if hi > lo else 1
         lrs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [lo]
-        experts = args.expert_choices() or [None]
+        experts, top_ks = args.expert_choices() or [None], args.top_k_choices() or [None]
         candidates = list(args.candidate_files()) if len(args.candidate_files()) > 1 else [None]
-        self.points = [{k: v for k, v in (("allocation", a), ("rank", r), ("lr", lr), ("experts", e)) if v is not None}
-                       for a, r, e, lr in itertools.product(candidates, args.rank_choices(), experts, lrs)]
+        self.points = [{k: v for k, v in (("allocation", a), ("rank", r), ("lr", lr), ("experts", e), ("top_k", k))
+                        if v is not None}
+                       for a, r, e, k, lr in itertools.product(candidates, args.rank_choices(), experts, top_ks, lrs)]
         self.budget = args.max_steps
 
     def resume(self, ledger: Ledger) -> list[Trial]:

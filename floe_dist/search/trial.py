@@ -26,7 +26,7 @@ from floe_dist.resources import Resources
 class TrialSpec:
     """``trial.json``: one trial, as the stage configurations it runs (written by ``floe-dist search``)."""
     trial_id: int
-    config: dict  # the sampled point: rank, lr (and experts)
+    config: dict  # the sampled point: rank, lr (and allocation, experts, top_k)
     budget: int  # optimizer steps
     seed: int
     base_allocation: str  # the allocation whose layers the sampled rank is applied to
@@ -44,10 +44,13 @@ class TrialSpec:
 
 def searched_allocation(base: Allocation, config: dict, method: str | None = None) -> Allocation:
     """The base allocation at a sampled point: its ranks scaled so the largest is ``rank`` (the shape of a
-    heterogeneous allocation is kept), or, when experts are searched too, every module resized."""
+    heterogeneous allocation is kept), or, when experts are searched too, every module resized; a searched
+    ``top_k`` then applies to every top-k router."""
     if config.get("experts"):
-        return base.resized(int(config["rank"]), int(config["experts"]), method=method)
-    return base.rank_scaled(int(config["rank"]), method=method)
+        sized = base.resized(int(config["rank"]), int(config["experts"]), method=method)
+    else:
+        sized = base.rank_scaled(int(config["rank"]), method=method)
+    return sized.with_top_k(int(config["top_k"])) if config.get("top_k") else sized
 
 
 def run_trial(trial_dir: Path, resources: Resources) -> dict | None:

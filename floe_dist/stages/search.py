@@ -7,11 +7,12 @@
 Each trial trains the layers of ``--allocation`` with a sampled rank and learning rate for a budget
 of optimizer steps and reports its validation cost (floe_dist/search/trial.py). ``--mode smac`` is SMAC's
 multi-fidelity facade (Hyperband over steps, ``--min-steps`` .. ``--max-steps``); ``bo`` is plain
-BO with every trial at ``--max-steps``; ``grid`` tries every rank x learning rate (x experts) at
+BO with every trial at ``--max-steps``; ``grid`` tries every rank x learning rate (x experts x top-k) at
 ``--max-steps``. SMAC and BO stop at ``--max-trials`` or when the trials' steps would pass
 ``--max-compute`` full trials, then wait for the running ones; the grid always runs to the end.
 
-With ``--candidates NAME=FILE,...`` the allocation is searched too (a categorical beside rank and lr).
+With ``--candidates NAME=FILE,...`` the allocation is searched too (a categorical beside rank and lr);
+``--experts`` and ``--top-ks`` add experts per module and experts per token (top-k routers) to the space.
 Trials run on warm workers (floe_dist/search/worker.py): local processes by default, Slurm jobs with
 ``--runner slurm --trial-workers warm``; ``--trial-workers cold`` starts a process or job per trial.
 
@@ -65,6 +66,8 @@ class SearchArgs:
                                        "the allocation, whose other ranks scale with it (a HILO or GuiLoMo shape is kept)")
     lr: str = arg("1e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
+    top_ks: str = arg("", "experts-per-token choices of top-k routers, e.g. 1,2 (capped at each module's experts); "
+                          "empty keeps the allocation's")
     candidates: str = arg("", "allocations to choose among, NAME=FILE,... (e.g. floe=a.json,uniform=b.json): a "
                               "categorical 'allocation' joins the space; each keeps its shape, the rank scales it")
     min_steps: int = arg(4, "smallest trial budget in optimizer steps (smac mode)")
@@ -105,6 +108,9 @@ class SearchArgs:
     def expert_choices(self) -> list[int]:
         return _int_list(self.experts, "--experts") if self.experts.strip() else []
 
+    def top_k_choices(self) -> list[int]:
+        return _int_list(self.top_ks, "--top-ks") if self.top_ks.strip() else []
+
     def candidate_files(self) -> dict[str, str]:
         """{name: allocation file} of --candidates (empty without)."""
         found = {}
@@ -130,7 +136,7 @@ class SearchArgs:
 
     def validate(self) -> None:
         problems = []
-        for check in (self.rank_choices, self.expert_choices, self.lr_range, self.candidate_files):
+        for check in (self.rank_choices, self.expert_choices, self.top_k_choices, self.lr_range, self.candidate_files):
             try:
                 check()
             except ValueError as err:
@@ -232,6 +238,11 @@ def run(args: SearchArgs) -> dict:
         if args.expert_choices() and not base.is_uniform:
             raise ValueError(f"--experts would give every module of allocation {name!r} the same shape, flattening "
                              f"its per-layer/per-expert sizes; search the rank (a scale on its ranks) alone")
+    most = max(args.expert_choices(), default=None)  # --experts resizes every module before top-k applies
+    if args.top_k_choices() and not any((base.resized(1, most) if most else base).routes_top_k
+                                        for base in bases.values()):
+        raise ValueError(f"--top-ks {args.top_ks}: no module of the allocation(s) {sorted(bases)} routes its tokens "
+                         f"top-k over several experts, so the choice would change nothing")
     files = {name: write_json_atomic(out / "candidates" / f"{name}.json", base.to_json()).resolve()
              for name, base in bases.items()}
     ledger = Ledger(out / "search.json", args)

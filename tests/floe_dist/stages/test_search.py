@@ -170,7 +170,8 @@ def test_a_heterogeneous_allocation_keeps_its_shape_through_the_search(tmp_path)
 
 
 def test_the_allocation_itself_is_searched_and_the_winner_keeps_its_shape(tmp_path):
-    """--candidates adds a categorical choice among allocation files; the toy makes 'uniform' 0.05 worse."""
+    """--candidates adds a categorical choice among allocation files and --top-ks one of experts per token; the
+    toy makes 'uniform' 0.05 worse and top-k 1 0.01 worse."""
     hetero, uniform = tmp_path / "hetero.json", tmp_path / "uniform.json"
     data = Allocation.uniform(4, ["q_proj"], experts=2, rank=2, top_k=1).to_json()
     for layer, ranks in zip(data["layers"], ([2, 2], [2, 4], [4, 6], [6, 8])):
@@ -179,16 +180,18 @@ def test_the_allocation_itself_is_searched_and_the_winner_keeps_its_shape(tmp_pa
     Allocation.uniform(4, ["q_proj", "v_proj"], rank=8).save(uniform)
     out = tmp_path / "s"
     run_floe(["search", "--mode", "grid", "--candidates", f"hilo={hetero},uniform={uniform}", "--output", str(out),
-              *SPACE, "--ranks", "4,16", "--lr", "1e-2", "--max-steps", "90"], env={"TOY_WORSE_ALLOCATION": "uniform"})
+              *SPACE, "--ranks", "4,16", "--top-ks", "1,2", "--lr", "1e-2", "--max-steps", "90"],
+             env={"TOY_WORSE_ALLOCATION": "uniform", "TOY_BEST_TOP_K": "2"})
     search = ledger(out)
-    assert sorted((t["config"]["allocation"], t["config"]["rank"]) for t in search["trials"]) == [
-        ("hilo", 4), ("hilo", 16), ("uniform", 4), ("uniform", 16)]
+    assert sorted((t["config"]["allocation"], t["config"]["rank"], t["config"]["top_k"]) for t in search["trials"]) \
+        == [(a, r, k) for a in ("hilo", "uniform") for r in (4, 16) for k in (1, 2)]
     summary = search["summary"]
-    assert summary["allocation"] == "hilo" and summary["rank"] == 4
+    assert summary["allocation"] == "hilo" and summary["rank"] == 4 and summary["incumbent"]["config"]["top_k"] == 2
     report = summary["candidates"]
     assert report["uniform"]["best_cost"] == pytest.approx(report["hilo"]["best_cost"] + 0.05)
     chosen = Allocation.load(out / "allocation.json")
     assert [chosen.layers[i]["q_proj"].ranks for i in range(4)] == [(1, 1), (1, 2), (2, 3), (3, 4)]  # scaled, kept
+    assert {chosen.layers[i]["q_proj"].top_k for i in range(4)} == {2}
     assert chosen.meta["search"]["allocation"] == "hilo" and set(chosen.meta["search"]["candidates"]) == {"hilo",
                                                                                                         "uniform"}
     bad = run_floe(["search", "--model", "tiny", "--candidates", f"a={hetero},b", "--allocation", str(hetero),
@@ -197,6 +200,10 @@ def test_the_allocation_itself_is_searched_and_the_winner_keeps_its_shape(tmp_pa
     bad = run_floe(["search", "--model", "tiny", "--candidates", f"a={hetero},b=/nowhere.json", "--allocation",
                     str(hetero), "--output", str(tmp_path / "bad")], check=False)
     assert "b=/nowhere.json: file not found" in bad.stderr and "not both" in bad.stderr
+    bad = run_floe(["search", "--allocation", str(uniform), "--top-ks", "1,2", "--output", str(tmp_path / "bad-k"),
+                    *SPACE], check=False)  # one expert per module: nothing to route
+    assert bad.returncode == 2 and "routes its tokens top-k" in bad.stderr
+    assert not (tmp_path / "bad-k" / "trials").exists()
 
 
 def test_crashed_and_timed_out_trials_are_recorded_as_failed_and_the_search_completes(tmp_path):
