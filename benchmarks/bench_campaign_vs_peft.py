@@ -2,6 +2,8 @@
 
     python benchmarks/bench_campaign_vs_peft.py                        # default recipe, seeds 0 1 2 (~45 min, 2 cores)
     python benchmarks/bench_campaign_vs_peft.py --config smollm2-sst2 --seeds 0
+    python benchmarks/bench_campaign_vs_peft.py --override --search.min_steps 4 --search.max_steps 12 \
+        --result campaign_vs_peft_rungs     # the recipe with other settings, into another result file
 
 Per seed, side by side in one run: (1) the campaign (score + search + train + evaluations; ``--score.seed``,
 ``--search.seed``, ``--search.trial_seed`` and ``--train.seed`` set to the seed), timed from its start to its summary;
@@ -34,13 +36,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 
 
-def campaign(recipe: str, seed: int) -> dict:
+def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
         start = time.time()
         subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--config", recipe, "--output", str(out),
-                        "--score.seed", str(seed), "--search.seed", str(seed), "--search.trial_seed", str(seed),
-                        "--train.seed", str(seed)], cwd=REPO, check=True)
+                        *overrides, "--score.seed", str(seed), "--search.seed", str(seed), "--search.trial_seed",
+                        str(seed), "--train.seed", str(seed)], cwd=REPO, check=True)
         wall = time.time() - start
         summary = json.loads((out / "campaign.json").read_text())
         steps = json.loads((out / "train" / "train.json").read_text())["steps"]
@@ -118,17 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="smollm2-sst2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--result", default="campaign_vs_peft", help="benchmarks/results/NAME.json")
+    parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
+                        help="last: recipe settings for the campaign, as --section.key value pairs")
     ns = parser.parse_args()
-    recipe = load_recipe(ns.config)
+    recipe = load_recipe(ns.config, ns.override)
     rows = []
     for seed in ns.seeds:  # each seed's row is written as soon as it is measured (rows merge by seed)
-        ours = campaign(ns.config, seed)
+        ours = campaign(ns.config, seed, ns.override)
         theirs = peft_lora(recipe, seed, ours["wall_s"], ours["stage_seconds"]["final_eval"])
         rows.append({"seed": seed, "recipe": ns.config, "campaign": ours, "peft": theirs})
         print(f"seed {seed}: campaign {ours['accuracy']:.4f} in {ours['wall_s']:.0f}s ({ours['train_steps']} final "
               f"steps); PEFT LoRA {theirs['accuracy']:.4f} in {theirs['wall_s']:.0f}s ({theirs['train_steps']} steps)",
               flush=True)
-        write_result("campaign_vs_peft", rows[-1:], merge_key="seed")
+        write_result(ns.result, rows[-1:], merge_key="seed", overrides=ns.override)
     acc = {arm: [r[arm]["accuracy"] for r in rows] for arm in ("campaign", "peft")}
     spread = {arm: stdev(v) if len(v) > 1 else 0.0 for arm, v in acc.items()}
     print(f"\n== {ns.config}, {len(rows)} seeds: campaign {100 * mean(acc['campaign']):.1f} ± "

@@ -342,6 +342,7 @@ TABLES = {
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
+    "campaign-vs-peft-rungs": ("campaign_vs_peft_rungs", campaign_vs_peft),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
     "plan-calibration": ("plan_published", plan_published("calibration")),

@@ -220,7 +220,6 @@ def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", toke
     import datasets
 
     check_format(data_format, dataset_id)
-    datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(dataset_id, split="train", cache_dir=str(cache_dir() / "datasets")).to_list()
     except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
@@ -268,8 +267,8 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
     elif task.count("/") == 1 and not task.startswith((".", "/")):
         examples = read_hub(task, data_format, columns, tokenizer)
     else:
-        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a data file (.json, .jsonl, .csv, "
-                         f".parquet, .arrow) or a save_to_disk folder")
+        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
+                         f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
     if split == "all":
         return examples
     if split not in SPLITS:
@@ -285,10 +284,14 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
     """Token ids of prompt + answer and the answer length: the prompt is cut from the left to fit; an answer
     longer than ``max_length`` alone (plain text) keeps its first ``max_length`` tokens."""
-    a = tokenizer(answer, add_special_tokens=False).input_ids[:max_length]
     p = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-    keep = max_length - len(a)
-    return (p[-keep:] if keep > 0 else []) + a, len(a)
+    return _join(p, tokenizer(answer, add_special_tokens=False).input_ids, max_length)
+
+
+def _join(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> tuple[list[int], int]:
+    answer = answer_ids[:max_length]
+    keep = max_length - len(answer)
+    return (prompt_ids[-keep:] if keep > 0 else []) + answer, len(answer)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -323,9 +326,7 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, *, pack: bool 
         prompts = tokenizer(batch["prompt"], add_special_tokens=False).input_ids
         out = {"input_ids": [], "labels": [], "cut": []}
         for p, a in zip(prompts, answers):
-            keep = max_length - min(len(a), max_length)
-            ids = (p[-keep:] if keep > 0 else []) + a[:max_length]
-            n_answer = min(len(a), max_length)
+            ids, n_answer = _join(p, a, max_length)
             out["input_ids"].append(ids)
             out["labels"].append([-100] * (len(ids) - n_answer) + ids[len(ids) - n_answer:])
             out["cut"].append(len(p) + len(a) > max_length)
@@ -340,13 +341,13 @@ def _pack(data, max_length: int, cache_file: Path):
     """Examples laid end to end in their order, a new row started whenever the next would overflow
     ``max_length`` (an example is never split; each already fits). Each keeps its own labels; it attends to
     the examples before it in its row (no block-diagonal mask), as plain packing does (TRL's ``packing``
-    without padding-free attention). Fewer, fuller rows: no step is spent on padding."""
+    without padding-free attention). Fewer, fuller rows: little of a batch is padding."""
     def pack_all(batch: dict) -> dict:
         rows = {"input_ids": [], "labels": [], "cut": []}
         for ids, labels, cut in zip(batch["input_ids"], batch["labels"], batch["cut"]):
             if not rows["input_ids"] or len(rows["input_ids"][-1]) + len(ids) > max_length:
-                for column in rows.values():
-                    column.append([] if column is not rows["cut"] else False)
+                for column, empty in (("input_ids", []), ("labels", []), ("cut", False)):
+                    rows[column].append(empty)
             rows["input_ids"][-1] += ids
             rows["labels"][-1] += labels
             rows["cut"][-1] |= cut

@@ -183,19 +183,12 @@ class WarmPool(LocalPool):
         while True:
             done = []
             for slot, (launch, proc, start) in list(self.running.items()):
-                seconds, worker = time.monotonic() - start, f"warm:{slot}:pid{proc.pid}"
-                if (launch.trial_dir / "result.json").is_file():
-                    if not _finite_cost(launch.trial_dir / "result.json"):
-                        _kill_group(proc)  # it is on its way out (worker.py): no next trial goes to it
-                    done.append(Outcome(launch.trial_id, "success", seconds, worker))
-                elif proc.poll() is not None:
-                    done.append(_outcome(launch, proc.returncode or 1, False, seconds, worker))
-                elif seconds > launch.timeout:
-                    _kill_group(proc)
-                    done.append(_outcome(launch, None, True, seconds, worker))
-                else:
-                    continue
-                del self.running[slot]
+                code = proc.poll()
+                outcome = _warm_outcome(launch, start, f"warm:{slot}:pid{proc.pid}",
+                                        None if code is None else code or 1, lambda: _kill_group(proc))
+                if outcome:
+                    done.append(outcome)
+                    del self.running[slot]
             if done or not self.running:
                 return done
             time.sleep(poll_seconds)
@@ -259,20 +252,14 @@ class SlurmWorkers:
             queued, done = SlurmRunner._queued(), []
             for slot, (launch, start) in list(self.running.items()):
                 job = self.jobs[slot]
-                seconds, worker = time.monotonic() - start, f"slurm-worker:{job}"
-                if (launch.trial_dir / "result.json").is_file():
-                    if not _finite_cost(launch.trial_dir / "result.json"):
-                        self._cancel(slot)  # it is on its way out (worker.py)
-                    done.append(Outcome(launch.trial_id, "success", seconds, worker))
-                elif queued is not None and job not in queued:
-                    del self.jobs[slot]
-                    done.append(_outcome(launch, 1, False, seconds, worker))
-                elif seconds > launch.timeout:
-                    self._cancel(slot)
-                    done.append(_outcome(launch, None, True, seconds, worker))
-                else:
-                    continue
-                del self.running[slot]
+                gone = queued is not None and job not in queued  # the job ended under its trial
+                outcome = _warm_outcome(launch, start, f"slurm-worker:{job}", 1 if gone else None,
+                                        lambda: self._cancel(slot))
+                if outcome:
+                    if gone and outcome.status != "success":
+                        del self.jobs[slot]  # the slot's next trial gets a new job
+                    done.append(outcome)
+                    del self.running[slot]
             if done:
                 return done
             time.sleep(poll_seconds)
@@ -285,6 +272,23 @@ class SlurmWorkers:
         subprocess.run(["scancel", "--name", self.name], capture_output=True)
         self.jobs.clear()
         self.running.clear()
+
+
+def _warm_outcome(launch: Launch, start: float, worker: str, exit_code: int | None, stop) -> Outcome | None:
+    """What became of a trial on a warm worker (process or job), None while it runs: its result (a non-finite
+    cost also ends the worker: worker.py exits after it, and ``stop`` makes sure no next trial goes to it), the
+    worker gone under it (``exit_code`` set: crashed), or past its time limit (``stop``, then a timeout)."""
+    seconds = time.monotonic() - start
+    if (launch.trial_dir / "result.json").is_file():
+        if not _finite_cost(launch.trial_dir / "result.json"):
+            stop()
+        return Outcome(launch.trial_id, "success", seconds, worker)
+    if exit_code is not None:
+        return _outcome(launch, exit_code, False, seconds, worker)
+    if seconds > launch.timeout:
+        stop()
+        return _outcome(launch, None, True, seconds, worker)
+    return None
 
 
 def _finite_cost(result: Path) -> bool:
