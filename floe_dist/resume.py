@@ -15,10 +15,12 @@ from floe_dist.allocation import write_json_atomic
 
 
 def changed_settings(before: dict[str, Any], now: dict[str, Any], may_change: Iterable[str] = ()) -> dict:
-    """``{key: (old, new)}`` for every key whose value differs, except those that may change."""
+    """``{key: (old, new)}`` for every key whose value differs, except those that may change. A setting added
+    since the work was saved (absent from it) and now off (None, False, empty) is what that work did: unchanged."""
     keep = set(may_change)
     normal = json.loads(json.dumps(now))  # compare as saved: tuples become lists, keys strings
-    return {k: (before.get(k), v) for k, v in normal.items() if k not in keep and before.get(k) != v}
+    return {k: (before.get(k), v) for k, v in normal.items()
+            if k not in keep and before.get(k) != v and (k in before or v not in (None, False, ""))}
 
 
 def describe(changed: dict) -> str:

@@ -25,3 +25,12 @@ def test_without_work_to_resume_the_guard_only_records(tmp_path):
     assert json.loads(saved.read_text()) == {"rank": 8}
     guard(saved, {"rank": 2}, what="a run", active=False, write=False)
     assert json.loads(saved.read_text()) == {"rank": 8}
+
+
+def test_a_setting_added_since_the_work_was_saved_counts_as_changed_only_when_turned_on(tmp_path):
+    saved = tmp_path / "args.json"
+    saved.write_text(json.dumps({"rank": 4}))  # written by a version without "pack" and "top_ks"
+    guard(saved, {"rank": 4, "pack": False, "top_ks": ""}, what="a run")  # off: what the older run did
+    saved.write_text(json.dumps({"rank": 4}))
+    with pytest.raises(ValueError, match=r"pack \(None -> True\)"):
+        guard(saved, {"rank": 4, "pack": True}, what="a run")
