@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
-from floe_dist.data import collate, encode, load_task, tokenize, train_batch  # noqa: E402
+from floe_dist.data import collate, encode, load_task, pack, tokenize, train_batch  # noqa: E402
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model  # noqa: E402
 
 BATCHES, MICRO_BATCH = 100, 8
@@ -58,7 +58,7 @@ def main() -> None:
             os.environ["FLOE_DIST_CACHE"] = cache
             rows, cold = timed(lambda: tokenize(examples, tokenizer, ns.max_length))
             rows, warm = timed(lambda: tokenize(examples, tokenizer, ns.max_length))
-            packed = tokenize(examples, tokenizer, ns.max_length, pack=True)
+            packed = pack(rows, ns.max_length)
             _, draw_cached = timed(lambda: [train_batch(rows, step=s, micro=0, rank=0, world=1, micro_batch=MICRO_BATCH,
                                                         accumulation=1, seed=0, pad_id=pad) for s in range(BATCHES)])
 

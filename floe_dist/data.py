@@ -305,11 +305,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return Hasher.hash(tokenizer)
 
 
-def tokenize(examples: list[Example], tokenizer, max_length: int, *, pack: bool = False):
+def tokenize(examples: list[Example], tokenizer, max_length: int):
     """Every example as ``input_ids`` and ``labels`` (-100 but on the answer; cut as ``encode`` cuts), in a
     ``datasets.Dataset`` whose Arrow file sits in floe-dist's cache under a hash of the examples, the
     tokenizer and ``max_length``: ranks, search trials and reruns on the same data memory-map it instead of
-    tokenising again. Its ``cut`` column marks the examples ``max_length`` truncated. ``pack``: see ``_pack``."""
+    tokenising again. Its ``cut`` column marks the examples ``max_length`` truncated."""
     import datasets
 
     digest = hashlib.sha256(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), max_length]).encode())
@@ -332,28 +332,30 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, *, pack: bool 
             out["cut"].append(len(p) + len(a) > max_length)
         return out
 
-    data = source.map(encode_batch, batched=True, remove_columns=["prompt", "answer"], new_fingerprint=key,
+    return source.map(encode_batch, batched=True, remove_columns=["prompt", "answer"], new_fingerprint=key,
                       cache_file_name=str(folder / f"{key}.arrow"), desc="tokenise")
-    return _pack(data, max_length, folder / f"{key}-packed{max_length}.arrow") if pack else data
 
 
-def _pack(data, max_length: int, cache_file: Path):
+def pack(rows, max_length: int):
     """Examples laid end to end in their order, a new row started whenever the next would overflow
     ``max_length`` (an example is never split; each already fits). Each keeps its own labels; it attends to
     the examples before it in its row (no block-diagonal mask), as plain packing does (TRL's ``packing``
-    without padding-free attention). Fewer, fuller rows: little of a batch is padding."""
-    def pack_all(batch: dict) -> dict:
-        rows = {"input_ids": [], "labels": [], "cut": []}
-        for ids, labels, cut in zip(batch["input_ids"], batch["labels"], batch["cut"]):
-            if not rows["input_ids"] or len(rows["input_ids"][-1]) + len(ids) > max_length:
-                for column, empty in (("input_ids", []), ("labels", []), ("cut", False)):
-                    rows[column].append(empty)
-            rows["input_ids"][-1] += ids
-            rows["labels"][-1] += labels
-            rows["cut"][-1] |= cut
-        return rows
+    without padding-free attention). Fewer, fuller rows: little of a batch is padding. Cached beside ``rows``'
+    own file (``tokenize``'s), so ranks and reruns read it too."""
+    cache_file = Path(rows.cache_files[0]["filename"]).with_suffix(f".packed{max_length}.arrow")
 
-    return data.map(pack_all, batched=True, batch_size=None, new_fingerprint=cache_file.stem,
+    def pack_all(batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "cut": []}
+        for ids, labels, cut in zip(batch["input_ids"], batch["labels"], batch["cut"]):
+            if not out["input_ids"] or len(out["input_ids"][-1]) + len(ids) > max_length:
+                for column, empty in (("input_ids", []), ("labels", []), ("cut", False)):
+                    out[column].append(empty)
+            out["input_ids"][-1] += ids
+            out["labels"][-1] += labels
+            out["cut"][-1] |= cut
+        return out
+
+    return rows.map(pack_all, batched=True, batch_size=None, new_fingerprint=cache_file.stem.replace(".", "-"),
                     cache_file_name=str(cache_file), desc="pack")
 
 

@@ -41,12 +41,11 @@ class Resources:
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
         """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many
         examples ``max_length`` cuts."""
-        from floe_dist.data import tokenize
+        from floe_dist.data import pack as pack_rows, tokenize
 
         def make():
             rows = tokenize(examples, tokenizer, max_length)
-            cut = sum(rows["cut"])
-            return (tokenize(examples, tokenizer, max_length, pack=True) if pack else rows), cut
+            return (pack_rows(rows, max_length) if pack else rows), sum(rows["cut"])
 
         return self.get(("tokenized", *key, max_length, pack), make)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from floe_dist.data import Example, collate, encode, load_task, read_file, tokenize, train_batch
+from floe_dist.data import Example, collate, encode, load_task, pack, read_file, tokenize, train_batch
 from floe_dist.generation import numeric_answer, score_generations
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from tests.conftest import run_floe
@@ -87,7 +87,7 @@ def test_batches_stay_a_pure_function_so_ranks_split_one_rank_batch(tmp_path, to
     examples = load_task(str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows())), "train", columns=ALPACA_COLUMNS,
                          tokenizer=tokenizer)
     kw = dict(step=3, micro=0, accumulation=1, seed=7, pad_id=tokenizer.pad_token_id)
-    for rows in (tokenize(examples, tokenizer, 128), tokenize(examples, tokenizer, 128, pack=True)):
+    for rows in (tokenize(examples, tokenizer, 128), pack(tokenize(examples, tokenizer, 128), 128)):
         one = train_batch(rows, rank=0, world=1, micro_batch=4, **kw)
         parts = [train_batch(rows, rank=r, world=2, micro_batch=2, **kw) for r in (0, 1)]
         for key in ("input_ids", "labels"):
@@ -124,7 +124,8 @@ def test_examples_are_tokenised_once_into_a_cache_that_ranks_and_reruns_read(tmp
 
 def test_packing_lays_examples_end_to_end_in_order_within_max_length(tokenizer):
     examples = [Example("", (f"word {i} " * (1 + i % 7),), 0) for i in range(40)]
-    rows, packed = tokenize(examples, tokenizer, 32), tokenize(examples, tokenizer, 32, pack=True)
+    rows = tokenize(examples, tokenizer, 32)
+    packed = pack(rows, 32)
     assert len(packed) < len(rows) and all(len(ids) <= 32 for ids in packed["input_ids"])
     for key in ("input_ids", "labels"):  # nothing lost, nothing reordered
         assert sum(packed[key], []) == sum(rows[key], [])
@@ -198,10 +199,10 @@ def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps(chat_rows()))
-    for data, columns, pack in ((alpaca, ALPACA_COLUMNS, True), (chat, "messages=dialog", False)):
+    for data, columns, packed in ((alpaca, ALPACA_COLUMNS, True), (chat, "messages=dialog", False)):
         out = tmp_path / f"run-{data.stem}"
         common = dict(model="tiny", task=str(data), columns=columns)
-        train.run(train.TrainArgs(**common, pack=pack, steps=2, micro_batch=2, zero="0", output=str(out)))
+        train.run(train.TrainArgs(**common, pack=packed, steps=2, micro_batch=2, zero="0", output=str(out)))
         scored = evaluate.run(evaluate.EvalArgs(**common, adapter=str(out / "adapter"), max_new_tokens=4))
         assert scored["examples"] > 0 and scored["loss"] > 0 and "exact_match" in scored and scored["samples"]
         gen = tmp_path / f"{data.stem}.out.jsonl"
