@@ -1,6 +1,7 @@
 """Shared fixtures: the model cache, a CLI runner for 1..N local ranks, process-group teardown."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -53,14 +54,19 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
-def floe_command(args: list[str], nproc: int = 1) -> list[str]:
-    """`floe-dist ARGS` as one process, or under torchrun with nproc local ranks on a free port."""
+def python_command(argv: list[str], nproc: int = 1) -> list[str]:
+    """`python ARGV` as one process, or under torchrun with nproc local ranks on a free port."""
     if nproc == 1:
-        return [sys.executable, "-m", "launcher.cli", *args]
+        return [sys.executable, *argv]
     from floe_dist.distributed.runtime import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "-m", "launcher.cli", *args]
+            f"--master_port={free_port()}", *argv]
+
+
+def floe_command(args: list[str], nproc: int = 1) -> list[str]:
+    """`floe-dist ARGS` as one process, or under torchrun with nproc local ranks on a free port."""
+    return python_command(["-m", "launcher.cli", *args], nproc)
 
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -73,11 +79,39 @@ def clean_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+_FORKED: list = []  # this test process's forked-CLI server (tests/forked_cli.py), started on first use
+
+
+def _forked_cli(env: dict[str, str]):
+    """The server that forks runs, when it can run this one (FLOE_TEST_FRESH=1: never)."""
+    if os.environ.get("FLOE_TEST_FRESH") == "1":
+        return None
+    if not _FORKED:
+        from tests.forked_cli import ForkedCli
+
+        _FORKED.append(ForkedCli(clean_env(1), REPO))
+        atexit.register(_FORKED[0].close)
+    server = _FORKED[0]
+    return server if server.serves(env) and not server.lock.locked() else None
+
+
+def run_python(argv: list[str], nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
+               torchrun: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGV` to completion on nproc local ranks with torchrun's environment, forked from a server that has
+    the stack imported when the environment allows (tests/forked_cli.py); else, or with ``torchrun=True``, one
+    fresh process or torchrun itself."""
     env = {**clean_env(nproc), **(env or {})}
-    proc = subprocess.run(floe_command(args, nproc), cwd=REPO, env=env, capture_output=True, text=True,
+    server = None if torchrun else _forked_cli(env)
+    if server is not None:
+        return server.run(argv, env, REPO, timeout, nproc)
+    return subprocess.run(python_command(argv, nproc), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600,
+             env: dict[str, str] | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """`floe-dist ARGS` (see ``run_python``); a failure raises with its stderr unless ``check=False``."""
+    proc = run_python(["-m", "launcher.cli", *args], nproc, timeout, env, torchrun)
     if check and proc.returncode != 0:
         raise AssertionError(f"floe-dist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

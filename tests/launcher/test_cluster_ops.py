@@ -142,7 +142,7 @@ def test_mpi_and_pdsh_launches_train_like_torchrun(tmp_path, openmpi_bin, local_
     test_rendered_deepspeed_launch_runs_over_two_nodes); pdsh logs in over ssh, so the ranks get
     their variables from DS_ENV_FILE."""
     train = ["train", "--model", "tiny", "--steps", "3", "--micro-batch", "2"]
-    run_floe([*train, "--output", str(tmp_path / "torchrun")], nproc=2)
+    run_floe([*train, "--output", str(tmp_path / "torchrun")], nproc=2, torchrun=True)
     expected = [m["loss"] for m in read_metrics(tmp_path / "torchrun")]
     venv_bin = Path(sys.executable).parent
     mpich = {**clean_env(2), "PATH": f"{venv_bin}:{os.environ['PATH']}"}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, clean_env, read_metrics, run_floe
+from tests.conftest import REPO, clean_env, read_metrics, run_floe, run_python
 
 PROBE = "tests/floe_dist/distributed/ep_probe.py"
 MOE = ["--model", "tiny", "--experts", "4", "--top-k", "2", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
@@ -26,12 +26,9 @@ MOE = ["--model", "tiny", "--experts", "4", "--top-k", "2", "--rank", "4", "--ta
 
 
 def _probe(tmp_path: Path, nproc: int, ep_size: int) -> dict:
-    from floe_dist.distributed.runtime import free_port
-
     out = tmp_path / f"probe_{nproc}_{ep_size}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", PROBE, str(ep_size), str(out)]
-    subprocess.run(cmd, cwd=REPO, env=clean_env(nproc), check=True, capture_output=True, timeout=300)
+    proc = run_python([str(PROBE), str(ep_size), str(out)], nproc, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
@@ -130,17 +127,13 @@ def test_a_two_rank_checkpoint_resumes_on_four_ranks_with_another_ep_size(ep_run
 def test_exports_load_across_layouts(ep_runs, tmp_path):
     """The split run's export loads in one process; the replicated run's export splits over 2 EP ranks;
     both give the same logits."""
-    from floe_dist.distributed.runtime import free_port
-
     replicated, split = ep_runs
-    single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, "tests/floe_dist/logits_probe.py", "tiny", str(split / "adapter"), "none",
-                    str(single)], cwd=REPO, env=clean_env(1), check=True, capture_output=True, timeout=300)
-    sharded = tmp_path / "sharded.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={free_port()}", "tests/floe_dist/logits_probe.py", "tiny",
-                    str(replicated / "adapter"), "none", str(sharded), "--ep-size", "2"],
-                   cwd=REPO, env=clean_env(2), check=True, capture_output=True, timeout=300)
+    probe = "tests/floe_dist/logits_probe.py"
+    single, sharded = tmp_path / "single.pt", tmp_path / "sharded.pt"
+    for argv, nproc in (([probe, "tiny", str(split / "adapter"), "none", str(single)], 1),
+                        ([probe, "tiny", str(replicated / "adapter"), "none", str(sharded), "--ep-size", "2"], 2)):
+        proc = run_python(argv, nproc, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(sharded), torch.load(single), rtol=1e-5, atol=1e-5)
 
 

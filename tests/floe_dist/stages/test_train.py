@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, run_floe
+from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, run_floe, run_python
 
 MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
 PROBE = "tests/floe_dist/logits_probe.py"
@@ -88,8 +88,8 @@ def test_tensorboard_has_loss_lr_balance_and_expert_load(zero3_runs):
 
 def _probe_logits(model: str, adapter: Path | None, quant: str, out: Path) -> torch.Tensor:
     """Logits of a fixed batch, computed in a fresh Python process."""
-    args = [sys.executable, PROBE, model, str(adapter or "-"), quant, str(out)]
-    subprocess.run(args, cwd=REPO, check=True, capture_output=True, timeout=300)
+    proc = run_python([str(PROBE), model, str(adapter or "-"), quant, str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
 
