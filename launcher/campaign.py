@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from floe_dist.allocation import write_json_atomic
-from floe_dist.distributed.runtime import free_port
+from floe_dist.distributed.runtime import die_with_parent, free_port
 from floe_dist.recipe import Recipe, read_recipe, stage_settings, write_recipe
 from floe_dist.resume import changed_settings, describe
 
@@ -101,7 +101,7 @@ class Campaign:
             command = srun_stage_command(stage_argv(stage, stage_args), p.nodes, p.nproc)
         else:
             command = stage_command(stage, stage_args, p.nproc)
-        code = subprocess.call(command, env=env)
+        code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # a killed campaign leaves no stage
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
                                     f"rerun the campaign to resume it")

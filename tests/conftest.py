@@ -80,6 +80,7 @@ def clean_env(nproc: int) -> dict[str, str]:
 
 
 _FORKED: list = []  # this test process's forked-CLI server (tests/forked_cli.py), started on first use
+_SESSION_ENV = dict(os.environ)  # the server's environment: not that of whichever test starts it
 
 
 def _forked_cli(env: dict[str, str]):
@@ -89,10 +90,16 @@ def _forked_cli(env: dict[str, str]):
     if not _FORKED:
         from tests.forked_cli import ForkedCli
 
-        _FORKED.append(ForkedCli(clean_env(1), REPO))
+        server_env = {k: v for k, v in _SESSION_ENV.items() if k not in LAUNCHER_VARS}
+        _FORKED.append(ForkedCli(server_env, REPO))
         atexit.register(_FORKED[0].close)
     server = _FORKED[0]
-    return server if server.serves(env) and not server.lock.locked() else None
+    usable = server.serves(env) and not server.lock.locked()
+    if os.environ.get("FLOE_TEST_FORK_LOG"):
+        changed = sorted(k for k in set(env) | set(server.env) if env.get(k) != server.env.get(k))
+        with open(os.environ["FLOE_TEST_FORK_LOG"], "a") as log:
+            log.write(f"{os.getpid()} {'forked' if usable else 'fresh'} {changed}\n")
+    return server if usable else None
 
 
 def run_python(argv: list[str], nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,

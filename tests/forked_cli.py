@@ -31,8 +31,9 @@ PRELOAD = ("torch", "numpy", "transformers", "transformers.models.llama.modeling
            "safetensors.torch", "torch.utils.tensorboard", "smac", "ConfigSpace", "matplotlib", "launcher.cli",
            "floe_dist.stages.train", "floe_dist.stages.score", "floe_dist.stages.search",
            "floe_dist.stages.evaluate", "floe_dist.stages.generate", "floe_dist.stages.allocate")
-# read when a run needs them (by floe-dist, the toy objective or pytest), never at import: these may differ
-RUNTIME_VARS = ("TOY_", "FLOE_DIST_", "PYTEST_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+# read when a run needs them (by floe-dist, the toy objective, pytest or torch's compiler, which exports its cache
+# folder in the test process once something compiled there), never at import: these may differ
+RUNTIME_VARS = ("TOY_", "FLOE_DIST_", "PYTEST_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _run_child(request: dict, rank_env: dict[str, str]) -> None:

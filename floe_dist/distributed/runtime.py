@@ -115,6 +115,24 @@ def mpi_rendezvous(world_size: int) -> tuple[str, int] | None:
     return world.bcast(mine, root=0)
 
 
+def die_with_parent() -> None:
+    """This process gets SIGTERM when the process that started it dies (Linux PR_SET_PDEATHSIG; elsewhere a no-op).
+
+    torchrun and the deepspeed launcher start their ranks in sessions of their own, so ``kill -9`` of a job's
+    process group (what a user or a local scheduler does) killed the launcher and left the ranks training on,
+    unseen: a rerun to resume then raced them on the same checkpoints and metrics (measured: a resumed run's
+    metrics.jsonl held 53 lines for 40 steps). Ranks of those launchers, a campaign's stages and search trials
+    call it; under Slurm or MPI the job's processes die together anyway.
+    """
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent); returns this process's place."""
     import deepspeed
@@ -123,6 +141,8 @@ def init_distributed() -> DistInfo:
     # torch 2.13 warns on every ZeRO-3 step that all_gather_into_tensor/reduce_scatter_tensor are
     # deprecated (DeepSpeed still calls them): one line per step drowns the progress bar.
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's or deepspeed's rank
+        die_with_parent()
     info = discover()
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
     if "MASTER_PORT" not in os.environ and info.world_size > 1 and mpi_launched():

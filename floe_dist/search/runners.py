@@ -19,7 +19,6 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -29,6 +28,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from floe_dist.distributed.runtime import die_with_parent
 
 # Launcher variables of the *search* process that must not leak into a trial's own launch.
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
@@ -77,12 +78,9 @@ def _outcome(launch: Launch, code: int | None, timed_out: bool, seconds: float, 
 def _die_with_parent() -> None:
     """Runs in the child before exec: own process group, and SIGTERM when the search dies."""
     os.setsid()
-    try:
-        # SIGTERM, not SIGKILL: torchrun and the deepspeed launcher start their ranks in sessions of
-        # their own and only take them down when they get the chance to (measured: SIGKILL orphans them).
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    # SIGTERM, not SIGKILL: torchrun and the deepspeed launcher start their ranks in sessions of their own and
+    # only take them down when they get the chance to (their ranks also die with them: runtime.init_distributed)
+    die_with_parent()
 
 
 def default_workers(nproc_per_trial: int, threads_per_rank: int) -> int:
