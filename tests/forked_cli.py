@@ -31,9 +31,11 @@ PRELOAD = ("torch", "numpy", "transformers", "transformers.models.llama.modeling
            "safetensors.torch", "torch.utils.tensorboard", "smac", "ConfigSpace", "matplotlib", "launcher.cli",
            "floe_dist.stages.train", "floe_dist.stages.score", "floe_dist.stages.search",
            "floe_dist.stages.evaluate", "floe_dist.stages.generate", "floe_dist.stages.allocate")
-# read when a run needs them (by floe-dist, the toy objective, pytest or torch's compiler, which exports its cache
-# folder in the test process once something compiled there), never at import: these may differ
-RUNTIME_VARS = ("TOY_", "FLOE_DIST_", "PYTEST_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")
+# read when a run needs them, never at import: by floe-dist and the tests' emulations (FLOE_, TOY_), pytest, the
+# Slurm commands of the test cluster (SLURM_CONF, set once that cluster is up), and torch (its compiler exports
+# its cache folder in the test process once something compiled there): these may differ
+RUNTIME_VARS = ("TOY_", "FLOE_", "PYTEST_", "SLURM_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+                "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK")
 
 
 def _run_child(request: dict, rank_env: dict[str, str]) -> None:
