@@ -114,13 +114,14 @@ def search_compute(d):
 
 
 def search_workers(d):
+    cold = all(r["vs_cold_1"] is not None for r in d["rows"])
     rows = [[r["arm"], r["trial"], f"{r['trials']}", f"{r['wall_s']:.0f} s", f"{r['trials_per_h']:.1f}",
-             f"{r['mean_trial_s']:.1f} s", f"**{r['overhead_share']:.0%}**", f"{r['vs_cold_1']:.2f}×"]
-            for r in d["rows"]]
+             f"{r['mean_trial_s']:.1f} s", f"**{r['overhead_share']:.0%}**",
+             *([f"{r['vs_cold_1']:.2f}×"] if cold else [])] for r in d["rows"]]
     return table(["arm", "trial", "trials", "search wall", "trials/h", "mean trial wall", "overhead share",
-                  "trials/h vs cold"], rows) + (
+                  *(["trials/h vs cold"] if cold else [])], rows) + (
         f"\n\nWarm, 2 workers vs 1: **{d['two_vs_one_workers']:.2f}×** trials per hour (goal ≥ 1.7×). "
-        f"Identical costs in all three arms: {d['identical_costs']}.")
+        f"Identical costs in every arm: {d['identical_costs']}.")
 
 
 def search_methods(d):
@@ -336,9 +337,11 @@ TABLES = {
     "search-compute": ("search_compute", search_compute),
     "expert-parallel": ("expert_parallel", expert_parallel),
     "search-workers": ("search_workers_smollm2", search_workers),
+    "search-workers-12": ("search_workers_12", search_workers),
     "search-methods": ("search_methods", search_methods),
     "search-methods-calibration": ("search_methods_calibration", search_methods),
     "search-methods-smollm2": ("search_methods_smollm2", search_methods),
+    "search-methods-seeds200": ("search_methods_seeds200", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
