@@ -84,7 +84,8 @@ _SESSION_ENV = dict(os.environ)  # the server's environment: not that of whichev
 
 
 def _forked_cli(env: dict[str, str]):
-    """The server that forks runs, when it can run this one (FLOE_TEST_FRESH=1: never)."""
+    """The server that forks runs, when it can run this one (FLOE_TEST_FRESH=1: never; FLOE_TEST_FORK_LOG=FILE:
+    a line per run, forked or fresh, with the variables that differ from the server's)."""
     if os.environ.get("FLOE_TEST_FRESH") == "1":
         return None
     if not _FORKED:
