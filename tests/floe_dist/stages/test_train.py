@@ -190,7 +190,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted_run
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (killed / "metrics.jsonl").is_file() and len(read_metrics(killed)) >= 12:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun; its ranks (own sessions) die with it: die_with_parent
             break
         time.sleep(0.02)
     proc.wait()
