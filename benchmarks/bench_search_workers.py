@@ -80,7 +80,9 @@ def main() -> None:
     for row in rows:
         print(f"{row['arm']:16s} wall {row['wall_s']:6.0f}s  {row['trials_per_h']:6.1f} trials/h  "
               f"overhead share {row['overhead_share']:.0%}")
-    print(f"warm 2 workers vs 1: {two_vs_one}x trials/h; identical costs in every arm: {same}")
+    if two_vs_one is not None:
+        print(f"warm 2 workers vs 1: {two_vs_one:.2f}x trials/h")
+    print(f"identical costs in every arm: {same}")
     write_result(ns.result or f"search_workers_{ns.preset}", rows, identical_costs=same,
                  two_vs_one_workers=two_vs_one)
 

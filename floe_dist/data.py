@@ -342,6 +342,8 @@ def pack(rows, max_length: int):
     the examples before it in its row (no block-diagonal mask), as plain packing does (TRL's ``packing``
     without padding-free attention). Fewer, fuller rows: little of a batch is padding. Cached beside ``rows``'
     own file (``tokenize``'s), so ranks and reruns read it too."""
+    if not rows.cache_files:
+        raise ValueError("pack() takes the rows tokenize() returns (an on-disk dataset), not an in-memory one")
     cache_file = Path(rows.cache_files[0]["filename"]).with_suffix(f".packed{max_length}.arrow")
 
     def pack_all(batch: dict) -> dict:

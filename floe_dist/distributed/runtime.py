@@ -14,7 +14,9 @@ The backend follows the hardware: NCCL when CUDA is present, gloo on CPU.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import warnings
 from contextlib import contextmanager
@@ -124,10 +126,7 @@ def die_with_parent() -> None:
     metrics.jsonl held 53 lines for 40 steps). Ranks of those launchers, a campaign's stages and search trials
     call it; under Slurm or MPI the job's processes die together anyway.
     """
-    try:
-        import ctypes
-        import signal
-
+    try:  # also runs between fork and exec (preexec_fn): nothing to import here
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
