@@ -68,6 +68,32 @@ def ordered_maximizer(facade, scenario):
     return maximizer
 
 
+def distinct_configs(intensifier, runhistory, patience: int = 1000) -> None:
+    """Make SMAC's stream of new configurations skip those it already proposed.
+
+    While no result is in, SMAC 2.4.1's config selector samples the configuration space without checking what it
+    proposed before, from a space seeded like the initial design's copy, so its first random configuration was the
+    initial design's first (every toy search's first bracket held one configuration twice; halving promoted it
+    twice, and the next bracket opened before the first had all its results). ``patience`` repeats in a row end
+    the stream, SMAC's own signal that the space is exhausted. Replaces a private attribute of smac 2.4.1 (pinned).
+    """
+    inner = intensifier._config_generator
+
+    def stream():
+        issued = set(runhistory.get_configs())  # on resume: everything already run or drawn into a rung
+        issued.update(c for stage in intensifier._tracker.values() for _, configs in stage for c in configs)
+        repeats = 0
+        for config in inner:
+            if config not in issued:
+                repeats = 0
+                issued.add(config)
+                yield config
+            elif (repeats := repeats + 1) >= patience:
+                return
+
+    intensifier._config_generator = stream()
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -141,6 +167,7 @@ class SmacProposer:
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
                            config_selector=ConfigSelector(scenario, retrain_after=1, min_trials=min_points),
                            logging_level=40)
+        distinct_configs(self.smac.intensifier, self.smac.runhistory)
         self.max_steps = args.max_steps
         self.multi = multi
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
