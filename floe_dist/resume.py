@@ -1,4 +1,5 @@
-"""One resume guard for every stage: work saved under other settings is never silently continued.
+"""One resume guard for every stage: work saved under other settings is never silently continued, and
+an output folder is written by one live run at a time.
 
 A stage writes the settings it ran with beside its outputs; a rerun into the same folder compares
 them and, if a setting that shapes the result changed, refuses with the keys that changed (old ->
@@ -7,9 +8,14 @@ run (workers, timeouts, how many more steps) are listed by each stage as ``may_c
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from floe_dist.allocation import write_json_atomic
 
@@ -38,3 +44,53 @@ def guard(saved: Path, settings: dict[str, Any], *, what: str, may_change: Itera
                              f"use another --output, or the same settings to resume it")
     if write:
         write_json_atomic(saved, settings)
+
+
+LOCK_NAME = ".floe-dist.lock"
+
+
+@contextmanager
+def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
+    """Hold ``folder`` for one run: a second run on it (a command started twice, a resume while the killed
+    run's processes still live) would interleave checkpoints, metrics and trials. An ``flock``, which the kernel
+    drops when its holder dies, kill -9 included, so nothing stale is ever left; ``wait`` seconds for a run that
+    is just ending. The lock file goes when the run ends, and the folder too if the run created it and left it
+    empty (refused arguments leave nothing behind). Advisory and host-local: run rank 0 on one host."""
+    folder = Path(folder)
+    created = not folder.exists()
+    path, deadline = folder / LOCK_NAME, time.monotonic() + wait
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)  # again after a holder that created it took it as it ended
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise ValueError(f"{folder} is in use by another floe-dist run ({holder}); wait for it to end or stop "
+                             f"it, or use another --output") from None
+        if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
+            break
+        handle.close()  # the holder removed this file as it ended: lock the one now there
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiter sees the file gone and locks a new one
+        handle.close()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def exclusive_output(output: str | None):
+    """``exclusive`` over a stage's ``--output`` folder, taken by the launch's rank 0 only (a file output, or none:
+    nothing to hold)."""
+    if not output or Path(output).suffix or os.environ.get("RANK", "0") != "0":
+        return nullcontext()
+    return exclusive(Path(output))

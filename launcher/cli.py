@@ -129,8 +129,9 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
-def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]):
-    """A stage's dataclass from its flags; with --config, the recipe's settings are the defaults."""
+def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, Callable]:
+    """A stage's dataclass from its flags (with --config, the recipe's settings are the defaults), and what saves
+    the resolved recipe in its output folder."""
     from floe_dist.recipe import load_recipe, stage_settings, write_recipe
 
     ns, extra = sub.parse_known_args(argv)
@@ -146,11 +147,15 @@ def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[st
         ns, _ = sub.parse_known_args(argv)
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     output = getattr(args, "output", None)
-    if recipe is not None and output and not Path(output).suffix and os.environ.get("RANK", "0") == "0":
-        write_recipe(Path(output), recipe)  # the resolved recipe beside the stage's outputs
-        if hasattr(args, "recipe") and args.recipe is None:
-            args.recipe = str(Path(output) / "recipe.yaml")
-    return args
+    if recipe is None or not output or Path(output).suffix or os.environ.get("RANK", "0") != "0":
+        return args, lambda: None
+    if hasattr(args, "recipe") and args.recipe is None:
+        args.recipe = str(Path(output) / "recipe.yaml")
+
+    def save_recipe() -> None:  # the resolved recipe beside the stage's outputs, once the folder is this run's
+        write_recipe(Path(output), recipe)
+
+    return args, save_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     cls, fn, _ = stages[name]
     try:
-        args = campaign_args(rest) if name == "campaign" else stage_args(name, cls, subs[name], rest)
-        fn(args)
+        args, save_recipe = (campaign_args(rest), lambda: None) if name == "campaign" else \
+            stage_args(name, cls, subs[name], rest)
+        from floe_dist.resume import exclusive_output
+
+        # `slurm` only writes and submits a script: the job's stage holds its folder
+        with exclusive_output(None if name == "slurm" else getattr(args, "output", None)):
+            save_recipe()
+            fn(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)
         return 2

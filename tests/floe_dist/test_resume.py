@@ -1,11 +1,16 @@
-"""The one resume guard: changed settings are named, how-to-run settings may change, nothing else does."""
+"""The one resume guard: changed settings are named, how-to-run settings may change, nothing else does; and one
+live run per output folder."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from floe_dist.resume import guard
+from floe_dist.resume import LOCK_NAME, exclusive, guard
+from tests.conftest import REPO, run_floe
 
 
 def test_the_guard_names_changed_keys_and_lets_how_to_run_settings_change(tmp_path):
@@ -34,3 +39,41 @@ def test_a_setting_added_since_the_work_was_saved_counts_as_changed_only_when_tu
     saved.write_text(json.dumps({"rank": 4}))
     with pytest.raises(ValueError, match=r"pack \(None -> True\)"):
         guard(saved, {"rank": 4, "pack": True}, what="a run")
+
+
+HOLD = ("import sys, time; from floe_dist.resume import exclusive; hold = exclusive(sys.argv[1]); hold.__enter__(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_run_on_a_live_output_folder_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    folder = tmp_path / "train"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"{folder} is in use by another floe-dist run \(pid {holder.pid} on "):
+            with exclusive(folder, wait=0.5):
+                pass
+        proc = run_floe(["train", "--config", "tiny", "--output", str(folder), "--train.steps", "2"], check=False)
+        assert proc.returncode == 2 and f"is in use by another floe-dist run (pid {holder.pid}" in proc.stderr
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]  # the refused run wrote nothing there
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(folder, wait=0):  # kill -9 released it: nothing stale to clean up
+        assert (folder / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+    assert not (folder / LOCK_NAME).exists()  # a run that ends takes its lock file with it
+
+
+def test_a_run_that_waits_for_the_lock_takes_it_when_the_holder_ends(tmp_path):
+    folder = tmp_path / "search"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.replace("time.sleep(600)", "time.sleep(1); hold.__exit__("
+                               "None, None, None); time.sleep(600)"), str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with exclusive(folder, wait=60):  # the holder's file goes as it ends: this run locks the one now there
+            assert (folder / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+            assert holder.poll() is None  # the holder process lives on: the lock, not its exit, was released
+    finally:
+        holder.kill()
+        holder.wait()
