@@ -47,6 +47,8 @@ METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMA
                          ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
            "rf-min6": ("SMAC RF, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "6"]),
+           "rf-min9": ("SMAC RF, model on the highest budget with >= 9 results (a first rung)",
+                       ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "9"]),
            "twice-bohb": ("SMAC RF, model on the highest budget with >= 2(dims+1) results",
                           ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "2(dims+1)"]),
            "rf-init9": ("SMAC RF, BOHB's rule, initial design = the first rung (9)",

@@ -89,8 +89,10 @@ def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
 
 
 def exclusive_output(output: str | None):
-    """``exclusive`` over a stage's ``--output`` folder, taken by the launch's rank 0 only (a file output, or none:
-    nothing to hold)."""
-    if not output or Path(output).suffix or os.environ.get("RANK", "0") != "0":
+    """``exclusive`` over a stage's ``--output`` folder, taken by the launch's rank 0 only (torchrun, deepspeed,
+    mpirun or srun: ``discover``); a file output, or none: nothing to hold."""
+    from floe_dist.distributed.runtime import discover
+
+    if not output or Path(output).suffix or not discover().is_main:
         return nullcontext()
     return exclusive(Path(output))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import types
 import typing
@@ -147,7 +146,9 @@ def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[st
         ns, _ = sub.parse_known_args(argv)
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     output = getattr(args, "output", None)
-    if recipe is None or not output or Path(output).suffix or os.environ.get("RANK", "0") != "0":
+    from floe_dist.distributed.runtime import discover
+
+    if recipe is None or not output or Path(output).suffix or not discover().is_main:
         return args, lambda: None
     if hasattr(args, "recipe") and args.recipe is None:
         args.recipe = str(Path(output) / "recipe.yaml")
