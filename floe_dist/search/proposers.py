@@ -81,7 +81,8 @@ def distinct_configs(intensifier, runhistory, patience: int = 1000) -> None:
 
     def stream():
         issued = set(runhistory.get_configs())  # on resume: everything already run or drawn into a rung
-        issued.update(c for stage in intensifier._tracker.values() for _, configs in stage for c in configs)
+        rungs = getattr(intensifier, "_tracker", {})  # successive halving's rungs (bo mode's intensifier has none)
+        issued.update(c for stage in rungs.values() for _, configs in stage for c in configs)
         repeats = 0
         for config in inner:
             if config not in issued:
