@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
 from floe_dist.recipe import load_recipe, read_recipe, recipe_parser
+from floe_dist.resume import LOCK_NAME, exclusive
 from launcher.cli import build_parser, _stages
-from tests.conftest import run_floe
+from tests.conftest import REPO, clean_env, floe_command, run_floe
 
 
 def test_every_sub_command_has_grouped_help_and_every_option_a_help_line():
@@ -51,6 +56,32 @@ def test_a_failed_campaign_stage_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "train stage failed" in proc.stderr and "empty allocation" in proc.stderr
     assert "Traceback" not in proc.stderr.split("train stage failed")[-1]
+
+
+def test_a_killed_campaign_takes_its_running_stage_with_it(tmp_path):
+    """kill -9 of the campaign alone: its stage (a torchrun group scoring layers, here with a warm-up of 100,000
+    steps) gets SIGTERM from the kernel (``die_with_parent``) and lets go of its folder, so a rerun can resume."""
+    out = tmp_path / "c"
+    lock = out / "allocate" / LOCK_NAME
+    with open(tmp_path / "campaign.log", "w") as log:
+        campaign = subprocess.Popen(floe_command(["campaign", "--config", "tiny", "--output", str(out),
+                                                  "--score.warmup_steps", "100000"]),
+                                    cwd=REPO, env=clean_env(1), stdout=log, stderr=subprocess.STDOUT)
+    holder = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.is_file() and lock.read_text().startswith("pid ")):  # the score stage holds its folder
+            assert campaign.poll() is None and time.monotonic() < deadline, (tmp_path / "campaign.log").read_text()
+            time.sleep(0.5)
+        holder = int(lock.read_text().split()[1])
+        campaign.send_signal(signal.SIGKILL)
+        campaign.wait()
+        with exclusive(out / "allocate", wait=30):  # refused after 30 s if the stage lived on
+            pass
+    finally:
+        campaign.kill()
+        if holder and lock.is_file() and lock.read_text().startswith(f"pid {holder} "):
+            os.kill(holder, signal.SIGKILL)  # only when the stage outlived its campaign: the failure case
 
 
 USER_RECIPE = """\
