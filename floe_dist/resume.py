@@ -55,7 +55,8 @@ def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
     run's processes still live) would interleave checkpoints, metrics and trials. An ``flock``, which the kernel
     drops when its holder dies, kill -9 included, so nothing stale is ever left; ``wait`` seconds for a run that
     is just ending. The lock file goes when the run ends, and the folder too if the run created it and left it
-    empty (refused arguments leave nothing behind). Advisory and host-local: run rank 0 on one host."""
+    empty (refused arguments leave nothing behind). Advisory (only floe-dist takes it); across hosts, as reliable
+    as the shared filesystem's flock."""
     folder = Path(folder)
     created = not folder.exists()
     path, deadline = folder / LOCK_NAME, time.monotonic() + wait
