@@ -40,7 +40,8 @@ def search(out: Path, p: dict, workers: str, n_workers: int, lr_points: int) -> 
     start = time.time()
     subprocess.run([sys.executable, "-m", "launcher.cli", "search", "--output", str(out), "--mode", "grid",
                     "--model", p["model"], "--task", "sst2", "--ranks", p["ranks"], "--lr", p["lr"],
-                    "--grid-lr-points", str(lr_points), "--max-steps", str(p["steps"]), "--micro-batch", str(p["micro_batch"]),
+                    "--grid-lr-points", str(lr_points), "--max-steps", str(p["steps"]),
+                    "--micro-batch", str(p["micro_batch"]),
                     "--val-limit", str(p["val_limit"]), "--trial-threads", "1", "--workers", str(n_workers),
                     "--trial-workers", workers], cwd=REPO, env=env, check=True)
     wall = time.time() - start

@@ -120,8 +120,8 @@ def search_workers(d):
              *([f"{r['vs_cold_1']:.2f}×"] if cold else [])] for r in d["rows"]]
     return table(["arm", "trial", "trials", "search wall", "trials/h", "mean trial wall", "overhead share",
                   *(["trials/h vs cold"] if cold else [])], rows) + (
-        f"\n\nWarm, 2 workers vs 1: **{d['two_vs_one_workers']:.2f}×** trials per hour (goal ≥ 1.7×). "
-        f"Identical costs in every arm: {d['identical_costs']}.")
+        (f"\n\nWarm, 2 workers vs 1: **{d['two_vs_one_workers']:.2f}×** trials per hour (goal ≥ 1.7×)."
+         if d["two_vs_one_workers"] is not None else "\n") + f" Identical costs in every arm: {d['identical_costs']}.")
 
 
 def search_methods(d):

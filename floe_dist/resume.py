@@ -8,14 +8,15 @@ run (workers, timeouts, how many more steps) are listed by each stage as ``may_c
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from filelock import FileLock, Timeout
 
 from floe_dist.allocation import write_json_atomic
 
@@ -52,41 +53,41 @@ LOCK_NAME = ".floe-dist.lock"
 @contextmanager
 def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
     """Hold ``folder`` for one run: a second run on it (a command started twice, a resume while the killed
-    run's processes still live) would interleave checkpoints, metrics and trials. An ``flock``, which the kernel
-    drops when its holder dies, kill -9 included, so nothing stale is ever left; ``wait`` seconds for a run that
-    is just ending. The lock file goes when the run ends, and the folder too if the run created it and left it
-    empty (refused arguments leave nothing behind). Advisory (only floe-dist takes it); across hosts, as reliable
-    as the shared filesystem's flock."""
+    run's processes still live) would interleave checkpoints, metrics and trials. filelock's ``flock``, which the
+    kernel drops when its holder dies, kill -9 included, so nothing stale is ever left; ``wait`` seconds for a run
+    that is just ending. The holder writes who it is in the lock file, so a refusal names it. A folder the run
+    created and left holding only the lock goes too (refused arguments leave nothing behind). Advisory (only
+    floe-dist takes it); across hosts, as reliable as the shared filesystem's flock."""
     folder = Path(folder)
     created = not folder.exists()
-    path, deadline = folder / LOCK_NAME, time.monotonic() + wait
+    path = folder / LOCK_NAME
+
+    def record_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+
     while True:
-        folder.mkdir(parents=True, exist_ok=True)  # again after a holder that created it took it as it ended
-        handle = open(path, "a+")
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=wait, on_acquired=record_holder)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            if time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
+            lock.acquire()
+            break
+        except FileNotFoundError:  # the holder created the folder, left it empty and took it as it ended
+            continue
+        except Timeout:
+            holder = (path.read_text().strip() if path.exists() else "") or "another process"
             raise ValueError(f"{folder} is in use by another floe-dist run ({holder}); wait for it to end or stop "
                              f"it, or use another --output") from None
-        if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
-            break
-        handle.close()  # the holder removed this file as it ended: lock the one now there
     try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still held: a waiter sees the file gone and locks a new one
-        handle.close()
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            path.unlink()  # while held: filelock's waiters see the unlinked file and take a new one
+        lock.release()
+        if created:
+            with suppress(OSError):  # only when empty: not once outputs (or a waiting run's lock file) are there
+                folder.rmdir()
 
 
 def exclusive_output(output: str | None):

@@ -128,10 +128,10 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
-def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, Callable]:
-    """A stage's dataclass from its flags (with --config, the recipe's settings are the defaults), and what saves
-    the resolved recipe in its output folder."""
-    from floe_dist.recipe import load_recipe, stage_settings, write_recipe
+def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, Any]:
+    """A stage's dataclass from its flags (with --config, the recipe's settings are the defaults), and the resolved
+    recipe to save in its output folder (None: nothing to save, or not this rank's to save)."""
+    from floe_dist.recipe import load_recipe, stage_settings
 
     ns, extra = sub.parse_known_args(argv)
     dotted = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
@@ -149,14 +149,10 @@ def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[st
     from floe_dist.distributed.runtime import discover
 
     if recipe is None or not output or Path(output).suffix or not discover().is_main:
-        return args, lambda: None
+        return args, None
     if hasattr(args, "recipe") and args.recipe is None:
         args.recipe = str(Path(output) / "recipe.yaml")
-
-    def save_recipe() -> None:  # the resolved recipe beside the stage's outputs, once the folder is this run's
-        write_recipe(Path(output), recipe)
-
-    return args, save_recipe
+    return args, recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     cls, fn, _ = stages[name]
     try:
-        args, save_recipe = (campaign_args(rest), lambda: None) if name == "campaign" else \
-            stage_args(name, cls, subs[name], rest)
+        args, recipe = (campaign_args(rest), None) if name == "campaign" else stage_args(name, cls, subs[name], rest)
+        from floe_dist.recipe import write_recipe
         from floe_dist.resume import exclusive_output
 
         # `slurm` only writes and submits a script: the job's stage holds its folder
         with exclusive_output(None if name == "slurm" else getattr(args, "output", None)):
-            save_recipe()
+            if recipe is not None:  # beside the stage's outputs, once the folder is this run's
+                write_recipe(Path(args.output), recipe)
             fn(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)
