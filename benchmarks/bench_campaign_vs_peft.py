@@ -1,7 +1,7 @@
 """The user's question: is the whole campaign worth its wall time against plain PEFT LoRA given the same time?
 
     python benchmarks/bench_campaign_vs_peft.py                        # default recipe, seeds 0 1 2 (~45 min, 2 cores)
-    python benchmarks/bench_campaign_vs_peft.py --config smollm2-sst2 --seeds 0
+    python benchmarks/bench_campaign_vs_peft.py --config smollm2-arithmetic --result campaign_vs_peft_arithmetic
     python benchmarks/bench_campaign_vs_peft.py --override --search.min_steps 4 --search.max_steps 12 \
         --result campaign_vs_peft_rungs     # the recipe with other settings, into another result file
 
@@ -11,8 +11,9 @@ Per seed, side by side in one run: (1) the campaign (score + search + train + ev
 layer, AdamW at lr 1e-3 with 10% warm-up and cosine decay, the campaign's global batch, one process with every
 core) given the campaign's whole wall time: it loads, measures its step time over 5 steps after a first one, plans
 as many steps as fit before the test evaluation (whose time it takes from the campaign's own final evaluation:
-same model, same examples), trains them, and is scored like the campaign (choice log-likelihood accuracy on the test
-split). Not the same work: the comparison is at equal wall time, which is the point. Result:
+same model, same examples), trains them, and is scored like the campaign (its ``evaluate_lm``: choice log-likelihood
+accuracy on a multiple-choice test split, the generated number on a numeric generative one such as
+``smollm2-arithmetic``). Not the same work: the comparison is at equal wall time, which is the point. Result:
 benchmarks/results/campaign_vs_peft.json (one row per seed, written as each seed finishes; the table's mean and
 spread are over the rows). The row also carries the campaign search's overhead share: 1 - the trials' training-step
 and validation seconds / (workers x the search stage's wall time).
@@ -65,23 +66,25 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
+    from benchmarks.bench_task_arms import eval_args, train_args
     from floe_dist.data import load_task, tokenize, train_batch
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
-    from floe_dist.stages.evaluate import accuracy, choice_scores
+    from floe_dist.stages.evaluate import evaluate_lm
 
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
+    targs = train_args(recipe, seed, "unused")  # the recipe's data settings, as the campaign's training reads them
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
     lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                             target_modules=["q_proj", "v_proj"]))
     model = AnswerLM(lm.base_model.model)
-    train = load_task(recipe.data.task, "train")
-    test = load_task(recipe.data.task, "test")[: recipe.evaluate.limit]
-    rows = tokenize(train, tokenizer, recipe.model.max_length)
-    batch = recipe.train.micro_batch * recipe.parallel.nproc * recipe.parallel.nodes  # the campaign's global batch
+    train = load_task(targs.task, targs.split, data_format=targs.data_format, columns=targs.columns,
+                      tokenizer=tokenizer)[: targs.max_train_examples]
+    rows = tokenize(train, tokenizer, targs.max_length)
+    batch = targs.micro_batch * targs.accumulation * recipe.parallel.nproc * recipe.parallel.nodes  # global batch
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
@@ -107,9 +110,9 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
         step(i)
         sched.step()
     train_end = time.time()
-    scores = choice_scores(model, tokenizer, test, recipe.evaluate.batch_size, recipe.model.max_length,
-                           torch.device("cpu"), progress=False)
-    return {"wall_s": time.time() - start, "accuracy": accuracy(scores, test), "train_steps": steps,
+    model.eval()
+    scored = evaluate_lm(eval_args(recipe), lm.base_model.model, tokenizer, torch.device("cpu"))
+    return {"wall_s": time.time() - start, "accuracy": scored["accuracy"], "train_steps": steps,
             "step_s": step_s, "eval_s": time.time() - train_end,
             "trainable_parameters": sum(p.numel() for p in params)}
 
