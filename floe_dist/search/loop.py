@@ -87,9 +87,9 @@ class SearchLoop:
         args, ledger = self.args, self.ledger
         if pending:
             return pending.pop(0)
-        within = (len(ledger.trials) < args.max_trials
-                  and ledger.compute_used() + args.max_steps <= args.max_compute * args.max_steps)
-        if args.mode != "grid" and not within:
+        if len(ledger.trials) >= args.max_trials and args.mode != "grid":
+            return None
+        if not self.proposer.fits(ledger, args.max_compute * args.max_steps):
             return None
         trial = self.proposer.ask(ledger)  # None: the grid or the space is exhausted
         if trial is not None:

@@ -125,6 +125,9 @@ class GridProposer:
     def tell(self, trial: Trial) -> None:
         pass
 
+    def fits(self, ledger: Ledger, cap: float) -> bool:
+        return True  # the grid runs every point: it is the reference the cap is measured against
+
 
 class SmacProposer:
     """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell.
@@ -170,6 +173,11 @@ class SmacProposer:
                            logging_level=40)
         distinct_configs(self.smac.intensifier, self.smac.runhistory)
         self.max_steps = args.max_steps
+        self.bracket = None  # successive halving's [(configurations, steps), ...] per rung; hyperband has several
+        if multi and args.brackets != "hyperband":
+            stages = intensifier._get_max_iterations(args.eta, args.max_steps, args.min_steps)
+            budgets, counts = intensifier._compute_configs_and_budgets_for_stages(args.eta, args.max_steps, stages)
+            self.bracket = [(count, int(round(steps))) for count, steps in zip(counts, budgets)]
         self.multi = multi
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
 
@@ -250,6 +258,35 @@ class SmacProposer:
         self.asked[trial.key] = info
         return trial
 
+    def fits(self, ledger: Ledger, cap: float) -> bool:
+        """Whether the next trial fits under ``cap`` steps. Successive halving reserves the steps of every bracket
+        it started and starts a new one only when all of it fits: a bracket cut off by the cap wastes its cheap
+        trials (the incumbent is taken at the top budget). Otherwise, and under a cap smaller than one bracket,
+        one top-budget trial must fit."""
+        if self.bracket is None or sum(count * steps for count, steps in self.bracket) > cap:
+            return ledger.compute_used() + self.max_steps <= cap  # a cap below one bracket: as far as it goes
+        (first_count, first_steps), later = self.bracket[0], self.bracket[1:]
+        firsts = [t for t in ledger.trials if t.budget == first_steps]  # in issue order: SMAC fills rungs in turn
+        reserved, ready = 0, []  # steps the started brackets still need; budgets of promotions due now
+        for start in range(0, len(firsts), first_count):
+            rung = firsts[start:start + first_count]
+            members = {json.dumps(t.config, sort_keys=True) for t in rung}
+            reserved += (first_count - len(rung)) * first_steps
+            below, below_count = rung, first_count
+            for count, steps in later:  # the bracket's promotions: configurations of its first rung
+                issued = [t for t in ledger.trials if t.budget == steps and json.dumps(t.config, sort_keys=True)
+                          in members]
+                reserved += (count - len(issued)) * steps
+                if len(below) == below_count and all(t.status in FINISHED for t in below) and len(issued) < count:
+                    ready.append(steps)
+                below, below_count = issued, count
+        if ready:  # SMAC asks for promotions first (_promotions_first), the highest stage first
+            return ledger.compute_used() + max(ready) <= cap
+        room = cap - ledger.compute_used() - reserved
+        if len(firsts) % first_count:  # a started bracket's first rung takes the next configuration
+            return room >= 0
+        return room >= sum(count * steps for count, steps in self.bracket)
+
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue
         from smac.runhistory.enumerations import StatusType
@@ -269,9 +306,13 @@ class SmacProposer:
         while a finished rung waits for its promotions (measured: 26 cheap trials before the first
         promotion with 2 workers). Walking the highest stages first and restarting the generator
         after every tell (SMAC itself restarts it on load) promotes as soon as a rung is complete.
-        Touches two private attributes of smac 2.4.1 (pinned).
+        A stage's key is created empty before its first promotion: SMAC walks a snapshot of the keys,
+        so a stage first created by a promotion came after the lowest one, whose next configuration
+        then went first. Touches two private attributes of smac 2.4.1 (pinned).
         """
         intensifier = self.smac.intensifier
+        for stage in range(len(self.bracket or ())):  # successive halving: one bracket shape
+            intensifier._tracker.setdefault((0, stage), [])
         stages = sorted(intensifier._tracker.items(), key=lambda item: -item[0][1])
         intensifier._tracker.clear()
         intensifier._tracker.update(stages)

@@ -76,7 +76,9 @@ class SearchArgs:
     brackets: str = arg("sh", "smac mode: sh (successive halving: each bracket ends with one --max-steps "
                               "trial; the cheapest) or hyperband (also brackets that start at higher budgets)")
     max_trials: int = arg(40, "stop issuing trials after this many")
-    max_compute: float = arg(8.0, "stop issuing trials before their steps pass this many --max-steps trials")
+    max_compute: float = arg(8.0, "stop issuing trials before their steps pass this many --max-steps trials "
+                              "(smac, random: a bracket starts only when all of it fits; a cap below one bracket "
+                              "runs the first as far as it goes)")
     grid_lr_points: int = arg(3, "grid mode: learning rates tried, log-spaced over --lr")
     initial_configs: int = arg(5, "smac/bo: random configurations before the surrogate model takes over")
     objective: str = arg("loss", "loss (validation choice cross-entropy) or error (1 - accuracy)")

@@ -236,6 +236,19 @@ def test_hyperband_also_starts_brackets_above_the_smallest_budget(tmp_path):
     assert {t["budget"] for t in trials} <= {30, 90}
 
 
+def test_the_compute_cap_finishes_the_bracket_it_started_instead_of_opening_another(tmp_path):
+    """A cap of one bracket (3 x 30 + 90 steps = 2 full trials) with 2 workers: the free worker used to open the
+    next bracket while the first rung's last trial ran, which left no room for the promotion (30,30,30,30 and no
+    90-step result to choose by); the cap now reserves a started bracket's steps."""
+    run_floe(["search", "--output", str(tmp_path), *SPACE, "--max-steps", "90", "--max-compute", "2"],
+             env={"TOY_DELAY": "1"})
+    trials = sorted(ledger(tmp_path)["trials"], key=lambda t: t["id"])
+    assert [t["budget"] for t in trials] == [30, 30, 30, 90]
+    best_first_rung = min(trials[:3], key=lambda t: t["cost"])
+    assert trials[3]["config"] == best_first_rung["config"]
+    assert ledger(tmp_path)["summary"]["incumbent"]["budget"] == 90
+
+
 def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tmp_path):
     """--mode bo trains every trial at --max-steps; --objective error scores a real LM trial by 1 - accuracy."""
     run_floe(["search", "--mode", "bo", "--objective", "error", "--model", "tiny", "--task", "sst2", "--ranks", "2,4",
