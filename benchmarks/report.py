@@ -345,6 +345,7 @@ TABLES = {
     "search-methods-calibration-distinct": ("search_methods_calibration_distinct", search_methods),
     "search-methods-calibration-min": ("search_methods_calibration_min", search_methods),
     "search-methods-seeds200-distinct": ("search_methods_seeds200_distinct", search_methods),
+    "search-methods-seeds200-cap": ("search_methods_seeds200_cap", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
