@@ -178,6 +178,7 @@ class SmacProposer:
             stages = intensifier._get_max_iterations(args.eta, args.max_steps, args.min_steps)
             budgets, counts = intensifier._compute_configs_and_budgets_for_stages(args.eta, args.max_steps, stages)
             self.bracket = [(count, int(round(steps))) for count, steps in zip(counts, budgets)]
+        self.bracket_steps = sum(count * steps for count, steps in self.bracket or ())
         self.multi = multi
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
 
@@ -263,19 +264,19 @@ class SmacProposer:
         it started and starts a new one only when all of it fits: a bracket cut off by the cap wastes its cheap
         trials (the incumbent is taken at the top budget). Otherwise, and under a cap smaller than one bracket,
         one top-budget trial must fit."""
-        if self.bracket is None or sum(count * steps for count, steps in self.bracket) > cap:
+        if self.bracket is None or self.bracket_steps > cap:
             return ledger.compute_used() + self.max_steps <= cap  # a cap below one bracket: as far as it goes
         (first_count, first_steps), later = self.bracket[0], self.bracket[1:]
+        config_of = {t.id: json.dumps(t.config, sort_keys=True) for t in ledger.trials}
         firsts = [t for t in ledger.trials if t.budget == first_steps]  # in issue order: SMAC fills rungs in turn
         reserved, ready = 0, []  # steps the started brackets still need; budgets of promotions due now
         for start in range(0, len(firsts), first_count):
             rung = firsts[start:start + first_count]
-            members = {json.dumps(t.config, sort_keys=True) for t in rung}
+            members = {config_of[t.id] for t in rung}
             reserved += (first_count - len(rung)) * first_steps
             below, below_count = rung, first_count
             for count, steps in later:  # the bracket's promotions: configurations of its first rung
-                issued = [t for t in ledger.trials if t.budget == steps and json.dumps(t.config, sort_keys=True)
-                          in members]
+                issued = [t for t in ledger.trials if t.budget == steps and config_of[t.id] in members]
                 reserved += (count - len(issued)) * steps
                 if len(below) == below_count and all(t.status in FINISHED for t in below) and len(issued) < count:
                     ready.append(steps)
@@ -285,7 +286,7 @@ class SmacProposer:
         room = cap - ledger.compute_used() - reserved
         if len(firsts) % first_count:  # a started bracket's first rung takes the next configuration
             return room >= 0
-        return room >= sum(count * steps for count, steps in self.bracket)
+        return room >= self.bracket_steps
 
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue
