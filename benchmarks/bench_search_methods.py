@@ -45,6 +45,8 @@ METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMA
                             ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "1"]),
            "bohb-rule": ("SMAC RF, model on the highest budget with >= dims+1 results (BOHB's rule, floe-dist's default)",
                          ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0"]),
+           "rf-lie": ("SMAC RF, BOHB's rule, proposals not yet run count as the worst result (constant liar)",
+                      ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0", "--pending", "worst"]),
            "rf-min6": ("SMAC RF, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "6"]),
            "rf-min9": ("SMAC RF, model on the highest budget with >= 9 results (a first rung)",

@@ -102,6 +102,8 @@ class SearchSection:
     random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
     model_min_points: int = arg(0, "smac: results a budget needs before the model learns from it; 0 = the "
                                    "space's dimensions + 1, as BOHB")
+    pending: str = arg("none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or worst "
+                               "(a constant liar, so that a rung's proposals spread)")
     ranks: str = arg("2,4,8,16", "rank choices")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")

@@ -95,6 +95,42 @@ def distinct_configs(intensifier, runhistory, patience: int = 1000) -> None:
     intensifier._config_generator = stream()
 
 
+def pending_aware_selector(scenario, min_trials: int, lie: bool):
+    """SMAC's config selector that, with ``lie``, counts every configuration it proposed and that has no
+    result yet as a result as bad as the worst seen (a constant liar, Ginsbourger et al. 2010).
+
+    Successive halving draws a whole rung (9 configurations) before any of them has run, so SMAC 2.4.1 takes
+    them from one fit, the acquisition function's best few, which sit side by side: on the toy, 8 of a rung's 9
+    held the same rank at learning rates within 30% of each other, and halving had nothing to choose among. The
+    lie makes each proposal move the next one away. The model is retrained before every proposal, since one lie
+    replaced by its result leaves the number of data points, SMAC's cue to retrain, unchanged."""
+    import numpy as np
+    from smac.main.config_selector import ConfigSelector
+    from smac.utils.configspace import convert_configurations_to_array
+
+    class PendingAwareSelector(ConfigSelector):
+        def _collect_data(self):
+            X, Y, configs = super()._collect_data()
+            if not lie or X.shape[0] == 0:
+                return X, Y, configs
+            self._previous_entries = -1  # retrain on every call: the lies change the data
+            runs, rungs = self._runhistory, getattr(self, "rungs", {})
+            done = {c for c in runs.get_configs() if runs.get_trials(c, highest_observed_budget_only=False)}
+            in_rungs = (c for stage in rungs.values() for _, configs in stage for c in configs)
+            drawn = {*self._processed_configs, *in_rungs}
+            # sorted, so that a resumed search (its rungs restored, its own list rebuilt) trains on the same rows
+            pending = sorted(drawn - done, key=lambda config: config.get_array().tobytes())
+            if not pending:
+                return X, Y, configs
+            lies = convert_configurations_to_array(pending)
+            if lies.shape[1] != X.shape[1]:  # instance features: not used by floe-dist
+                return X, Y, configs
+            worst = np.repeat(Y.max(axis=0, keepdims=True), len(pending), axis=0)
+            return np.vstack([X, lies]), np.vstack([Y, worst]), configs
+
+    return PendingAwareSelector(scenario, retrain_after=1, min_trials=min_trials)
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -159,8 +195,6 @@ class SmacProposer:
             from smac.intensifier.successive_halving import SuccessiveHalving
 
             intensifier = SuccessiveHalving(scenario, eta=args.eta)
-        from smac.main.config_selector import ConfigSelector
-
         interleave = 1.0 if args.mode == "random" else args.random_interleave  # random: the control arm
         # BOHB's rule; twice as many won on the toy's calibration seeds and lost on its validation seeds
         min_points = args.model_min_points or len(scenario.configspace) + 1
@@ -169,9 +203,10 @@ class SmacProposer:
                            random_design=facade.get_random_design(scenario, probability=interleave),
                            acquisition_maximizer=ordered_maximizer(facade, scenario),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
-                           config_selector=ConfigSelector(scenario, retrain_after=1, min_trials=min_points),
+                           config_selector=pending_aware_selector(scenario, min_points, args.pending == "worst"),
                            logging_level=40)
         distinct_configs(self.smac.intensifier, self.smac.runhistory)
+        self.smac._config_selector.rungs = getattr(intensifier, "_tracker", {})  # successive halving's open rungs
         self.max_steps = args.max_steps
         self.bracket = None  # successive halving's [(configurations, steps), ...] per rung; hyperband has several
         if multi and args.brackets != "hyperband":

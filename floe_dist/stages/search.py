@@ -55,6 +55,8 @@ class SearchArgs:
     model_min_points: int = arg(0, "smac: the model learns from the highest budget holding at least this many "
                                    "results (SMAC's own default, 1, fits it on the first top-budget trial alone); "
                                    "0 = the space's dimensions + 1, as BOHB")
+    pending: str = arg("none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or "
+                               "worst (a constant liar: as bad as the worst result, so a rung's proposals spread)")
     allocation: str | None = arg(None, "allocation.json whose layers get the searched rank (e.g. from score); "
                                        "none = q,v on every layer")
     model: str = arg("smollm2-135m", "base model: smollm2-135m, tiny, a HF folder or a .gguf file")
@@ -162,6 +164,8 @@ class SearchArgs:
             problems.append("--workers must be >= 1")
         if not 0 <= self.random_interleave <= 1:
             problems.append(f"--random-interleave must be in [0, 1], got {self.random_interleave}")
+        if self.pending not in ("none", "worst"):
+            problems.append(f"--pending must be none or worst, got {self.pending!r}")
         if self.max_compute <= 0 or self.trial_timeout <= 0:
             problems.append("--max-compute and --trial-timeout must be > 0")
         if self.allocation and not Path(self.allocation).is_file():

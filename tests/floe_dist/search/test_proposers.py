@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
-def drive(out: Path, rounds: int = 24) -> list:
+def drive(out: Path, rounds: int = 24, pending: str = "none") -> list:
     """``rounds`` sequential ask/tell rounds of the real SmacProposer on a synthetic cost (best at rank 4, lr 1e-2),
     no training: [[config, budget, origin, cost], ...] in the order asked."""
     from floe_dist.search.ledger import Ledger
@@ -21,7 +21,7 @@ def drive(out: Path, rounds: int = 24) -> list:
 
     out.mkdir(parents=True)
     args = SearchArgs(output=str(out), mode="smac", ranks="1,2,4,8,16,32", lr="1e-4:1e-1", min_steps=3, max_steps=27,
-                      initial_configs=3, seed=0)
+                      initial_configs=3, seed=0, pending=pending)
     ledger = Ledger(out / "search.json", args)
     proposer = SmacProposer(args, out)
     for _ in range(rounds):
@@ -63,3 +63,20 @@ def test_the_first_rung_is_nine_configurations_and_promotes_its_three_best(tmp_p
     assert [budget for _, budget, *_ in trials[:9]] == [3] * 9
     assert len({config for config, _ in rung1}) == 9
     assert sorted(rung2) == sorted(config for config, _ in sorted(rung1, key=lambda item: item[1])[:3])
+
+
+def test_a_rung_drawn_from_one_fit_spreads_when_proposals_not_yet_run_count_as_the_worst(tmp_path):
+    """Successive halving draws the second bracket's 9 configurations before any of them runs, so SMAC takes them all
+    from one fit. Its own way (``pending="none"``), fitted on the 3 results at 9 steps, proposes the same rank nine
+    times; with each drawn configuration counted as the worst result (a constant liar) the rung spreads over several
+    ranks and halving carries the best rank (4) to the top budget."""
+    def second_bracket(trials):
+        rung = [config["rank"] for config, budget, *_ in trials[9:] if budget == 3][:9]
+        top = [config["rank"] for config, budget, *_ in trials if budget == 27]
+        return rung, top[1]
+
+    plain_rung, plain_top = second_bracket(drive(tmp_path / "none", rounds=27, pending="none"))
+    liar_rung, liar_top = second_bracket(drive(tmp_path / "worst", rounds=27, pending="worst"))
+    assert len(plain_rung) == len(liar_rung) == 9
+    assert len(set(plain_rung)) == 1 and plain_top != 4
+    assert len(set(liar_rung)) >= 3 and liar_top == 4
