@@ -100,8 +100,8 @@ def pending_aware_selector(scenario, min_trials: int, lie: bool):
     result yet as a result as bad as the worst seen (a constant liar, Ginsbourger et al. 2010).
 
     Successive halving draws a whole rung (9 configurations) before any of them has run, so SMAC 2.4.1 takes
-    them from one fit, the acquisition function's best few, which sit side by side: on the toy, 8 of a rung's 9
-    held the same rank at learning rates within 30% of each other, and halving had nothing to choose among. The
+    them from one fit, the acquisition function's best few, which sit side by side: on the toy (seed 203) a rung
+    held rank 5 nine times at learning rates 0.068-0.092, and halving had nothing to choose among. The
     lie makes each proposal move the next one away. The model is retrained before every proposal, since one lie
     replaced by its result leaves the number of data points, SMAC's cue to retrain, unchanged."""
     import numpy as np
