@@ -348,6 +348,7 @@ TABLES = {
     "search-methods-seeds200-cap": ("search_methods_seeds200_cap", search_methods),
     "search-methods-calibration-lie": ("search_methods_calibration_lie", search_methods),
     "search-methods-seeds200-lie": ("search_methods_seeds200_lie", search_methods),
+    "search-methods-smollm2-lie": ("search_methods_smollm2_lie", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
