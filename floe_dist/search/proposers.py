@@ -95,7 +95,7 @@ def distinct_configs(intensifier, runhistory, patience: int = 1000) -> None:
     intensifier._config_generator = stream()
 
 
-def pending_aware_selector(scenario, min_trials: int, lie: bool):
+def pending_aware_selector(scenario, min_trials: int, lie: bool, intensifier):
     """SMAC's config selector that, with ``lie``, counts every configuration it proposed and that has no
     result yet as a result as bad as the worst seen (a constant liar, Ginsbourger et al. 2010).
 
@@ -108,13 +108,17 @@ def pending_aware_selector(scenario, min_trials: int, lie: bool):
     from smac.main.config_selector import ConfigSelector
     from smac.utils.configspace import convert_configurations_to_array
 
+    if not lie:
+        return ConfigSelector(scenario, retrain_after=1, min_trials=min_trials)
+
     class PendingAwareSelector(ConfigSelector):
         def _collect_data(self):
             X, Y, configs = super()._collect_data()
-            if not lie or X.shape[0] == 0:
+            if X.shape[0] == 0:
                 return X, Y, configs
             self._previous_entries = -1  # retrain on every call: the lies change the data
-            runs, rungs = self._runhistory, getattr(self, "rungs", {})
+            # successive halving's open rungs, read now: SMAC replaces the dict when it restores a saved search
+            runs, rungs = self._runhistory, getattr(intensifier, "_tracker", {})
             done = {c for c in runs.get_configs() if runs.get_trials(c, highest_observed_budget_only=False)}
             in_rungs = (c for stage in rungs.values() for _, configs in stage for c in configs)
             drawn = {*self._processed_configs, *in_rungs}
@@ -203,10 +207,10 @@ class SmacProposer:
                            random_design=facade.get_random_design(scenario, probability=interleave),
                            acquisition_maximizer=ordered_maximizer(facade, scenario),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
-                           config_selector=pending_aware_selector(scenario, min_points, args.pending == "worst"),
+                           config_selector=pending_aware_selector(scenario, min_points, args.pending == "worst",
+                                                                  intensifier),
                            logging_level=40)
         distinct_configs(self.smac.intensifier, self.smac.runhistory)
-        self.smac._config_selector.rungs = getattr(intensifier, "_tracker", {})  # successive halving's open rungs
         self.max_steps = args.max_steps
         self.bracket = None  # successive halving's [(configurations, steps), ...] per rung; hyperband has several
         if multi and args.brackets != "hyperband":
@@ -302,16 +306,18 @@ class SmacProposer:
         if self.bracket is None or self.bracket_steps > cap:
             return ledger.compute_used() + self.max_steps <= cap  # a cap below one bracket: as far as it goes
         (first_count, first_steps), later = self.bracket[0], self.bracket[1:]
-        config_of = {t.id: json.dumps(t.config, sort_keys=True) for t in ledger.trials}
-        firsts = [t for t in ledger.trials if t.budget == first_steps]  # in issue order: SMAC fills rungs in turn
+        by_budget: dict[int, list[tuple[str, Trial]]] = {}
+        for t in ledger.trials:
+            by_budget.setdefault(t.budget, []).append((json.dumps(t.config, sort_keys=True), t))
+        firsts = by_budget.get(first_steps, [])  # in issue order: SMAC fills rungs in turn
         reserved, ready = 0, []  # steps the started brackets still need; budgets of promotions due now
         for start in range(0, len(firsts), first_count):
             rung = firsts[start:start + first_count]
-            members = {config_of[t.id] for t in rung}
+            members = {config for config, _ in rung}
             reserved += (first_count - len(rung)) * first_steps
-            below, below_count = rung, first_count
+            below, below_count = [t for _, t in rung], first_count
             for count, steps in later:  # the bracket's promotions: configurations of its first rung
-                issued = [t for t in ledger.trials if t.budget == steps and config_of[t.id] in members]
+                issued = [t for config, t in by_budget.get(steps, []) if config in members]
                 reserved += (count - len(issued)) * steps
                 if len(below) == below_count and all(t.status in FINISHED for t in below) and len(issued) < count:
                     ready.append(steps)
