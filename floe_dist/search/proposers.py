@@ -219,6 +219,8 @@ class SmacProposer:
             self.bracket = [(count, int(round(steps))) for count, steps in zip(counts, budgets)]
         self.bracket_steps = sum(count * steps for count, steps in self.bracket or ())
         self.multi = multi
+        if multi:
+            self._promotions_first()
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
 
     def _restore(self) -> None:
@@ -341,21 +343,58 @@ class SmacProposer:
             self._promotions_first()
 
     def _promotions_first(self) -> None:
-        """Make successive halving issue promotions before new configurations.
+        """Make successive halving (and Hyperband) issue promotions before new configurations, and draw a new
+        bracket only when nothing else can run.
 
-        SMAC's bracket generator walks its tracker from the lowest stage up and stays suspended
-        inside it between asks, so with several workers it keeps opening fresh lowest-budget groups
-        while a finished rung waits for its promotions (measured: 26 cheap trials before the first
-        promotion with 2 workers). Walking the highest stages first and restarting the generator
-        after every tell (SMAC itself restarts it on load) promotes as soon as a rung is complete.
-        A stage's key is created empty before its first promotion: SMAC walks a snapshot of the keys,
-        so a stage first created by a promotion came after the lowest one, whose next configuration
-        then went first. Touches two private attributes of smac 2.4.1 (pinned).
+        SMAC's bracket generator walks its tracker once per pass and stays suspended inside it between asks, so with
+        several workers it kept opening fresh lowest-budget groups while a finished rung waited for its promotions
+        (measured: 26 cheap trials before the first promotion with 2 workers). Walking the highest stages first
+        fixed that but not the rest: a rung completed during a pass promotes into a stage the pass has already
+        walked, so the pass found nothing to run and drew the next bracket. With one worker the second bracket's
+        configurations were drawn as soon as the first rung's results were in, from a model that had not seen one
+        result above the lowest budget, and a new configuration ran before the last promotion. Now each trial
+        comes from a fresh pass from the lowest stage up (a promotion is then walked in the same pass, and a new
+        bracket is drawn only when every trial of the open ones is running), and when a higher budget than the
+        trial's is waiting, from a second pass that walks the highest budgets first. Touches private attributes of
+        smac 2.4.1 (pinned).
         """
+        self.smac.optimizer._trial_generator = self._trials()
+
+    def _trials(self):
+        while True:
+            try:
+                info = self._first_trial(highest_first=False)
+                if self._waiting_above(info.budget):  # the trial is not SMAC's until asked: SMAC yields it again
+                    info = self._first_trial(highest_first=True)
+            except StopIteration:  # no configuration left: SMAC's ask ends the search
+                return
+            yield info
+
+    def _first_trial(self, highest_first: bool):
+        """One pass of SMAC's tracker in the given order, up to the first trial it yields."""
         intensifier = self.smac.intensifier
-        for stage in range(len(self.bracket or ())):  # successive halving: one bracket shape
-            intensifier._tracker.setdefault((0, stage), [])
-        stages = sorted(intensifier._tracker.items(), key=lambda item: -item[0][1])
+        # successive halving: one bracket, hyperband several; set on SMAC's first pass
+        for bracket, stages in getattr(intensifier, "_max_iterations", {}).items():
+            for stage in range(stages):
+                intensifier._tracker.setdefault((bracket, stage), [])
+
+        def order(item):
+            (bracket, stage), _ = item
+            return (-intensifier._budgets_in_stage[bracket][stage], bracket) if highest_first else (stage, bracket)
+
+        stages = sorted(intensifier._tracker.items(), key=order)
         intensifier._tracker.clear()
         intensifier._tracker.update(stages)
-        self.smac.optimizer._trial_generator = iter(intensifier)
+        return next(iter(intensifier))
+
+    def _waiting_above(self, budget: float | None) -> bool:
+        """Whether a configuration promoted to a budget above ``budget`` has not been issued there yet."""
+        intensifier = self.smac.intensifier
+        for (bracket, stage), groups in intensifier._tracker.items():
+            if budget is None or intensifier._budgets_in_stage[bracket][stage] <= budget:
+                continue
+            for seed, configs in groups:
+                keys = intensifier._get_instance_seed_budget_keys_by_stage(bracket=bracket, stage=stage, seed=seed)
+                if any(intensifier._get_next_trials(config, from_keys=keys) for config in configs):
+                    return True
+        return False

@@ -12,9 +12,10 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
-def drive(out: Path, rounds: int = 24, pending: str = "none") -> list:
+def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None) -> list:
     """``rounds`` sequential ask/tell rounds of the real SmacProposer on a synthetic cost (best at rank 4, lr 1e-2),
-    no training: [[config, budget, origin, cost], ...] in the order asked."""
+    no training: [[config, budget, origin, cost], ...] in the order asked. ``watch(proposer, ledger)`` is called
+    once the proposer exists."""
     from floe_dist.search.ledger import Ledger
     from floe_dist.search.proposers import SmacProposer
     from floe_dist.stages.search import SearchArgs
@@ -24,6 +25,8 @@ def drive(out: Path, rounds: int = 24, pending: str = "none") -> list:
                       initial_configs=3, seed=0, pending=pending)
     ledger = Ledger(out / "search.json", args)
     proposer = SmacProposer(args, out)
+    if watch:
+        watch(proposer, ledger)
     for _ in range(rounds):
         trial = proposer.ask(ledger)
         rank, lr = trial.config["rank"], trial.config["lr"]
@@ -65,18 +68,42 @@ def test_the_first_rung_is_nine_configurations_and_promotes_its_three_best(tmp_p
     assert sorted(rung2) == sorted(config for config, _ in sorted(rung1, key=lambda item: item[1])[:3])
 
 
-def test_a_rung_drawn_from_one_fit_spreads_when_proposals_not_yet_run_count_as_the_worst(tmp_path):
-    """Successive halving draws the second bracket's 9 configurations before any of them runs, so SMAC takes them all
-    from one fit. Its own way (``pending="none"``), fitted on the 3 results at 9 steps, proposes the same rank nine
-    times; with each drawn configuration counted as the worst result (a constant liar) the rung spreads over several
-    ranks and halving carries the best rank (4) to the top budget."""
-    def second_bracket(trials):
-        rung = [config["rank"] for config, budget, *_ in trials[9:] if budget == 3][:9]
-        top = [config["rank"] for config, budget, *_ in trials if budget == 27]
-        return rung, top[1]
+def test_one_worker_finishes_a_bracket_before_its_successor_is_drawn(tmp_path):
+    """One trial at a time, successive halving runs 9, 3 and 1 trials (budgets 3, 9, 27), and the next bracket's
+    configurations are drawn only then, from a model that has seen every result of the first. SMAC's pass over its
+    rungs used to promote into a stage it had already walked, find nothing to run and draw the next bracket as soon
+    as the first rung's results were in; one of its configurations then ran before the top-budget promotion."""
+    drawn_after = []  # per configuration SMAC draws: how many trials had finished
 
-    plain_rung, plain_top = second_bracket(drive(tmp_path / "none", rounds=27, pending="none"))
-    liar_rung, liar_top = second_bracket(drive(tmp_path / "worst", rounds=27, pending="worst"))
-    assert len(plain_rung) == len(liar_rung) == 9
-    assert len(set(plain_rung)) == 1 and plain_top != 4
-    assert len(set(liar_rung)) >= 3 and liar_top == 4
+    def watch(proposer, ledger):
+        intensifier = proposer.smac.intensifier
+        inner = intensifier._config_generator
+
+        def counting():
+            for config in inner:
+                drawn_after.append(len(ledger.finished()))
+                yield config
+
+        intensifier._config_generator = counting()
+
+    trials = drive(tmp_path / "search", rounds=14, watch=watch)
+    assert [budget for _, budget, *_ in trials] == [3] * 9 + [9] * 3 + [27] + [3]
+    assert drawn_after[:9] == [0] * 9 and drawn_after[9:18] == [13] * 9
+
+
+def test_configurations_drawn_and_not_yet_run_join_the_models_data_as_the_worst_result(tmp_path):
+    """Successive halving draws a rung's 9 configurations before any of them runs, so SMAC takes them from one fit.
+    With ``pending="worst"`` (a constant liar) every configuration drawn and not yet run is in the model's data at
+    the worst cost seen, so that each proposal moves the next away; SMAC's own way (``none``) leaves them out."""
+    selectors = {}
+
+    def keep(name):
+        return lambda proposer, ledger: selectors.__setitem__(name, proposer.smac._config_selector)
+
+    for name in ("none", "worst"):  # 14 rounds: the first bracket, then one trial of the second bracket's rung
+        drive(tmp_path / name, rounds=14, pending=name, watch=keep(name))
+    x_plain, y_plain, _ = selectors["none"]._collect_data()
+    x_lied, y_lied, _ = selectors["worst"]._collect_data()
+    assert x_plain.shape[0] == 3  # the 9-step results, the highest budget with dims + 1 of them
+    assert (x_lied[:3] == x_plain).all() and (y_lied[:3] == y_plain).all()
+    assert x_lied.shape[0] == 3 + 8 and (y_lied[3:] == y_plain.max()).all()  # the rung's 8 others, not yet run
