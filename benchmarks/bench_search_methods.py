@@ -63,6 +63,8 @@ METHODS = {"smac-default": ("SMAC RF, model on the top budget from 1 result (SMA
                   ["--mode", "smac", "--surrogate", "gp", "--model-min-points", "dims+1"]),
            "gp-min6": ("SMAC GP, model on the highest budget with >= 6 results",
                        ["--mode", "smac", "--surrogate", "gp", "--model-min-points", "6"]),
+           "rf-pooled": ("SMAC RF, the model on every configuration at the highest budget it reached",
+                         ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0", "--model-data", "pooled"]),
            "hb-smac": ("SMAC RF, BOHB's rule, Hyperband brackets (also starting at 90 and 270 steps)",
                        ["--mode", "smac", "--surrogate", "rf", "--model-min-points", "0", "--brackets", "hyperband"]),
            "hb-random": ("random search, the same Hyperband brackets", ["--mode", "random", "--brackets", "hyperband"]),

@@ -102,6 +102,8 @@ class SearchSection:
     random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
     model_min_points: int = arg(0, "smac: results a budget needs before the model learns from it; 0 = the "
                                    "space's dimensions + 1, as BOHB")
+    model_data: str = arg("budget", "smac: the model learns from one budget's results (budget) or from every "
+                                    "configuration at the highest budget it reached (pooled)")
     pending: str = arg("none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or worst "
                                "(a constant liar, so that a rung's proposals spread)")
     ranks: str = arg("2,4,8,16", "rank choices")

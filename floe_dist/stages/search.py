@@ -55,6 +55,9 @@ class SearchArgs:
     model_min_points: int = arg(0, "smac: the model learns from the highest budget holding at least this many "
                                    "results (SMAC's own default, 1, fits it on the first top-budget trial alone); "
                                    "0 = the space's dimensions + 1, as BOHB")
+    model_data: str = arg("budget", "smac: the model learns from one budget's results (budget: SMAC's way, with "
+                                    "--model-min-points) or from every configuration at the highest budget it "
+                                    "reached (pooled)")
     pending: str = arg("none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or "
                                "worst (a constant liar: as bad as the worst result, so a rung's proposals spread)")
     allocation: str | None = arg(None, "allocation.json whose layers get the searched rank (e.g. from score); "
@@ -164,6 +167,8 @@ class SearchArgs:
             problems.append("--workers must be >= 1")
         if not 0 <= self.random_interleave <= 1:
             problems.append(f"--random-interleave must be in [0, 1], got {self.random_interleave}")
+        if self.model_data not in ("budget", "pooled"):
+            problems.append(f"--model-data must be budget or pooled, got {self.model_data!r}")
         if self.pending not in ("none", "worst"):
             problems.append(f"--pending must be none or worst, got {self.pending!r}")
         if self.max_compute <= 0 or self.trial_timeout <= 0:
