@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
-def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None) -> list:
+def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None, model_data: str = "budget") -> list:
     """``rounds`` sequential ask/tell rounds of the real SmacProposer on a synthetic cost (best at rank 4, lr 1e-2),
     no training: [[config, budget, origin, cost], ...] in the order asked. ``watch(proposer, ledger)`` is called
     once the proposer exists."""
@@ -22,7 +22,7 @@ def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None) -> lis
 
     out.mkdir(parents=True)
     args = SearchArgs(output=str(out), mode="smac", ranks="1,2,4,8,16,32", lr="1e-4:1e-1", min_steps=3, max_steps=27,
-                      initial_configs=3, seed=0, pending=pending)
+                      initial_configs=3, seed=0, pending=pending, model_data=model_data)
     ledger = Ledger(out / "search.json", args)
     proposer = SmacProposer(args, out)
     if watch:
@@ -107,3 +107,28 @@ def test_configurations_drawn_and_not_yet_run_join_the_models_data_as_the_worst_
     assert x_plain.shape[0] == 3  # the 9-step results, the highest budget with dims + 1 of them
     assert (x_lied[:3] == x_plain).all() and (y_lied[:3] == y_plain).all()
     assert x_lied.shape[0] == 3 + 8 and (y_lied[3:] == y_plain.max()).all()  # the rung's 8 others, not yet run
+
+
+def test_the_pooled_model_learns_each_configuration_once_at_the_highest_budget_it_reached(tmp_path):
+    """``model_data="pooled"``: one row per configuration with a result, its cost that of its highest budget (SMAC's
+    own rule learns from one budget: here the 3 results at 9 steps)."""
+    import numpy as np
+    from ConfigSpace import Configuration
+
+    kept = {}
+    trials = drive(tmp_path / "search", rounds=14, model_data="pooled",
+                   watch=lambda proposer, ledger: kept.update(selector=proposer.smac._config_selector,
+                                                              space=proposer.smac.scenario.configspace))
+    highest = {}  # configuration -> (budget, cost) of its highest budget
+    for config, budget, _, cost in trials:
+        key = json.dumps(config, sort_keys=True)
+        if budget >= highest.get(key, (0, None))[0]:
+            highest[key] = (budget, cost)
+    X, Y, _ = kept["selector"]._collect_data()
+    assert X.shape[0] == len(highest) == 10
+    by_row = []
+    for row in X:
+        key = next(k for k in highest if np.allclose(Configuration(kept["space"], values=json.loads(k)).get_array(), row))
+        by_row.append(highest[key][1])
+    assert list(np.argsort(Y.ravel(), kind="stable")) == list(np.argsort(by_row, kind="stable"))  # a monotone scale
+    assert {budget for budget, _ in highest.values()} == {3, 9, 27}

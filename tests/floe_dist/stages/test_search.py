@@ -284,10 +284,10 @@ def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher, 
 
 def test_bad_search_arguments_and_changed_settings_fail_clearly(tmp_path):
     proc = run_floe(["search", "--model", "tiny", "--ranks", "0,x", "--lr", "5:1", "--mode", "bayes",
-                     "--pending", "best", "--output", str(tmp_path / "s")], check=False)
+                     "--pending", "best", "--model-data", "all", "--output", str(tmp_path / "s")], check=False)
     assert proc.returncode == 2 and not (tmp_path / "s").exists()
     for message in ("--ranks must be comma-separated integers", "--lr needs 0 < LO <= HI", "--mode must be one of",
-                    "--pending must be none or worst"):
+                    "--pending must be none or worst", "--model-data must be budget or pooled"):
         assert message in proc.stderr
     args = ["search", "--mode", "grid", "--output", str(tmp_path / "g"), *SPACE, "--ranks", "4",
             "--lr", "1e-2", "--max-steps", "30"]
