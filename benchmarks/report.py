@@ -352,6 +352,8 @@ TABLES = {
     "search-methods-calibration-settled": ("search_methods_calibration_settled", search_methods),
     "search-methods-seeds200-settled": ("search_methods_seeds200_settled", search_methods),
     "search-methods-smollm2-settled": ("search_methods_smollm2_settled", search_methods),
+    "search-methods-calibration-pooled": ("search_methods_calibration_pooled", search_methods),
+    "search-methods-seeds200-pooled": ("search_methods_seeds200_pooled", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
