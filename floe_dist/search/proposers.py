@@ -139,7 +139,7 @@ def model_selector(scenario, min_trials: int, lie: bool, pooled: bool, intensifi
         def _pooled_data(self):
             """Every configuration's result at the highest budget it reached, transformed together (one scale)."""
             encoder = self._runhistory_encoder
-            X, Y = encoder.transform()  # every finished trial, in the order of the keys below
+            X, Y = encoder.transform()  # finished trials in the order of the keys below, then timeouts (left out)
             keys = list(encoder._get_considered_trials())
             highest = {}
             for row, key in enumerate(keys):
