@@ -142,6 +142,14 @@ def validate(recipe: Recipe) -> None:
 
     if recipe.allocate.file is None and recipe.allocate.method not in REGISTRY:
         problems.append(f"allocate.method {recipe.allocate.method!r} is not one of {sorted(REGISTRY)}")
+    if recipe.search.enabled:  # the search stage's own checks, now rather than after zero-shot and scoring
+        from floe_dist.stages.search import SearchArgs
+
+        settings = stage_settings("search", recipe, [f.name for f in fields(SearchArgs)])
+        try:  # the allocation and candidates are the campaign's to make: checked when the stage runs
+            SearchArgs(**{**settings, "allocation": None, "candidates": ""}).validate()
+        except ValueError as err:
+            problems += [f"search: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
     if problems:
         raise ValueError("bad recipe:\n  - " + "\n  - ".join(problems))
 

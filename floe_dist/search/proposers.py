@@ -407,11 +407,11 @@ class SmacProposer:
         intensifier._tracker.update(stages)
         return next(iter(intensifier))
 
-    def _waiting_above(self, budget: float | None) -> bool:
+    def _waiting_above(self, budget: float) -> bool:
         """Whether a configuration promoted to a budget above ``budget`` has not been issued there yet."""
         intensifier = self.smac.intensifier
         for (bracket, stage), groups in intensifier._tracker.items():
-            if budget is None or intensifier._budgets_in_stage[bracket][stage] <= budget:
+            if intensifier._budgets_in_stage[bracket][stage] <= budget:
                 continue
             for seed, configs in groups:
                 keys = intensifier._get_instance_seed_budget_keys_by_stage(bracket=bracket, stage=stage, seed=seed)

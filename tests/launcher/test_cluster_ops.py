@@ -123,6 +123,9 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
         (["slurm", "--launch", "deepspeed", "--output", str(tmp_path / "f")], "applies to the train template"),
         (["campaign", "--parallel.nodes", "2", "--output", str(tmp_path / "d")], "needs parallel.launcher srun"),
         (["campaign", "--nodes", "2", "--output", str(tmp_path / "g")], "bad recipe: unrecognized arguments: --nodes"),
+        # the search's settings are checked before the first stage, not after zero-shot and scoring
+        (["campaign", "--search.model_data", "all", "--output", str(tmp_path / "h")],
+         "search: --model-data must be budget or pooled"),
     ]
     for argv, message in cases:
         proc = run_floe(argv, check=False)
@@ -132,7 +135,7 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
     assert proc.returncode == 2 and "`sbatch` is not on PATH" in proc.stderr
     with pytest.raises(ValueError, match="not host names"):
         render_hostfile(["node 1"], 2)
-    assert not os.path.exists(tmp_path / "a")
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "h")
 
 
 def test_mpi_and_pdsh_launches_train_like_torchrun(tmp_path, openmpi_bin, local_sshd):
