@@ -108,6 +108,8 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--result", help="result file name (benchmarks/results/NAME.json; default: the preset's)")
     parser.add_argument("--max-compute", type=float, help="budget of each search, in full trials (default: the preset's)")
+    parser.add_argument("--max-trials", type=int, default=40,
+                        help="trials per search (the search's own default, 40: 3 toy brackets, 39 trials, bind first)")
     parser.add_argument("--initial-configs", type=int, default=5,
                         help="SMAC's initial design, every arm (default: floe-dist's)")
     parser.add_argument("--out", default="runs/bench_search_methods")
@@ -131,7 +133,7 @@ def main() -> None:
         seeds = range(ns.first_seed, ns.first_seed + ns.seeds)
         for seed in seeds:
             run = search(out / f"{key}-{seed}", space, *flags, "--min-steps", str(p["min_steps"]), "--seed", str(seed),
-                         "--max-compute", str(max_compute))
+                         "--max-compute", str(max_compute), "--max-trials", str(ns.max_trials))
             reached.append(compute_to_target(run["trials"], target, top))
             final.append(run["summary"]["incumbent"]["cost"])
             origins = run["summary"]["top_budget_origins"]
@@ -153,8 +155,8 @@ def main() -> None:
               f"final cost {r['mean_final_cost']:.4f}; model share of top-budget configs "
               f"{r['model_share_top_budget']:.0%}")
     write_result(ns.result or p["result"], rows, grid_best=grid_best, grid_full_trials=grid_compute, epsilon=epsilon,
-                 max_compute=max_compute, initial_configs=ns.initial_configs, space=" ".join(space),
-                 preset=ns.preset)
+                 max_compute=max_compute, max_trials=ns.max_trials, initial_configs=ns.initial_configs,
+                 space=" ".join(space), preset=ns.preset)
 
 
 if __name__ == "__main__":

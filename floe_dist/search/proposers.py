@@ -155,6 +155,11 @@ def model_selector(scenario, min_trials: int, lie: bool, pooled: bool, intensifi
     return ModelSelector(scenario, retrain_after=1, min_trials=min_trials)
 
 
+def _steps(rungs: list[tuple[int, int]]) -> int:
+    """Training steps of a bracket's rungs: configurations x steps, summed."""
+    return sum(count * steps for count, steps in rungs)
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -232,12 +237,13 @@ class SmacProposer:
                            logging_level=40)
         distinct_configs(self.smac.intensifier, self.smac.runhistory)
         self.max_steps = args.max_steps
-        self.bracket = None  # successive halving's [(configurations, steps), ...] per rung; hyperband has several
-        if multi and args.brackets != "hyperband":
+        self.brackets = []  # per bracket, [(configurations, steps), ...] per rung, as SMAC computes them
+        if multi:
             stages = intensifier._get_max_iterations(args.eta, args.max_steps, args.min_steps)
-            budgets, counts = intensifier._compute_configs_and_budgets_for_stages(args.eta, args.max_steps, stages)
-            self.bracket = [(count, int(round(steps))) for count, steps in zip(counts, budgets)]
-        self.bracket_steps = sum(count * steps for count, steps in self.bracket or ())
+            shapes = [(stages - i, stages) for i in range(stages + 1)] if args.brackets == "hyperband" else [(stages,)]
+            for shape in shapes:
+                budgets, counts = intensifier._compute_configs_and_budgets_for_stages(args.eta, args.max_steps, *shape)
+                self.brackets.append([(count, int(round(steps))) for count, steps in zip(counts, budgets)])
         self.multi = multi
         if multi:
             self._promotions_first()
@@ -321,35 +327,29 @@ class SmacProposer:
         return trial
 
     def fits(self, ledger: Ledger, cap: float) -> bool:
-        """Whether the next trial fits under ``cap`` steps. Successive halving reserves the steps of every bracket
-        it started and starts a new one only when all of it fits: a bracket cut off by the cap wastes its cheap
-        trials (the incumbent is taken at the top budget). Otherwise, and under a cap smaller than one bracket,
-        one top-budget trial must fit."""
-        if self.bracket is None or self.bracket_steps > cap:
-            return ledger.compute_used() + self.max_steps <= cap  # a cap below one bracket: as far as it goes
-        (first_count, first_steps), later = self.bracket[0], self.bracket[1:]
-        by_budget: dict[int, list[tuple[str, Trial]]] = {}
-        for t in ledger.trials:
-            by_budget.setdefault(t.budget, []).append((json.dumps(t.config, sort_keys=True), t))
-        firsts = by_budget.get(first_steps, [])  # in issue order: SMAC fills rungs in turn
-        reserved, ready = 0, []  # steps the started brackets still need; budgets of promotions due now
-        for start in range(0, len(firsts), first_count):
-            rung = firsts[start:start + first_count]
-            members = {config for config, _ in rung}
-            reserved += (first_count - len(rung)) * first_steps
-            below, below_count = [t for _, t in rung], first_count
-            for count, steps in later:  # the bracket's promotions: configurations of its first rung
-                issued = [t for config, t in by_budget.get(steps, []) if config in members]
-                reserved += (count - len(issued)) * steps
-                if len(below) == below_count and all(t.status in FINISHED for t in below) and len(issued) < count:
-                    ready.append(steps)
-                below, below_count = issued, count
-        if ready:  # SMAC asks for promotions first (_promotions_first), the highest stage first
-            return ledger.compute_used() + max(ready) <= cap
-        room = cap - ledger.compute_used() - reserved
-        if len(firsts) % first_count:  # a started bracket's first rung takes the next configuration
+        """Whether the next trial fits under ``cap`` steps. The steps every started bracket still needs (its rungs'
+        trials not yet issued, and all its promotions) are reserved, and a new bracket is started only when all of it
+        fits: a bracket cut off by the cap wastes its cheap trials (the incumbent is taken at the top budget). Read
+        from SMAC's own brackets, so the same rule holds for successive halving and for Hyperband's brackets of
+        different shapes. Under a cap smaller than a bracket, one top-budget trial must fit."""
+        used = ledger.compute_used()
+        if not self.brackets or max(_steps(rungs) for rungs in self.brackets) > cap:
+            return used + self.max_steps <= cap  # a cap below one bracket: as far as it goes
+        intensifier = self.smac.intensifier
+        issued = {(json.dumps(t.config, sort_keys=True), t.budget): t for t in ledger.trials}
+        reserved, runnable = 0, False  # runnable: a started bracket has a trial to issue (SMAC asks for it first)
+        for (bracket, stage), groups in intensifier._tracker.items():
+            rungs = self.brackets[bracket]
+            steps = rungs[stage][1]
+            for _, configs in groups:
+                trials = [issued.get((json.dumps(_plain(c), sort_keys=True), steps)) for c in configs]
+                reserved += sum(t is None for t in trials) * steps + _steps(rungs[stage + 1:])
+                promoted = stage + 1 < len(rungs) and all(t is not None and t.status in FINISHED for t in trials)
+                runnable |= None in trials or promoted
+        room = cap - used - reserved
+        if runnable:
             return room >= 0
-        return room >= self.bracket_steps
+        return room >= _steps(self.brackets[getattr(intensifier, "_next_bracket", 0)])
 
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue

@@ -249,6 +249,20 @@ def test_the_compute_cap_finishes_the_bracket_it_started_instead_of_opening_anot
     assert ledger(tmp_path)["summary"]["incumbent"]["budget"] == 90
 
 
+def test_the_compute_cap_starts_a_hyperband_bracket_only_when_all_of_it_fits(tmp_path):
+    """Hyperband's brackets over 10/30/90 steps: 9 x 10 + 3 x 30 + 90 (3 full trials), 5 x 30 + 90 (2.67), 3 x 90 (3).
+    A cap of 5 full trials holds the first and not the second: the second used to start (one 90-step trial fit) and
+    its five 30-step trials ran with no room left for their promotion. A cap of 5.67 holds the first two."""
+    common = ["search", "--brackets", "hyperband", *SPACE, "--min-steps", "10", "--max-steps", "90"]
+    for cap, rungs in (("5", {10: 9, 30: 3, 90: 1}), ("5.67", {10: 9, 30: 3 + 5, 90: 2})):
+        out = tmp_path / cap
+        run_floe([*common, "--max-compute", cap, "--output", str(out)], env={"TOY_DELAY": "0.3"})
+        trials = ledger(out)["trials"]
+        assert all(t["status"] == "success" for t in trials)
+        assert {b: sum(t["budget"] == b for t in trials) for b in (10, 30, 90)} == rungs, cap
+        assert ledger(out)["summary"]["incumbent"]["budget"] == 90
+
+
 def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tmp_path):
     """--mode bo trains every trial at --max-steps; --objective error scores a real LM trial by 1 - accuracy."""
     run_floe(["search", "--mode", "bo", "--objective", "error", "--model", "tiny", "--task", "sst2", "--ranks", "2,4",
