@@ -117,7 +117,7 @@ class SearchSection:
     max_steps: int = arg(24, "largest trial budget; every bo and grid trial uses it")
     eta: int = arg(3, "successive-halving ratio between budgets")
     brackets: str = arg("sh", "sh (successive halving) or hyperband")
-    max_trials: int = arg(40, "stop issuing trials after this many")
+    max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)")
     max_compute: float = arg(4.0, "stop issuing trials before their steps pass this many max_steps trials")
     initial_configs: int = arg(5, "random configurations before the surrogate model takes over")
     objective: str = arg("loss", "loss (validation choice cross-entropy) or error (1 - accuracy)")

@@ -87,9 +87,7 @@ class SearchLoop:
         args, ledger = self.args, self.ledger
         if pending:
             return pending.pop(0)
-        if len(ledger.trials) >= args.max_trials and args.mode != "grid":
-            return None
-        if not self.proposer.fits(ledger, args.max_compute * args.max_steps):
+        if not self.proposer.fits(ledger, args.max_compute * args.max_steps, args.max_trials):
             return None
         trial = self.proposer.ask(ledger)  # None: the grid or the space is exhausted
         if trial is not None:

@@ -160,6 +160,11 @@ def _steps(rungs: list[tuple[int, int]]) -> int:
     return sum(count * steps for count, steps in rungs)
 
 
+def _trials(rungs: list[tuple[int, int]]) -> int:
+    """Trials of a bracket's rungs."""
+    return sum(count for count, _ in rungs)
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -190,7 +195,7 @@ class GridProposer:
     def tell(self, trial: Trial) -> None:
         pass
 
-    def fits(self, ledger: Ledger, cap: float) -> bool:
+    def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
         return True  # the grid runs every point: it is the reference the cap is measured against
 
 
@@ -326,30 +331,37 @@ class SmacProposer:
         self.asked[trial.key] = info
         return trial
 
-    def fits(self, ledger: Ledger, cap: float) -> bool:
-        """Whether the next trial fits under ``cap`` steps. The steps every started bracket still needs (its rungs'
-        trials not yet issued, and all its promotions) are reserved, and a new bracket is started only when all of it
-        fits: a bracket cut off by the cap wastes its cheap trials (the incumbent is taken at the top budget). Read
-        from SMAC's own brackets, so the same rule holds for successive halving and for Hyperband's brackets of
-        different shapes. Under a cap smaller than a bracket, one top-budget trial must fit."""
-        used = ledger.compute_used()
-        if not self.brackets or max(_steps(rungs) for rungs in self.brackets) > cap:
-            return used + self.max_steps <= cap  # a cap below one bracket: as far as it goes
+    def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
+        """Whether the next trial fits under ``cap`` steps and ``max_trials`` trials. The steps and trials every
+        started bracket still needs (its rungs' trials not yet issued, and all its promotions) are reserved, and a new
+        bracket is started only when all of it fits: a bracket cut off by either limit wastes its cheap trials (the
+        incumbent is taken at the top budget). Read from SMAC's own brackets, so the same rule holds for successive
+        halving and for Hyperband's brackets of different shapes. Under limits smaller than a bracket, one top-budget
+        trial must fit."""
+        used, count = ledger.compute_used(), len(ledger.trials)
+        if count >= max_trials:
+            return False
+        if not self.brackets or any(_steps(r) > cap or _trials(r) > max_trials for r in self.brackets):
+            return used + self.max_steps <= cap  # limits below one bracket: as far as they go
         intensifier = self.smac.intensifier
         issued = {(json.dumps(t.config, sort_keys=True), t.budget): t for t in ledger.trials}
-        reserved, runnable = 0, False  # runnable: a started bracket has a trial to issue (SMAC asks for it first)
+        steps_left, trials_left = 0, 0  # what the started brackets still need
+        runnable = False  # a started bracket has a trial to issue (SMAC asks for it first)
         for (bracket, stage), groups in intensifier._tracker.items():
             rungs = self.brackets[bracket]
             steps = rungs[stage][1]
             for _, configs in groups:
                 trials = [issued.get((json.dumps(_plain(c), sort_keys=True), steps)) for c in configs]
-                reserved += sum(t is None for t in trials) * steps + _steps(rungs[stage + 1:])
+                unissued = sum(t is None for t in trials)
+                steps_left += unissued * steps + _steps(rungs[stage + 1:])
+                trials_left += unissued + _trials(rungs[stage + 1:])
                 promoted = stage + 1 < len(rungs) and all(t is not None and t.status in FINISHED for t in trials)
-                runnable |= None in trials or promoted
-        room = cap - used - reserved
+                runnable |= unissued > 0 or promoted
+        steps_room, trials_room = cap - used - steps_left, max_trials - count - trials_left
         if runnable:
-            return room >= 0
-        return room >= _steps(self.brackets[getattr(intensifier, "_next_bracket", 0)])
+            return steps_room >= 0 and trials_room >= 0
+        rungs = self.brackets[getattr(intensifier, "_next_bracket", 0)]
+        return steps_room >= _steps(rungs) and trials_room >= _trials(rungs)
 
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue

@@ -80,7 +80,7 @@ class SearchArgs:
     eta: int = arg(3, "successive-halving ratio between budgets (smac mode)")
     brackets: str = arg("sh", "smac mode: sh (successive halving: each bracket ends with one --max-steps "
                               "trial; the cheapest) or hyperband (also brackets that start at higher budgets)")
-    max_trials: int = arg(40, "stop issuing trials after this many")
+    max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)")
     max_compute: float = arg(8.0, "stop issuing trials before their steps pass this many --max-steps trials "
                               "(smac, random: a bracket starts only when all of it fits; a cap below one bracket "
                               "runs the first as far as it goes)")

@@ -249,6 +249,15 @@ def test_the_compute_cap_finishes_the_bracket_it_started_instead_of_opening_anot
     assert ledger(tmp_path)["summary"]["incumbent"]["budget"] == 90
 
 
+def test_the_trial_limit_also_starts_a_bracket_only_when_all_of_it_fits(tmp_path):
+    """A bracket is 4 trials (3 x 30 steps, 90); --max-trials 6 used to start a second one and stop after two of its
+    30-step trials, which then counted for nothing."""
+    run_floe(["search", "--output", str(tmp_path), *SPACE, "--max-steps", "90", "--max-compute", "10",
+              "--max-trials", "6"])
+    trials = sorted(ledger(tmp_path)["trials"], key=lambda t: t["id"])
+    assert [t["budget"] for t in trials] == [30, 30, 30, 90]
+
+
 def test_the_compute_cap_starts_a_hyperband_bracket_only_when_all_of_it_fits(tmp_path):
     """Hyperband's brackets over 10/30/90 steps: 9 x 10 + 3 x 30 + 90 (3 full trials), 5 x 30 + 90 (2.67), 3 x 90 (3).
     A cap of 5 full trials holds the first and not the second: the second used to start (one 90-step trial fit) and
