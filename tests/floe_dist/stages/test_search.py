@@ -261,7 +261,7 @@ def test_the_trial_limit_also_starts_a_bracket_only_when_all_of_it_fits(tmp_path
 def test_the_compute_cap_starts_a_hyperband_bracket_only_when_all_of_it_fits(tmp_path):
     """Hyperband's brackets over 10/30/90 steps: 9 x 10 + 3 x 30 + 90 (3 full trials), 5 x 30 + 90 (2.67), 3 x 90 (3).
     A cap of 5 full trials holds the first and not the second: the second used to start (one 90-step trial fit) and
-    its five 30-step trials ran with no room left for their promotion. A cap of 5.67 holds the first two."""
+    four of its 30-step trials ran with no room left for a promotion. A cap of 5.67 holds the first two."""
     common = ["search", "--brackets", "hyperband", *SPACE, "--min-steps", "10", "--max-steps", "90"]
     for cap, rungs in (("5", {10: 9, 30: 3, 90: 1}), ("5.67", {10: 9, 30: 3 + 5, 90: 2})):
         out = tmp_path / cap
