@@ -356,6 +356,8 @@ TABLES = {
     "search-methods-seeds200-pooled": ("search_methods_seeds200_pooled", search_methods),
     "search-methods-seeds300-cap30-smac": ("search_methods_seeds300_cap30_bohb-rule", search_methods),
     "search-methods-seeds300-cap30-random": ("search_methods_seeds300_cap30_random", search_methods),
+    "search-methods-seeds400-cap30-smac": ("search_methods_seeds400_cap30_bohb-rule", search_methods),
+    "search-methods-seeds400-cap30-random": ("search_methods_seeds400_cap30_random", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
