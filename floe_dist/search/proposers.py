@@ -242,13 +242,12 @@ class SmacProposer:
                            logging_level=40)
         distinct_configs(self.smac.intensifier, self.smac.runhistory)
         self.max_steps = args.max_steps
-        self.brackets = []  # per bracket, [(configurations, steps), ...] per rung, as SMAC computes them
+        self.brackets = []  # per bracket (Hyperband has several), [(configurations, steps), ...] per rung
         if multi:
-            stages = intensifier._get_max_iterations(args.eta, args.max_steps, args.min_steps)
-            shapes = [(stages - i, stages) for i in range(stages + 1)] if args.brackets == "hyperband" else [(stages,)]
-            for shape in shapes:
-                budgets, counts = intensifier._compute_configs_and_budgets_for_stages(args.eta, args.max_steps, *shape)
-                self.brackets.append([(count, int(round(steps))) for count, steps in zip(counts, budgets)])
+            intensifier.__post_init__()  # SMAC sizes its brackets here, at its first ask; the cap needs them before
+            budgets = intensifier._budgets_in_stage
+            self.brackets = [[(count, int(round(steps))) for count, steps in zip(counts, budgets[bracket])]
+                             for bracket, counts in sorted(intensifier._n_configs_in_stage.items())]
         self.multi = multi
         if multi:
             self._promotions_first()
@@ -344,14 +343,14 @@ class SmacProposer:
         if not self.brackets or any(_steps(r) > cap or _trials(r) > max_trials for r in self.brackets):
             return used + self.max_steps <= cap  # limits below one bracket: as far as they go
         intensifier = self.smac.intensifier
-        issued = {(json.dumps(t.config, sort_keys=True), t.budget): t for t in ledger.trials}
+        issued = {t.key: t for t in ledger.trials}
         steps_left, trials_left = 0, 0  # what the started brackets still need
         runnable = False  # a started bracket has a trial to issue (SMAC asks for it first)
         for (bracket, stage), groups in intensifier._tracker.items():
             rungs = self.brackets[bracket]
             steps = rungs[stage][1]
             for _, configs in groups:
-                trials = [issued.get((json.dumps(_plain(c), sort_keys=True), steps)) for c in configs]
+                trials = [issued.get(trial_key(_plain(c), steps)) for c in configs]
                 unissued = sum(t is None for t in trials)
                 steps_left += unissued * steps + _steps(rungs[stage + 1:])
                 trials_left += unissued + _trials(rungs[stage + 1:])
@@ -405,8 +404,7 @@ class SmacProposer:
     def _first_trial(self, highest_first: bool):
         """One pass of SMAC's tracker in the given order, up to the first trial it yields."""
         intensifier = self.smac.intensifier
-        # successive halving: one bracket, hyperband several; set on SMAC's first pass
-        for bracket, stages in getattr(intensifier, "_max_iterations", {}).items():
+        for bracket, stages in intensifier._max_iterations.items():  # successive halving: one bracket
             for stage in range(stages):
                 intensifier._tracker.setdefault((bracket, stage), [])
 
