@@ -365,6 +365,7 @@ TABLES = {
     "campaign-vs-peft-now": ("campaign_vs_peft_now", campaign_vs_peft),
     "campaign-vs-peft-arithmetic": ("campaign_vs_peft_arithmetic", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-320": ("campaign_vs_peft_arithmetic_320", campaign_vs_peft),
+    "campaign-vs-peft-sst2-400": ("campaign_vs_peft_sst2_400", campaign_vs_peft),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
     "plan-calibration": ("plan_published", plan_published("calibration")),
