@@ -148,6 +148,9 @@ def load_backbone(model_dir: str | Path, quant: str = "none", device: str | torc
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if quant == "none":
         model.to(device)
+    else:
+        for module in model.modules():
+            keep_nf4_in_compute_dtype(module)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
@@ -181,7 +184,18 @@ def nf4_weights(linear, weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
                                  quant_storage=dtype).to(device)
     if bias is not None:
         q.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
-    return q
+    return keep_nf4_in_compute_dtype(q)
+
+
+def keep_nf4_in_compute_dtype(module):
+    """Turn off bitsandbytes' CPU inference path for a ``Linear4bit`` (other modules pass through).
+
+    On a CPU with AVX512-BF16, bitsandbytes computes a ``Linear4bit`` in eval mode without gradients in bf16,
+    from weights it repacks in place: evaluation then disagrees with training (fp32 on CPU) by ~1e-3 and the
+    result depends on the machine. Off, the layer computes in its compute dtype everywhere, as on the GPU."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    return module
 
 
 def quantize_nf4_(model, dtype: torch.dtype | None = None):

@@ -35,9 +35,11 @@ def _probe(tmp_path: Path, nproc: int, ep_size: int) -> dict:
 @pytest.mark.parametrize("nproc,ep_size", [(2, 2), (4, 2)], ids=["2ranks-ep2", "2ep-x-2dp"])
 def test_split_experts_match_replicated_layer(tmp_path, nproc, ep_size):
     report = _probe(tmp_path, nproc, ep_size)
+    # fp32 summed in another order: up to 1.02e-5 seen (router gradient, AVX512-BF16 CPU); a lost or misrouted
+    # contribution is off by orders of magnitude more
     for scenario in ("routed", "idle_expert", "idle_rank", "capacity", "top_p"):
         for quantity, diff in report[scenario]["max_relative_diff"].items():
-            assert diff <= 1e-5, (scenario, quantity, diff)
+            assert diff <= 5e-5, (scenario, quantity, diff)
     # The hang-prone cases really happened: the last EP rank of each group computed nothing.
     idle = report["idle_rank"]["received"]
     assert all(idle[r] == 0 for r in range(ep_size - 1, nproc, ep_size)) and sum(idle) > 0

@@ -31,6 +31,20 @@ def test_quantize_nf4_swaps_decoder_linears_and_keeps_the_function():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_nf4_layers_evaluate_as_they_train_whatever_the_cpu():
+    """bitsandbytes computes a Linear4bit in eval mode without gradients in bf16 on a CPU with AVX512-BF16 (off
+    in floe-dist): evaluation must give what the layers compute in training, loaded or quantized in memory."""
+    from floe_dist.modeling.backbone import load_backbone, nf4_linear, resolve_model
+
+    torch.manual_seed(0)
+    layer, x = nf4_linear(nn.Linear(64, 32)), torch.randn(3, 64)
+    model, ids = load_backbone(resolve_model("tiny"), "nf4"), torch.arange(24).view(2, 12) + 7
+    with torch.no_grad():  # training first: bitsandbytes' bf16 path repacks the weights it then uses in any mode
+        trained = layer.train()(x), model.train()(input_ids=ids).logits
+        evaluated = layer.eval()(x), model.eval()(input_ids=ids).logits
+    assert torch.equal(evaluated[0], trained[0]) and torch.equal(evaluated[1], trained[1])
+
+
 def test_an_incomplete_cached_model_folder_is_rebuilt_not_published_over(tmp_path, monkeypatch):
     """A folder without config.json (an interrupted copy) is replaced; a complete one is reused as is."""
     from floe_dist.modeling import backbone
