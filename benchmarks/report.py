@@ -144,6 +144,16 @@ def eval_choice_scoring(d):
                   "max abs. score difference", "accuracy (pairwise / shared)"], rows)
 
 
+def nf4_cpu_path(d):
+    rows = [[r["task"], r["model"], str(r["examples"]), str(r["threads"]), "yes" if r["cpu_has_avx512bf16"] else "no",
+             f"{r['bnb_bf16_kernel_s']:.1f} s", f"{r['dequantise_fp32_s']:.1f} s", f"**{r['time_ratio']:.2f}**",
+             f"{r['accuracy_bnb_bf16_kernel']:.3f} / {r['accuracy_dequantise_fp32']:.3f}",
+             f"{r['max_abs_score_diff']:.1e}"] for r in d["rows"]]
+    return table(["task", "NF4 model", "examples", "threads", "CPU has AVX512-BF16", "bitsandbytes' bf16 kernel",
+                  "dequantise, fp32 (floe-dist)", "time ratio (fp32 / kernel)", "accuracy (kernel / fp32)",
+                  "max abs. choice-score difference"], rows)
+
+
 def tokenize_rows(d):
     rows = [[r["task"], f"{r['examples']:,}", f"{r['tokens']:,}", f"{r['encode_epoch_s']:.2f} s",
              f"{r['tokenize_cold_s']:.2f} s", f"{r['tokenize_cached_s']:.3f} s",
@@ -360,6 +370,7 @@ TABLES = {
     "search-methods-seeds400-cap30-random": ("search_methods_seeds400_cap30_random", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
     "tokenize": ("tokenize", tokenize_rows),
+    "nf4-cpu-path": ("nf4_cpu_path", nf4_cpu_path),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
     "campaign-vs-peft-rungs": ("campaign_vs_peft_rungs", campaign_vs_peft),
     "campaign-vs-peft-now": ("campaign_vs_peft_now", campaign_vs_peft),
