@@ -1,5 +1,5 @@
 """What turning off bitsandbytes' AVX512-BF16 CPU path costs NF4 evaluation: its bf16 kernel (weights repacked in
-place) against the dequantise-then-matmul path floe-dist keeps (``keep_nf4_in_compute_dtype``), side by side in one
+place) against the dequantise-then-matmul path floe-dist keeps (``bnb_cpu_bf16_path``), side by side in one
 process, the same NF4 backbone and examples.
 
     python benchmarks/bench_nf4_cpu_path.py --limit 272    # SmolLM2-135M NF4, the whole SST-2 test split
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.answer_lm import AnswerLM  # noqa: E402
-from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model  # noqa: E402
+from floe_dist.modeling.backbone import bnb_cpu_bf16_path, load_backbone, load_tokenizer, resolve_model  # noqa: E402
 from floe_dist.resources import Resources  # noqa: E402
 from floe_dist.stages.evaluate import accuracy, choice_scores  # noqa: E402
 
@@ -45,10 +45,7 @@ def main() -> None:
     arms = {}
     for name in ("bnb_bf16_kernel", "dequantise_fp32"):
         lm = load_backbone(model_dir, "nf4")  # floe-dist's loader turns the kernel off; the first arm turns it on
-        for module in lm.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = cpu_kernel and name == "bnb_bf16_kernel"
-        arms[name] = AnswerLM(lm)
+        arms[name] = AnswerLM(bnb_cpu_bf16_path(lm, enabled=cpu_kernel and name == "bnb_bf16_kernel"))
     timed = {}
     for _ in range(2):
         for name, model in arms.items():

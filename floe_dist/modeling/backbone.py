@@ -149,8 +149,7 @@ def load_backbone(model_dir: str | Path, quant: str = "none", device: str | torc
     if quant == "none":
         model.to(device)
     else:
-        for module in model.modules():
-            keep_nf4_in_compute_dtype(module)
+        bnb_cpu_bf16_path(model, enabled=False)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
@@ -184,18 +183,19 @@ def nf4_weights(linear, weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
                                  quant_storage=dtype).to(device)
     if bias is not None:
         q.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
-    return keep_nf4_in_compute_dtype(q)
+    return bnb_cpu_bf16_path(q, enabled=False)
 
 
-def keep_nf4_in_compute_dtype(module):
-    """Turn off bitsandbytes' CPU inference path for a ``Linear4bit`` (other modules pass through).
+def bnb_cpu_bf16_path(model, enabled: bool):
+    """Switch bitsandbytes' CPU inference path for every ``Linear4bit`` in ``model`` (floe-dist keeps it off).
 
     On a CPU with AVX512-BF16, bitsandbytes computes a ``Linear4bit`` in eval mode without gradients in bf16,
     from weights it repacks in place: evaluation then disagrees with training (fp32 on CPU) by ~1e-3 and the
     result depends on the machine. Off, the layer computes in its compute dtype everywhere, as on the GPU."""
-    if hasattr(module, "support_avx512bf16_for_cpu"):
-        module.support_avx512bf16_for_cpu = False
-    return module
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = enabled
+    return model
 
 
 def quantize_nf4_(model, dtype: torch.dtype | None = None):
