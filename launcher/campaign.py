@@ -254,9 +254,12 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
     print(f"  model / task          {r.model.name} / {r.data.task} ({final['examples']} test examples)")
     print(f"  allocation            {r.allocate.file or r.allocate.method}")
     if summary["candidates"] and len(summary["candidates"]) > 1:
-        costs = ", ".join(f"{n} {v['best_cost']:.4f}" if v["best_cost"] is not None else f"{n} -"
-                          for n, v in summary["candidates"].items())
+        from floe_dist.stages.search import candidate_costs, unresolved
+
+        costs = ", ".join(candidate_costs(summary["candidates"]))
         print(f"  searched allocations  {summary['searched_allocation']} won (best validation cost: {costs})")
+        if unresolved(summary["candidates"], summary["searched_allocation"]):
+            print("                        (within two standard errors of the runner-up: a close call)")
     print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")

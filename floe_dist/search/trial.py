@@ -8,7 +8,8 @@ budget in optimizer steps, the seed, and the train and evaluate stage configurat
 (the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
 a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
 choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
-(``objective: error``). The test split is never read.
+(``objective: error``), and on a multiple-choice task ``example_costs``, each validation example's share of it, in
+order, so that two trials can be compared example by example. The test split is never read.
 """
 from __future__ import annotations
 
@@ -82,11 +83,13 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
         return None
     eval_start = time.time()
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
-        scored = evaluate_lm(eval_args, lm, tokenizer, layout.torch_device, resources)
+        scored = evaluate_lm(eval_args, lm, tokenizer, layout.torch_device, resources, per_example=True)
     else:  # partitioned: the export on a whole backbone (kept by a warm worker)
-        scored = evaluate(eval_args, resources)
+        scored = evaluate(eval_args, resources, per_example=True)
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
+    per_example = scored.get("example_losses" if spec.objective == "loss" else "example_errors")
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],
+            **({"example_costs": [round(c, 6) for c in per_example]} if per_example is not None else {}),
             "val_examples": scored["examples"], "train_seconds": summary["step_seconds"],
             "eval_seconds": time.time() - eval_start, "seconds": time.time() - start}
 

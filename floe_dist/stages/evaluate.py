@@ -76,9 +76,13 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
     return scores
 
 
+def choice_errors(scores: list[list[float]], examples: list[Example]) -> list[float]:
+    """1.0 where the highest-scored choice is not the right one, else 0.0, per example."""
+    return [float(max(range(len(s)), key=s.__getitem__) != ex.label) for s, ex in zip(scores, examples)]
+
+
 def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
-    hits = sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples))
-    return hits / len(examples)
+    return (len(examples) - sum(choice_errors(scores, examples))) / len(examples)
 
 
 @torch.no_grad()
@@ -96,16 +100,18 @@ def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size:
     return total / max(tokens, 1)
 
 
+def choice_losses(scores: list[list[float]], examples: list[Example]) -> list[float]:
+    """Each example's cross-entropy of the right choice under a softmax over the choices' log-likelihoods."""
+    return [-torch.log_softmax(torch.tensor(s, dtype=torch.float64), 0)[ex.label].item()
+            for s, ex in zip(scores, examples)]
+
+
 def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
-    """Mean cross-entropy of the right choice under a softmax over the choices' log-likelihoods:
-    a smooth stand-in for 1 - accuracy, the objective of ``floe-dist search``."""
-    total = 0.0
-    for s, ex in zip(scores, examples):
-        total -= torch.log_softmax(torch.tensor(s, dtype=torch.float64), 0)[ex.label].item()
-    return total / len(examples)
+    """Mean of ``choice_losses``: a smooth stand-in for 1 - accuracy, the objective of ``floe-dist search``."""
+    return sum(choice_losses(scores, examples)) / len(examples)
 
 
-def run(args: EvalArgs, resources: Resources | None = None) -> dict:
+def run(args: EvalArgs, resources: Resources | None = None, per_example: bool = False) -> dict:
     from floe_dist.modeling.export import export_meta, load_adapter
 
     start = time.time()
@@ -120,7 +126,7 @@ def run(args: EvalArgs, resources: Resources | None = None) -> dict:
     lm = resources.eval_backbone(model_dir, args.quant, device)
     if args.adapter:
         load_adapter(lm, args.adapter)
-    result = evaluate_lm(args, lm, tokenizer, device, resources)
+    result = evaluate_lm(args, lm, tokenizer, device, resources, per_example)
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
             if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
@@ -129,8 +135,11 @@ def run(args: EvalArgs, resources: Resources | None = None) -> dict:
     return result
 
 
-def evaluate_lm(args: EvalArgs, lm, tokenizer, device: torch.device, resources: Resources | None = None) -> dict:
-    """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading."""
+def evaluate_lm(args: EvalArgs, lm, tokenizer, device: torch.device, resources: Resources | None = None,
+                per_example: bool = False) -> dict:
+    """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading.
+    ``per_example`` adds each choice example's loss and 0/1 error, in order (a search compares two trials
+    example by example, so it can tell a margin from the noise of a small validation set)."""
     resources = resources or Resources()
     examples = resources.examples(args.task, args.split, args.data_format, args.columns, tokenizer)[: args.limit]
     model = AnswerLM(lm)
@@ -142,6 +151,9 @@ def evaluate_lm(args: EvalArgs, lm, tokenizer, device: torch.device, resources: 
         scores = choice_scores(model, tokenizer, examples, args.batch_size, args.max_length, device)
         result.update(accuracy=accuracy(scores, examples), choice_loss=choice_loss(scores, examples))
         result["loss"] = result["choice_loss"]
+        if per_example:
+            result["example_losses"] = choice_losses(scores, examples)
+            result["example_errors"] = choice_errors(scores, examples)
     result["active_parameters_per_token"] = model.active_parameters_per_token()  # 0 without adapters
     return result
 

@@ -28,6 +28,7 @@ issued again (a Slurm job that is still queued is adopted instead).
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -317,25 +318,62 @@ def finish(args: SearchArgs, out: Path, ledger: Ledger, bases: dict[str, Allocat
     origins = ", ".join(f"{n} from {o}" for o, n in summary["top_budget_origins"].items())
     print(f"[search] configurations at the top budget: {origins}; the incumbent came from {best.origin or 'unknown'}")
     if len(bases) > 1:
-        costs = [f"{name} {c['best_cost']:.4f} ({c['trials']} trials)" if c["best_cost"] is not None else
-                 f"{name} - ({c['trials']} trials, none promoted that far)" for name, c in per_candidate.items()]
         print(f"[search] allocation {won!r} won; best validation cost at {best.budget} steps per candidate: "
-              + ", ".join(costs))
+              + ", ".join(candidate_costs(per_candidate)))
+        examples = len(best.metrics.get("example_costs") or [])
+        for name in unresolved(per_candidate, won):
+            c = per_candidate[name]
+            print(f"[search] note: {name!r} is {c['margin']:.4f} ± {c['margin_se']:.4f} behind {won!r} (paired "
+                  f"standard error over {examples} validation examples): within two standard errors, so the "
+                  f"validation set does not resolve the choice between them")
     return summary
+
+
+def candidate_costs(report: dict[str, dict]) -> list[str]:
+    """'name cost (+margin ± se, N trials)' per candidate, for the search's and the campaign's summaries."""
+    def one(name: str, c: dict) -> str:
+        if c["best_cost"] is None:
+            return f"{name} - ({c['trials']} trials, none promoted that far)"
+        margin = "" if not c.get("margin") else f"+{c['margin']:.4f}" + (
+            f" ± {c['margin_se']:.4f}" if c.get("margin_se") is not None else "") + ", "
+        return f"{name} {c['best_cost']:.4f} ({margin}{c['trials']} trials)"
+    return [one(name, c) for name, c in report.items()]
 
 
 def candidate_report(ledger: Ledger, names: list[str]) -> dict[str, dict]:
     """Per candidate allocation: trials run, and its best cost at the top budget any trial reached (the
-    fidelity the incumbent is taken at, so the figures compare)."""
+    fidelity the incumbent is taken at, so the figures compare); with its margin over the incumbent and that
+    margin's paired standard error over the validation examples (None where trials carry no per-example costs)."""
     ok = [t for t in ledger.trials if t.status == "success"]
     top = max((t.budget for t in ok), default=None)
+    best = ledger.incumbent()
     report = {}
     for name in names:
         mine = [t for t in ledger.trials if base_of(t.config, names) == name]
-        at_top = [t.cost for t in ok if t.budget == top and base_of(t.config, names) == name]
-        report[name] = {"trials": len(mine), "best_cost": min(at_top) if at_top else None, "budget": top,
-                        "top_budget_trials": len(at_top)}
+        at_top = [t for t in ok if t.budget == top and base_of(t.config, names) == name]
+        report[name] = {"trials": len(mine), "best_cost": None, "budget": top, "top_budget_trials": len(at_top),
+                        "margin": None, "margin_se": None}
+        if at_top:
+            mine_best = min(at_top, key=lambda t: (t.cost, t.id))
+            report[name].update(best_cost=mine_best.cost, margin=mine_best.cost - best.cost,
+                                margin_se=paired_se(mine_best, best))
     return report
+
+
+def paired_se(trial: Trial, incumbent: Trial) -> float | None:
+    """Standard error of the mean of ``trial``'s per-example cost minus the incumbent's on the same validation
+    examples: the noise of the margin between them (0 for the incumbent itself)."""
+    mine, theirs = trial.metrics.get("example_costs"), incumbent.metrics.get("example_costs")
+    if not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+        return None
+    diffs = [a - b for a, b in zip(mine, theirs)]
+    return statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def unresolved(report: dict[str, dict], won: str) -> list[str]:
+    """The candidates whose best cost is within two paired standard errors of the winner's."""
+    return [name for name, c in report.items() if name != won and c.get("margin_se") is not None
+            and c["margin"] < 2 * c["margin_se"]]
 
 
 def plot_search(ledger: Ledger, path: Path, max_steps: int) -> None:

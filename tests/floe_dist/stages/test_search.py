@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -272,6 +274,34 @@ def test_the_compute_cap_starts_a_hyperband_bracket_only_when_all_of_it_fits(tmp
         assert ledger(out)["summary"]["incumbent"]["budget"] == 90
 
 
+def test_a_candidates_margin_carries_its_paired_standard_error_over_the_validation_examples(tmp_path):
+    """Each candidate's best top-budget trial is compared with the incumbent example by example: a margin well
+    above the noise of the validation set is resolved, one within two standard errors is flagged."""
+    from floe_dist.search.ledger import Ledger, Trial
+    from floe_dist.stages.search import SearchArgs, candidate_costs, candidate_report, unresolved
+
+    def trial(i: int, name: str, costs: list[float], budget: int = 24) -> Trial:
+        return Trial(i, {"allocation": name, "rank": 4, "lr": 1e-3}, budget, 0, status="success",
+                     cost=sum(costs) / len(costs), metrics={"example_costs": costs})
+
+    base, noise = [0.2, 0.9, 0.4, 0.1, 0.6, 0.3], [0.5, -0.5, 0.5, -0.5, 0.5, -0.4]
+    ledger = Ledger(tmp_path / "search.json", SearchArgs(output=str(tmp_path)))
+    ledger.trials = [trial(0, "floe", base), trial(1, "uniform", [c + 0.1 for c in base]),  # 0.1 behind everywhere
+                     trial(2, "random", [c + d for c, d in zip(base, noise)]),  # 0.0167 behind on average, noisily
+                     trial(3, "random", [0.0] * 6, budget=8)]  # a lower budget: not compared
+    names = ["floe", "uniform", "random"]
+    report = candidate_report(ledger, names)
+    assert report["floe"]["margin"] == 0 and report["floe"]["margin_se"] == 0
+    assert report["uniform"]["margin"] == pytest.approx(0.1) and report["uniform"]["margin_se"] < 1e-12
+    assert report["random"]["margin"] == pytest.approx(sum(noise) / 6)
+    assert report["random"]["margin_se"] == pytest.approx(statistics.stdev(noise) / math.sqrt(6))
+    assert unresolved(report, "floe") == ["random"]
+    assert candidate_costs(report)[2] == f"random {sum(base) / 6 + sum(noise) / 6:.4f} (+0.0167 ± 0.2167, 2 trials)"
+    ledger.trials[1].metrics = {}  # a trial program that reports no per-example costs: no error bar, no flag
+    report = candidate_report(ledger, names)
+    assert report["uniform"]["margin_se"] is None and unresolved(report, "floe") == ["random"]
+
+
 def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tmp_path):
     """--mode bo trains every trial at --max-steps; --objective error scores a real LM trial by 1 - accuracy."""
     run_floe(["search", "--mode", "bo", "--objective", "error", "--model", "tiny", "--task", "sst2", "--ranks", "2,4",
@@ -283,6 +313,8 @@ def test_bo_mode_with_the_error_objective_costs_one_minus_validation_accuracy(tm
     for t in trials:
         assert t["metrics"]["val_examples"] == 8
         assert t["cost"] == pytest.approx(1 - t["metrics"]["val_accuracy"]) != t["metrics"]["val_loss"]
+        errors = t["metrics"]["example_costs"]  # per validation example, in order: 0/1
+        assert len(errors) == 8 and set(errors) <= {0.0, 1.0} and sum(errors) / 8 == pytest.approx(t["cost"])
     assert search["summary"]["incumbent"]["cost"] == min(t["cost"] for t in trials)
 
 
@@ -298,6 +330,8 @@ def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher, 
         assert json.loads((trial_dir / "train" / "train.json").read_text())["world_size"] == 2
         assert json.loads((trial_dir / "train" / "train_args.json").read_text())["split"] == "fit"
         assert t["metrics"]["val_examples"] == 8 and t["cost"] == t["metrics"]["val_loss"] > 0
+        losses = t["metrics"]["example_costs"]  # scored on the partitioned path's whole-backbone export
+        assert len(losses) == 8 and sum(losses) / 8 == pytest.approx(t["cost"], abs=1e-5)
         ranks = {m.ranks for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
                  for m in mods.values()}
         assert ranks == {(t["config"]["rank"],)}
