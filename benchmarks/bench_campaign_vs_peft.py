@@ -9,10 +9,11 @@ Per seed, side by side in one run: (1) the campaign (score + search + train + ev
 ``--search.seed``, ``--search.trial_seed`` and ``--train.seed`` set to the seed), timed from its start to its summary;
 (2) PEFT LoRA through PEFT itself (``get_peft_model``, r=8, alpha 16, dropout 0.05 on q_proj and v_proj of every
 layer, AdamW at lr 1e-3 with 10% warm-up and cosine decay, the campaign's global batch, one process with every
-core) given the campaign's whole wall time: it loads, measures its step time over 5 steps after a first one, plans
-as many steps as fit before the test evaluation (whose time it takes from the campaign's own final evaluation:
-same model, same examples), trains them, and is scored like the campaign (its ``evaluate_lm``: choice log-likelihood
-accuracy on a multiple-choice test split, the generated number on a numeric generative one such as
+core) given the campaign's whole wall time: it loads, then trains until the time left is that of the test
+evaluation (which it takes from the campaign's own final evaluation: same model, same examples), on a schedule that
+runs on the clock (10% linear warm-up, cosine to zero over the training time; rows measured before this change
+planned a step count from a 5-step probe instead), and is scored like the campaign (its ``evaluate_lm``: choice
+log-likelihood accuracy on a multiple-choice test split, the generated number on a numeric generative one such as
 ``smollm2-arithmetic``). Not the same work: the comparison is at equal wall time, which is the point. Result:
 benchmarks/results/campaign_vs_peft.json (one row per seed, written as each seed finishes; the table's mean and
 spread are over the rows). The row also carries the campaign search's overhead share: 1 - the trials' training-step
@@ -64,7 +65,6 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     """PEFT LoRA r=8 on q,v of every layer, as many steps as fit in ``budget_s`` including its evaluation."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import get_cosine_schedule_with_warmup
 
     from benchmarks.bench_task_arms import eval_args, train_args
     from floe_dist.data import load_task, tokenize, train_batch
@@ -96,24 +96,23 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
         opt.step()
         opt.zero_grad()
 
-    step(0)  # the first step pays one-time costs: not part of the probe
-    probe = time.time()
-    for i in range(1, 6):  # measures the step time; these steps count (constant lr: the schedule is not set yet)
-        step(i)
-    step_s = (time.time() - probe) / 5
-    steps = 6 + max(0, math.floor((budget_s - (time.time() - start) - eval_s) / step_s))
-    sched = get_cosine_schedule_with_warmup(opt, max(1, (steps - 6) // 10), max(1, steps - 6))
-    for i in range(6, steps):
-        if time.time() - start + eval_s > budget_s:  # slower steps than probed: stop at the budget, not after it
-            steps = i
-            break
-        step(i)
-        sched.step()
+    # The schedule runs on the clock: 10% linear warm-up, then cosine to zero (transformers'
+    # get_cosine_schedule_with_warmup) over the training time left, so the run fills its budget however fast
+    # its steps turn out to be (steps planned from a short probe ended one run 128 s early).
+    train_s = budget_s - (time.time() - start) - eval_s
+    train_start, steps = time.time(), 0
+    while (progress := (time.time() - train_start) / train_s) + progress / max(1, steps) < 1:  # one more fits
+        factor = min(1.0, (progress + 0.01) / 0.1) if progress < 0.1 else \
+            0.5 * (1 + math.cos(math.pi * (progress - 0.1) / 0.9))
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * factor
+        step(steps)
+        steps += 1
     train_end = time.time()
     model.eval()
     scored = evaluate_lm(eval_args(recipe), lm.base_model.model, tokenizer, torch.device("cpu"))
     return {"wall_s": time.time() - start, "accuracy": scored["accuracy"], "train_steps": steps,
-            "step_s": step_s, "eval_s": time.time() - train_end,
+            "step_s": (train_end - train_start) / max(1, steps), "eval_s": time.time() - train_end,
             "trainable_parameters": sum(p.numel() for p in params)}
 
 

@@ -195,6 +195,41 @@ def campaign_vs_peft(d):
                   "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows) + "\n\n" + stages
 
 
+def mean_std_pct(values) -> str:
+    from statistics import mean, stdev
+
+    return f"{100 * mean(values):.1f} ± {100 * (stdev(values) if len(values) > 1 else 0):.1f}%"
+
+
+def search_fidelity(d):
+    """Per seed and configuration: the search's validation cost at each trial length, and the long run's test
+    accuracy; then, per seed, the configuration each length would choose."""
+    from statistics import mean
+
+    budgets = d["rows"][0]["budgets"]
+    rows = [[r["seed"], c["allocation"], c["rank"],
+             *(f"{c[f'cost_{b}']:.4f} ({pct(c[f'val_accuracy_{b}'], 0)})" for b in budgets),
+             pct(c["test_accuracy"])] for r in d["rows"] for c in r["configs"]]
+    per_config = table(["seed", "allocation", "rank", *(f"validation cost (accuracy), {b} steps" for b in budgets),
+                        f"test accuracy, {budgets[-1]} steps"], rows)
+
+    def name(c):
+        return f"{c['allocation']} r={c['rank']}"
+
+    picks = [[r["seed"], *(name(min(r["configs"], key=lambda c: c[f"cost_{b}"])) for b in budgets),
+              name(max(r["configs"], key=lambda c: c["test_accuracy"]))] for r in d["rows"]]
+    chosen = table(["seed", *(f"lowest cost at {b} steps" for b in budgets), "best test accuracy"], picks)
+    configs = [name(c) for c in d["rows"][0]["configs"]]
+    def over_seeds(n, key):
+        return [c[key] for r in d["rows"] for c in r["configs"] if name(c) == n]
+
+    means = table(["configuration", *(f"mean validation cost, {b} steps" for b in budgets),
+                   f"test accuracy after {budgets[-1]} steps, mean ± std over seeds"],
+                  [[n, *(f"{mean(over_seeds(n, f'cost_{b}')):.4f}" for b in budgets),
+                    mean_std_pct(over_seeds(n, "test_accuracy"))] for n in configs])
+    return per_config + "\n\n" + chosen + "\n\n" + means
+
+
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
                  [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s",
@@ -377,6 +412,7 @@ TABLES = {
     "campaign-vs-peft-arithmetic": ("campaign_vs_peft_arithmetic", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-320": ("campaign_vs_peft_arithmetic_320", campaign_vs_peft),
     "campaign-vs-peft-sst2-400": ("campaign_vs_peft_sst2_400", campaign_vs_peft),
+    "search-fidelity": ("search_fidelity", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
     "plan-calibration": ("plan_published", plan_published("calibration")),
