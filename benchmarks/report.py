@@ -413,6 +413,7 @@ TABLES = {
     "campaign-vs-peft-arithmetic-320": ("campaign_vs_peft_arithmetic_320", campaign_vs_peft),
     "campaign-vs-peft-sst2-400": ("campaign_vs_peft_sst2_400", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
+    "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
     "plan-calibration": ("plan_published", plan_published("calibration")),

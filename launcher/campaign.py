@@ -258,8 +258,10 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
 
         costs = ", ".join(candidate_costs(summary["candidates"]))
         print(f"  searched allocations  {summary['searched_allocation']} won (best validation cost: {costs})")
-        if unresolved(summary["candidates"], summary["searched_allocation"]):
-            print("                        (within two standard errors of the runner-up: a close call)")
+        close = unresolved(summary["candidates"], summary["searched_allocation"])
+        if close:
+            print(f"                        (its margin over {', '.join(close)} is within two paired standard "
+                  f"errors: the validation set does not resolve the choice)")
     print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")
