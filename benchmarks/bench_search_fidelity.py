@@ -52,7 +52,8 @@ def grid(config: str, candidates: str, ranks: str, lr: float, steps: int, seed: 
     return trials
 
 
-def test_accuracy(config: str, adapter: str) -> float:
+def accuracy_on_test(config: str, adapter: str) -> float:
+    """The adapter's accuracy on the recipe's whole test split, evaluated as the campaign's final evaluation."""
     from dataclasses import fields
 
     from floe_dist.recipe import load_recipe, stage_settings
@@ -77,13 +78,13 @@ def one_seed(config: str, seed: int, budgets: list[int], ranks: str, lr: float) 
         configs = []
         for trial in per_budget[longest]:
             key = (trial["allocation"], trial["rank"])
-            row = {"allocation": key[0], "rank": key[1], "test_accuracy": test_accuracy(config, trial["adapter"])}
+            row = {"allocation": key[0], "rank": key[1], "test_accuracy": accuracy_on_test(config, trial["adapter"])}
             for steps, trials in per_budget.items():
                 same = next(t for t in trials if (t["allocation"], t["rank"]) == key)
                 row[f"cost_{steps}"], row[f"val_accuracy_{steps}"] = same["cost"], same["val_accuracy"]
             configs.append(row)
-    return {"seed": seed, "recipe": config, "lr": lr, "budgets": budgets, "floe_layers": sorted(floe["layers"]),
-            "configs": configs, "wall_s": time.time() - start}
+    return {"seed": seed, "recipe": config, "lr": lr, "budgets": budgets,
+            "floe_layers": sorted(map(int, floe["layers"])), "configs": configs, "wall_s": time.time() - start}
 
 
 def main() -> None:

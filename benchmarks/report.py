@@ -220,6 +220,7 @@ def search_fidelity(d):
               name(max(r["configs"], key=lambda c: c["test_accuracy"]))] for r in d["rows"]]
     chosen = table(["seed", *(f"lowest cost at {b} steps" for b in budgets), "best test accuracy"], picks)
     configs = [name(c) for c in d["rows"][0]["configs"]]
+
     def over_seeds(n, key):
         return [c[key] for r in d["rows"] for c in r["configs"] if name(c) == n]
 
