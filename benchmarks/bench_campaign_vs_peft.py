@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -68,6 +67,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
 
     from benchmarks.bench_task_arms import eval_args, train_args
     from floe_dist.data import load_task, tokenize, train_batch
+    from floe_dist.distributed.engine import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.stages.evaluate import evaluate_lm
@@ -96,16 +96,15 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
         opt.step()
         opt.zero_grad()
 
-    # The schedule runs on the clock: 10% linear warm-up, then cosine to zero (transformers'
-    # get_cosine_schedule_with_warmup) over the training time left, so the run fills its budget however fast
-    # its steps turn out to be (steps planned from a short probe ended one run 128 s early).
+    # The schedule runs on the clock: floe-dist's warm-up + cosine (10% linear warm-up, then cosine to zero) over
+    # the training time left, in thousandths of it, so the run fills its budget however fast its steps turn out
+    # to be (steps planned from a short probe ended one run 128 s early).
+    factor = warmup_cosine(total_steps=1000, warmup_steps=100, min_ratio=0.0)
     train_s = budget_s - (time.time() - start) - eval_s
     train_start, steps = time.time(), 0
     while (progress := (time.time() - train_start) / train_s) + progress / max(1, steps) < 1:  # one more fits
-        factor = min(1.0, (progress + 0.01) / 0.1) if progress < 0.1 else \
-            0.5 * (1 + math.cos(math.pi * (progress - 0.1) / 0.9))
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * factor
+            group["lr"] = 1e-3 * factor(int(1000 * progress))
         step(steps)
         steps += 1
     train_end = time.time()

@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_task_arms import eval_args  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
 
@@ -54,14 +55,10 @@ def grid(config: str, candidates: str, ranks: str, lr: float, steps: int, seed: 
 
 def accuracy_on_test(config: str, adapter: str) -> float:
     """The adapter's accuracy on the recipe's whole test split, evaluated as the campaign's final evaluation."""
-    from dataclasses import fields
-
-    from floe_dist.recipe import load_recipe, stage_settings
-    from floe_dist.stages.evaluate import EvalArgs
+    from floe_dist.recipe import load_recipe
     from floe_dist.stages.evaluate import run as evaluate
 
-    settings = stage_settings("evaluate", load_recipe(config, []), [f.name for f in fields(EvalArgs)])
-    return evaluate(EvalArgs(**{**settings, "adapter": adapter}))["accuracy"]
+    return evaluate(eval_args(load_recipe(config, []), adapter=adapter))["accuracy"]
 
 
 def one_seed(config: str, seed: int, budgets: list[int], ranks: str, lr: float) -> dict:
