@@ -49,13 +49,16 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
         steps = json.loads((out / "train" / "train.json").read_text())["steps"]
         search = json.loads((out / "search_stage.json").read_text()) if (out / "search_stage.json").is_file() else {}
         trials = json.loads((out / "search" / "search.json").read_text())["trials"] if search else []
+        layers = json.loads(Path(summary["allocation"]).read_text())["layers"]
+        module = next(iter(next(iter(layers.values())).values()))  # the rank trained, searched or not
     useful = sum(t["metrics"].get("train_seconds", 0) + t["metrics"].get("eval_seconds", 0) for t in trials)
     slots = len({t["worker"].split(":pid")[0] for t in trials}) or 1
     return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
             "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
-            "rank": search.get("rank"), "lr": summary["lr"], "top_budget_origins": search.get("top_budget_origins"),
-            "candidates": search.get("candidates"), "search_trials": len(trials),
+            "method": summary["method"], "rank": search.get("rank", module["ranks"][0]), "lr": summary["lr"],
+            "top_budget_origins": search.get("top_budget_origins"), "candidates": search.get("candidates"),
+            "search_trials": len(trials),
             # 1 - in-trial training and validation seconds / (workers x the search stage's wall time)
             "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}
 

@@ -169,8 +169,9 @@ def campaign_vs_peft(d):
     rows = []
     for r in d["rows"]:
         c, p = r["campaign"], r["peft"]
+        choice = c["searched_allocation"] or f"{c.get('method', '–')} (no search)"
         rows.append([r["seed"], f"{100 * c['accuracy']:.1f}%", f"{c['wall_s']:.0f} s",
-                     f"{c['searched_allocation'] or '–'}, r={c['rank']}, lr {c['lr']:.1e}, {c['train_steps']} steps",
+                     f"{choice}, r={c['rank']}, lr {c['lr']:.1e}, {c['train_steps']} steps",
                      f"{c['trainable_parameters']:,}", f"{100 * p['accuracy']:.1f}%", f"{p['wall_s']:.0f} s",
                      f"{p['train_steps']}", f"{p['trainable_parameters']:,}"])
     if len(d["rows"]) > 1:
@@ -187,6 +188,7 @@ def campaign_vs_peft(d):
     stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins",
                     "candidates' best validation cost"],
                    [[r["seed"], ", ".join(f"{k} {v:.0f}" for k, v in r["campaign"]["stage_seconds"].items()),
+                     "no search" if r["campaign"]["search_overhead_share"] is None else
                      f"{r['campaign']['search_trials']}, {r['campaign']['search_overhead_share']:.0%}, "
                      f"{r['campaign']['top_budget_origins']}",
                      ", ".join(f"{n} {'–' if c['best_cost'] is None else format(c['best_cost'], '.4f')}"
@@ -413,6 +415,8 @@ TABLES = {
     "campaign-vs-peft-arithmetic": ("campaign_vs_peft_arithmetic", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-320": ("campaign_vs_peft_arithmetic_320", campaign_vs_peft),
     "campaign-vs-peft-sst2-400": ("campaign_vs_peft_sst2_400", campaign_vs_peft),
+    "campaign-vs-peft-uniform-400": ("campaign_vs_peft_uniform_400", campaign_vs_peft),
+    "campaign-vs-peft-uniform-nosearch": ("campaign_vs_peft_uniform_nosearch", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),

@@ -71,7 +71,8 @@ class ScoreSection:
 @dataclass
 class AllocateSection:
     """allocate: where adapters go and how big they are"""
-    method: str = arg("floe", "floe (Fisher scores of the score stage), uniform, random, flexora, hilo or guilomo")
+    method: str = arg("uniform", "uniform (every layer), floe (Fisher scores of the score stage), random, flexora, "
+                                 "hilo or guilomo")
     file: str | None = arg(None, "an allocation.json to use as it is (skips score and allocate)")
     k: int | None = arg(None, "layers kept (floe, random; flexora: top-k instead of alpha > 0); default 25%")
     budget: int | None = arg(None, "adapter parameters: scale every rank by one factor to come closest to it")
@@ -140,7 +141,7 @@ class SearchSection:
 @dataclass
 class TrainSection:
     """train: the final training of the chosen adapter"""
-    steps: int = arg(100, "optimizer steps")
+    steps: int = arg(400, "optimizer steps")
     micro_batch: int = arg(4, "examples per rank per micro-step")
     accumulation: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(1e-3, "peak learning rate when the search is off (the search's choice otherwise)")

@@ -1,7 +1,7 @@
 """``floe-dist campaign``: the stages of one recipe end to end, each resumable, each timed.
 
     floe-dist campaign                                   # recipes/smollm2-sst2.yaml: SmolLM2-135M on SST-2
-    floe-dist campaign --config tiny                     # the same path on a tiny random Llama, about a minute
+    floe-dist campaign --config tiny                     # FLoE's path on a tiny random Llama, about a minute
     floe-dist campaign --config my.yaml --train.lr 1e-4 --output runs/mine
 
 Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> allocate (for FLoE,

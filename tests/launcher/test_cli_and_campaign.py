@@ -88,6 +88,7 @@ USER_RECIPE = """\
 # written by a user: their own model choice and multiple-choice JSONL task, short stages
 model: {{name: tiny}}
 data: {{task: {task}}}
+allocate: {{method: floe}}
 score: {{warmup_steps: 2, proxy_examples: 32, samples: 32, micro_batch: 2}}
 search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute: 2.0, val_limit: 16, micro_batch: 2,
           allocations: "uniform,random"}}
@@ -138,3 +139,23 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     changed = run_floe(["campaign", "--config", str(recipe), "--output", str(out), "--train.steps", "5"], check=False)
     assert changed.returncode == 2 and "finished stages (train, final_eval)" in changed.stderr
     assert "train.steps (4 -> 5)" in changed.stderr
+
+
+def test_the_default_campaign_trains_uniform_lora_moe_everywhere_and_searches_only_its_rank_and_lr(tmp_path):
+    """The default recipe's path (allocate.method uniform, one process): no score stage; the search's one
+    candidate is the allocate stage's, so it tunes the rank and learning rate of adapters on every layer."""
+    from floe_dist.recipe import Recipe
+
+    assert Recipe().allocate.method == "uniform" and Recipe().search.allocations == "uniform"
+    out = tmp_path / "c"
+    run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+              "--parallel.zero", "0", "--output", str(out)])
+    assert not (out / "allocate" / "fisher.json").exists()
+    assert json.loads((out / "allocate_stage.json").read_text())["layers"] == [0, 1, 2, 3]
+    search = json.loads((out / "search" / "search.json").read_text())["summary"]
+    assert set(search["candidates"]) == {"uniform"} and search["allocation"] == "uniform"
+    trained = json.loads((out / "train" / "allocation.json").read_text())
+    assert sorted(map(int, trained["layers"])) == [0, 1, 2, 3]
+    assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
+    summary = json.loads((out / "campaign.json").read_text())
+    assert summary["method"] == "uniform" and summary["lr"] == search["lr"]
