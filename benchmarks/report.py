@@ -165,6 +165,12 @@ def tokenize_rows(d):
                   "rows: unpacked → packed", "padding: unpacked → packed"], rows)
 
 
+def mean_std_pct(values) -> str:
+    from statistics import mean, stdev
+
+    return f"{100 * mean(values):.1f} ± {100 * (stdev(values) if len(values) > 1 else 0):.1f}%"
+
+
 def campaign_vs_peft(d):
     rows = []
     for r in d["rows"]:
@@ -175,16 +181,15 @@ def campaign_vs_peft(d):
                      f"{c['trainable_parameters']:,}", f"{100 * p['accuracy']:.1f}%", f"{p['wall_s']:.0f} s",
                      f"{p['train_steps']}", f"{p['trainable_parameters']:,}"])
     if len(d["rows"]) > 1:
-        from statistics import mean, stdev
+        from statistics import mean
 
-        def both(arm, key):
-            values = [r[arm][key] for r in d["rows"]]
-            return mean(values), stdev(values)
+        def over_seeds(arm, key):
+            return [r[arm][key] for r in d["rows"]]
 
-        (ca, cs), (pa, ps) = both("campaign", "accuracy"), both("peft", "accuracy")
-        rows.append(["**mean ± std**", f"**{100 * ca:.1f} ± {100 * cs:.1f}%**",
-                     f"{both('campaign', 'wall_s')[0]:.0f} s", "", "", f"**{100 * pa:.1f} ± {100 * ps:.1f}%**",
-                     f"{both('peft', 'wall_s')[0]:.0f} s", "", ""])
+        rows.append(["**mean ± std**", f"**{mean_std_pct(over_seeds('campaign', 'accuracy'))}**",
+                     f"{mean(over_seeds('campaign', 'wall_s')):.0f} s", "", "",
+                     f"**{mean_std_pct(over_seeds('peft', 'accuracy'))}**",
+                     f"{mean(over_seeds('peft', 'wall_s')):.0f} s", "", ""])
     stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins",
                     "candidates' best validation cost"],
                    [[r["seed"], ", ".join(f"{k} {v:.0f}" for k, v in r["campaign"]["stage_seconds"].items()),
@@ -195,12 +200,6 @@ def campaign_vs_peft(d):
                                for n, c in (r["campaign"]["candidates"] or {}).items())] for r in d["rows"]])
     return table(["seed", "campaign accuracy", "campaign wall", "campaign's choice", "campaign params",
                   "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows) + "\n\n" + stages
-
-
-def mean_std_pct(values) -> str:
-    from statistics import mean, stdev
-
-    return f"{100 * mean(values):.1f} ± {100 * (stdev(values) if len(values) > 1 else 0):.1f}%"
 
 
 def search_fidelity(d):
