@@ -150,6 +150,10 @@ def validate(recipe: Recipe) -> None:
             SearchArgs(**{**settings, "allocation": None, "candidates": ""}).validate()
         except ValueError as err:
             problems += [f"search: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+        try:
+            searched_allocations(recipe)
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         raise ValueError("bad recipe:\n  - " + "\n  - ".join(problems))
 
@@ -175,6 +179,25 @@ def allocate_stage(c: Campaign) -> str:
     return str(folder / "allocation.json")
 
 
+def searched_allocations(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """``search.allocations`` as (method, K, "") or (NAME, "", FILE) items; a bad item is a ValueError that names
+    it, raised by ``validate`` before any stage runs."""
+    items = []
+    for item in (i.strip() for i in recipe.search.allocations.split(",") if i.strip()):
+        name, eq, path = item.partition("=")
+        if eq:
+            items.append((name.strip(), "", path.strip()))
+            continue
+        method, _, k = item.partition(":")
+        if method not in ("uniform", "random", "floe") or (k and not k.isdigit()) or (method == "uniform" and k):
+            raise ValueError(f"search.allocations: {item!r} is not uniform, random, random:K, floe:K or NAME=FILE")
+        if method == "floe" and (recipe.allocate.method != "floe" or recipe.allocate.file):
+            raise ValueError(f"search.allocations: {item!r} needs Fisher scores: allocate.method floe (and no "
+                             f"allocate.file)")
+        items.append((method, k, ""))
+    return items
+
+
 def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
     """{name: allocation file} the search chooses among: the allocate stage's, then ``search.allocations``."""
     from floe_dist.allocation import Allocation
@@ -184,16 +207,10 @@ def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
     a = c.recipe.allocate
     files = {"given" if a.file else a.method: selected}
     folder = c.out / "allocate" / "candidates"
-    for item in (i.strip() for i in c.recipe.search.allocations.split(",") if i.strip()):
-        name, eq, path = item.partition("=")
-        if eq:
-            files[name.strip()] = path.strip()
+    for method, k, path in searched_allocations(c.recipe):
+        if path:
+            files[method] = path
             continue
-        method, _, k = item.partition(":")
-        if method not in ("uniform", "random", "floe") or (k and not k.isdigit()) or (method == "uniform" and k):
-            raise ValueError(f"search.allocations: {item!r} is not uniform, random, random:K, floe:K or NAME=FILE")
-        if method == "floe" and not (c.out / "allocate" / "fisher.json").is_file():
-            raise ValueError(f"search.allocations: {item!r} needs Fisher scores: allocate.method floe")
         layers = int(k) if k else len(Allocation.load(selected).layers)
         name = f"{method}-{layers}" if method != "uniform" else method
         if name in files:  # e.g. uniform when allocate.method is uniform: that candidate is there already

@@ -45,6 +45,18 @@ def test_bad_train_arguments_fail_before_any_work(tmp_path):
     assert proc.returncode == 2 and "DeepSpeed config not found" in proc.stderr
 
 
+def test_a_bad_searched_allocation_fails_the_campaign_before_any_stage(tmp_path):
+    """The default allocates uniformly, so Fisher candidates (floe:K) have no scores to come from: refused up
+    front with every bad item named, not after the zero-shot evaluation."""
+    out = tmp_path / "c"
+    for value, message in (("floe:4", "'floe:4' needs Fisher scores: allocate.method floe"),
+                           ("uniform:3", "'uniform:3' is not uniform, random, random:K, floe:K or NAME=FILE")):
+        proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--search.allocations",
+                         value, "--output", str(out)], check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()
+
+
 def test_a_failed_campaign_stage_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "floe-dist/allocation@1", "target_modules": ["q_proj"], "layers": {}}))
