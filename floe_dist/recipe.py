@@ -100,7 +100,8 @@ class SearchSection:
     mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps), random (smac's "
                             "fidelities and halving, random configurations) or grid")
     surrogate: str = arg("rf", "smac/bo: the surrogate model, rf (random forest) or gp (Gaussian process)")
-    random_interleave: float = arg(0.2, "smac/bo: share of proposals drawn at random instead of from the model")
+    random_interleave: float = arg(0.0, "smac/bo: share of proposals drawn at random instead of from the model (the "
+                                        "initial design explores; SMAC's own default is 0.2)")
     model_min_points: int = arg(0, "smac: results a budget needs before the model learns from it; 0 = the "
                                    "space's dimensions + 1, as BOHB")
     model_data: str = arg("budget", "smac: the model learns from one budget's results (budget) or from every "
@@ -117,10 +118,11 @@ class SearchSection:
     min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac mode)")
     max_steps: int = arg(24, "largest trial budget; every bo and grid trial uses it")
     eta: int = arg(3, "successive-halving ratio between budgets")
-    brackets: str = arg("sh", "sh (successive halving) or hyperband")
+    brackets: str = arg("hyperband", "hyperband (with the default budgets: 3 configurations at 8 steps, the best "
+                                     "promoted to 24, then 2 proposed straight at 24) or sh (successive halving)")
     max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)")
     max_compute: float = arg(4.0, "stop issuing trials before their steps pass this many max_steps trials")
-    initial_configs: int = arg(5, "random configurations before the surrogate model takes over")
+    initial_configs: int = arg(3, "random configurations before the surrogate model takes over")
     objective: str = arg("loss", "loss (validation choice cross-entropy) or error (1 - accuracy)")
     micro_batch: int = arg(4, "trial training: examples per rank per step")
     zero: str = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")

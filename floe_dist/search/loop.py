@@ -89,6 +89,8 @@ class SearchLoop:
             return pending.pop(0)
         if not self.proposer.fits(ledger, args.max_compute * args.max_steps, args.max_trials):
             return None
+        if self.proposer.waits(ledger):  # a result is on its way that lets the model, not chance, propose
+            return None
         trial = self.proposer.ask(ledger)  # None: the grid or the space is exhausted
         if trial is not None:
             self.by_id[trial.id] = trial

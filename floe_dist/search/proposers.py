@@ -198,6 +198,9 @@ class GridProposer:
     def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
         return True  # the grid runs every point: it is the reference the cap is measured against
 
+    def waits(self, ledger: Ledger) -> bool:
+        return False  # a fixed list: nothing to learn before the next point
+
 
 class SmacProposer:
     """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell.
@@ -248,7 +251,7 @@ class SmacProposer:
             budgets = intensifier._budgets_in_stage
             self.brackets = [[(count, int(round(steps))) for count, steps in zip(counts, budgets[bracket])]
                              for bracket, counts in sorted(intensifier._n_configs_in_stage.items())]
-        self.multi = multi
+        self.multi, self.mode = multi, args.mode
         if multi:
             self._promotions_first()
         self.asked: dict[str, object] = {}  # trial key -> SMAC's own TrialInfo (tell must match it exactly)
@@ -342,6 +345,16 @@ class SmacProposer:
             return False
         if not self.brackets or any(_steps(r) > cap or _trials(r) > max_trials for r in self.brackets):
             return used + self.max_steps <= cap  # limits below one bracket: as far as they go
+        steps_left, trials_left, runnable = self._open_brackets(ledger)
+        steps_room, trials_room = cap - used - steps_left, max_trials - count - trials_left
+        if runnable:
+            return steps_room >= 0 and trials_room >= 0
+        rungs = self.brackets[getattr(self.smac.intensifier, "_next_bracket", 0)]
+        return steps_room >= _steps(rungs) and trials_room >= _trials(rungs)
+
+    def _open_brackets(self, ledger: Ledger) -> tuple[int, int, bool]:
+        """What the started brackets still need (steps, trials: rung trials not yet issued and every promotion),
+        and whether one of them has a trial to issue now (else SMAC's next ask draws a new bracket)."""
         intensifier = self.smac.intensifier
         issued = {t.key: t for t in ledger.trials}
         steps_left, trials_left = 0, 0  # what the started brackets still need
@@ -356,11 +369,21 @@ class SmacProposer:
                 trials_left += unissued + _trials(rungs[stage + 1:])
                 promoted = stage + 1 < len(rungs) and all(t is not None and t.status in FINISHED for t in trials)
                 runnable |= unissued > 0 or promoted
-        steps_room, trials_room = cap - used - steps_left, max_trials - count - trials_left
-        if runnable:
-            return steps_room >= 0 and trials_room >= 0
-        rungs = self.brackets[getattr(intensifier, "_next_bracket", 0)]
-        return steps_room >= _steps(rungs) and trials_room >= _trials(rungs)
+        return steps_left, trials_left, runnable
+
+    def waits(self, ledger: Ledger) -> bool:
+        """Whether a free worker should wait for a running trial's result rather than ask now: the next trial would
+        be a new configuration, the initial design is used up, and no budget holds enough results for the model,
+        so SMAC would draw it at random. Seen in the default campaign (2 workers, Hyperband): the second bracket's
+        configurations were drawn from 2 results at random while the trial bringing the third was running."""
+        if self.mode == "random" or not any(t.status == "running" for t in ledger.trials):
+            return False  # the control arm draws at random anyway; with nothing running, waiting would never end
+        if self.multi and self._open_brackets(ledger)[2]:
+            return False  # a started bracket has a trial to issue: no new configuration is drawn
+        selector, asked = self.smac._config_selector, set(self.smac.runhistory.get_configs())
+        if any(config not in asked for config in selector._initial_design_configs):
+            return False
+        return selector._collect_data()[0].shape[0] == 0
 
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue

@@ -132,3 +132,48 @@ def test_the_pooled_model_learns_each_configuration_once_at_the_highest_budget_i
         by_row.append(highest[key][1])
     assert list(np.argsort(Y.ravel(), kind="stable")) == list(np.argsort(by_row, kind="stable"))  # a monotone scale
     assert {budget for budget, _ in highest.values()} == {3, 9, 27}
+
+
+def test_a_free_worker_waits_for_the_result_that_lets_the_model_propose(tmp_path):
+    """Two workers, Hyperband over 8 and 24 steps, 3 initial configurations: when the second of them finishes, the
+    first bracket has nothing to issue (its third trial runs) and the model has 2 results, one fewer than it needs,
+    so asking now would draw the next bracket's configuration at random. The proposer says to wait; once the third
+    result is in, the promotion and then a model proposal follow."""
+    from floe_dist.search.ledger import Ledger
+    from floe_dist.search.proposers import SmacProposer
+    from floe_dist.stages.search import SearchArgs
+
+    def start(name: str):
+        out = tmp_path / name
+        out.mkdir()
+        args = SearchArgs(output=str(out), mode="smac", brackets="hyperband", ranks="1,2,4,8,16,32", lr="1e-4:1e-1",
+                          min_steps=8, max_steps=24, initial_configs=3, random_interleave=0.0, seed=0)
+        return Ledger(out / "search.json", args), SmacProposer(args, out)
+
+    def finish(ledger, proposer, trial) -> None:
+        rank, lr = trial.config["rank"], trial.config["lr"]
+        trial.cost, trial.status = abs(math.log2(rank) - 2) + abs(math.log10(lr) + 2) + 1 / trial.budget, "success"
+        ledger.save()
+        proposer.tell(trial)
+
+    def up_to_the_wait(ledger, proposer):
+        first, second = proposer.ask(ledger), proposer.ask(ledger)  # both workers busy
+        finish(ledger, proposer, first)
+        third = proposer.ask(ledger)
+        finish(ledger, proposer, second)  # a worker is free; the third trial still runs
+        return third
+
+    ledger, proposer = start("waits")
+    third = up_to_the_wait(ledger, proposer)
+    assert [t.origin for t in ledger.trials] == ["initial design"] * 3
+    assert proposer.waits(ledger)
+    finish(ledger, proposer, third)
+    assert not proposer.waits(ledger)
+    promoted, proposed = proposer.ask(ledger), proposer.ask(ledger)
+    assert promoted.budget == 24 and promoted.config in [t.config for t in ledger.trials[:3]]
+    assert proposed.budget == 24 and proposed.origin == "model"
+    assert not proposer.waits(ledger)  # nothing to wait for: the model has its data
+
+    ledger, proposer = start("asks-anyway")  # the same search, asking at the point where the proposer waits
+    up_to_the_wait(ledger, proposer)
+    assert proposer.ask(ledger).origin == "random"
