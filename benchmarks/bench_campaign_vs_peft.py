@@ -46,8 +46,7 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
                         str(seed), "--train.seed", str(seed)], cwd=REPO, check=True)
         wall = time.time() - start
         summary = json.loads((out / "campaign.json").read_text())
-        trained = json.loads((out / "train" / "train.json").read_text())
-        steps = trained["steps"]
+        steps = json.loads((out / "train" / "train.json").read_text())["steps"]
         search = json.loads((out / "search_stage.json").read_text()) if (out / "search_stage.json").is_file() else {}
         trials = json.loads((out / "search" / "search.json").read_text())["trials"] if search else []
         layers = json.loads(Path(summary["allocation"]).read_text())["layers"]
@@ -56,7 +55,6 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
     slots = len({t["worker"].split(":pid")[0] for t in trials}) or 1
     return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
-            "step_s": trained["step_seconds"] / max(1, steps),  # the final training's optimizer steps only
             "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
             "method": summary["method"], "rank": search.get("rank", module["ranks"][0]), "lr": summary["lr"],
             "top_budget_origins": search.get("top_budget_origins"), "candidates": search.get("candidates"),
