@@ -7,8 +7,11 @@ Forward + backward (gradients for the input and the adapters) over an NF4 base, 
 for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
 
 * ``base``        the frozen 4-bit linear alone;
-* ``+router``     base + router (softmax, top-k, gates, balance loss), no expert;
-* ``floe-dist``   LoRAMoELinear: experts concatenated along the rank, two matmuls for all of them;
+* ``+router``     base + router (softmax, top-k, gates, balance loss), no expert, eager;
+* ``floe-dist``   LoRAMoELinear: experts concatenated along the rank, two matmuls for all of them, eager
+                  router (the CPU path, and the GPU path before the fused router);
+* ``+router fused``, ``floe-dist fused``  the same with the router and the gate broadcast compiled
+                  (``fuse_router``, the default on CUDA): the GPU product path;
 * ``gather``      floe-dist before this benchmark: the gate gathered per rank column (its backward is an
                   accumulating index_put) instead of broadcast over a (tokens, experts, rank) view;
 * ``loop``        the reference dispatch of MoLA/MixLoRA-style code: a Python loop over experts, each
@@ -16,10 +19,10 @@ for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
 * ``lora``        a plain LoRA with the same parameters (rank E*r): the floor the MoE aims for.
 
 Differences between rows place the time: router = ``+router`` - ``base``, experts = ``floe-dist`` -
-``+router``. The ``+router``, ``gather`` and ``loop`` rows also back-propagate the balance loss (as
-training does); the ``floe-dist`` row leaves it out of its backward, so the experts' share is
-understated by that backward (BENCHMARKS.md's figures were measured so). Then a torch.profiler table of
-floe-dist's forward + backward by operator.
+``+router`` (likewise for the fused rows). Every row with a router back-propagates the balance loss, as
+training does (calls 1 and 2 in the result file, before the fused rows, left it out of the ``floe-dist``
+row's backward, understating the experts' share). Then a torch.profiler table of the fused floe-dist
+forward + backward by operator.
 """
 from __future__ import annotations
 
@@ -77,7 +80,18 @@ def make_variants(layer: LoRAMoELinear, lora_a: torch.Tensor, lora_b: torch.Tens
         return y + (gates.sum() * 0 + layer.balance_loss).to(y.dtype)
 
     def floe(x):
-        return layer(x)
+        y = layer(x)
+        return y + layer.balance_loss.to(y.dtype) * 0
+
+    def fused(fn):
+        """fn with the compiled router; the forward picks the path, its backward follows."""
+        def run(x):
+            layer.fuse_router = True
+            try:
+                return fn(x)
+            finally:
+                layer.fuse_router = False
+        return run
 
     def gathered(x):
         y = layer.base(x)
@@ -92,8 +106,8 @@ def make_variants(layer: LoRAMoELinear, lora_a: torch.Tensor, lora_b: torch.Tens
     def lora(x):
         return layer.base(x) + F.linear(F.linear(x, lora_a), lora_b) * (layer.alpha / lora_a.shape[0])
 
-    return {"base": base, "+router": router_only, "floe-dist": floe, "gather": gathered, "loop": loop,
-            "lora": lora}
+    return {"base": base, "+router": router_only, "floe-dist": floe, "+router fused": fused(router_only),
+            "floe-dist fused": fused(floe), "gather": gathered, "loop": loop, "lora": lora}
 
 
 def time_fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor, reps: int, warmup: int) -> float:
@@ -129,7 +143,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shapes", default="4096x4096,4096x14336")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table")
-    parser.add_argument("--call", type=int, default=1, help="label of this session's run in the result file")
+    parser.add_argument("--call", type=int, default=3, help="label of this run in the result file (its rows replace "
+                        "that call's; calls 1 and 2 are session 7's)")
+    parser.add_argument("--result", default=None, help="result file name (default lora_moe_layer on a GPU; on CPU "
+                        "nothing is written unless this is given)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +158,7 @@ def main() -> None:
         d_in, d_out = map(int, shape.split("x"))
         torch.manual_seed(0)
         layer = LoRAMoELinear(random_nf4_linear(d_in, d_out, dtype, device), [args.rank] * args.experts, "topk", args.top_k)
+        layer.fuse_router = False  # the eager rows; fused() switches it on for the fused ones
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.02)  # B = 0 (init) would make the loop-vs-concat check vacuous
         for p in (layer.lora_A, layer.lora_B, layer.lora_router.weight):
@@ -153,42 +171,47 @@ def main() -> None:
         ref = variants["floe-dist"](x)
         check = variants["loop"](x)
         err = float((check - ref).detach().float().norm() / ref.detach().float().norm())
+        fused_err = float((variants["floe-dist fused"](x) - ref).detach().float().norm()
+                          / ref.detach().float().norm())
         times = {name: time_fwd_bwd(fn, x, grad, args.reps, args.warmup) for name, fn in variants.items()}
         # time the product path twice: the spread between the two is the noise floor
         times["floe-dist (again)"] = time_fwd_bwd(variants["floe-dist"], x, grad, args.reps, args.warmup)
-        rows.append((shape, times, err))
+        rows.append((shape, times, err, fused_err))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=acts) as prof:
                 for _ in range(5):
-                    variants["floe-dist"](x).backward(grad)
+                    variants["floe-dist fused"](x).backward(grad)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(f"\nprofile {shape}, 5 x forward+backward of LoRAMoELinear:")
+            print(f"\nprofile {shape}, 5 x forward+backward of LoRAMoELinear, fused router:")
             print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
 
-    print("\n| shape d_in x d_out | base ms | +router ms | floe-dist ms | gather ms | loop ms | lora (same params) ms "
-          "| router share | experts share | gather / floe-dist | loop / floe-dist | floe-dist / lora | floe-dist rerun ms "
-          "| loop rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, t, err in rows:
-        print(f"| {shape} | {t['base']:.3f} | {t['+router']:.3f} | {t['floe-dist']:.3f} | {t['gather']:.3f} "
-              f"| {t['loop']:.3f} "
-              f"| {t['lora']:.3f} | {(t['+router'] - t['base']) / t['floe-dist']:.1%} "
-              f"| {(t['floe-dist'] - t['+router']) / t['floe-dist']:.1%} | {t['gather'] / t['floe-dist']:.2f} "
-              f"| {t['loop'] / t['floe-dist']:.2f} "
-              f"| {t['floe-dist'] / t['lora']:.2f} | {t['floe-dist (again)']:.3f} | {err:.1e} |")
-    if device.type != "cuda":
+    print("\n| shape d_in x d_out | base ms | +router ms | floe-dist ms | +router fused ms | floe-dist fused ms "
+          "| gather ms | loop ms | lora (same params) ms | router share (eager / fused) | fused / eager "
+          "| floe-dist fused / lora | floe-dist / lora | loop / floe-dist | floe-dist rerun ms | loop, fused rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, t, err, fused_err in rows:
+        share = (t["+router"] - t["base"]) / t["floe-dist"], (t["+router fused"] - t["base"]) / t["floe-dist fused"]
+        print(f"| {shape} | {t['base']:.3f} | {t['+router']:.3f} | {t['floe-dist']:.3f} | {t['+router fused']:.3f} "
+              f"| {t['floe-dist fused']:.3f} | {t['gather']:.3f} | {t['loop']:.3f} | {t['lora']:.3f} "
+              f"| {share[0]:.1%} / {share[1]:.1%} | {t['floe-dist fused'] / t['floe-dist']:.2f} "
+              f"| {t['floe-dist fused'] / t['lora']:.2f} | {t['floe-dist'] / t['lora']:.2f} "
+              f"| {t['loop'] / t['floe-dist']:.2f} | {t['floe-dist (again)']:.3f} | {err:.1e}, {fused_err:.1e} |")
+    if device.type != "cuda" and not args.result:
         return  # a CPU smoke run does not replace the GPU figures in benchmarks/results/
-    write_result("lora_moe_layer", [
+    write_result(args.result or "lora_moe_layer", [
         {"call": args.call, "shape": shape, "base_ms": t["base"], "router_ms": t["+router"], "floe_ms": t["floe-dist"],
+         "router_fused_ms": t["+router fused"], "floe_fused_ms": t["floe-dist fused"],
          "gather_ms": t["gather"], "loop_ms": t["loop"], "lora_ms": t["lora"], "floe_rerun_ms": t["floe-dist (again)"],
          "loop_over_floe": t["loop"] / t["floe-dist"], "gather_over_floe": t["gather"] / t["floe-dist"],
-         "floe_over_lora": t["floe-dist"] / t["lora"], "loop_rel_diff": err} for shape, t, err in rows],
-        device=str(device), dtype=str(dtype), tokens=args.tokens)
+         "floe_over_lora": t["floe-dist"] / t["lora"], "floe_fused_over_lora": t["floe-dist fused"] / t["lora"],
+         "fused_over_eager": t["floe-dist fused"] / t["floe-dist"], "loop_rel_diff": err, "fused_rel_diff": fused_err,
+         "balance_in_backward": True} for shape, t, err, fused_err in rows],
+        merge_key="call", device=str(device), dtype=str(dtype), tokens=args.tokens)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 #   bash benchmarks/gpu_session.sh prepare   # here, with PyPI: wheels for Python 3.12 into .whl/, the
 #                                            # tiny model and SST-2 files into .gpu_carry/ (both git-ignored)
 #   bash benchmarks/gpu_session.sh run [parts]   # there, carrying .whl and .gpu_carry; parts default to
-#                                            # "layer throughput tests"; logs and JSON under $OUT
+#                                            # "layer generate tests throughput"; one log and the JSON under $OUT
+# A 10-minute call does not hold every part at 8B; the GPU speed issue's checks as two calls:
+#   bash benchmarks/gpu_session.sh run layer generate tests
+#   THROUGHPUT_ARGS="--shapes 8b --variants peft-quarter,moe,moe-eager" bash benchmarks/gpu_session.sh run throughput
+# (then --alloc-conf expandable_segments:True --call 4 in THROUGHPUT_ARGS for the allocator's reserve).
 # The image there has torch, transformers, peft and tensorboard; the pinned transformers/peft, DeepSpeed,
 # bitsandbytes (CUDA 13 libraries only, to fit the 64 MiB carry) and pydantic travel as wheels.
 set -uo pipefail
@@ -47,7 +51,7 @@ fi
 
 OUT="${OUT:-/tmp/floe-gpu-out}"
 mkdir -p "$OUT"
-parts="${*:-layer throughput tests}"
+parts="${*:-layer generate tests throughput}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu_carry/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -59,12 +63,16 @@ python3 -c "import torch, transformers, peft, deepspeed, bitsandbytes; print('to
 for part in $parts; do
   start=$(date +%s)
   case "$part" in
-    tests) timeout 200 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    layer) timeout 60 python3 benchmarks/bench_lora_moe_layer.py --profile 2>&1 | tee "$OUT/layer.log" | grep -v Warning ;;
+    tests) timeout 200 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee -a "$OUT/session.log" \
+             | tail -25 ;;
+    layer) timeout 120 python3 benchmarks/bench_lora_moe_layer.py --profile 2>&1 | tee -a "$OUT/session.log" \
+             | grep -v Warning ;;
+    generate) timeout 240 python3 benchmarks/gpu_generate.py --timeout 115 ${GENERATE_ARGS:-} 2>&1 \
+                | tee -a "$OUT/session.log" ;;
     throughput) timeout 300 python3 benchmarks/gpu_throughput.py --output "$OUT/throughput.json" --timeout 150 \
-                  ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" ;;
+                  ${THROUGHPUT_ARGS:-} 2>&1 | tee -a "$OUT/session.log" ;;
     *) echo "unknown part $part" ;;
   esac
-  echo "[$part: $(( $(date +%s) - start ))s]"
+  echo "[$part: $(( $(date +%s) - start ))s]" | tee -a "$OUT/session.log"
 done
-cp benchmarks/results/gpu_throughput.json benchmarks/results/lora_moe_layer.json "$OUT/" 2>/dev/null || true
+cp benchmarks/results/{gpu_throughput,lora_moe_layer,gpu_generate}.json "$OUT/" 2>/dev/null || true

@@ -16,8 +16,13 @@ adapter parameters. Variants (``peft`` and ``moe`` at matched trainable paramete
   quarter costs at most this, less when it leaves out the first layers);
 * ``peft-quarter``: PEFT LoRA of rank 4 x 16 = 64 on the same linears of the same quarter of the layers as
   ``moe``: the same layers and targets (and the same trainable parameters, less the routers);
-* ``moe-sync``: ``moe`` with the balance loss as it was before this benchmark (a host copy that
-  synchronised the CUDA stream in every MoE layer), for the before/after ratio.
+* ``moe-eager``: ``moe`` with the router run op by op (``fuse_router=False``), as before the fused
+  router, for that before/after ratio;
+* ``moe-sync``: ``moe-eager`` with the routing stats passed through a pageable host copy, as the balance
+  loss was built before this benchmark (it synchronised the CUDA stream in every MoE layer).
+
+``--alloc-conf expandable_segments:True`` sets PYTORCH_CUDA_ALLOC_CONF in every child (the allocator's
+reserve over what is allocated is the plan's blind spot); rows record it.
 
 MFU and HFU (floe_dist/flops.py, PaLM's definitions): MFU divides *model* FLOPs (frozen base: forward
 and activation-gradient backward, 4N + 12·L·d·T, plus 6 x the active adapter parameters), HFU the
@@ -38,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +53,7 @@ from benchmarks.result_file import write_result  # noqa: E402
 SHAPES = {"1b": "llama3.2-1b", "3b": "llama3.2-3b", "8b": "llama3-8b", "tiny": "tiny"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_RANK, MOE_EXPERTS, MOE_RANK, MOE_TOP_K = 16, 4, 16, 2
-VARIANTS = ("peft", "peft-quarter", "moe", "moe-sync")
+VARIANTS = ("peft", "peft-quarter", "moe", "moe-eager", "moe-sync")
 
 
 def moe_layers(num_layers: int) -> list[int]:
@@ -95,9 +99,11 @@ def add_adapters(model, variant: str):
     allocation = allocation_for(variant, model.config.num_hidden_layers)
     inject_adapters(model, allocation)
     adapters = list(adapter_modules(model).values())
-    if variant == "moe-sync":
-        for adapter in adapters:
-            adapter._balance_loss = types.MethodType(balance_loss_with_host_copy, adapter)
+    for adapter in adapters:
+        if variant in ("moe-eager", "moe-sync"):
+            adapter.fuse_router = False
+        if variant == "moe-sync":
+            adapter.routing_stats_reducer = stats_through_host_copy
 
     def balance():
         return 0.01 * torch.stack([a.balance_loss for a in adapters]).sum()
@@ -105,16 +111,10 @@ def add_adapters(model, variant: str):
     return model, balance, allocation.trainable_parameters
 
 
-def balance_loss_with_host_copy(self, probs, top_i, active):
-    """The ``moe-sync`` variant: LoRAMoELinear._balance_loss as it was before this benchmark, building
-    its routing stats with ``new_tensor([...])``, a pageable host copy that synchronises the CUDA stream."""
-    import torch
-    import torch.nn.functional as F
-
-    picks = F.one_hot(top_i, self.n_experts).sum((0, 1)).float()
-    stats = torch.cat([picks, picks.new_tensor([probs.shape[0], 1.0])])
-    picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
-    return self.n_experts * (picks / picks.sum() * probs.sum(0) * (n_ranks / n_tokens)).sum()
+def stats_through_host_copy(stats):
+    """The ``moe-sync`` variant: the routing stats plus a list copied from pageable host memory, as
+    ``new_tensor([...])`` built them before this benchmark; on CUDA that synchronises the stream."""
+    return stats + stats.new_tensor([0.0] * stats.numel())
 
 
 def allocation_for(variant: str, layers: int):
@@ -202,7 +202,8 @@ def run_one(args) -> dict:
               "model_flops_per_token": per_token.model, "hardware_flops_per_token": per_token.hardware,
               "mfu": utilisation(per_token.model, tokens / step, args.peak_tflops),
               "hfu": utilisation(per_token.hardware, tokens / step, args.peak_tflops), "losses": losses,
-              "build_seconds": build_seconds, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              "build_seconds": build_seconds, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     if cuda:
         free, total = torch.cuda.mem_get_info()
         context = (total - free) - torch.cuda.memory_reserved()  # CUDA/NCCL context and library workspaces
@@ -232,7 +233,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--output", default=None, help="also write every raw result as JSON here")
-    parser.add_argument("--call", type=int, default=1, help="label of this session's run in the result file")
+    parser.add_argument("--call", type=int, default=3, help="label of this run in the result file (its rows replace "
+                        "that call's; calls 1 and 2 are session 7's)")
+    parser.add_argument("--alloc-conf", default="", help="PYTORCH_CUDA_ALLOC_CONF for every child, e.g. "
+                        "expandable_segments:True (default: the allocator's own)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per (shape, variant) process")
     parser.add_argument("--one", nargs=2, metavar=("SHAPE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,6 +259,8 @@ def main() -> None:
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--peak-tflops", str(args.peak_tflops)]
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+            if args.alloc_conf:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
                 out = proc.stdout + proc.stderr
@@ -274,7 +280,7 @@ def main() -> None:
     for row in table_rows(results, args.call):
         print({k: v for k, v in row.items() if k not in ("model_flops_per_token", "hardware_flops_per_token")})
     if results and all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
-        write_result("gpu_throughput", table_rows(results, args.call), peak_tflops=args.peak_tflops,
+        write_result("gpu_throughput", table_rows(results, args.call), merge_key="call", peak_tflops=args.peak_tflops,
                      raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])
 
 
@@ -294,7 +300,8 @@ def table_rows(results: list[dict], call: int) -> list[dict]:
         peft, quarter = base.get(("peft", *key(r))), base.get(("peft-quarter", *key(r)))
         cuda = "peak_allocated" in r
         plan = r.get("plan_bytes")
-        rows.append({"call": call, "shape": r["shape"], "variant": r["variant"], "micro_batch": r["micro_batch"],
+        rows.append({"call": call, "shape": r["shape"], "variant": r["variant"], "alloc_conf": r["alloc_conf"],
+                     "micro_batch": r["micro_batch"],
                      "seq_len": r["seq_len"], "trainable": r["trainable"], "step_seconds": r["step_seconds"],
                      "tokens_per_s": r["tokens_per_s"], "model_flops_per_token": r["model_flops_per_token"],
                      "hardware_flops_per_token": r["hardware_flops_per_token"], "mfu": r["mfu"], "hfu": r["hfu"],

@@ -325,13 +325,14 @@ def flexora_toy(d):
 
 
 def gpu_throughput(d):
-    rows = [[r["call"], r["shape"], r["variant"], f"{r['micro_batch']} × {r['seq_len']}", f"{r['trainable']:,}",
+    rows = [[r["call"], r["shape"], r["variant"], r.get("alloc_conf") or "default",
+             f"{r['micro_batch']} × {r['seq_len']}", f"{r['trainable']:,}",
              f"{r['step_seconds']:.3f}", f"{r['tokens_per_s']:,.0f}", f"**{pct(r['mfu'])}**", pct(r["hfu"]),
              pct(r["mfu_6n_before"]) if "mfu_6n_before" in r else "–", num(r["peak_allocated_gib"], ".2f"),
              num(r["plan_over_alloc_context"], ".2f"), num(r["reserved_context_gib"], ".2f"),
              num(r["step_vs_peft"], ".2f"), num(r.get("step_vs_peft_same_layers"), ".2f")]
             for r in d["rows"]]
-    return table(["call", "shape", "variant", "b × s", "trainable", "step s", "tokens/s", "MFU", "HFU",
+    return table(["call", "shape", "variant", "allocator", "b × s", "trainable", "step s", "tokens/s", "MFU", "HFU",
                   "published before (6N)", "peak alloc GiB", "plan / (alloc + ctx)", "reserved + ctx GiB",
                   "step vs PEFT, all layers (equal params)", "step vs PEFT, same layers"], rows)
 
@@ -363,12 +364,23 @@ def task_arms(recipe):
 
 
 def lora_moe_layer(d):
-    ms = ("base_ms", "router_ms", "floe_ms", "gather_ms", "loop_ms", "lora_ms")
-    rows = [[r["call"], r["shape"], *(f"{r[k]:.3f}" for k in ms), f"**{r['floe_over_lora']:.2f}**",
-             f"{r['loop_over_floe']:.2f}", f"{r['gather_over_floe']:.2f}", f"{r['floe_rerun_ms']:.3f}"]
+    """Fused columns are '–' in rows measured before the fused router (calls 1 and 2)."""
+    ms = ("base_ms", "router_ms", "floe_ms", "router_fused_ms", "floe_fused_ms", "gather_ms", "loop_ms", "lora_ms")
+    rows = [[r["call"], r["shape"], *(num(r.get(k), ".3f") for k in ms), f"**{r['floe_over_lora']:.2f}**",
+             f"**{num(r.get('floe_fused_over_lora'), '.2f')}**", f"{r['loop_over_floe']:.2f}",
+             f"{r['gather_over_floe']:.2f}", f"{r['floe_rerun_ms']:.3f}",
+             "yes" if r.get("balance_in_backward") else "no"]
             for r in d["rows"]]
-    return table(["call", "shape", "base", "+router", "floe-dist", "gather", "loop", "lora",
-                  "floe-dist / lora (same layer)", "loop / floe-dist", "gather / floe-dist", "floe-dist rerun"], rows)
+    return table(["call", "shape", "base", "+router", "floe-dist", "+router fused", "floe-dist fused", "gather",
+                  "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora", "loop / floe-dist",
+                  "gather / floe-dist", "floe-dist rerun", "balance loss in floe-dist's backward"], rows)
+
+
+def gpu_generate(d):
+    rows = [[r["call"], r["shape"], r["variant"], r["batch"], f"{r['prompt_tokens']} + {r['new_tokens']}",
+             f"{r['seconds']:.2f}", f"**{r['tokens_per_s']:,.1f}**", num(r["vs_base"], ".2f")] for r in d["rows"]]
+    return table(["call", "shape", "variant", "batch", "prompt + new tokens", "generate s", "tokens/s",
+                  "vs base"], rows)
 
 
 # table name -> (result file, renderer)
@@ -430,6 +442,7 @@ TABLES = {
     "planted-c7": ("planted_toys", planted_c7),
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
     "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
+    "gpu-generate": ("gpu_generate", gpu_generate),
 }
 
 

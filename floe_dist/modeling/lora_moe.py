@@ -20,6 +20,13 @@ ever skipped, ZeRO-3 sees the same parameter order on every rank (skipping empty
 prefetch bookkeeping). Token-sparse dispatch belongs to expert parallelism, applied from outside
 (floe_dist.distributed.expert_parallel) through ``expert_dispatch``.
 
+Fused router: on CUDA, where Triton is there, the router's elementwise work (softmax, top-k, renormalise,
+gate scatter, routing counts, balance loss) and the gate broadcast run as ``torch.compile`` kernels
+(``fuse_router``): eager, each small op is a kernel launch, and the GPU waited on the CPU launching them.
+The eager functions below are the CPU path and the reference the compiled ones are tested against.
+``FLOE_DIST_FUSED_ROUTER=0`` turns fusion off (a GPU whose Triton fails, say), ``=1`` on for CPU tensors
+too (each process then pays the compile, tens of seconds on two cores, and gains nothing measurable).
+
 Capacity policy: no token is dropped unless ``capacity_factor`` > 0. Then each expert takes at most
 ``ceil(capacity_factor * tokens * top_k / n_experts)`` of this rank's assignments, in token order;
 the rest get gate 0 (their adapter contribution is lost, the base output is kept) and are counted
@@ -27,12 +34,15 @@ in ``dropped``. The rule lives here, so replicated and expert-parallel runs drop
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._triton import has_triton
 
 ROUTERS = ("topk", "dense")
 
@@ -93,6 +103,7 @@ class LoRAMoELinear(nn.Module):
 
         self.adapter_scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
         self.capacity_factor = 0.0  # 0 = no-drop (see the module docstring)
+        self.fuse_router: bool | None = None  # None: FLOE_DIST_FUSED_ROUTER, else fused on CUDA (module docstring)
         # Sums routing counts over all ranks, so the balance loss sees the global token distribution
         # (set by the trainer when there are several ranks; None = this rank's tokens only).
         self.routing_stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -125,29 +136,29 @@ class LoRAMoELinear(nn.Module):
             self.balance_loss, self.expert_load = None, None
             self._count_activity(x.new_ones(x.shape[0], 1))
             return x.new_ones(x.shape[0], 1)
-        probs = F.softmax(self.router_logits(x).float(), dim=-1)  # (T, E)
+        logits = self.router_logits(x)
         if self.router == "dense":
-            gates = probs
+            gates = F.softmax(logits.float(), dim=-1)
             self.balance_loss = None  # HydraLoRA trains its dense router without a balance loss
         else:
-            top_w, top_i = probs.topk(self.top_k, dim=-1)  # (T, k), descending
-            active = self._top_p_active(top_w) if self.top_p else None
-            if active is not None:
-                top_w = top_w * active
-            top_w = top_w / top_w.sum(-1, keepdim=True)
-            self.top_i = top_i
-            self.kept = active
-            if self.capacity_factor > 0:
-                within = self._within_capacity(top_i, active)
-                self.dropped = (within.logical_not() if active is None else active & ~within).sum()
-                self.kept = within if active is None else active & within
-            if self.kept is not None:
-                top_w = top_w * self.kept
-            gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-            self.balance_loss = self._balance_loss(probs, top_i, active)
+            fused = self._fused(logits)
+            route = compiled(topk_route) if fused else topk_route
+            gates, probs, self.top_i, self.kept, self.dropped, stats = route(
+                logits, self.top_k, self.top_p, self.min_k, self.capacity_factor)
+            if self.routing_stats_reducer is not None:
+                stats = self.routing_stats_reducer(stats)
+            self.balance_loss = (compiled(balance_loss) if fused else balance_loss)(probs, stats)
         self.expert_load = gates.detach().mean(0)
         self._count_activity(gates)
         return gates
+
+    def _fused(self, t: torch.Tensor) -> bool:
+        """Whether this call runs the compiled router: ``fuse_router`` if set, else the environment's
+        choice, else on CUDA tensors when Triton (inductor's GPU code generator) is there."""
+        if self.fuse_router is not None:
+            return self.fuse_router
+        env = os.environ.get("FLOE_DIST_FUSED_ROUTER")
+        return (t.is_cuda and has_triton()) if env is None else env != "0"
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) router logits; GuiLoMo's search adds its expert mask here (floe_dist/methods/guilomo.py)."""
@@ -156,13 +167,6 @@ class LoRAMoELinear(nn.Module):
     def down_weight(self) -> torch.Tensor:
         """The stacked A actually applied; GuiLoMo's search scales its rows (rank mask)."""
         return self.lora_A
-
-    def _top_p_active(self, top_w: torch.Tensor) -> torch.Tensor:
-        """(T, k) mask: slot j is used while the mass of the slots before it is below top_p (>= min_k)."""
-        mass_before = top_w.cumsum(-1) - top_w
-        active = mass_before < self.top_p
-        active[:, : self.min_k] = True
-        return active
 
     def _count_activity(self, gates: torch.Tensor) -> None:
         """Add this batch to the running count of ranks used per token (the active-parameter report);
@@ -189,37 +193,6 @@ class LoRAMoELinear(nn.Module):
         if self.shared_a:
             return router + self.ranks[0] * self.in_features + mean_rank * self.out_features
         return router + mean_rank * (self.in_features + self.out_features)
-
-    def _within_capacity(self, top_i: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """(T, k) mask of the assignments that fit: the first ``capacity`` per expert, in token order
-        (top-p slots that are not used take no place in the queue)."""
-        capacity = math.ceil(self.capacity_factor * top_i.numel() / self.n_experts)
-        onehot = F.one_hot(top_i.reshape(-1), self.n_experts)  # (T*k, E), token-major
-        if active is not None:
-            onehot = onehot * active.reshape(-1, 1)
-        position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
-        return (position <= capacity).reshape(top_i.shape)
-
-    def _balance_loss(self, probs: torch.Tensor, top_i: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """Switch Transformer: E * sum_i f_i * P_i (1 under uniform routing), f_i and P_i over all ranks.
-
-        f_i (share of the used picks) is a count and has no gradient. P_i (mean router probability) is
-        made global exactly: this rank contributes ``n_ranks * sum_local(p) / T_global``, so the ranks'
-        mean, which data parallelism differentiates, is the global value whatever each rank's T.
-        """
-        onehot = F.one_hot(top_i, self.n_experts)  # (T, k, E)
-        if active is not None:  # top-p: only the slots a token used count as picks
-            onehot = onehot * active.unsqueeze(-1)
-        picks = onehot.sum((0, 1)).float()  # (E,)
-        # new_full, not new_tensor([...]): a list is copied from pageable host memory, which on CUDA
-        # synchronises the stream in every MoE layer's forward
-        stats = torch.cat([picks, picks.new_full((1,), probs.shape[0]), picks.new_ones(1)])
-        if self.routing_stats_reducer is not None:
-            stats = self.routing_stats_reducer(stats)
-        picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
-        share = picks / picks.sum()  # f_i
-        prob_mean = probs.sum(0) * (n_ranks / n_tokens)  # P_i, this rank's part
-        return self.n_experts * (share * prob_mean).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -248,9 +221,8 @@ class LoRAMoELinear(nn.Module):
         """
         h = F.linear(x, self.down_weight())  # (T, sum r) or (T, r) with a shared A
         if self.uniform_rank:
-            weight = (gates * self.expert_scale).to(h.dtype).unsqueeze(-1)  # (T, E, 1)
-            rows = h.unsqueeze(1) if self.shared_a else h.view(h.shape[0], self.n_experts, -1)  # (T, 1|E, r)
-            h = (rows * weight).flatten(1)  # (T, E*r): a shared A x is read by every head
+            h = (compiled(broadcast_gates) if self._fused(h) else broadcast_gates)(
+                h, gates, self.expert_scale, self.shared_a)
         else:
             h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
         return F.linear(h, self.lora_B)  # (T, d_out)
@@ -267,6 +239,86 @@ class LoRAMoELinear(nn.Module):
             out.append({"A": a, "B": self.lora_B[:, start:start + r]})
             start += r
         return out
+
+
+def topk_route(logits: torch.Tensor, top_k: int, top_p: float, min_k: int, capacity_factor: float):
+    """The top-k router's tensor work, pure so that ``torch.compile`` can fuse it.
+
+    Returns gates (T, E), probs (T, E), the picks top_i (T, k), kept (T, k; None when every pick is
+    used), dropped (the capacity rule's count; None without one) and the routing stats to reduce over
+    ranks: picks per expert (E,), then this rank's token count, then 1 (it sums to the number of ranks).
+    """
+    probs = F.softmax(logits.float(), dim=-1)  # (T, E)
+    n_experts = probs.shape[-1]
+    top_w, top_i = probs.topk(top_k, dim=-1)  # (T, k), descending
+    active = top_p_active(top_w, top_p, min_k) if top_p else None
+    if active is not None:
+        top_w = top_w * active
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    kept, dropped = active, None
+    if capacity_factor > 0:
+        within = within_capacity(top_i, active, capacity_factor, n_experts)
+        dropped = (within.logical_not() if active is None else active & ~within).sum()
+        kept = within if active is None else active & within
+    if kept is not None:
+        top_w = top_w * kept
+    gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
+    onehot = F.one_hot(top_i, n_experts)  # (T, k, E)
+    if active is not None:  # top-p: only the slots a token used count as picks
+        onehot = onehot * active.unsqueeze(-1)
+    picks = onehot.sum((0, 1)).float()  # (E,)
+    # new_full, not new_tensor([...]): a list is copied from pageable host memory, which on CUDA
+    # synchronises the stream in every MoE layer's forward
+    stats = torch.cat([picks, picks.new_full((1,), probs.shape[0]), picks.new_ones(1)])
+    return gates, probs, top_i, kept, dropped, stats
+
+
+def balance_loss(probs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer: E * sum_i f_i * P_i (1 under uniform routing), f_i and P_i over all ranks.
+
+    ``stats`` is ``topk_route``'s, summed over the ranks. f_i (share of the used picks) is a count and has
+    no gradient. P_i (mean router probability) is made global exactly: this rank contributes
+    ``n_ranks * sum_local(p) / T_global``, so the ranks' mean, which data parallelism differentiates, is
+    the global value whatever each rank's T.
+    """
+    picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
+    share = picks / picks.sum()  # f_i
+    prob_mean = probs.sum(0) * (n_ranks / n_tokens)  # P_i, this rank's part
+    return probs.shape[-1] * (share * prob_mean).sum()
+
+
+def top_p_active(top_w: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
+    """(T, k) mask: slot j is used while the mass of the slots before it is below top_p (>= min_k)."""
+    mass_before = top_w.cumsum(-1) - top_w
+    active = mass_before < top_p
+    active[:, :min_k] = True
+    return active
+
+
+def within_capacity(top_i: torch.Tensor, active: torch.Tensor | None, capacity_factor: float,
+                    n_experts: int) -> torch.Tensor:
+    """(T, k) mask of the assignments that fit: the first ``capacity`` per expert, in token order
+    (top-p slots that are not used take no place in the queue)."""
+    capacity = math.ceil(capacity_factor * top_i.numel() / n_experts)
+    onehot = F.one_hot(top_i.reshape(-1), n_experts)  # (T*k, E), token-major
+    if active is not None:
+        onehot = onehot * active.reshape(-1, 1)
+    position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based place in its expert's queue
+    return (position <= capacity).reshape(top_i.shape)
+
+
+def broadcast_gates(h: torch.Tensor, gates: torch.Tensor, expert_scale: torch.Tensor, shared_a: bool) -> torch.Tensor:
+    """(T, E*r): each expert's rank columns of h times its gate and alpha / r (equal ranks; a shared A's
+    h (T, r) is read by every head)."""
+    weight = (gates * expert_scale).to(h.dtype).unsqueeze(-1)  # (T, E, 1)
+    rows = h.unsqueeze(1) if shared_a else h.view(h.shape[0], expert_scale.shape[0], -1)  # (T, 1|E, r)
+    return (rows * weight).flatten(1)
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``fn`` through ``torch.compile``, built once per function (shape changes recompile in place)."""
+    return torch.compile(fn, fullgraph=True)  # a graph break would bring the launches back: fail instead
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -72,6 +72,27 @@ def test_nf4_cuda_lora_moe_forward_backward_match_a_dequantized_fp32_reference()
     assert layer.base.weight.grad is None
 
 
+def test_router_is_fused_on_cuda_by_default_and_equals_the_eager_one():
+    """CUDA picks the compiled router (Triton kernels) without being asked; same picks, outputs and gradients
+    as the op-by-op router (the CPU test checks the same on inductor's C++ code)."""
+    runs = []
+    for fuse in (None, False):
+        torch.manual_seed(0)
+        layer = LoRAMoELinear(nn.Linear(256, 384, device="cuda"), [8, 8, 8, 8], "topk", top_k=2)
+        nn.init.normal_(layer.lora_B, std=0.05)
+        layer.fuse_router = fuse
+        x = torch.randn(3, 50, 256, device="cuda", requires_grad=True)
+        y = layer(x)
+        (y.square().sum() + layer.balance_loss).backward()
+        runs.append((layer, y, x.grad))
+    (fused, y_fused, gx_fused), (eager, y_eager, gx_eager) = runs
+    assert fused._fused(y_fused) and not eager._fused(y_eager)
+    assert torch.equal(fused.top_i, eager.top_i)
+    assert _rel(y_fused, y_eager) < 1e-5 and _rel(gx_fused, gx_eager) < 1e-5
+    for name in ("lora_A", "lora_B", "lora_router.weight"):
+        assert _rel(fused.get_parameter(name).grad, eager.get_parameter(name).grad) < 1e-5, name
+
+
 def assert_trained(run_dir) -> None:
     """Training really happened: the loss fell and every exported lora_B (zero at init) moved off zero,
     so an equality check that follows cannot pass on an optimizer that never steps."""

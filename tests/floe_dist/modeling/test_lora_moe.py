@@ -206,3 +206,43 @@ def test_broadcast_gate_equals_per_column_gather_bitwise(router, ranks, top_k):
     assert torch.equal(out, reference)
     grads = torch.autograd.grad(out.sum(), (layer.lora_A, layer.lora_B))
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(reference.sum(), (layer.lora_A, layer.lora_B))))
+
+
+@pytest.mark.parametrize("router,ranks,top_k,top_p,capacity", [
+    ("topk", [4, 4, 4, 4], 2, 0.0, 0.0),  # the GPU default: top-2 of equal ranks
+    ("topk", [2, 2, 2], 2, 0.5, 0.6),  # HILO's top-p, then the capacity rule drops picks
+    ("dense", [3, 3, 3], 3, 0.0, 0.0),  # shared A: only the gate broadcast is compiled
+])
+def test_compiled_router_equals_the_eager_one_forward_and_backward(router, ranks, top_k, top_p, capacity):
+    """The fused path (torch.compile of topk_route, balance_loss and broadcast_gates; CUDA's default) gives
+    the eager path's picks exactly and its outputs and gradients to float tolerance, across token counts
+    (a recompile with a dynamic token dimension) and with a stats reducer between the two compiled parts."""
+    layers = []
+    for fused in (False, True):
+        torch.manual_seed(7)
+        layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), ranks, router=router, top_k=top_k, top_p=top_p,
+                              min_k=1)
+        _randomise(layer)
+        layer.capacity_factor, layer.fuse_router = capacity, fused
+        layer.routing_stats_reducer = lambda stats: stats * 2  # as if two ranks routed the same tokens
+        layers.append(layer)
+    for tokens in (13, 29):
+        x = torch.randn(tokens, D_IN)
+        runs = []
+        for layer in layers:
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            loss = out.square().sum() + (layer.balance_loss if layer.balance_loss is not None else 0)
+            params = [layer.lora_A, layer.lora_B, layer.lora_router.weight]
+            runs.append((out, layer, torch.autograd.grad(loss, [xi, *params])))
+        (eager_out, eager, eager_grads), (fused_out, fused, fused_grads) = runs
+        torch.testing.assert_close(fused_out, eager_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.expert_load, eager.expert_load, rtol=1e-5, atol=1e-6)
+        for got, want in zip(fused_grads, eager_grads):  # float sums in another order: relative to the norm
+            assert float((got - want).norm()) <= 1e-5 * float(want.norm())
+        if router == "topk":
+            assert torch.equal(fused.top_i, eager.top_i)
+            torch.testing.assert_close(fused.balance_loss, eager.balance_loss, rtol=1e-5, atol=1e-6)
+            assert (fused.kept is None) == (eager.kept is None) == (top_p == 0 and capacity == 0)
+            if eager.kept is not None:
+                assert torch.equal(fused.kept, eager.kept) and int(fused.dropped) == int(eager.dropped) > 0

@@ -312,3 +312,23 @@ def test_optimizer_is_torch_adamw_fused_on_gpu_and_cpu_adam_under_gpu_offload(mo
     (tmp_path / "offload.json").write_text(json.dumps(offload))
     params = optimizer(str(tmp_path / "offload.json"))
     assert "torch_adam" not in params and "fused" not in params
+
+
+def test_fused_router_trains_as_the_eager_one_on_two_zero3_ranks(tmp_path):
+    """FLOE_DIST_FUSED_ROUTER=1 forces the compiled router (CUDA's default) onto CPU: under ZeRO-3 on two
+    ranks, with gradient checkpointing recomputing it and the balance loss's stats all-reduced between
+    its two compiled parts, the losses and gradient norms are the eager router's."""
+    common = ["train", "--model", "tiny", "--steps", "3", "--zero", "3", "--micro-batch", "2", "--experts", "4",
+              "--top-k", "2", "--rank", "4", "--targets", "q_proj,v_proj", "--dropout", "0",
+              "--gradient-checkpointing"]
+    runs = {}
+    for fused in ("0", "1"):
+        inductor = tmp_path / f"inductor{fused}"  # what torch.compile writes: proof that it ran, or did not
+        run_floe([*common, "--output", str(tmp_path / fused)], nproc=2,
+                 env={"FLOE_DIST_FUSED_ROUTER": fused, "TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+        runs[fused] = read_metrics(tmp_path / fused)
+        assert any(inductor.rglob("*.py")) == (fused == "1")
+    assert len(runs["0"]) == len(runs["1"]) == 3 and runs["0"][0]["balance"] > 0
+    for eager, fused in zip(runs["0"], runs["1"]):
+        for key in ("loss", "balance", "grad_norm"):
+            assert abs(fused[key] - eager[key]) <= 1e-5 * abs(eager[key])
