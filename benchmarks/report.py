@@ -373,7 +373,7 @@ def lora_moe_layer(d):
             for r in d["rows"]]
     return table(["call", "shape", "base", "+router", "floe-dist", "+router fused", "floe-dist fused", "gather",
                   "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora", "loop / floe-dist",
-                  "gather / floe-dist", "floe-dist rerun", "balance loss in floe-dist's backward"], rows)
+                  "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
 
 
 def gpu_generate(d):
