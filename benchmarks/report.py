@@ -442,6 +442,7 @@ TABLES = {
     "planted-c7": ("planted_toys", planted_c7),
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
     "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
+    "lora-moe-layer-cpu": ("lora_moe_layer_cpu", lora_moe_layer),
     "gpu-generate": ("gpu_generate", gpu_generate),
 }
 
