@@ -315,9 +315,19 @@ def broadcast_gates(h: torch.Tensor, gates: torch.Tensor, expert_scale: torch.Te
     return (rows * weight).flatten(1)
 
 
+# Each routing setting (experts, top-k, top-p or capacity on or off, grad or not) is a graph of its own, and
+# a new token count compiles each once more (then with a dynamic token dimension). A heterogeneous allocation
+# (HILO, GuiLoMo) has more of them than dynamo's default 8 recompiles per function, and past that limit a
+# fullgraph function fails instead of falling back.
+RECOMPILE_LIMIT = 128
+
+
 @functools.cache
 def compiled(fn: Callable) -> Callable:
-    """``fn`` through ``torch.compile``, built once per function (shape changes recompile in place)."""
+    """``fn`` through ``torch.compile``, built once per function (new settings and shapes recompile in place)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True)  # a graph break would bring the launches back: fail instead
 
 

@@ -246,3 +246,18 @@ def test_compiled_router_equals_the_eager_one_forward_and_backward(router, ranks
             assert (fused.kept is None) == (eager.kept is None) == (top_p == 0 and capacity == 0)
             if eager.kept is not None:
                 assert torch.equal(fused.kept, eager.kept) and int(fused.dropped) == int(eager.dropped) > 0
+
+
+def test_compiled_router_takes_more_routing_settings_than_dynamos_default_limit():
+    """A heterogeneous allocation routes each layer its own way: 10 settings, each a graph of its own, are
+    past dynamo's default of 8 recompiles, at which a fullgraph function fails; the fused router takes them."""
+    torch.manual_seed(3)
+    settings = [(e, k) for e in (2, 3, 4, 5, 6) for k in (1, 2)]
+    for n_experts, top_k in settings:
+        fused, eager = (LoRAMoELinear(nn.Linear(D_IN, D_OUT), [2] * n_experts, "topk", top_k=top_k) for _ in range(2))
+        eager.load_state_dict(fused.state_dict())
+        fused.fuse_router, eager.fuse_router = True, False
+        x = torch.randn(7, D_IN)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused.top_i, eager.top_i)
