@@ -6,8 +6,9 @@
 #                                            # "layer generate tests throughput"; one log and the JSON under $OUT
 # A 10-minute call does not hold every part at 8B; the GPU speed issue's checks as two calls:
 #   bash benchmarks/gpu_session.sh run layer generate tests
-#   THROUGHPUT_ARGS="--shapes 8b --variants peft-quarter,moe,moe-eager" bash benchmarks/gpu_session.sh run throughput
-# (then --alloc-conf expandable_segments:True --call 4 in THROUGHPUT_ARGS for the allocator's reserve).
+#   THROUGHPUT_ARGS="--shapes 8b --variants peft-quarter,moe,moe-eager" bash benchmarks/gpu_session.sh run throughput;
+#   THROUGHPUT_ARGS="--shapes 8b --variants moe --alloc-conf expandable_segments:True --call 4" \
+#     bash benchmarks/gpu_session.sh run throughput      # the allocator's reserve against the plan
 # The image there has torch, transformers, peft and tensorboard; the pinned transformers/peft, DeepSpeed,
 # bitsandbytes (CUDA 13 libraries only, to fit the 64 MiB carry) and pydantic travel as wheels.
 set -uo pipefail
