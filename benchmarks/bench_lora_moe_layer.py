@@ -206,14 +206,14 @@ def main() -> None:
     if device.type != "cuda" and not args.result:
         return  # a CPU smoke run does not replace the GPU figures in benchmarks/results/
     write_result(args.result or "lora_moe_layer", [
-        {"call": args.call, "shape": shape, "base_ms": t["base"], "router_ms": t["+router"], "floe_ms": t["floe-dist"],
-         "router_fused_ms": t["+router fused"], "floe_fused_ms": t["floe-dist fused"],
+        {"call": args.call, "shape": shape, "tokens": args.tokens, "base_ms": t["base"], "router_ms": t["+router"],
+         "floe_ms": t["floe-dist"], "router_fused_ms": t["+router fused"], "floe_fused_ms": t["floe-dist fused"],
          "gather_ms": t["gather"], "loop_ms": t["loop"], "lora_ms": t["lora"], "floe_rerun_ms": t["product (again)"],
          "loop_over_floe": t["loop"] / t["floe-dist"], "gather_over_floe": t["gather"] / t["floe-dist"],
          "floe_over_lora": t["floe-dist"] / t["lora"], "floe_fused_over_lora": t["floe-dist fused"] / t["lora"],
          "fused_over_eager": t["floe-dist fused"] / t["floe-dist"], "loop_rel_diff": err, "fused_rel_diff": fused_err,
          "balance_in_backward": True} for shape, t, err, fused_err in rows],
-        merge_key="call", device=str(device), dtype=str(dtype), tokens=args.tokens)
+        merge_key="call", device=str(device), dtype=str(dtype))
 
 
 if __name__ == "__main__":

@@ -366,13 +366,14 @@ def task_arms(recipe):
 def lora_moe_layer(d):
     """Fused columns are '–' in rows measured before the fused router (calls 1 and 2)."""
     ms = ("base_ms", "router_ms", "floe_ms", "router_fused_ms", "floe_fused_ms", "gather_ms", "loop_ms", "lora_ms")
-    rows = [[r["call"], r["shape"], *(num(r.get(k), ".3f") for k in ms), f"**{r['floe_over_lora']:.2f}**",
+    rows = [[r["call"], r["shape"], f"{r.get('tokens', d.get('tokens')):,}", *(num(r.get(k), ".3f") for k in ms),
+             f"**{r['floe_over_lora']:.2f}**",
              f"**{num(r.get('floe_fused_over_lora'), '.2f')}**", f"{r['loop_over_floe']:.2f}",
              f"{r['gather_over_floe']:.2f}", f"{r['floe_rerun_ms']:.3f}",
              "yes" if r.get("balance_in_backward") else "no"]
             for r in d["rows"]]
-    return table(["call", "shape", "base", "+router", "floe-dist", "+router fused", "floe-dist fused", "gather",
-                  "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora", "loop / floe-dist",
+    return table(["call", "shape", "tokens", "base", "+router", "floe-dist", "+router fused", "floe-dist fused",
+                  "gather", "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora", "loop / floe-dist",
                   "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
 
 
