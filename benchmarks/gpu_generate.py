@@ -14,14 +14,14 @@ Greedy decoding with the KV cache, as floe_dist.generation.generate calls it, fr
 every sequence forced to --new-tokens (``min_new_tokens``). tokens/s = batch x new tokens / the wall
 time of ``generate``, median of --reps after one warm-up call (which also compiles the fused router).
 Each adapter family runs in its own process (base, moe and moe-eager share one). Writes
-benchmarks/results/gpu_generate.json on a GPU (``python benchmarks/report.py`` renders it).
+benchmarks/results/gpu_generate.json on a GPU (a renderer in benchmarks/report.py is to be added
+with its table).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_throughput import SHAPES, add_adapters, build_backbone  # noqa: E402
+from benchmarks.gpu_throughput import SHAPES, add_adapters, build_backbone, run_child  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
 GROUPS = {"moe": ("base", "moe", "moe-eager"), "peft-quarter": ("peft-quarter",)}
@@ -111,17 +111,11 @@ def main() -> None:
         return
     rows = []
     for group in args.groups.split(","):
-        cmd = [sys.executable, __file__, "--group", group, *sys.argv[1:]]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as err:
-            out = f"timed out after {args.timeout}s\n{err.stdout or ''}{err.stderr or ''}"
-        found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
-        if not found:
+        found, out = run_child([sys.executable, __file__, "--group", group, *sys.argv[1:]], args.timeout)
+        if found is None:
             print(f"{group}: FAILED\n{out[-3000:]}", flush=True)
             continue
-        rows += [{"call": args.call, **r} for r in json.loads(found[-1])]
+        rows += [{"call": args.call, **r} for r in found]
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "base"}
     for r in rows:
         r["vs_base"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None

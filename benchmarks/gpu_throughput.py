@@ -261,14 +261,9 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
             if args.alloc_conf:
                 env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
-                out = proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as err:
-                out = f"timed out after {args.timeout}s\n{err.stdout or ''}{err.stderr or ''}"
-            lines = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
-            if lines:
-                results.append(json.loads(lines[-1]))
+            result, out = run_child(cmd, args.timeout, env)
+            if result is not None:
+                results.append(result)
                 r = results[-1]
                 print(f"{shape} {variant}: {r['tokens_per_s']:.0f} tok/s, step {r['step_seconds']:.3f}s, "
                       f"MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}", flush=True)
@@ -280,8 +275,20 @@ def main() -> None:
     for row in table_rows(results, args.call):
         print({k: v for k, v in row.items() if k not in ("model_flops_per_token", "hardware_flops_per_token")})
     if results and all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
-        write_result("gpu_throughput", table_rows(results, args.call), merge_key="call", peak_tflops=args.peak_tflops,
+        write_result("gpu_throughput", table_rows(results, args.call), merge_key="call",
+                     peak_tflops=args.peak_tflops,
                      raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])
+
+
+def run_child(cmd: list[str], timeout: int, env: dict[str, str] | None = None):
+    """Run one measuring process; returns (the JSON of its last ``RESULT `` line or None, its output)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        out = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        out = f"timed out after {timeout}s\n{err.stdout or ''}{err.stderr or ''}"
+    lines = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(lines[-1]) if lines else None), out
 
 
 def table_rows(results: list[dict], call: int) -> list[dict]:

@@ -332,7 +332,8 @@ def gpu_throughput(d):
              num(r["plan_over_alloc_context"], ".2f"), num(r["reserved_context_gib"], ".2f"),
              num(r["step_vs_peft"], ".2f"), num(r.get("step_vs_peft_same_layers"), ".2f")]
             for r in d["rows"]]
-    return table(["call", "shape", "variant", "allocator", "b × s", "trainable", "step s", "tokens/s", "MFU", "HFU",
+    return table(["call", "shape", "variant", "allocator", "b × s", "trainable", "step s", "tokens/s", "MFU",
+                  "HFU",
                   "published before (6N)", "peak alloc GiB", "plan / (alloc + ctx)", "reserved + ctx GiB",
                   "step vs PEFT, all layers (equal params)", "step vs PEFT, same layers"], rows)
 
@@ -373,15 +374,8 @@ def lora_moe_layer(d):
              "yes" if r.get("balance_in_backward") else "no"]
             for r in d["rows"]]
     return table(["call", "shape", "tokens", "base", "+router", "floe-dist", "+router fused", "floe-dist fused",
-                  "gather", "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora", "loop / floe-dist",
-                  "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
-
-
-def gpu_generate(d):
-    rows = [[r["call"], r["shape"], r["variant"], r["batch"], f"{r['prompt_tokens']} + {r['new_tokens']}",
-             f"{r['seconds']:.2f}", f"**{r['tokens_per_s']:,.1f}**", num(r["vs_base"], ".2f")] for r in d["rows"]]
-    return table(["call", "shape", "variant", "batch", "prompt + new tokens", "generate s", "tokens/s",
-                  "vs base"], rows)
+                  "gather", "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora",
+                  "loop / floe-dist", "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
 
 
 # table name -> (result file, renderer)
@@ -444,7 +438,6 @@ TABLES = {
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
     "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
     "lora-moe-layer-cpu": ("lora_moe_layer_cpu", lora_moe_layer),
-    "gpu-generate": ("gpu_generate", gpu_generate),
 }
 
 

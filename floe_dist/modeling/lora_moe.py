@@ -25,7 +25,8 @@ gate scatter, routing counts, balance loss) and the gate broadcast run as ``torc
 (``fuse_router``): eager, each small op is a kernel launch, and the GPU waited on the CPU launching them.
 The eager functions below are the CPU path and the reference the compiled ones are tested against.
 ``FLOE_DIST_FUSED_ROUTER=0`` turns fusion off (a GPU whose Triton fails, say), ``=1`` on for CPU tensors
-too (each process then pays the compile, tens of seconds on two cores, and gains nothing measurable).
+too (each process then pays the compile, tens of seconds on two cores, and gains nothing measurable); any
+other value is an error.
 
 Capacity policy: no token is dropped unless ``capacity_factor`` > 0. Then each expert takes at most
 ``ceil(capacity_factor * tokens * top_k / n_experts)`` of this rank's assignments, in token order;
@@ -141,13 +142,11 @@ class LoRAMoELinear(nn.Module):
             gates = F.softmax(logits.float(), dim=-1)
             self.balance_loss = None  # HydraLoRA trains its dense router without a balance loss
         else:
-            fused = self._fused(logits)
-            route = compiled(topk_route) if fused else topk_route
-            gates, probs, self.top_i, self.kept, self.dropped, stats = route(
+            gates, probs, self.top_i, self.kept, self.dropped, stats = self._kernel(topk_route, logits)(
                 logits, self.top_k, self.top_p, self.min_k, self.capacity_factor)
             if self.routing_stats_reducer is not None:
                 stats = self.routing_stats_reducer(stats)
-            self.balance_loss = (compiled(balance_loss) if fused else balance_loss)(probs, stats)
+            self.balance_loss = self._kernel(balance_loss, probs)(probs, stats)
         self.expert_load = gates.detach().mean(0)
         self._count_activity(gates)
         return gates
@@ -157,8 +156,15 @@ class LoRAMoELinear(nn.Module):
         choice, else on CUDA tensors when Triton (inductor's GPU code generator) is there."""
         if self.fuse_router is not None:
             return self.fuse_router
+        # read per call, not at import: a process forked from one that imported this module has its own environment
         env = os.environ.get("FLOE_DIST_FUSED_ROUTER")
-        return (t.is_cuda and has_triton()) if env is None else env != "0"
+        if env not in (None, "0", "1"):
+            raise ValueError(f"FLOE_DIST_FUSED_ROUTER must be 0 (op by op) or 1 (compiled), got {env!r}")
+        return (t.is_cuda and has_triton()) if env is None else env == "1"
+
+    def _kernel(self, fn: Callable, t: torch.Tensor) -> Callable:
+        """``fn`` itself (eager) or compiled, as ``_fused`` decides for a call on ``t``."""
+        return compiled(fn) if self._fused(t) else fn
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) router logits; GuiLoMo's search adds its expert mask here (floe_dist/methods/guilomo.py)."""
@@ -221,8 +227,7 @@ class LoRAMoELinear(nn.Module):
         """
         h = F.linear(x, self.down_weight())  # (T, sum r) or (T, r) with a shared A
         if self.uniform_rank:
-            h = (compiled(broadcast_gates) if self._fused(h) else broadcast_gates)(
-                h, gates, self.expert_scale, self.shared_a)
+            h = self._kernel(broadcast_gates, h)(h, gates, self.expert_scale, self.shared_a)
         else:
             h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
         return F.linear(h, self.lora_B)  # (T, d_out)

@@ -261,3 +261,10 @@ def test_compiled_router_takes_more_routing_settings_than_dynamos_default_limit(
         with torch.no_grad():
             torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-6)
         assert torch.equal(fused.top_i, eager.top_i)
+
+
+def test_a_bad_fused_router_switch_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FLOE_DIST_FUSED_ROUTER", "false")  # would read as "on" if anything but "0" meant on
+    layer = LoRAMoELinear(nn.Linear(D_IN, D_OUT), [2, 2], "topk", top_k=1)
+    with pytest.raises(ValueError, match="FLOE_DIST_FUSED_ROUTER must be 0 .* or 1 .*, got 'false'"):
+        layer(torch.randn(3, D_IN))
