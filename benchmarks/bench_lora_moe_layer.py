@@ -3,8 +3,9 @@
     python benchmarks/bench_lora_moe_layer.py                  # Llama-3-8B shapes, 8,192 tokens (GPU)
     python benchmarks/bench_lora_moe_layer.py --tokens 512     # CPU-sized
 
-Forward + backward (gradients for the input and the adapters) over an NF4 base, median of --reps,
-for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
+Forward + backward (gradients for the input and the adapters) over an NF4 base, median of --reps (the
+variants taken in turn within each repetition), for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336)
+shapes of Llama-3-8B:
 
 * ``base``        the frozen 4-bit linear alone;
 * ``+router``     base + router (softmax, top-k, gates, balance loss), no expert, eager;
@@ -12,6 +13,9 @@ for the q_proj (4096 -> 4096) and up_proj (4096 -> 14336) shapes of Llama-3-8B:
                   router (the CPU path, and the GPU path before the fused router);
 * ``+router fused``, ``floe-dist fused``  the same with the router and the gate broadcast compiled
                   (``fuse_router``, the default on CUDA): the GPU product path;
+* ``fused, 3 graphs`` the fused path as first built: routing, balance loss and gate broadcast as three
+                  compiled graphs, where floe-dist fused compiles routing and broadcast as one (a compiled
+                  call has a fixed host cost);
 * ``gather``      floe-dist before this benchmark: the gate gathered per rank column (its backward is an
                   accumulating index_put) instead of broadcast over a (tokens, experts, rank) view;
 * ``loop``        the reference dispatch of MoLA/MixLoRA-style code: a Python loop over experts, each
@@ -39,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.backbone import nf4_linear  # noqa: E402
-from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
+from floe_dist.modeling.lora_moe import (LoRAMoELinear, balance_loss, broadcast_gates, compiled,  # noqa: E402
+                                         topk_route)
 
 
 def random_nf4_linear(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):
@@ -93,6 +98,16 @@ def make_variants(layer: LoRAMoELinear, lora_a: torch.Tensor, lora_b: torch.Tens
                 layer.fuse_router = False
         return run
 
+    def three_graphs(x):
+        """The fused path as first built: routing, balance loss and gate broadcast as three compiled graphs
+        (the layer now compiles routing and broadcast as one); each compiled call has a fixed host cost."""
+        y = layer.base(x)
+        logits = layer.lora_router(x)
+        gates, prob_sum, *_, stats = compiled(topk_route)(logits, layer.top_k, layer.top_p, layer.min_k,
+                                                          layer.capacity_factor)
+        h = compiled(broadcast_gates)(F.linear(x, layer.lora_A), gates, layer.expert_scale, False)
+        return y + F.linear(h, layer.lora_B).to(y.dtype) + compiled(balance_loss)(prob_sum, stats).to(y.dtype) * 0
+
     def gathered(x):
         y = layer.base(x)
         gates = layer.route(x)
@@ -107,30 +122,33 @@ def make_variants(layer: LoRAMoELinear, lora_a: torch.Tensor, lora_b: torch.Tens
         return layer.base(x) + F.linear(F.linear(x, lora_a), lora_b) * (layer.alpha / lora_a.shape[0])
 
     return {"base": base, "+router": router_only, "floe-dist": floe, "+router fused": fused(router_only),
-            "floe-dist fused": fused(floe), "gather": gathered, "loop": loop, "lora": lora}
+            "floe-dist fused": fused(floe), "fused, 3 graphs": three_graphs, "gather": gathered, "loop": loop,
+            "lora": lora}
 
 
-def time_fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor, reps: int, warmup: int) -> float:
-    """Median milliseconds of fn(x).backward(grad)."""
+def time_fwd_bwd(variants: dict, x: torch.Tensor, grad: torch.Tensor, reps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of fn(x).backward(grad) per variant, the variants taken in turn within each
+    repetition: a slow spell of a shared machine then hits every row alike instead of the rows timed in it."""
     cuda = x.is_cuda
-    times = []
+    times = {name: [] for name in variants}
     for i in range(warmup + reps):
-        x.grad = None
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t0 = time.perf_counter()
-        fn(x).backward(grad)
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    return statistics.median(times)
+        for name, fn in variants.items():
+            x.grad = None
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                t0 = time.perf_counter()
+            fn(x).backward(grad)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -173,10 +191,9 @@ def main() -> None:
         err = float((check - ref).detach().float().norm() / ref.detach().float().norm())
         fused_err = float((variants["floe-dist fused"](x) - ref).detach().float().norm()
                           / ref.detach().float().norm())
-        times = {name: time_fwd_bwd(fn, x, grad, args.reps, args.warmup) for name, fn in variants.items()}
-        # time the product path (fused on CUDA, eager on CPU) twice: the spread between the two is the noise floor
+        # the product path (fused on CUDA, eager on CPU) is timed twice: the spread between the two is the noise floor
         product = "floe-dist fused" if device.type == "cuda" else "floe-dist"
-        times["product (again)"] = time_fwd_bwd(variants[product], x, grad, args.reps, args.warmup)
+        times = time_fwd_bwd({**variants, "product (again)": variants[product]}, x, grad, args.reps, args.warmup)
         rows.append((shape, times, err, fused_err))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -192,14 +209,16 @@ def main() -> None:
             print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
 
     print("\n| shape d_in x d_out | base ms | +router ms | floe-dist ms | +router fused ms | floe-dist fused ms "
-          "| gather ms | loop ms | lora (same params) ms | router share (eager / fused) | fused / eager "
+          "| fused, 3 graphs ms | gather ms | loop ms | lora (same params) ms | router share (eager / fused) "
+          "| fused / eager "
           "| floe-dist fused / lora | floe-dist / lora | loop / floe-dist | product path rerun ms "
           "| loop, fused rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, t, err, fused_err in rows:
         share = (t["+router"] - t["base"]) / t["floe-dist"], (t["+router fused"] - t["base"]) / t["floe-dist fused"]
         print(f"| {shape} | {t['base']:.3f} | {t['+router']:.3f} | {t['floe-dist']:.3f} | {t['+router fused']:.3f} "
-              f"| {t['floe-dist fused']:.3f} | {t['gather']:.3f} | {t['loop']:.3f} | {t['lora']:.3f} "
+              f"| {t['floe-dist fused']:.3f} | {t['fused, 3 graphs']:.3f} | {t['gather']:.3f} | {t['loop']:.3f} "
+              f"| {t['lora']:.3f} "
               f"| {share[0]:.1%} / {share[1]:.1%} | {t['floe-dist fused'] / t['floe-dist']:.2f} "
               f"| {t['floe-dist fused'] / t['lora']:.2f} | {t['floe-dist'] / t['lora']:.2f} "
               f"| {t['loop'] / t['floe-dist']:.2f} | {t['product (again)']:.3f} | {err:.1e}, {fused_err:.1e} |")
@@ -208,7 +227,8 @@ def main() -> None:
     write_result(args.result or "lora_moe_layer", [
         {"call": args.call, "shape": shape, "tokens": args.tokens, "base_ms": t["base"], "router_ms": t["+router"],
          "floe_ms": t["floe-dist"], "router_fused_ms": t["+router fused"], "floe_fused_ms": t["floe-dist fused"],
-         "gather_ms": t["gather"], "loop_ms": t["loop"], "lora_ms": t["lora"], "floe_rerun_ms": t["product (again)"],
+         "fused_three_graphs_ms": t["fused, 3 graphs"], "gather_ms": t["gather"], "loop_ms": t["loop"],
+         "lora_ms": t["lora"], "floe_rerun_ms": t["product (again)"],
          "loop_over_floe": t["loop"] / t["floe-dist"], "gather_over_floe": t["gather"] / t["floe-dist"],
          "floe_over_lora": t["floe-dist"] / t["lora"], "floe_fused_over_lora": t["floe-dist fused"] / t["lora"],
          "fused_over_eager": t["floe-dist fused"] / t["floe-dist"], "loop_rel_diff": err, "fused_rel_diff": fused_err,

@@ -116,13 +116,15 @@ def main() -> None:
             print(f"{group}: FAILED\n{out[-3000:]}", flush=True)
             continue
         rows += [{"call": args.call, **r} for r in found]
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "base"}
+        base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "base"}
+        for r in rows:
+            r["vs_base"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
+        # after every group, not once at the end: a run stopped at its time limit keeps what it measured
+        if all(r["device"] != "cpu" for r in rows):  # a CPU smoke run writes nothing
+            write_result("gpu_generate", rows, merge_key="call")
     for r in rows:
-        r["vs_base"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
         print(f"{r['variant']:>12} batch {r['batch']:>3}: {r['tokens_per_s']:10.1f} tokens/s "
               f"({r['vs_base'] or float('nan'):.2f} x base)")
-    if rows and all(r["device"] != "cpu" for r in rows):  # a CPU smoke run writes nothing
-        write_result("gpu_generate", rows, merge_key="call")
 
 
 if __name__ == "__main__":

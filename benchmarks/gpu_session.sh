@@ -4,11 +4,15 @@
 #                                            # tiny model and SST-2 files into .gpu_carry/ (both git-ignored)
 #   bash benchmarks/gpu_session.sh run [parts]   # there, carrying .whl and .gpu_carry; parts default to
 #                                            # "layer generate tests throughput"; one log and the JSON under $OUT
-# A 10-minute call does not hold every part at 8B; the GPU speed issue's checks as two calls:
-#   bash benchmarks/gpu_session.sh run layer generate tests
-#   THROUGHPUT_ARGS="--shapes 8b --variants peft-quarter,moe,moe-eager" bash benchmarks/gpu_session.sh run throughput;
-#   THROUGHPUT_ARGS="--shapes 8b --variants moe --alloc-conf expandable_segments:True --call 4" \
-#     bash benchmarks/gpu_session.sh run throughput      # the allocator's reserve against the plan
+# Parts run in the order given, each within what is left of DEADLINE seconds (default 540) from the start:
+# the script ends, with every finished part's result files under $OUT, before the device call's limit kills
+# it, and a part that no longer fits is skipped and logged. A session has 15 device minutes in all, the
+# machine's start included, so the GPU speed issue's checks are one call, most needed first, that leaves
+# room for a second call to rerun what failed or was skipped (device timeout_s=540):
+#   DEADLINE=480 THROUGHPUT_ARGS="--shapes 8b --variants peft-quarter,moe,moe-eager" \
+#     bash benchmarks/gpu_session.sh run layer throughput generate reserve tests
+# ``reserve`` is the 8B moe step again under expandable_segments (call 4 of the throughput file): the
+# allocator's reserve against the plan.
 # The image there has torch, transformers, peft and tensorboard; the pinned transformers/peft, DeepSpeed,
 # bitsandbytes (CUDA 13 libraries only, to fit the 64 MiB carry) and pydantic travel as wheels.
 set -uo pipefail
@@ -61,19 +65,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 python3 -c "import torch, transformers, peft, deepspeed, bitsandbytes; print('torch', torch.__version__,
   'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__,
   'deepspeed', deepspeed.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/device.txt"
+deadline=$(( $(date +%s) + ${DEADLINE:-540} ))
 for part in $parts; do
   start=$(date +%s)
+  left=$(( deadline - start ))
+  if [ "$left" -lt 30 ]; then
+    echo "[$part: skipped, ${left}s of DEADLINE left]" | tee -a "$OUT/session.log"
+    continue
+  fi
+  cap() { echo $(( $1 < left ? $1 : left )); }  # a part's own limit, or what is left if that is less
   case "$part" in
-    tests) timeout 200 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee -a "$OUT/session.log" \
-             | tail -25 ;;
-    layer) timeout 120 python3 benchmarks/bench_lora_moe_layer.py --profile 2>&1 | tee -a "$OUT/session.log" \
+    tests) timeout "$(cap 200)" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 \
+             | tee -a "$OUT/session.log" | tail -25 ;;
+    layer) timeout "$(cap 180)" python3 benchmarks/bench_lora_moe_layer.py --profile 2>&1 | tee -a "$OUT/session.log" \
              | grep -v Warning ;;
-    generate) timeout 240 python3 benchmarks/gpu_generate.py --timeout 115 ${GENERATE_ARGS:-} 2>&1 \
+    generate) timeout "$(cap 240)" python3 benchmarks/gpu_generate.py --timeout 115 ${GENERATE_ARGS:-} 2>&1 \
                 | tee -a "$OUT/session.log" ;;
-    throughput) timeout 300 python3 benchmarks/gpu_throughput.py --output "$OUT/throughput.json" --timeout 150 \
-                  ${THROUGHPUT_ARGS:-} 2>&1 | tee -a "$OUT/session.log" ;;
+    throughput) timeout "$(cap 300)" python3 benchmarks/gpu_throughput.py --output "$OUT/throughput.json" \
+                  --timeout 150 ${THROUGHPUT_ARGS:-} 2>&1 | tee -a "$OUT/session.log" ;;
+    reserve) timeout "$(cap 150)" python3 benchmarks/gpu_throughput.py --output "$OUT/reserve.json" --timeout 140 \
+               --shapes 8b --variants moe --alloc-conf expandable_segments:True --call 4 2>&1 \
+               | tee -a "$OUT/session.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "[$part: $(( $(date +%s) - start ))s]" | tee -a "$OUT/session.log"
+  cp benchmarks/results/{gpu_throughput,lora_moe_layer,gpu_generate}.json "$OUT/" 2>/dev/null || true
 done
-cp benchmarks/results/{gpu_throughput,lora_moe_layer,gpu_generate}.json "$OUT/" 2>/dev/null || true

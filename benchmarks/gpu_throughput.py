@@ -272,12 +272,13 @@ def main() -> None:
                 print(f"{shape} {variant}: FAILED\n{out[-3000:]}", flush=True)
             if args.output:
                 Path(args.output).write_text(json.dumps(results, indent=1))
+            # after every process, not once at the end: a run stopped at its time limit keeps what it measured
+            if all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
+                write_result("gpu_throughput", table_rows(results, args.call), merge_key="call",
+                             peak_tflops=args.peak_tflops,
+                             raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])
     for row in table_rows(results, args.call):
         print({k: v for k, v in row.items() if k not in ("model_flops_per_token", "hardware_flops_per_token")})
-    if results and all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
-        write_result("gpu_throughput", table_rows(results, args.call), merge_key="call",
-                     peak_tflops=args.peak_tflops,
-                     raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])
 
 
 def run_child(cmd: list[str], timeout: int, env: dict[str, str] | None = None):

@@ -365,8 +365,10 @@ def task_arms(recipe):
 
 
 def lora_moe_layer(d):
-    """Fused columns are '–' in rows measured before the fused router (calls 1 and 2)."""
-    ms = ("base_ms", "router_ms", "floe_ms", "router_fused_ms", "floe_fused_ms", "gather_ms", "loop_ms", "lora_ms")
+    """Fused columns are '–' in rows measured before the fused router, and `fused, 3 graphs` in rows measured
+    before routing and broadcast were merged into one graph (those rows' fused columns are the three graphs)."""
+    ms = ("base_ms", "router_ms", "floe_ms", "router_fused_ms", "floe_fused_ms", "fused_three_graphs_ms", "gather_ms",
+          "loop_ms", "lora_ms")
     rows = [[r["call"], r["shape"], f"{r.get('tokens', d.get('tokens')):,}", *(num(r.get(k), ".3f") for k in ms),
              f"**{r['floe_over_lora']:.2f}**",
              f"**{num(r.get('floe_fused_over_lora'), '.2f')}**", f"{r['loop_over_floe']:.2f}",
@@ -374,8 +376,8 @@ def lora_moe_layer(d):
              "yes" if r.get("balance_in_backward") else "no"]
             for r in d["rows"]]
     return table(["call", "shape", "tokens", "base", "+router", "floe-dist", "+router fused", "floe-dist fused",
-                  "gather", "loop", "lora", "floe-dist / lora (same layer)", "floe-dist fused / lora",
-                  "loop / floe-dist", "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
+                  "fused, 3 graphs", "gather", "loop", "lora", "floe-dist / lora (same layer)",
+                  "floe-dist fused / lora", "loop / floe-dist", "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
 
 
 # table name -> (result file, renderer)

@@ -23,6 +23,8 @@ prefetch bookkeeping). Token-sparse dispatch belongs to expert parallelism, appl
 Fused router: on CUDA, where Triton is there, the router's elementwise work (softmax, top-k, renormalise,
 gate scatter, routing counts, balance loss) and the gate broadcast run as ``torch.compile`` kernels
 (``fuse_router``): eager, each small op is a kernel launch, and the GPU waited on the CPU launching them.
+Routing and gate broadcast are one compiled function (``route_and_mix``), the balance loss a second one
+after the ranks' routing stats are summed between them: two compiled calls forward, two backward.
 The eager functions below are the CPU path and the reference the compiled ones are tested against.
 ``FLOE_DIST_FUSED_ROUTER=0`` turns fusion off (a GPU whose Triton fails, say), ``=1`` on for CPU tensors
 too (each process then pays the compile, tens of seconds on two cores, and gains nothing measurable); any
@@ -141,12 +143,28 @@ class LoRAMoELinear(nn.Module):
         if self.router == "dense":
             gates = F.softmax(logits.float(), dim=-1)
             self.balance_loss = None  # HydraLoRA trains its dense router without a balance loss
-        else:
-            gates, probs, self.top_i, self.kept, self.dropped, stats = self._kernel(topk_route, logits)(
-                logits, self.top_k, self.top_p, self.min_k, self.capacity_factor)
-            if self.routing_stats_reducer is not None:
-                stats = self.routing_stats_reducer(stats)
-            self.balance_loss = self._kernel(balance_loss, probs)(probs, stats)
+            return self._record(gates)
+        routed = self._kernel(topk_route, logits)(logits, self.top_k, self.top_p, self.min_k, self.capacity_factor)
+        return self._record_topk(*routed)
+
+    def _route_and_mix(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``route(x)`` and the gate broadcast over ``h`` (equal ranks, top-k router) as one function: fused,
+        one compiled graph forward and one backward instead of two each (each call has a fixed host cost)."""
+        logits = self.router_logits(x)
+        h, *routed = self._kernel(route_and_mix, logits)(
+            logits, h, self.expert_scale, self.top_k, self.top_p, self.min_k, self.capacity_factor)
+        self._record_topk(*routed)
+        return h
+
+    def _record_topk(self, gates, prob_sum, top_i, kept, dropped, stats) -> torch.Tensor:
+        """Keep the top-k router's picks and its balance loss, over all ranks when there is a reducer."""
+        self.top_i, self.kept, self.dropped = top_i, kept, dropped
+        if self.routing_stats_reducer is not None:
+            stats = self.routing_stats_reducer(stats)
+        self.balance_loss = self._kernel(balance_loss, prob_sum)(prob_sum, stats)
+        return self._record(gates)
+
+    def _record(self, gates: torch.Tensor) -> torch.Tensor:
         self.expert_load = gates.detach().mean(0)
         self._count_activity(gates)
         return gates
@@ -204,11 +222,10 @@ class LoRAMoELinear(nn.Module):
         y = self.base(x)
         lead = x.shape[:-1]
         x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(self.adapter_dtype)  # (T, d_in)
-        gates = self.route(x2)  # (T, E)
         if self.expert_dispatch is not None:
-            delta = self.expert_dispatch(x2, gates, self.top_i, self.kept)
+            delta = self.expert_dispatch(x2, self.route(x2), self.top_i, self.kept)
         else:
-            delta = self.dense_delta(x2, gates)
+            delta = self.dense_delta(x2)
         scale = self.adapter_scale() if callable(self.adapter_scale) else self.adapter_scale
         if scale is not None:
             delta = delta * scale
@@ -219,17 +236,20 @@ class LoRAMoELinear(nn.Module):
         """fp32 as built; bf16 once a DeepSpeed bf16 engine has cast the trainable tensors."""
         return (self.lora_router.weight if self.lora_router is not None else self.lora_A).dtype
 
-    def dense_delta(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor:
         """sum_e g_e (alpha/r_e) B_e A_e x for every token (T, d_out): two matmuls, no expert skipped.
 
-        With equal ranks the gate is broadcast over a (T, E, r) view; heterogeneous ranks gather it per
-        column, whose backward is an accumulating index_put (a sort on CUDA).
+        With equal ranks the gate is broadcast over a (T, E, r) view, by the top-k router in the call that
+        routes; heterogeneous ranks gather it per column, whose backward is an accumulating index_put (a sort
+        on CUDA).
         """
         h = F.linear(x, self.down_weight())  # (T, sum r) or (T, r) with a shared A
-        if self.uniform_rank:
-            h = self._kernel(broadcast_gates, h)(h, gates, self.expert_scale, self.shared_a)
+        if not self.uniform_rank:
+            h = h * (self.route(x)[:, self.expert_of_col] * self.col_scale).to(h.dtype)
+        elif self.router == "topk" and self.lora_router is not None:
+            h = self._route_and_mix(x, h)
         else:
-            h = h * (gates[:, self.expert_of_col] * self.col_scale).to(h.dtype)
+            h = self._kernel(broadcast_gates, h)(h, self.route(x), self.expert_scale, self.shared_a)
         return F.linear(h, self.lora_B)  # (T, d_out)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -249,9 +269,10 @@ class LoRAMoELinear(nn.Module):
 def topk_route(logits: torch.Tensor, top_k: int, top_p: float, min_k: int, capacity_factor: float):
     """The top-k router's tensor work, pure so that ``torch.compile`` can fuse it.
 
-    Returns gates (T, E), probs (T, E), the picks top_i (T, k), kept (T, k; None when every pick is
-    used), dropped (the capacity rule's count; None without one) and the routing stats to reduce over
-    ranks: picks per expert (E,), then this rank's token count, then 1 (it sums to the number of ranks).
+    Returns gates (T, E), the router probabilities summed over tokens (E,), the picks top_i (T, k), kept
+    (T, k; None when every pick is used), dropped (the capacity rule's count; None without one) and the
+    routing stats to reduce over ranks: picks per expert (E,), then this rank's token count, then 1 (it
+    sums to the number of ranks).
     """
     probs = F.softmax(logits.float(), dim=-1)  # (T, E)
     n_experts = probs.shape[-1]
@@ -275,10 +296,10 @@ def topk_route(logits: torch.Tensor, top_k: int, top_p: float, min_k: int, capac
     # new_full, not new_tensor([...]): a list is copied from pageable host memory, which on CUDA
     # synchronises the stream in every MoE layer's forward
     stats = torch.cat([picks, picks.new_full((1,), probs.shape[0]), picks.new_ones(1)])
-    return gates, probs, top_i, kept, dropped, stats
+    return gates, probs.sum(0), top_i, kept, dropped, stats
 
 
-def balance_loss(probs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+def balance_loss(prob_sum: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Switch Transformer: E * sum_i f_i * P_i (1 under uniform routing), f_i and P_i over all ranks.
 
     ``stats`` is ``topk_route``'s, summed over the ranks. f_i (share of the used picks) is a count and has
@@ -288,8 +309,16 @@ def balance_loss(probs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """
     picks, n_tokens, n_ranks = stats[:-2], stats[-2], stats[-1]
     share = picks / picks.sum()  # f_i
-    prob_mean = probs.sum(0) * (n_ranks / n_tokens)  # P_i, this rank's part
-    return probs.shape[-1] * (share * prob_mean).sum()
+    prob_mean = prob_sum * (n_ranks / n_tokens)  # P_i, this rank's part
+    return prob_sum.shape[-1] * (share * prob_mean).sum()
+
+
+def route_and_mix(logits: torch.Tensor, h: torch.Tensor, expert_scale: torch.Tensor, top_k: int, top_p: float,
+                  min_k: int, capacity_factor: float):
+    """``topk_route``, then its gates broadcast over h (``broadcast_gates``): the mixed h, then ``topk_route``'s
+    outputs. One function, so that the fused path compiles routing and mixing into one graph."""
+    routed = topk_route(logits, top_k, top_p, min_k, capacity_factor)
+    return broadcast_gates(h, routed[0], expert_scale, False), *routed
 
 
 def top_p_active(top_w: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
