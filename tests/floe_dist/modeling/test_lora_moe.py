@@ -212,11 +212,13 @@ def test_broadcast_gate_equals_per_column_gather_bitwise(router, ranks, top_k):
     ("topk", [4, 4, 4, 4], 2, 0.0, 0.0),  # the GPU default: top-2 of equal ranks
     ("topk", [2, 2, 2], 2, 0.5, 0.6),  # HILO's top-p, then the capacity rule drops picks
     ("dense", [3, 3, 3], 3, 0.0, 0.0),  # shared A: only the gate broadcast is compiled
+    ("topk", [1, 2, 3], 2, 0.0, 0.6),  # heterogeneous ranks: routing compiled, the gate gathered per column
 ])
 def test_compiled_router_equals_the_eager_one_forward_and_backward(router, ranks, top_k, top_p, capacity):
-    """The fused path (torch.compile of topk_route, balance_loss and broadcast_gates; CUDA's default) gives
-    the eager path's picks exactly and its outputs and gradients to float tolerance, across token counts
-    (a recompile with a dynamic token dimension) and with a stats reducer between the two compiled parts."""
+    """The fused path (CUDA's default: torch.compile of route_and_mix and balance_loss; of topk_route alone
+    for heterogeneous ranks; of broadcast_gates alone for the dense router) gives the eager path's picks
+    exactly and its outputs and gradients to float tolerance, across token counts (a recompile with a
+    dynamic token dimension) and with a stats reducer between the two compiled parts."""
     layers = []
     for fused in (False, True):
         torch.manual_seed(7)
