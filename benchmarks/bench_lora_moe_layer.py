@@ -23,7 +23,8 @@ shapes of Llama-3-8B:
 * ``lora``        a plain LoRA with the same parameters (rank E*r): the floor the MoE aims for.
 
 Differences between rows place the time: router = ``+router`` - ``base``, experts = ``floe-dist`` -
-``+router`` (likewise for the fused rows). Every row with a router back-propagates the balance loss, as
+``+router`` (likewise for the fused rows, there roughly: ``+router fused`` compiles the routing alone, the
+layer compiles it with the gate broadcast). Every row with a router back-propagates the balance loss, as
 training does (calls 1 and 2 in the result file, before the fused rows, left it out of the ``floe-dist``
 row's backward, understating the experts' share). Then a torch.profiler table of the fused floe-dist
 forward + backward by operator.
