@@ -120,7 +120,7 @@ def main() -> None:
         for r in rows:
             r["vs_base"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
         # after every group, not once at the end: a run stopped at its time limit keeps what it measured
-        if all(r["device"] != "cpu" for r in rows):  # a CPU smoke run writes nothing
+        if rows and all(r["device"] != "cpu" for r in rows):  # a CPU smoke run writes nothing
             write_result("gpu_generate", rows, merge_key="call")
     for r in rows:
         print(f"{r['variant']:>12} batch {r['batch']:>3}: {r['tokens_per_s']:10.1f} tokens/s "

@@ -57,6 +57,11 @@ fi
 OUT="${OUT:-/tmp/floe-gpu-out}"
 mkdir -p "$OUT"
 parts="${*:-layer generate tests throughput}"
+for part in $parts; do  # a misspelt part fails here, before the install and the device time it costs
+  case "$part" in layer|generate|tests|throughput|reserve) ;;
+    *) echo "unknown part '$part': parts are layer, generate, tests, throughput, reserve" >&2; exit 2 ;;
+  esac
+done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu_carry/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -86,7 +91,6 @@ for part in $parts; do
     reserve) timeout "$(cap 150)" python3 benchmarks/gpu_throughput.py --output "$OUT/reserve.json" --timeout 140 \
                --shapes 8b --variants moe --alloc-conf expandable_segments:True --call 4 2>&1 \
                | tee -a "$OUT/session.log" ;;
-    *) echo "unknown part $part" ;;
   esac
   echo "[$part: $(( $(date +%s) - start ))s]" | tee -a "$OUT/session.log"
   cp benchmarks/results/{gpu_throughput,lora_moe_layer,gpu_generate}.json "$OUT/" 2>/dev/null || true

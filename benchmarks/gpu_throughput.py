@@ -273,7 +273,8 @@ def main() -> None:
             if args.output:
                 Path(args.output).write_text(json.dumps(results, indent=1))
             # after every process, not once at the end: a run stopped at its time limit keeps what it measured
-            if all(r.get("device", "cpu") != "cpu" for r in results):  # a CPU smoke run keeps the GPU file
+            measured = [r for r in results if "error" not in r]  # a failed variant does not cost the others
+            if measured and all(r["device"] != "cpu" for r in measured):  # a CPU smoke run keeps the GPU file
                 write_result("gpu_throughput", table_rows(results, args.call), merge_key="call",
                              peak_tflops=args.peak_tflops,
                              raw=[{k: v for k, v in r.items() if k != "plan_terms"} for r in results])

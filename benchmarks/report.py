@@ -377,7 +377,8 @@ def lora_moe_layer(d):
             for r in d["rows"]]
     return table(["call", "shape", "tokens", "base", "+router", "floe-dist", "+router fused", "floe-dist fused",
                   "fused, 3 graphs", "gather", "loop", "lora", "floe-dist / lora (same layer)",
-                  "floe-dist fused / lora", "loop / floe-dist", "gather / floe-dist", "product path rerun", "balance loss in floe-dist's backward"], rows)
+                  "floe-dist fused / lora", "loop / floe-dist", "gather / floe-dist", "product path rerun",
+                  "balance loss in floe-dist's backward"], rows)
 
 
 # table name -> (result file, renderer)
