@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from floe_dist.files import write_json_atomic
 from floe_dist.modeling.lora_moe import ROUTERS, count_active_parameters, count_lora_parameters
 
 FORMAT = "floe-dist/allocation@1"
@@ -275,19 +275,3 @@ def _parse_module(where: str, spec: Any, problems: list[str]) -> ModuleAllocatio
         return None
     return ModuleAllocation(experts=experts, ranks=tuple(ranks), router=router, top_k=top_k,
                             top_p=float(top_p), min_k=min_k)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to a temp file in the same folder, then rename over the target."""
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temp file in the same folder, then rename over the target: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path

@@ -1,4 +1,4 @@
-"""Small helpers for the typed argument dataclasses every stage exposes (one help text per field)."""
+"""Small helpers for the typed settings dataclasses (one help text per field)."""
 from __future__ import annotations
 
 from dataclasses import field
@@ -10,7 +10,7 @@ def arg(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def below_one(args: Any, names: tuple[str, ...]) -> list[str]:
-    """``--flag must be >= 1`` for each named count field that is below 1 (for ``validate`` methods)."""
-    return [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}" for n in names if getattr(args, n) < 1]
-
+def below_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> list[str]:
+    """``section.name must be >= 1`` for each named count field that is below 1 (for ``problems`` methods)."""
+    key = (prefix + ".") if prefix else ""
+    return [f"{key}{n} must be >= 1, got {getattr(obj, n)}" for n in names if getattr(obj, n) < 1]

@@ -1,71 +1,127 @@
-"""A recipe: one YAML file that describes a whole campaign, section by pipeline stage.
+"""A recipe: every setting of floe-dist, once, in one typed tree with a section per pipeline stage.
 
     floe-dist campaign --config recipes/smollm2-sst2.yaml --train.lr 1e-4 --output runs/c
     floe-dist train --config my_recipe.yaml --output runs/t          # one stage of the same recipe
-    floe-dist campaign --config tiny --print_config                  # the resolved recipe, as YAML
+    floe-dist train --print_config                                   # the settings a stage runs with
 
-Parsing, type checking and the dotted command-line overrides are jsonargparse's (the parser behind
-LightningCLI): it reads a dataclass tree as it is, so the recipe's sections are the typed dataclasses
-below, each field with one default and one help line, and every stage takes the values it needs from
-them (``stage_settings``). A setting used by several stages (the model, the adapter's shape, the
-ZeRO config) exists once.
+Each field has one default, one type and one help line; the defaults *are* the default campaign
+(``recipes/smollm2-sst2.yaml`` only writes them out), so a stage run alone trains what the default
+campaign trains. Every stage and the campaign parse this tree with jsonargparse (the parser behind
+LightningCLI and litgpt) and take the sections they need as these objects. Stage-only options live
+in their stage's section (``search.candidates``, ``evaluate.split``). Choices are ``Literal`` types,
+so a misspelt value fails while parsing; ``validate`` adds the checks a type cannot express.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from floe_dist.assets import asset_dir
-from floe_dist.config import arg
+from floe_dist.config import arg, below_one
 
 DEFAULT_RECIPE = "smollm2-sst2"
 
 
 @dataclass
 class ModelSection:
-    """model: the frozen backbone"""
+    """model: the frozen backbone (and, for evaluate and generate, the adapter on it)"""
     name: str = arg("smollm2-135m", "smollm2-135m, tiny, a local Hugging Face model folder or a .gguf file")
-    quant: str = arg("none", "backbone storage: none (fp32 on CPU, bf16 on GPU) or nf4 (bitsandbytes 4-bit)")
+    quant: Literal["none", "nf4"] = arg("none", "backbone storage: none (fp32 on CPU, bf16 on GPU) or nf4 "
+                                                "(bitsandbytes 4-bit)")
     max_length: int = arg(256, "tokens per example (prompts are cut from the left)")
     shape: str | None = arg(None, "plan only: a built-in architecture (llama3-70b, ...) for when the checkpoint "
                                   "is not on this machine")
+    adapter: str | None = arg(None, "evaluate, generate: an adapter export folder written by train; none = the "
+                                    "base model")
 
 
 @dataclass
 class DataSection:
     """data: the task adapted to"""
     task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
-    data_format: str = arg("auto", "a data file's format: auto, multiple_choice, alpaca, chat or text")
+    data_format: Literal["auto", "multiple_choice", "alpaca", "chat", "text"] = arg(
+        "auto", "a data file's format")
     columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
+    max_train_examples: int | None = arg(None, "use only the first N training examples")
 
 
 @dataclass
 class AdapterSection:
-    """adapter: the LoRA-MoE warmed up on every layer when scoring, and trained on the chosen layers"""
+    """adapter: the LoRA-MoE shape (score warms it up on every layer; allocators and train place and size it)"""
     targets: str = arg("q_proj,v_proj", "comma-separated module names that get adapters")
     experts: int = arg(4, "experts (B heads) per module")
     rank: int = arg(4, "rank of every expert (the search may change it)")
-    router: str = arg("dense", "dense (HydraLoRA, FLoE's variant) or topk (MoLA/MixLoRA)")
-    top_k: int = arg(2, "experts per token with the topk router")
+    router: Literal["dense", "topk"] = arg("dense", "dense (HydraLoRA, FLoE's variant) or topk (MoLA/MixLoRA)")
+    top_k: int = arg(2, "experts per token with the topk router; with top_p, the most")
+    top_p: float = arg(0.0, "HILO's top-p activation: a token uses its fewest top experts whose router "
+                            "probability reaches this (0 = plain top-k)")
+    min_k: int = arg(1, "with top_p: the fewest experts a token uses")
     alpha: float = arg(32.0, "LoRA alpha (each expert scales by alpha / rank)")
     dropout: float = arg(0.05, "dropout on the adapter input while training")
+
+    @property
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def problems(self) -> list[str]:
+        found = below_one(self, ("experts", "rank", "top_k", "min_k"), "adapter")
+        if not 0 <= self.top_p <= 1:
+            found.append(f"adapter.top_p must be in [0, 1] (0 = plain top-k), got {self.top_p}")
+        if not self.target_list:
+            found.append("adapter.targets names no module")
+        return found
 
 
 @dataclass
 class ScoreSection:
-    """score: the warm-up and the per-layer Fisher scores (used when allocate.method is floe)"""
-    mode: str = arg("mask", "Fisher of: mask (a per-layer gate on the adapter output), param or gain")
+    """score: the warm-up and the per-layer Fisher scores (allocate.method floe)"""
+    mode: Literal["mask", "param", "taylor"] = arg("mask", "Fisher of: mask (a per-layer gate on the adapter "
+                                                           "output), param (the adapter parameters) or taylor")
     normalize_param: bool = arg(False, "param mode: divide by each layer's adapter parameter count")
     proxy_examples: int = arg(128, "training examples used for warm-up and scoring")
     warmup_steps: int = arg(10, "warm-up optimizer steps")
     warmup_lr: float = arg(1e-3, "warm-up peak learning rate")
     micro_batch: int = arg(4, "warm-up examples per rank per step")
-    samples: int = arg(128, "examples scored")
+    samples: int = arg(128, "examples scored (a multiple of score_batch x ranks is used)")
     score_batch: int = arg(8, "examples per Fisher mini-batch (one gradient per mini-batch)")
-    select: str = arg("topk", "selection: topk, budget or refine")
+    select: Literal["topk", "budget", "refine"] = arg(
+        "topk", "topk (allocate.k layers), budget (knapsack on allocate.budget parameters) or refine (top-k, then "
+                "swaps that lower the block-Fisher estimate of the loss increase)")
+    final_experts: int | None = arg(None, "experts per module in the selected allocation (default: the warm-up's)")
+    final_rank: int | None = arg(None, "rank in the selected allocation (default: the warm-up's)")
     seed: int = arg(0, "seed of the warm-up")
+
+    def problems(self) -> list[str]:
+        return below_one(self, ("proxy_examples", "warmup_steps", "micro_batch", "samples", "score_batch"), "score")
+
+
+@dataclass
+class FlexoraSection:
+    """allocate.flexora: layer selection as hyper-parameter optimisation (unrolled differentiation)"""
+    steps: int = arg(50, "alternating steps (one LoRA step + one alpha step each)")
+    batch: int = arg(8, "training examples per LoRA step")
+    val: int = arg(200, "training examples held out for the alpha steps")
+    lr: float = arg(1e-3, "learning rate of the LoRA steps during the search")
+
+
+@dataclass
+class GuiLoMoSection:
+    """allocate.guilomo: guided selection vectors learned by bilevel optimisation"""
+    steps: int = arg(40, "bilevel steps (each takes two training batches)")
+    order: Literal["second", "first"] = arg("second", "second (DARTS implicit term, 5 passes a step) or first (2)")
+    batch: int = arg(8, "training examples per batch")
+    experts: int = arg(8, "experts per module during the search (the most it can keep)")
+    rank: int = arg(8, "rank of each expert during the search (the most it can keep)")
+    lr: float = arg(3e-4, "learning rate of the lower level (adapters)")
+
+
+@dataclass
+class HiloSection:
+    """allocate.hilo: hierarchical expert number and rank per layer group"""
+    expert_schedule: str = arg("2468", "experts per layer group, e.g. 2468, 8642 or uniform")
+    rank_schedule: str = arg("uniform", "rank per layer group, e.g. 2468, 8642 or uniform")
 
 
 @dataclass
@@ -73,71 +129,164 @@ class AllocateSection:
     """allocate: where adapters go and how big they are"""
     method: str = arg("uniform", "uniform (every layer), floe (Fisher scores of the score stage), random, flexora, "
                                  "hilo or guilomo")
-    file: str | None = arg(None, "an allocation.json to use as it is (skips score and allocate)")
-    k: int | None = arg(None, "layers kept (floe, random; flexora: top-k instead of alpha > 0); default 25%")
-    budget: int | None = arg(None, "adapter parameters: scale every rank by one factor to come closest to it")
+    file: str | None = arg(None, "an allocation.json to use as it is (skips score and allocate; train and search "
+                                 "read it; none = the adapter section on every layer)")
+    scores: str | None = arg(None, "floe, run alone: the fisher.json the score stage wrote")
+    k: int | None = arg(None, "layers kept (floe, random, score; flexora: top-k instead of alpha > 0); default "
+                              "25% of the layers")
+    budget: int | None = arg(None, "adapter parameters: scale every rank by one factor to come closest to it (score "
+                                   "select budget: the knapsack's limit)")
     seed: int = arg(0, "random: seed of the layer draw")
-    top_p: float = arg(0.0, "HILO top-p activation (0 = plain top-k)")
-    min_k: int = arg(1, "with top_p: the fewest experts a token uses")
-    expert_schedule: str = arg("2468", "hilo: experts per layer group, e.g. 2468, 8642 or uniform")
-    rank_schedule: str = arg("uniform", "hilo: rank per layer group, e.g. 2468, 8642 or uniform")
-    flexora_steps: int = arg(50, "flexora: alternating steps (one LoRA step + one alpha step each)")
-    flexora_batch: int = arg(8, "flexora: training examples per LoRA step")
-    flexora_val: int = arg(200, "flexora: training examples held out for the alpha steps")
-    flexora_lr: float = arg(1e-3, "flexora: learning rate of the LoRA steps during the search")
-    guilomo_steps: int = arg(40, "guilomo: bilevel steps")
-    guilomo_order: str = arg("second", "guilomo: second (DARTS implicit term) or first")
-    guilomo_batch: int = arg(8, "guilomo: training examples per batch")
-    guilomo_experts: int = arg(8, "guilomo: experts per module during the search")
-    guilomo_rank: int = arg(8, "guilomo: rank of each expert during the search")
-    guilomo_lr: float = arg(3e-4, "guilomo: learning rate of the lower level (adapters)")
+    flexora: FlexoraSection = field(default_factory=FlexoraSection)
+    guilomo: GuiLoMoSection = field(default_factory=GuiLoMoSection)
+    hilo: HiloSection = field(default_factory=HiloSection)
+
+    def problems(self) -> list[str]:
+        found = below_one(self.flexora, ("steps", "batch"), "allocate.flexora")
+        found += below_one(self.guilomo, ("steps", "batch", "rank"), "allocate.guilomo")
+        if self.guilomo.experts < 2:
+            found.append(f"allocate.guilomo.experts must be >= 2 (the search always keeps 2), got "
+                         f"{self.guilomo.experts}")
+        if self.k is not None and self.k < 1:
+            found.append(f"allocate.k must be >= 1, got {self.k}")
+        if self.budget is not None and self.budget < 1:
+            found.append(f"allocate.budget must be a positive parameter count, got {self.budget}")
+        if self.file and not Path(self.file).is_file():
+            found.append(f"allocate.file {self.file}: file not found")
+        return found
 
 
 @dataclass
 class SearchSection:
     """search: SMAC picks the rank and learning rate from short parallel trials"""
-    enabled: bool = arg(True, "false: train the allocation as it is, at train.lr")
-    mode: str = arg("smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps), random (smac's "
-                            "fidelities and halving, random configurations) or grid")
-    surrogate: str = arg("rf", "smac/bo: the surrogate model, rf (random forest) or gp (Gaussian process)")
+    enabled: bool = arg(True, "campaign: false trains the allocation as it is, at train.lr")
+    mode: Literal["smac", "bo", "random", "grid"] = arg(
+        "smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps), random (smac's fidelities and "
+                "halving, random configurations) or grid (every point at max_steps, to compare against)")
+    surrogate: Literal["rf", "gp"] = arg("rf", "smac/bo: the surrogate model, rf (random forest) or gp "
+                                               "(Gaussian process)")
     random_interleave: float = arg(0.0, "smac/bo: share of proposals drawn at random instead of from the model (the "
                                         "initial design explores; SMAC's own default is 0.2)")
     model_min_points: int = arg(0, "smac: results a budget needs before the model learns from it; 0 = the "
                                    "space's dimensions + 1, as BOHB")
-    model_data: str = arg("budget", "smac: the model learns from one budget's results (budget) or from every "
-                                    "configuration at the highest budget it reached (pooled)")
-    pending: str = arg("none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or worst "
-                               "(a constant liar, so that a rung's proposals spread)")
-    ranks: str = arg("2,4,8,16", "rank choices")
+    model_data: Literal["budget", "pooled"] = arg(
+        "budget", "smac: the model learns from one budget's results (budget) or from every configuration at the "
+                  "highest budget it reached (pooled)")
+    pending: Literal["none", "worst"] = arg(
+        "none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or worst (a constant "
+                "liar, so that a rung's proposals spread)")
+    ranks: str = arg("2,4,8,16", "rank choices: the largest rank of the allocation, whose other ranks scale with it")
     lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
     experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
     top_ks: str = arg("", "experts-per-token choices of top-k routers, e.g. 1,2; empty keeps the allocation's")
-    allocations: str = arg("uniform", "let the search also choose the allocation: the allocate stage's and these, "
-                                      "comma-separated: uniform (every layer), random (as many layers, seeded), floe:K (Fisher "
-                               "top-K; allocate.method floe) or NAME=FILE; allocate.budget, if set, sizes them all")
-    min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac mode)")
+    allocations: str = arg("uniform", "campaign: let the search also choose the allocation: the allocate stage's "
+                                      "and these, comma-separated: uniform (every layer), random (as many "
+                                      "layers, seeded), floe:K (Fisher top-K; allocate.method floe) or NAME=FILE")
+    candidates: str = arg("", "search run alone: allocations to choose among, NAME=FILE,... (the campaign makes "
+                              "them from search.allocations); empty: allocate.file")
+    min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac, random)")
     max_steps: int = arg(24, "largest trial budget; every bo and grid trial uses it")
     eta: int = arg(3, "successive-halving ratio between budgets")
-    brackets: str = arg("hyperband", "hyperband (with the default budgets: 3 configurations at 8 steps, the best "
-                                     "promoted to 24, then 2 proposed straight at 24) or sh (successive halving)")
+    brackets: Literal["hyperband", "sh"] = arg(
+        "hyperband", "hyperband (with the default budgets: 3 configurations at 8 steps, the best promoted to 24, "
+                     "then 2 proposed straight at 24) or sh (successive halving)")
     max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)")
     max_compute: float = arg(4.0, "stop issuing trials before their steps pass this many max_steps trials")
     initial_configs: int = arg(3, "random configurations before the surrogate model takes over")
-    objective: str = arg("loss", "loss (validation choice cross-entropy) or error (1 - accuracy)")
+    grid_lr_points: int = arg(3, "grid mode: learning rates tried, log-spaced over lr")
+    objective: Literal["loss", "error"] = arg("loss", "loss (validation choice cross-entropy) or error "
+                                                      "(1 - accuracy)")
+    failed_cost: float = arg(10.0, "cost SMAC is told for a crashed or timed-out trial (above any real cost)")
     micro_batch: int = arg(4, "trial training: examples per rank per step")
     zero: str = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")
     val_limit: int | None = arg(100, "score trials on the first N validation examples only")
     seed: int = arg(0, "seed of SMAC's sampling")
-    trial_seed: int = arg(0, "seed of every trial's training")
-    runner: str = arg("local", "local (worker processes), slurm (a job per trial) or slurm-array")
-    trial_workers: str = arg("auto", "warm (workers load once, run trial after trial), cold or auto (warm locally, "
-                                     "a job per trial on Slurm)")
+    trial_seed: int = arg(0, "seed of every trial's training (the same for all: a deterministic objective)")
+    runner: Literal["local", "slurm", "slurm-array"] = arg(
+        "local", "local (worker processes), slurm (a job per trial) or slurm-array (trials that start together "
+                 "as one job array)")
+    trial_workers: Literal["auto", "warm", "cold"] = arg(
+        "auto", "warm (workers load once, run trial after trial), cold (a process or job per trial) or auto "
+                "(warm locally, a job per trial on Slurm)")
     workers: int | None = arg(None, "concurrent trials; default: as many as the machine holds")
     trial_nproc: int = arg(1, "ranks per trial")
-    trial_launcher: str = arg("torchrun", "torchrun or deepspeed (trials of more than one rank)")
+    trial_launcher: Literal["torchrun", "deepspeed"] = arg("torchrun", "torchrun or deepspeed (trials of more "
+                                                                       "than one rank)")
     trial_threads: int = arg(1, "CPU threads per trial rank (local runner)")
     trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout")
-    sbatch_args: str = arg("", "slurm runners: extra sbatch flags")
+    trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
+                                                      "run_trial(trial_dir, resources) on warm workers")
+    sbatch_args: str = arg("", "slurm runners: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'")
+
+    def rank_choices(self) -> list[int]:
+        return int_list(self.ranks, "search.ranks")
+
+    def expert_choices(self) -> list[int]:
+        return int_list(self.experts, "search.experts") if self.experts.strip() else []
+
+    def top_k_choices(self) -> list[int]:
+        return int_list(self.top_ks, "search.top_ks") if self.top_ks.strip() else []
+
+    def candidate_files(self) -> dict[str, str]:
+        """{name: allocation file} of ``candidates`` (empty without)."""
+        found = {}
+        for item in (i.strip() for i in self.candidates.split(",") if i.strip()):
+            name, eq, path = item.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise ValueError(f"search.candidates must be NAME=FILE,..., got {item!r}")
+            if name.strip() in found:
+                raise ValueError(f"search.candidates names {name.strip()!r} twice")
+            found[name.strip()] = path.strip()
+        return found
+
+    def lr_range(self) -> tuple[float, float]:
+        try:
+            lo, _, hi = self.lr.partition(":")
+            lo_f = float(lo)
+            hi_f = float(hi) if hi else lo_f
+        except ValueError:
+            raise ValueError(f"search.lr must be LO:HI or one value, got {self.lr!r}") from None
+        if not 0 < lo_f <= hi_f:
+            raise ValueError(f"search.lr needs 0 < LO <= HI, got {self.lr!r}")
+        return lo_f, hi_f
+
+    def problems(self) -> list[str]:
+        found = []
+        for check in (self.rank_choices, self.expert_choices, self.top_k_choices, self.lr_range, self.candidate_files):
+            try:
+                check()
+            except ValueError as err:
+                found.append(str(err))
+        if self.max_steps < 1 or (self.mode in ("smac", "random") and not 1 <= self.min_steps <= self.max_steps):
+            found.append(f"need 1 <= search.min_steps <= search.max_steps, got {self.min_steps} and {self.max_steps}")
+        if self.eta < 2:
+            found.append("search.eta must be >= 2")
+        found += below_one(self, ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "micro_batch",
+                                  "initial_configs"), "search")
+        if self.model_min_points < 0:
+            found.append(f"search.model_min_points must be >= 0 (0 = automatic), got {self.model_min_points}")
+        if self.workers is not None and self.workers < 1:
+            found.append("search.workers must be >= 1")
+        if not 0 <= self.random_interleave <= 1:
+            found.append(f"search.random_interleave must be in [0, 1], got {self.random_interleave}")
+        if self.max_compute <= 0 or self.trial_timeout <= 0:
+            found.append("search.max_compute and search.trial_timeout must be > 0")
+        try:
+            found += [f"search.candidates {name}={path}: file not found"
+                      for name, path in self.candidate_files().items() if not Path(path).is_file()]
+        except ValueError:
+            pass
+        return found
+
+
+def int_list(text: str, key: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"{key} must be comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise ValueError(f"{key} needs integers >= 1, got {text!r}")
+    return values
 
 
 @dataclass
@@ -146,25 +295,65 @@ class TrainSection:
     steps: int = arg(400, "optimizer steps")
     micro_batch: int = arg(4, "examples per rank per micro-step")
     accumulation: int = arg(1, "micro-steps per optimizer step")
-    lr: float = arg(1e-3, "peak learning rate when the search is off (the search's choice otherwise)")
+    lr: float = arg(1e-3, "peak learning rate, linear warm-up and cosine decay to a tenth (the campaign uses the "
+                          "search's choice)")
     warmup_ratio: float = arg(0.1, "share of steps used for learning-rate warm-up")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")
-    split: str = arg("train", "training split: train, or fit (train minus the search's validation quarter)")
+    split: Literal["train", "fit"] = arg("train", "training split: train, or fit (train minus the search's "
+                                                  "validation quarter)")
     seed: int = arg(0, "seed for adapter init, data order and dropout")
     checkpoint_every: int = arg(20, "save a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     gradient_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory")
     capacity_factor: float = arg(0.0, "expert capacity as a multiple of an even share (0 = never drop)")
 
+    def problems(self) -> list[str]:
+        found = below_one(self, ("steps", "micro_batch", "accumulation", "keep_checkpoints"), "train")
+        if self.lr <= 0:
+            found.append(f"train.lr must be > 0, got {self.lr}")
+        if self.checkpoint_every < 0:
+            found.append("train.checkpoint_every must be >= 0")
+        if self.capacity_factor < 0:
+            found.append(f"train.capacity_factor must be >= 0 (0 = no drop), got {self.capacity_factor}")
+        return found
+
 
 @dataclass
 class EvaluateSection:
-    """evaluate: zero-shot and final accuracy (generative tasks: exact match) on the test split"""
+    """evaluate: accuracy (generative tasks: exact match) and loss of the base model or an adapter"""
+    split: Literal["test", "train", "all", "fit", "val"] = arg("test", "test, train, all, or the search's parts "
+                                                                       "of train: fit, val")
     batch_size: int = arg(32, "examples per forward pass")
-    limit: int | None = arg(None, "evaluate only the first N test examples")
+    limit: int | None = arg(None, "evaluate only the first N examples of the split")
     max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
     stop: str = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
+
+    def problems(self) -> list[str]:
+        return below_one(self, ("batch_size", "max_new_tokens"), "evaluate")
+
+
+@dataclass
+class GenerateSection:
+    """generate: what the base model or an adapter writes for prompts"""
+    prompt: str | None = arg(None, "one prompt to complete (printed)")
+    chat: bool = arg(False, "wrap the prompt as a user turn in the tokenizer's chat template")
+    input: str | None = arg(None, "a data file or folder whose prompts are completed (read like data.task, "
+                                  "with data.data_format and data.columns)")
+    limit: int | None = arg(None, "only the first N prompts of input")
+    max_new_tokens: int = arg(64, "tokens generated per prompt at most")
+    stop: str = arg("", "stop at any of these strings, separated by '||' (\\n = newline); EOS always stops")
+    batch_size: int = arg(8, "prompts per generate call")
+
+    def problems(self) -> list[str]:
+        found = below_one(self, ("max_new_tokens", "batch_size"), "generate")
+        if self.prompt is not None and self.input is not None:
+            found.append("give generate.prompt or generate.input, not both")
+        if self.chat and self.prompt is None:
+            found.append("generate.chat applies to generate.prompt")
+        if self.limit is not None and self.limit < 1:
+            found.append("generate.limit must be >= 1")
+        return found
 
 
 @dataclass
@@ -173,11 +362,16 @@ class ParallelSection:
     nproc: int = arg(1, "ranks per node for score and train (local processes, or GPUs per node): as many as pay "
                         "on the machine (one on a small CPU box, every GPU on a GPU node)")
     nodes: int = arg(1, "nodes (more than 1 needs launcher srun, inside an sbatch job)")
-    launcher: str = arg("local", "local (torchrun on this machine) or srun (inside an sbatch job; slurm/)")
+    launcher: Literal["local", "srun"] = arg("local", "local (torchrun on this machine) or srun (inside an sbatch "
+                                                      "job; slurm/)")
     zero: str = arg("0", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path; 3 "
                          "partitions a backbone too big for one device")
-    ep_size: int = arg(1, "expert parallelism: ranks that split every MoE module's experts")
+    ep_size: int = arg(1, "expert parallelism: ranks that split every MoE module's experts (divides the world "
+                          "size; 1 = every rank holds every expert)")
     gpus_per_node: int = arg(0, "GPUs per node to request from Slurm (0 on CPU clusters)")
+
+    def problems(self) -> list[str]:
+        return below_one(self, ("nproc", "nodes", "ep_size"), "parallel")
 
 
 @dataclass
@@ -191,15 +385,38 @@ class Recipe:
     search: SearchSection = field(default_factory=SearchSection)
     train: TrainSection = field(default_factory=TrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def flat(self) -> dict[str, Any]:
-        """``{"train.lr": 1e-3, ...}``: the form the resume guard compares."""
-        return {f"{s.name}.{f.name}": getattr(getattr(self, s.name), f.name)
-                for s in fields(self) for f in fields(getattr(self, s.name))}
+        """``{"train.lr": 1e-3, "allocate.flexora.steps": 50, ...}``: the form resume guards compare."""
+        return flatten(self)
+
+    def validate(self, *sections: str) -> None:
+        """Every problem of the named sections (default: all that can have one) in one error."""
+        names = sections or [f.name for f in fields(self)]
+        found = [p for n in names if hasattr(getattr(self, n), "problems") for p in getattr(self, n).problems()]
+        if found:
+            raise ValueError("bad settings:\n  - " + "\n  - ".join(found))
 
 
-# ----------------------------------------------------------------------------------------- parsing
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def settings_of(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The flat settings of some sections: what a stage's resume guard compares."""
+    return {k: v for k, v in recipe.flat().items() if k.split(".")[0] in sections}
+
+
+# ----------------------------------------------------------------------------------------- files
 def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(asset_dir("recipes").glob("*.yaml"))}
 
@@ -216,109 +433,106 @@ def recipe_path(name_or_path: str) -> Path:
                             f"({', '.join(shipped)})")
 
 
-def recipe_parser(prog: str = "floe-dist", description: str | None = None):
-    """jsonargparse parser of a Recipe: ``--config FILE`` and dotted ``--section.key value`` settings."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile,
-                        help="recipe file or shipped recipe name; later --section.key flags override it")
-    parser.add_class_arguments(Recipe, fail_untyped=True, sub_configs=False)
-    add_metadata_help(parser)
-    return parser
-
-
-def add_metadata_help(parser) -> None:
-    """jsonargparse takes help from docstrings; ours is each field's ``arg()`` metadata."""
-    helps = {f"{s.name}.{f.name}": f.metadata["help"] for s in fields(Recipe) for f in fields(s.default_factory)}
-    for action in parser._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
-    for f in fields(Recipe):  # group titles: the section docstrings ("train: the final training ...")
-        if f.name in getattr(parser, "groups", {}):
-            parser.groups[f.name].title = f.default_factory.__doc__
-
-
-def load_recipe(config: str | None = None, overrides: list[str] = ()) -> Recipe:
-    """The recipe in ``config`` (default: the shipped default recipe) with dotted ``overrides`` applied."""
-    from jsonargparse import ArgumentError
-
-    parser = recipe_parser()
-    argv = ["--config", str(recipe_path(config or DEFAULT_RECIPE)), *overrides]
-    try:
-        cfg = parser.parse_args(argv)
-    except ArgumentError as err:  # unknown keys, wrong types: the message names them
-        raise ValueError(f"bad recipe: {err}") from None
-    return recipe_from_namespace(parser, cfg)
-
-
-def recipe_from_namespace(parser, cfg) -> Recipe:
-    built = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
-    return Recipe(**{f.name: getattr(built, f.name) for f in fields(Recipe)})
-
-
 def dump_recipe(recipe: Recipe) -> str:
     import yaml
-    from dataclasses import asdict
 
     return yaml.safe_dump(asdict(recipe), sort_keys=False)
 
 
 def write_recipe(folder: Path, recipe: Recipe) -> Path:
     """The fully resolved recipe beside a stage's outputs (``recipe.yaml``)."""
-    from floe_dist.allocation import write_text_atomic
+    from floe_dist.files import write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(folder / "recipe.yaml", dump_recipe(recipe))
 
 
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A section (or the Recipe) from plain nested values, e.g. a saved ``recipe.yaml`` or ``trial.json``."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            sub = f.default_factory if callable(f.default_factory) and is_dataclass(f.default_factory) else None
+            kwargs[f.name] = from_dict(sub, data[f.name] or {}) if sub else data[f.name]
+    return cls(**kwargs)
+
+
 def read_recipe(path: Path) -> Recipe:
     import yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
-    return Recipe(**{f.name: f.default_factory(**data.get(f.name, {})) for f in fields(Recipe)})
+    return from_dict(Recipe, yaml.safe_load(Path(path).read_text()) or {})
 
 
-# ------------------------------------------------------------------------- recipe -> stage settings
-# Where each stage looks for its settings, first section first (score.seed before allocate.seed).
-SOURCES = {
-    "score": ("score", "adapter", "allocate", "model", "data", "parallel"),
-    "allocate": ("allocate", "adapter", "model", "data"),
-    "search": ("search", "model", "data"),
-    "train": ("train", "adapter", "model", "data", "parallel"),
-    "evaluate": ("evaluate", "model", "data"),
-}
+# ---------------------------------------------------------------------------------------- parsing
+def recipe_parser(prog: str = "floe-dist", description: str | None = None):
+    """jsonargparse parser of a Recipe: ``--config FILE``, dotted ``--section.key value`` settings and
+    ``--print_config``; each flag's help is its field's ``arg()`` help, each group's title its section's."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="a recipe file or shipped recipe name; later --section.key flags override it")
+    parser.add_class_arguments(Recipe, fail_untyped=True, sub_configs=False)
+    helps = {key: f.metadata["help"] for key, f in field_paths(Recipe).items()}
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+    for key, cls in section_paths(Recipe).items():  # group titles: the section docstrings
+        if key in getattr(parser, "groups", {}):
+            parser.groups[key].title = cls.__doc__
+    return parser
 
 
-def stage_settings(stage: str, recipe: Recipe, stage_fields: list[str]) -> dict[str, Any]:
-    """The values of a stage's arguments (``stage_fields``) that the recipe sets."""
-    if stage == "plan":
-        return plan_settings(recipe)
-    if stage == "slurm":
-        p = recipe.parallel
-        return {"nodes": p.nodes, "tasks_per_node": p.nproc, "gpus_per_node": p.gpus_per_node}
-    found = {"model": recipe.model.name, "allocation": recipe.allocate.file}
-    for section in reversed(SOURCES.get(stage, ())):
-        found.update(vars(getattr(recipe, section)))
-    return {name: found[name] for name in stage_fields if name in found}
+def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": Field, "allocate.flexora.steps": Field, ...}: every setting of the tree."""
+    out = {}
+    for f in fields(cls):
+        if callable(f.default_factory) and is_dataclass(f.default_factory):
+            out.update(field_paths(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out
 
 
-def plan_settings(recipe: Recipe) -> dict[str, Any]:
-    r = recipe
-    zero = int(r.parallel.zero) if r.parallel.zero in ("0", "1", "2", "3") else 3
-    return {"model": r.model.shape or r.model.name, "allocation": r.allocate.file,
-            "quant": "nf4" if r.model.quant == "nf4" else "bf16", "targets": r.adapter.targets,
-            "experts": r.adapter.experts, "rank": r.adapter.rank, "top_k": r.adapter.top_k,
-            "nodes": r.parallel.nodes, "gpus_per_node": r.parallel.nproc, "zero": zero,
-            "ep_size": r.parallel.ep_size, "micro_batch": r.train.micro_batch, "seq_len": r.model.max_length,
-            "accumulation": r.train.accumulation, "gradient_checkpointing": r.train.gradient_checkpointing}
+def section_paths(cls: type, prefix: str = "") -> dict[str, type]:
+    """{"train": TrainSection, "allocate.flexora": FlexoraSection, ...}."""
+    out = {}
+    for f in fields(cls):
+        if callable(f.default_factory) and is_dataclass(f.default_factory):
+            out[f"{prefix}{f.name}"] = f.default_factory
+            out.update(section_paths(f.default_factory, f"{prefix}{f.name}."))
+    return out
 
 
-def section_of(stage: str, name: str) -> str | None:
-    """The recipe section a stage's argument comes from (its ``--help`` group), if any."""
-    if name in ("model", "allocation") and stage in SOURCES:
-        return "model" if name == "model" else "allocate"
-    for section in SOURCES.get(stage, ()):
-        if name in {f.name for f in fields(getattr(Recipe, "__dataclass_fields__")[section].default_factory)}:
-            return section
-    return None
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """``--config tiny`` names a shipped recipe; the path is what jsonargparse reads."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = str(recipe_path(out[i + 1]))
+        elif a.startswith("--config="):
+            out[i] = "--config=" + str(recipe_path(a.split("=", 1)[1]))
+    return out
+
+
+def recipe_from_namespace(parser, cfg) -> Recipe:
+    built = parser.instantiate_classes(cfg)
+    return Recipe(**{f.name: getattr(built, f.name) for f in fields(Recipe)})
+
+
+def parse_recipe(argv: list[str], parser=None):
+    """(Recipe, namespace) from ``--config`` and dotted settings; a bad key or value is a ValueError naming it."""
+    from jsonargparse import ArgumentError
+
+    parser = parser or recipe_parser()
+    try:
+        cfg = parser.parse_args(resolve_config_names(argv))
+    except ArgumentError as err:
+        raise ValueError(f"bad settings: {err}") from None
+    return recipe_from_namespace(parser, cfg), cfg
+
+
+def load_recipe(config: str | None = None, overrides: list[str] = ()) -> Recipe:
+    """The recipe in ``config`` (default: the shipped default recipe) with dotted ``overrides`` applied: what the
+    command line does, for scripts and tests."""
+    return parse_recipe(["--config", str(recipe_path(config or DEFAULT_RECIPE)), *overrides])[0]

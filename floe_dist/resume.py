@@ -1,5 +1,4 @@
-"""One resume guard for every stage: work saved under other settings is never silently continued, and
-an output folder is written by one live run at a time.
+"""One resume guard for every stage: work saved under other settings is never silently continued.
 
 A stage writes the settings it ran with beside its outputs; a rerun into the same folder compares
 them and, if a setting that shapes the result changed, refuses with the keys that changed (old ->
@@ -9,16 +8,10 @@ run (workers, timeouts, how many more steps) are listed by each stage as ``may_c
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
-from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from filelock import FileLock, Timeout
-
-from floe_dist.allocation import write_json_atomic
+from floe_dist.files import write_json_atomic
 
 
 def changed_settings(before: dict[str, Any], now: dict[str, Any], may_change: Iterable[str] = ()) -> dict:
@@ -45,56 +38,3 @@ def guard(saved: Path, settings: dict[str, Any], *, what: str, may_change: Itera
                              f"use another --output, or the same settings to resume it")
     if write:
         write_json_atomic(saved, settings)
-
-
-LOCK_NAME = ".floe-dist.lock"
-
-
-@contextmanager
-def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
-    """Hold ``folder`` for one run: a second run on it (a command started twice, a resume while the killed
-    run's processes still live) would interleave checkpoints, metrics and trials. filelock's ``flock``, which the
-    kernel drops when its holder dies, kill -9 included, so nothing stale is ever left; ``wait`` seconds for a run
-    that is just ending. The holder writes who it is in the lock file, so a refusal names it. A folder the run
-    created and left holding only the lock goes too (refused arguments leave nothing behind). Advisory (only
-    floe-dist takes it); across hosts, as reliable as the shared filesystem's flock."""
-    folder = Path(folder)
-    created = not folder.exists()
-    path = folder / LOCK_NAME
-
-    def record_holder(fd: int) -> None:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
-
-    while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(path, timeout=wait, on_acquired=record_holder)
-        try:
-            lock.acquire()
-            break
-        except FileNotFoundError:  # the holder created the folder, left it empty and took it as it ended
-            continue
-        except Timeout:
-            holder = (path.read_text().strip() if path.exists() else "") or "another process"
-            raise ValueError(f"{folder} is in use by another floe-dist run ({holder}); wait for it to end or stop "
-                             f"it, or use another --output") from None
-    try:
-        yield
-    finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            path.unlink()  # while held: filelock's waiters see the unlinked file and take a new one
-        lock.release()
-        if created:
-            with suppress(OSError):  # only when empty: not once outputs (or a waiting run's lock file) are there
-                folder.rmdir()
-
-
-def exclusive_output(output: str | None):
-    """``exclusive`` over a stage's ``--output`` folder, taken by the launch's rank 0 only (torchrun, deepspeed,
-    mpirun or srun: ``discover``); a file output, or none: nothing to hold."""
-    from floe_dist.distributed.runtime import discover
-
-    if not output or Path(output).suffix or not discover().is_main:
-        return nullcontext()
-    return exclusive(Path(output))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from floe_dist.allocation import write_json_atomic
+from floe_dist.allocation import Allocation
+from floe_dist.files import write_json_atomic
 from floe_dist.data import train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
@@ -26,71 +26,90 @@ from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
+from floe_dist.recipe import Recipe, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
 
-RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "keep_checkpoints", "output"}  # how long, not what
-LAYOUT_KEYS = {"micro_batch", "accumulation", "ep_size", "zero"}  # with a portable checkpoint (global batch kept)
+SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's result depends on, with its allocation
+# How long, not what; and what only says how it runs (a checkpoint's world size is checked against it directly).
+RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "model.adapter", "model.shape",
+                     "parallel.nproc", "parallel.nodes", "parallel.launcher", "parallel.gpus_per_node"}
+LAYOUT_KEYS = {"train.micro_batch", "train.accumulation", "parallel.ep_size", "parallel.zero"}  # portable checkpoints
+
+
+def run_settings(recipe: Recipe) -> dict:
+    """``train_args.json``: the settings a run's checkpoints were made with, and the allocation file it trains."""
+    return {**settings_of(recipe, SECTIONS), "allocate.file": recipe.allocate.file}
+
+
+def build_allocation(recipe: Recipe, num_layers: int) -> Allocation:
+    """``allocate.file`` as it is, else the adapter section on every layer."""
+    if recipe.allocate.file:
+        return Allocation.load(recipe.allocate.file)
+    a = recipe.adapter
+    return Allocation.uniform(num_layers, a.target_list, experts=a.experts, rank=a.rank, router=a.router,
+                              top_k=a.top_k, alpha=a.alpha, dropout=a.dropout, top_p=a.top_p, min_k=a.min_k)
 
 
 class Trainer:
-    def __init__(self, args, resources: Resources | None = None):
-        self.args, self.t0 = args, time.time()
+    def __init__(self, recipe: Recipe, output: str, resources: Resources | None = None):
+        """Train ``recipe``'s adapter (``allocate.file``, else the adapter section on every layer) into ``output``,
+        with its train, model, data and parallel settings."""
+        self.recipe, self.t0 = recipe, time.time()
+        self.sections = recipe.train, recipe.model, recipe.data, recipe.parallel
         self.resources = resources or Resources()  # a warm search worker passes the ones it keeps
-        self.out = Path(args.output)
+        self.out = Path(output)
         self.ckpt_dir = self.out / "checkpoints"
         self.setup()
 
     def setup(self) -> None:
         """Data, backbone, adapters and the DeepSpeed engine; every bad input fails before a file is written."""
-        from floe_dist.stages.train import build_allocation
-
-        args = self.args
+        t, m, d, p = self.sections
         info = init_distributed()
-        config = ds.build_config(args.zero, micro_batch=args.micro_batch, accumulation=args.accumulation,
-                                 world_size=info.world_size, lr=args.lr, weight_decay=args.weight_decay)
-        self.layout = layout = Layout.current(args.ep_size, config)
-        model_dir = resolve_model(args.model)
+        config = ds.build_config(p.zero, micro_batch=t.micro_batch, accumulation=t.accumulation,
+                                 world_size=info.world_size, lr=t.lr, weight_decay=t.weight_decay)
+        self.layout = layout = Layout.current(p.ep_size, config)
+        model_dir = resolve_model(m.name)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        data = (args.task, args.split, args.data_format, args.columns)
-        self.examples = res.examples(*data, self.tokenizer)[: args.max_train_examples]
+        data = (d.task, t.split, d.data_format, d.columns)
+        self.examples = res.examples(*data, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
-            raise ValueError(f"task {args.task!r} has no training examples")
+            raise ValueError(f"task {d.task!r} has no training examples")
         with main_rank_first():  # the others then read the tokenised rows rank 0 cached
-            self.rows, self.truncated = res.tokenized((*data, args.max_train_examples), self.examples,
-                                                      self.tokenizer, args.max_length, args.pack)
+            self.rows, self.truncated = res.tokenized((*data, d.max_train_examples), self.examples,
+                                                      self.tokenizer, m.max_length, d.pack)
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
-                  f"{args.max_length} tokens and are cut (prompts from the left, plain text from the right)")
-        if args.pack and layout.is_main:
-            print(f"packed {len(self.examples)} training examples into {len(self.rows)} rows of <= {args.max_length} "
+                  f"{m.max_length} tokens and are cut (prompts from the left, plain text from the right)")
+        if d.pack and layout.is_main:
+            print(f"packed {len(self.examples)} training examples into {len(self.rows)} rows of <= {m.max_length} "
                   f"tokens")
-        self.lm = lm = res.backbone(model_dir, args.quant, layout, config)  # ZeRO-3: partitioned as it loads
-        self.allocation = build_allocation(args, lm.config.num_hidden_layers)
-        torch.manual_seed(args.seed)  # identical adapter init on every rank (and on every EP layout)
+        self.lm = lm = res.backbone(model_dir, m.quant, layout, config)  # ZeRO-3: partitioned as it loads
+        self.allocation = build_allocation(self.recipe, lm.config.num_hidden_layers)
+        torch.manual_seed(t.seed)  # identical adapter init on every rank (and on every EP layout)
         inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written
         layout.check(self.allocation)
-        self.global_batch = args.micro_batch * args.accumulation * layout.world_size
+        self.global_batch = t.micro_batch * t.accumulation * layout.world_size
         self.moved = self.layout_change()  # a checkpoint of another layout: its full adapters go in now
         if self.moved:
             portable.load_weights(lm, self.moved)
         for adapter in adapter_modules(lm).values():
-            adapter.capacity_factor = args.capacity_factor
+            adapter.capacity_factor = t.capacity_factor
             if layout.world_size > 1:
                 adapter.routing_stats_reducer = all_reduce_sum  # balance loss over the global batch
-        self.experts = ExpertParallel(lm, create_groups(args.ep_size)) if args.ep_size > 1 else None
-        if args.gradient_checkpointing:
+        self.experts = ExpertParallel(lm, create_groups(p.ep_size)) if p.ep_size > 1 else None
+        if t.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = AnswerLM(lm, args.balance_coef)
+        self.model = AnswerLM(lm, t.balance_coef)
         portable_resume = self.latest is not None and (self.ckpt_dir / self.latest / portable.FILE).is_file()
-        guard(self.out / "train_args.json", asdict(args), what="checkpoints of a run", write=False,
+        guard(self.out / "train_args.json", run_settings(self.recipe), what="checkpoints of a run", write=False,
               may_change=RESUME_MAY_CHANGE | (LAYOUT_KEYS if portable_resume else set()),
               active=self.latest is not None)
         if layout.is_main:
             self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
-            write_json_atomic(self.out / "train_args.json", asdict(args))
-        self.engine, _ = ds.initialize(self.model, config, args.steps, max(1, round(args.warmup_ratio * args.steps)))
+            write_json_atomic(self.out / "train_args.json", run_settings(self.recipe))
+        self.engine, _ = ds.initialize(self.model, config, t.steps, max(1, round(t.warmup_ratio * t.steps)))
         if self.experts:
             self.experts.attach(self.engine, config)
 
@@ -104,7 +123,7 @@ class Trainer:
         if state is None:
             return None
         layout = self.layout
-        portable.check_global_batch(state, self.global_batch, layout.world_size, self.args.accumulation)
+        portable.check_global_batch(state, self.global_batch, layout.world_size, self.recipe.train.accumulation)
         saved = state["layout"]
         same = (saved["world_size"], saved["ep_size"], saved["zero_stage"]) == (
             layout.world_size, layout.ep_size, layout.zero_stage)
@@ -131,14 +150,14 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step (``accumulation`` micro-steps); the losses are means over ranks."""
-        args, layout, engine = self.args, self.layout, self.engine
+        (t, *_), layout, engine = self.sections, self.layout, self.engine
         totals = torch.zeros(4, device=layout.torch_device)  # loss, ce, balance (rank means), dropped picks (sum)
         lr = engine.get_lr()[0]  # the rate this step uses
         grad_norm = None
-        for micro in range(args.accumulation):
-            torch.manual_seed(hash((args.seed, step, micro, layout.rank)) % 2**62)  # dropout, resumable
+        for micro in range(t.accumulation):
+            torch.manual_seed(hash((t.seed, step, micro, layout.rank)) % 2**62)  # dropout, resumable
             batch = train_batch(self.rows, step=step, micro=micro, rank=layout.rank, world=layout.world_size,
-                                micro_batch=args.micro_batch, accumulation=args.accumulation, seed=args.seed,
+                                micro_batch=t.micro_batch, accumulation=t.accumulation, seed=t.seed,
                                 pad_id=self.tokenizer.pad_token_id)
             result = engine(**{k: v.to(layout.torch_device) for k, v in batch.items()})
             stats = all_reduce_sum(torch.stack([result["loss"], result["ce"], result["balance"],
@@ -151,12 +170,12 @@ class Trainer:
             engine.backward(result["loss"])
             if self.experts:
                 self.experts.before_engine_step(engine)
-            if micro == args.accumulation - 1:
+            if micro == t.accumulation - 1:
                 grad_norm = ds.grad_norm_before_step(engine)
             engine.step()
             if self.experts:
                 self.experts.after_engine_step(engine, lr)
-            totals[:3] += stats[:3] / layout.world_size / args.accumulation
+            totals[:3] += stats[:3] / layout.world_size / t.accumulation
             totals[3] += stats[3]
         loss, ce, balance, dropped = totals.tolist()
         return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
@@ -175,50 +194,50 @@ class Trainer:
         portable.save(self.ckpt_dir / f"step_{step}", step, self.engine, self.experts, self.layout,
                       self.global_batch, weights)
         self.saved = (step, weights)  # the export at this step reuses the gathered tensors
-        save_checkpoint(self.engine, self.ckpt_dir, step, self.args.keep_checkpoints, self.layout.is_main,
+        save_checkpoint(self.engine, self.ckpt_dir, step, self.recipe.train.keep_checkpoints, self.layout.is_main,
                         self.experts)
 
     def fit(self) -> dict:
-        args = self.args
+        t, m, d, p = self.sections
         start_step = self.resume()
         log = MetricsLog(self.out, start_step) if self.layout.is_main else None
-        pbar = tqdm(range(start_step, args.steps), desc="train", disable=not self.layout.is_main,
-                    initial=start_step, total=args.steps)
+        pbar = tqdm(range(start_step, t.steps), desc="train", disable=not self.layout.is_main,
+                    initial=start_step, total=t.steps)
         self.step_seconds = 0.0  # time in optimizer steps only (a search trial's overhead is the rest)
         for step in pbar:
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start
             if log:
-                if args.capacity_factor <= 0:
+                if t.capacity_factor <= 0:
                     metrics.pop("dropped_picks")
                 log.write(step + 1, **metrics, step_seconds=time.perf_counter() - step_start,
                           expert_load={k: v.tolist() for k, v in self.model.expert_load().items()})
                 pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or step + 1 == args.steps:
+            if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.steps:
                 self.save(step + 1)
         return self.export(start_step, log)
 
     def export(self, start_step: int, log: "MetricsLog | None") -> dict:
         """The adapter in its replicated layout (loads with any --ep-size) and ``train.json``."""
-        args, layout = self.args, self.layout
+        (t, m, d, p), layout = self.sections, self.layout
         saved_step, state = getattr(self, "saved", (None, None))
-        if saved_step != args.steps:  # the same decision on every rank: the gather is collective
+        if saved_step != t.steps:  # the same decision on every rank: the gather is collective
             state = self.full_adapter()
         trainable = self.allocation.trainable_parameters
-        summary = {"steps": args.steps, "world_size": layout.world_size, "ep_size": args.ep_size,
+        summary = {"steps": t.steps, "world_size": layout.world_size, "ep_size": p.ep_size,
                    "truncated_examples": self.truncated,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
                    "step_seconds": self.step_seconds,
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
-                   + (self.experts.state_bytes() if self.experts else 0), "args": asdict(args)}
+                   + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
         if layout.is_main:
             save_adapter(self.out / "adapter", state, self.allocation,
-                         {"base_model": args.model, "quant": args.quant, "task": args.task, "step": args.steps})
+                         {"base_model": m.name, "quant": m.quant, "task": d.task, "step": t.steps})
             summary["final_loss"] = log.last.get("loss") if log.last else None
             write_json_atomic(self.out / "train.json", summary)
             log.close()
-            print(f"trained {trainable:,} adapter parameters for {args.steps} steps "
+            print(f"trained {trainable:,} adapter parameters for {t.steps} steps "
                   f"on {layout.world_size} rank(s) in {summary['seconds']:.0f}s -> {self.out / 'adapter'}")
         return summary
 

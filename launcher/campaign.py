@@ -21,13 +21,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from floe_dist.allocation import write_json_atomic
 from floe_dist.distributed.runtime import die_with_parent, free_port
-from floe_dist.recipe import Recipe, read_recipe, stage_settings, write_recipe
+from floe_dist.files import write_json_atomic
+from floe_dist.recipe import Recipe, read_recipe, write_recipe
 from floe_dist.resume import changed_settings, describe
 
 # Settings each finished stage's result depends on (prefixes of the recipe's dotted keys) ...
@@ -44,10 +44,8 @@ RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "alloc
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 
 
-@dataclass
-class CampaignArgs:
-    recipe: Recipe
-    output: str = "runs/campaign"
+SECTIONS = ()  # every section: --help shows them all
+OUTPUT = "runs/campaign"
 
 
 def check_finished_stages(out: Path, recipe: Recipe) -> None:
@@ -66,8 +64,8 @@ def check_finished_stages(out: Path, recipe: Recipe) -> None:
 class Campaign:
     """The stages in order; ``step`` runs one unless its result file exists."""
 
-    def __init__(self, args: CampaignArgs):
-        self.recipe, self.out = args.recipe, Path(args.output)
+    def __init__(self, recipe: Recipe, output: str):
+        self.recipe, self.out = recipe, Path(output)
         self.timings: dict[str, float] = {}
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
@@ -84,55 +82,35 @@ class Campaign:
         write_json_atomic(result_file, result)
         return result
 
-    def stage_args(self, stage: str, cls: type, **given: Any):
-        """A stage's arguments: the recipe's settings, then what the campaign decides (``given``)."""
-        settings = stage_settings(stage, self.recipe, [f.name for f in fields(cls)])
-        return cls(**{**settings, **given})
-
-    def launch(self, stage: str, stage_args, result: Path) -> dict:
-        """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job)."""
+    def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
+        """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job) on ``recipe``, written
+        as ``<folder>/recipe.yaml``: the stage reads exactly the objects the campaign made."""
         from launcher.cluster import srun_stage_command
 
         p = self.recipe.parallel
-        write_recipe(Path(stage_args.output), self.recipe)
+        argv = [stage, "--config", str(write_recipe(folder, recipe)), "--output", str(folder)]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p.nproc))}
         if p.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
             env["MASTER_PORT"] = str(free_port())
-            command = srun_stage_command(stage_argv(stage, stage_args), p.nodes, p.nproc)
+            command = srun_stage_command(argv, p.nodes, p.nproc)
         else:
-            command = stage_command(stage, stage_args, p.nproc)
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p.nproc}",
+                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli", *argv]
         code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # a killed campaign leaves no stage
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
                                     f"rerun the campaign to resume it")
-        return json.loads(result.read_text())
-
-
-def stage_command(stage: str, stage_args, nproc: int) -> list[str]:
-    """A torchrun command line (argument list, never a shell string) for a stage's dataclass args."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli",
-            *stage_argv(stage, stage_args)]
-
-
-def stage_argv(stage: str, stage_args) -> list[str]:
-    """``STAGE --flag value ...`` for the fields of a stage's dataclass that differ from their defaults."""
-    argv = [stage]
-    for f in fields(stage_args):
-        value = getattr(stage_args, f.name)
-        if value is None or value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
-    return argv
+        return json.loads((folder / result).read_text())
 
 
 def validate(recipe: Recipe) -> None:
-    p, problems = recipe.parallel, []
-    if p.launcher not in ("local", "srun"):
-        problems.append(f"parallel.launcher must be local or srun, got {p.launcher!r}")
-    if p.nodes < 1 or p.nproc < 1:
-        problems.append("parallel.nodes and parallel.nproc must be >= 1")
+    """Every section's problems and the campaign's own, at once, before any stage runs."""
+    try:
+        recipe.validate()
+        problems = []
+    except ValueError as err:
+        problems = [line.strip()[2:] for line in str(err).splitlines()[1:]]
+    p = recipe.parallel
     if p.nodes > 1 and p.launcher != "srun":
         problems.append("parallel.nodes > 1 needs parallel.launcher srun (run the campaign from an sbatch "
                         "script: floe-dist slurm render --config RECIPE)")
@@ -142,14 +120,7 @@ def validate(recipe: Recipe) -> None:
 
     if recipe.allocate.file is None and recipe.allocate.method not in REGISTRY:
         problems.append(f"allocate.method {recipe.allocate.method!r} is not one of {sorted(REGISTRY)}")
-    if recipe.search.enabled:  # the search stage's own checks, now rather than after zero-shot and scoring
-        from floe_dist.stages.search import SearchArgs
-
-        settings = stage_settings("search", recipe, [f.name for f in fields(SearchArgs)])
-        try:  # the allocation and candidates are the campaign's to make: checked when the stage runs
-            SearchArgs(**{**settings, "allocation": None, "candidates": ""}).validate()
-        except ValueError as err:
-            problems += [f"search: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+    if recipe.search.enabled:  # now rather than after zero-shot and scoring
         try:
             searched_allocations(recipe)
         except ValueError as err:
@@ -160,22 +131,19 @@ def validate(recipe: Recipe) -> None:
 
 def allocate_stage(c: Campaign) -> str:
     """The allocation to search and train: a given file, FLoE's score stage, or another method."""
-    from floe_dist.stages.allocate import AllocateArgs
     from floe_dist.stages.allocate import run as allocate
-    from floe_dist.stages.score import ScoreArgs
 
     a = c.recipe.allocate
     if a.file:
         return a.file
     folder = c.out / "allocate"
     if a.method == "floe":
-        score_args = c.stage_args("score", ScoreArgs, output=str(folder))
-        scored = c.step("allocate", lambda: c.launch("score", score_args, folder / "fisher.json"))
+        scored = c.step("allocate", lambda: c.launch("score", c.recipe, folder, "fisher.json"))
         print(f"[campaign] selected layers {scored['selected_layers']}")
     else:
-        args = c.stage_args("allocate", AllocateArgs, output=str(folder / "allocation.json"))
         write_recipe(folder, c.recipe)
-        c.step("allocate", lambda: {"method": a.method, "layers": sorted(allocate(args).layers)})
+        c.step("allocate", lambda: {"method": a.method,
+                                    "layers": sorted(allocate(c.recipe, str(folder / "allocation.json")).layers)})
     return str(folder / "allocation.json")
 
 
@@ -201,7 +169,6 @@ def searched_allocations(recipe: Recipe) -> list[tuple[str, str, str]]:
 def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
     """{name: allocation file} the search chooses among: the allocate stage's, then ``search.allocations``."""
     from floe_dist.allocation import Allocation
-    from floe_dist.stages.allocate import AllocateArgs
     from floe_dist.stages.allocate import run as allocate
 
     a = c.recipe.allocate
@@ -217,43 +184,42 @@ def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
             continue
         files[name] = str(folder / f"{name}.json")
         if not Path(files[name]).is_file():
-            allocate(c.stage_args("allocate", AllocateArgs, method=method, k=None if method == "uniform" else layers,
-                                  scores=str(c.out / "allocate" / "fisher.json"), output=files[name]))
+            chosen = replace(a, method=method, k=None if method == "uniform" else layers,
+                             scores=str(c.out / "allocate" / "fisher.json"))
+            allocate(replace(c.recipe, allocate=chosen), files[name])
     return files
 
 
-def run(args: CampaignArgs) -> dict:
+def run(recipe: Recipe, output: str = OUTPUT) -> dict:
+    from floe_dist.evaluation import evaluate
     from floe_dist.modeling.backbone import resolve_model
-    from floe_dist.stages.evaluate import EvalArgs
-    from floe_dist.stages.evaluate import run as evaluate
-    from floe_dist.stages.search import SearchArgs
     from floe_dist.stages.search import run as search
-    from floe_dist.stages.train import TrainArgs
 
-    recipe = args.recipe
     validate(recipe)
-    c = Campaign(args)
+    c = Campaign(recipe, output)
     check_finished_stages(c.out, recipe)
     write_recipe(c.out, recipe)
     c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
-    zero_shot = c.step("zero_shot", lambda: evaluate(c.stage_args("evaluate", EvalArgs)))
+    zero_shot = c.step("zero_shot", lambda: evaluate(recipe))
     allocation, lr = allocate_stage(c), recipe.train.lr
     if recipe.search.enabled:
-        chosen = {"allocation": allocation}
+        chosen = replace(recipe.allocate, file=allocation)
+        candidates = ""
         if recipe.search.allocations:
-            candidates = search_candidates(c, allocation)
-            chosen = {"allocation": None, "candidates": ",".join(f"{n}={f}" for n, f in candidates.items())}
-        search_args = c.stage_args("search", SearchArgs, **chosen, output=str(c.out / "search"))
-        write_recipe(c.out / "search", recipe)
-        found = c.step("search", lambda: search(search_args))
+            files = search_candidates(c, allocation)
+            chosen, candidates = replace(chosen, file=None), ",".join(f"{n}={f}" for n, f in files.items())
+        searched = replace(recipe, allocate=chosen, search=replace(recipe.search, candidates=candidates))
+        write_recipe(c.out / "search", searched)
+        found = c.step("search", lambda: search(searched, str(c.out / "search")))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
         print(f"[campaign] search chose allocation {found.get('allocation')}, rank {found['rank']}, learning rate "
               f"{lr:.2e} (proposed by: {found.get('incumbent_origin') or 'unknown'}; top-budget origins "
               f"{found.get('top_budget_origins')})")
-    train_args = c.stage_args("train", TrainArgs, allocation=allocation, lr=lr, output=str(c.out / "train"))
-    trained = c.step("train", lambda: c.launch("train", train_args, c.out / "train" / "train.json"))
-    final = c.step("final_eval", lambda: evaluate(c.stage_args("evaluate", EvalArgs,
-                                                               adapter=str(c.out / "train" / "adapter"))))
+    trained_recipe = replace(recipe, allocate=replace(recipe.allocate, file=allocation),
+                             train=replace(recipe.train, lr=lr))
+    trained = c.step("train", lambda: c.launch("train", trained_recipe, c.out / "train", "train.json"))
+    adapter = replace(recipe.model, adapter=str(c.out / "train" / "adapter"))
+    final = c.step("final_eval", lambda: evaluate(replace(recipe, model=adapter)))
     return summarise(c, allocation, lr, zero_shot, trained, final)
 
 
@@ -271,7 +237,7 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
     print(f"  model / task          {r.model.name} / {r.data.task} ({final['examples']} test examples)")
     print(f"  allocation            {r.allocate.file or r.allocate.method}")
     if summary["candidates"] and len(summary["candidates"]) > 1:
-        from floe_dist.stages.search import candidate_costs, unresolved
+        from floe_dist.search.report import candidate_costs, unresolved
 
         costs = ", ".join(candidate_costs(summary["candidates"]))
         print(f"  searched allocations  {summary['searched_allocation']} won (best validation cost: {costs})")

@@ -1,83 +1,106 @@
-"""The ``floe-dist`` command: one sub-command per stage.
+"""The ``floe-dist`` command: one sub-command per stage, one parser for all of them.
 
     floe-dist campaign [--config RECIPE] [--section.key VALUE ...]   # all stages (launcher/campaign.py)
-    floe-dist score|allocate|search|train|evaluate|generate [--config RECIPE] [--flag VALUE ...]
+    floe-dist score|allocate|search|train|evaluate|generate [--config RECIPE] [--section.key VALUE ...]
+    floe-dist STAGE --config RECIPE --print_config                  # the settings that stage runs with
     floe-dist export --run DIR
-    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8    # memory per GPU before any run
+    floe-dist plan --config recipes/llama3-70b-2node.yaml            # memory per GPU before any run
     floe-dist slurm --action render --config RECIPE --output runs/c  # an sbatch script that runs a recipe
 
-A campaign is configured only by its recipe (floe_dist/recipe.py; jsonargparse reads the YAML and the
-dotted overrides). A single stage takes its own flags; with ``--config`` (and dotted overrides) its
-defaults come from the recipe, and flags given explicitly still win. Under ``deepspeed --num_gpus N
+Every stage and the campaign read the same settings tree (floe_dist/recipe.py) through jsonargparse:
+``--config`` (a file or a shipped recipe's name), dotted ``--section.key`` overrides, ``--print_config``.
+A stage also takes its settings' short spellings, e.g. ``train --steps 80 --micro-batch 2``: each is an
+alias of the first of the stage's sections (its ``SECTIONS``, in order) that has that name, derived
+here, never declared again; ``--model X`` is ``--model.name X``, ``--allocation F`` is
+``--allocate.file F`` and ``--adapter D`` is ``--model.adapter D``. Under ``deepspeed --num_gpus N
 --module launcher.cli train ...`` the launcher's --local_rank flag is dropped (LOCAL_RANK is set).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
 import sys
-import types
-import typing
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+
+# Sub-commands whose settings are the recipe: name -> (module, one-line help). Each module has SECTIONS,
+# OUTPUT (the default --output) and run(recipe, output).
+RECIPE_COMMANDS = {
+    "score": ("floe_dist.stages.score", "warm up adapters, score layers by Fisher information, select"),
+    "allocate": ("floe_dist.stages.allocate", "write an allocation file with a registered method"),
+    "search": ("floe_dist.stages.search", "choose rank and learning rate with SMAC from parallel trials"),
+    "train": ("floe_dist.stages.train", "train adapters under DeepSpeed (ZeRO-0/2/3)"),
+    "evaluate": ("floe_dist.stages.evaluate", "accuracy, loss or exact match of a base model or adapter"),
+    "generate": ("floe_dist.stages.generate", "what a base model or adapter writes for prompts"),
+    "campaign": ("launcher.campaign", "run a recipe's stages end to end"),
+}
+# Tools with options of their own: name -> (module, options class, help). With --config RECIPE, a tool's
+# module maps the recipe onto its defaults (``recipe_defaults``).
+TOOL_COMMANDS = {
+    "export": ("floe_dist.stages.export", "ExportArgs", "rebuild an adapter export from a checkpoint"),
+    "plan": ("floe_dist.stages.plan", "PlanArgs", "predict per-GPU memory and step time of a layout before running it"),
+    "slurm": ("launcher.slurm", "SlurmArgs", "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
+}
+SHORTCUTS = {"model": "model.name", "allocation": "allocate.file", "adapter": "model.adapter"}
 
 
-def _stages() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
-    # Imported here, not at module import, so `python -m launcher.cli` starts no work before parsing.
-    from floe_dist.stages import allocate, evaluate, export, generate, plan, score, search, train
-    from launcher import campaign, slurm
+def aliases(sections: tuple[str, ...]) -> dict[str, str]:
+    """{short name: dotted key} for a stage: each setting of its sections by its own name (first section
+    first), a nested one also as ``<sub>_<name>`` (``flexora_steps``), plus the SHORTCUTS."""
+    from floe_dist.recipe import Recipe, field_paths
 
-    return {
-        "score": (score.ScoreArgs, score.run, "warm up adapters, score layers by Fisher information, select"),
-        "allocate": (allocate.AllocateArgs, allocate.run, "write an allocation file with a registered method"),
-        "search": (search.SearchArgs, search.run, "choose rank and learning rate with SMAC from parallel trials"),
-        "train": (train.TrainArgs, train.run, "train adapters under DeepSpeed (ZeRO-0/2/3)"),
-        "evaluate": (evaluate.EvalArgs, evaluate.run, "accuracy, loss or exact match of a base model or adapter"),
-        "generate": (generate.GenerateArgs, generate.run, "what a base model or adapter writes for prompts"),
-        "export": (export.ExportArgs, export.run, "rebuild an adapter export from a checkpoint"),
-        "campaign": (campaign.CampaignArgs, campaign.run, "run a recipe's stages end to end"),
-        "slurm": (slurm.SlurmArgs, slurm.run, "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
-        "plan": (plan.PlanArgs, plan.run, "predict per-GPU memory and step time of a layout before running it"),
-    }
-
-
-def _base_type(annotation: Any) -> type:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing})  # dataclasses keep string annotations
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
+    paths = field_paths(Recipe)
+    counts: dict[str, int] = {}
+    for key in paths:
+        counts[key.rsplit(".", 1)[1]] = counts.get(key.rsplit(".", 1)[1], 0) + 1
+    found = dict(SHORTCUTS)
+    for section in sections:
+        for key in paths:
+            parts = key.split(".")
+            if parts[0] != section:
+                continue
+            if len(parts) == 2:
+                found.setdefault(parts[1], key)
+            else:
+                found.setdefault("_".join(parts[1:]), key)
+                if counts[parts[-1]] == 1:
+                    found.setdefault(parts[-1], key)
+    return found
 
 
-def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, cls: type) -> None:
-    """One flag per dataclass field, grouped by the recipe section each comes from."""
-    from floe_dist.recipe import section_of
+def expand_aliases(argv: list[str], sections: tuple[str, ...], own: set[str] = frozenset()) -> list[str]:
+    """``--micro-batch 2`` -> ``--train.micro_batch 2``, ``--pack``/``--no-pack`` -> ``--data.pack true|false``;
+    dotted keys, ``own`` options and unknown names pass through (jsonargparse names what it does not know)."""
+    from floe_dist.recipe import Recipe, field_paths
 
-    groups: dict[str, Any] = {}
-    recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--config", default=None, help="a recipe (file or shipped name) whose settings become "
-                                                       "this stage's defaults; dotted --section.key flags override it")
-    for f in dataclasses.fields(cls):
-        section = section_of(stage, f.name)
-        title = f"{section} (recipe: {section}.*)" if section else f"{stage}"
-        group = groups.setdefault(title, parser.add_argument_group(title))
-        flag, kind, help_text = "--" + f.name.replace("_", "-"), _base_type(f.type), f.metadata.get("help", "")
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+    table, paths, out = aliases(sections), field_paths(Recipe), []
+    for i, a in enumerate(argv):
+        if not a.startswith("--") or a == "--":
+            out.append(a)
+            continue
+        flag, eq, value = a[2:].partition("=")
+        name = flag.replace("-", "_")
+        negated = name.startswith("no_") and table.get(name[3:]) and paths[table[name[3:]]].type in ("bool", bool)
+        key = table.get(name[3:] if negated else name)
+        if "." in flag or name in own or key is None:
+            out.append(a)
+        elif paths[key].type in ("bool", bool) and not eq and (negated or i + 1 == len(argv)
+                                                               or argv[i + 1].startswith("--")):
+            out += [f"--{key}", "false" if negated else "true"]
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)")
+            out.append(f"--{key}" + (f"={value}" if eq else ""))
+    return out
 
 
-def build_parser(stages: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="floe-dist", description="Fisher-placed sparse LoRA-MoE fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    subs = {}
-    for name, (cls, _, help_text) in stages.items():
-        # the campaign's own parser (jsonargparse, the recipe's sections) handles its flags and --help
-        subs[name] = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "campaign")
-        if name != "campaign":
-            add_stage_arguments(subs[name], name, cls)
-    return parser, subs
+def command_parser(name: str, output: str | None):
+    """The recipe's parser with the command's ``--output``: every command shows the whole tree, by section (a
+    stage's file is a campaign's recipe; ``--print_config`` prints all of it)."""
+    from floe_dist.recipe import recipe_parser
+
+    parser = recipe_parser(prog=f"floe-dist {name}", description=RECIPE_COMMANDS[name][1])
+    parser.add_argument("--output", type=str | None, default=output,
+                        help="output folder (rerun the same command to resume)" if output else "also write here")
+    return parser
 
 
 def strip_launcher_flags(argv: list[str]) -> list[str]:
@@ -95,90 +118,82 @@ def strip_launcher_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def campaign_args(argv: list[str]):
-    """``--config`` (default: the shipped default recipe), ``--output`` and dotted recipe settings."""
-    from jsonargparse import ArgumentError
+def parse_command(name: str, argv: list[str]):
+    """(module, recipe, output) for a recipe command; (module, options) for a tool."""
+    from floe_dist.recipe import parse_recipe
 
-    from floe_dist.recipe import DEFAULT_RECIPE, recipe_from_namespace, recipe_parser, recipe_path
-    from launcher.campaign import CampaignArgs
+    if name in TOOL_COMMANDS:
+        module_name, cls_name, help_text = TOOL_COMMANDS[name]
+        module = importlib.import_module(module_name)
+        return module, *parse_options(name, module, getattr(module, cls_name), help_text, argv)
+    module = importlib.import_module(RECIPE_COMMANDS[name][0])
+    parser = command_parser(name, module.OUTPUT)
+    recipe, cfg = parse_recipe(expand_aliases(argv, module.SECTIONS, {"output", "config", "print_config", "help"}),
+                               parser)
+    return module, recipe, cfg.output
 
-    parser = recipe_parser(prog="floe-dist campaign", description=_stages()["campaign"][2])
-    parser.add_argument("--output", default="runs/campaign", help="campaign folder; rerun the same command "
-                                                                   "to resume")
-    argv = resolve_config_names(argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        argv = ["--config", str(recipe_path(DEFAULT_RECIPE)), *argv]
+
+def parse_options(name: str, module, cls: type, help_text: str, argv: list[str]):
+    """A tool's options class from its flags (``--tasks-per-node`` or ``--tasks_per_node``); with ``--config
+    RECIPE``, the recipe's values are the defaults. Returns (options, recipe or None)."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from floe_dist.recipe import load_recipe
+
+    parser = ArgumentParser(prog=f"floe-dist {name}", description=help_text, exit_on_error=False)
+    parser.add_argument("--config", type=str | None, default=None,
+                        help="a recipe (file or shipped name) whose settings become this command's defaults")
+    parser.add_class_arguments(cls, fail_untyped=True, sub_configs=False)
+    helps = {f.name: f.metadata.get("help") for f in fields(cls)}
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+    argv = [a if not a.startswith("--") else "--" + a[2:].split("=")[0].replace("-", "_")
+            + ("=" + a.split("=", 1)[1] if "=" in a else "") for a in argv]
     try:
         cfg = parser.parse_args(argv)
-    except ArgumentError as err:  # unknown keys, wrong types: the message names them
-        raise ValueError(f"bad recipe: {err}") from None
-    return CampaignArgs(recipe=recipe_from_namespace(parser, cfg), output=cfg.output)
-
-
-def resolve_config_names(argv: list[str]) -> list[str]:
-    """``--config tiny`` names a shipped recipe; the path is what jsonargparse reads."""
-    from floe_dist.recipe import recipe_path
-
-    out = list(argv)
-    for i, a in enumerate(out):
-        if a == "--config" and i + 1 < len(out):
-            out[i + 1] = str(recipe_path(out[i + 1]))
-        elif a.startswith("--config="):
-            out[i] = "--config=" + str(recipe_path(a.split("=", 1)[1]))
-    return out
-
-
-def stage_args(name: str, cls: type, sub: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, Any]:
-    """A stage's dataclass from its flags (with --config, the recipe's settings are the defaults), and the resolved
-    recipe to save in its output folder (None: nothing to save, or not this rank's to save)."""
-    from floe_dist.recipe import load_recipe, stage_settings
-
-    ns, extra = sub.parse_known_args(argv)
-    dotted = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
-    values = [a for a in extra if not a.startswith("--")]
-    if len(dotted) + len(values) != len(extra) or (dotted and not ns.config):
-        sub.error(f"unrecognized arguments: {' '.join(extra)}" + ("" if ns.config else
-                  " (dotted --section.key settings need --config RECIPE)"))
-    recipe = None
-    if ns.config:
-        recipe = load_recipe(ns.config, extra)
-        sub.set_defaults(**stage_settings(name, recipe, [f.name for f in dataclasses.fields(cls)]))
-        ns, _ = sub.parse_known_args(argv)
-    args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
-    output = getattr(args, "output", None)
-    from floe_dist.distributed.runtime import discover
-
-    if recipe is None or not output or Path(output).suffix or not discover().is_main:
-        return args, None
-    if hasattr(args, "recipe") and args.recipe is None:
-        args.recipe = str(Path(output) / "recipe.yaml")
-    return args, recipe
+        recipe = load_recipe(cfg.config) if cfg.config else None
+        if recipe is not None:
+            parser.set_defaults(**module.recipe_defaults(recipe))
+            cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ValueError(f"bad arguments: {err}") from None
+    return cls(**{f.name: cfg[f.name] for f in fields(cls)}), recipe
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
-    stages = _stages()
-    parser, subs = build_parser(stages)
-    if not argv or argv[0] not in stages:
-        parser.parse_args(argv)  # usage, --help, or the unknown-command error
+    commands = {**{n: h for n, (_, h) in RECIPE_COMMANDS.items()}, **{n: h for n, (_, _, h) in TOOL_COMMANDS.items()}}
+    if not argv or argv[0] not in commands:
+        top = argparse.ArgumentParser(prog="floe-dist", description="Fisher-placed sparse LoRA-MoE fine-tuning")
+        sub = top.add_subparsers(dest="command", required=True)
+        for command, help_text in commands.items():
+            sub.add_parser(command, help=help_text, add_help=False)
+        top.parse_args(argv)  # usage, --help, or the unknown-command error
     name, rest = argv[0], argv[1:]
-    cls, fn, _ = stages[name]
-    try:
-        args, recipe = (campaign_args(rest), None) if name == "campaign" else stage_args(name, cls, subs[name], rest)
-        from floe_dist.recipe import write_recipe
-        from floe_dist.resume import exclusive_output
+    from floe_dist.distributed.runtime import discover, shutdown
+    from floe_dist.files import exclusive_output
+    from floe_dist.recipe import write_recipe
 
-        # `slurm` only writes and submits a script: the job's stage holds its folder
-        with exclusive_output(None if name == "slurm" else getattr(args, "output", None)):
-            if recipe is not None:  # beside the stage's outputs, once the folder is this run's
-                write_recipe(Path(args.output), recipe)
-            fn(args)
+    try:
+        parsed = parse_command(name, rest)
+        if name in TOOL_COMMANDS:
+            module, options, recipe = parsed
+            held = None if name == "slurm" else options.output  # slurm only writes a script: the job holds it
+            with exclusive_output(held, discover().is_main):
+                if recipe is not None and hasattr(options, "recipe") and options.recipe is None:
+                    options.recipe = str(write_recipe(Path(options.output), recipe))  # what the job runs
+                module.run(options)
+        else:
+            module, recipe, output = parsed
+            with exclusive_output(output, discover().is_main):
+                if output and not Path(output).suffix and discover().is_main and name != "campaign":
+                    write_recipe(Path(output), recipe)  # beside the stage's outputs, once the folder is this run's
+                module.run(recipe, output)
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        from floe_dist.distributed.runtime import shutdown
-
         shutdown()
     return 0
 

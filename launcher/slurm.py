@@ -18,11 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import launcher.cli
 from floe_dist.assets import SbatchTemplate
 from floe_dist.config import arg, below_one
 from launcher.cluster import DEEPSPEED_LAUNCHERS, need_command, render_hostfile, slurm_hosts
 
+CLI_SCRIPT = Path(__file__).with_name("cli.py")  # the `floe-dist` entry point as a script
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 
 
@@ -71,6 +71,12 @@ class SlurmArgs:
             raise ValueError("bad slurm arguments:\n  - " + "\n  - ".join(problems))
 
 
+def recipe_defaults(recipe) -> dict:
+    """With --config: the job's shape is the recipe's parallel section."""
+    p = recipe.parallel
+    return {"nodes": p.nodes, "tasks_per_node": p.nproc, "gpus_per_node": p.gpus_per_node}
+
+
 def render(args: SlurmArgs) -> str:
     out = Path(args.output).resolve()
     recipe = ["--config", str(Path(args.recipe).resolve())] if args.recipe else []
@@ -93,7 +99,7 @@ def render(args: SlurmArgs) -> str:
                   f"--slots {args.tasks_per_node}\n"
                   f"exec {python} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr \"$MASTER_ADDR\" "
                   f"--master_port \"$MASTER_PORT\" --launcher {args.deepspeed_launcher}{no_ssh} "
-                  f"{shlex.quote(launcher.cli.__file__)} train {quoted}")  # a script path: the slurm
+                  f"{shlex.quote(str(CLI_SCRIPT))} train {quoted}")  # a script path: the slurm
         # backend of deepspeed 0.19.8 drops --module and would run `python launcher.cli`
     return SbatchTemplate.named(args.template).substitute(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,

@@ -1,7 +1,7 @@
 """Allocators: where adapters go and how big they are. Every method returns the same Allocation.
 
-Each allocator is a plain function ``fn(args: AllocateArgs, shape: ModelShape) -> Allocation``
-registered by name with ``@register("name")``; ``floe-dist allocate --method NAME`` calls it. Methods
+Each allocator is a plain function ``fn(recipe: Recipe, shape: ModelShape) -> Allocation`` (it reads the adapter and allocate sections)
+registered by name with ``@register("name")``; ``floe-dist allocate --allocate.method NAME`` calls it. Methods
 that need a training signal read it from files written by earlier stages (FLoE: ``fisher.json``).
 """
 from __future__ import annotations

@@ -113,7 +113,7 @@ def remove_weights(adapters_by_layer: dict[int, list[LoRAMoELinear]]) -> None:
 
 
 @register("flexora")
-def flexora(args, shape) -> Allocation:
+def flexora(recipe, shape) -> Allocation:
     from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.data import collate, encode
     from floe_dist.distributed.runtime import all_reduce_sum, device_for, discover, init_distributed
@@ -121,14 +121,15 @@ def flexora(args, shape) -> Allocation:
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.inject import inject_adapters
 
+    a, al, f = recipe.adapter, recipe.allocate, recipe.allocate.flexora
     info = init_distributed() if discover().world_size > 1 else discover()
     device = device_for(info)
-    tokenizer, lm, train, held = load_for_search(args, args.flexora_val, device)
-    torch.manual_seed(args.seed)
-    adapters = inject_adapters(lm, Allocation.uniform(shape.num_layers, args.target_list, rank=args.rank,
-                                                      alpha=args.alpha, dropout=args.dropout))
+    tokenizer, lm, train, held = load_for_search(recipe, f.val, device)
+    torch.manual_seed(al.seed)
+    adapters = inject_adapters(lm, Allocation.uniform(shape.num_layers, a.target_list, rank=a.rank,
+                                                      alpha=a.alpha, dropout=a.dropout))
     model = AnswerLM(lm)
-    batches = batch_stream(train, tokenizer, args.flexora_batch, args.seed, info.rank, info.world_size, device)
+    batches = batch_stream(train, tokenizer, f.batch, al.seed, info.rank, info.world_size, device)
     n_val = 8  # validation micro-batches of one example per alpha step, as in the official code
     step = itertools.count()
 
@@ -140,13 +141,13 @@ def flexora(args, shape) -> Allocation:
                                                       tokenizer.pad_token_id).items()} for e in picked]
 
     weights = flexora_search(model, adapters, batches, val_batches, lambda b: model(**b)["ce"],
-                             steps=args.flexora_steps, lr_model=args.flexora_lr, lr_alpha=0.01,
+                             steps=f.steps, lr_model=f.lr, lr_alpha=0.01,
                              all_reduce_mean=lambda t: all_reduce_sum(t) / info.world_size,
                              all_reduce_sum=all_reduce_sum, device=device)
-    kept = weights.selected(args.k)
+    kept = weights.selected(al.k)
     remove_weights(adapters)
     if not kept:
-        raise ValueError("Flexora selected no layer (every alpha <= 0): pass --k to keep the top-k instead")
-    allocation = uniform_on(kept, args, shape, "flexora")
+        raise ValueError("Flexora selected no layer (every alpha <= 0): set allocate.k (--k) to keep the top-k instead")
+    allocation = uniform_on(kept, recipe, shape, "flexora")
     allocation.meta["alpha"] = dict(zip(map(str, weights.layers), weights.alpha.tolist()))
     return allocation

@@ -228,35 +228,36 @@ OFFICIAL_BALANCE_COEF = 0.001  # GuiLoMo/MoLA router_aux_loss_coef, on a balance
 
 
 @register("guilomo")
-def guilomo(args, shape) -> Allocation:
+def guilomo(recipe, shape) -> Allocation:
     from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.distributed.runtime import discover
     from floe_dist.methods.guilomo import export_allocation, guilomo_search, inject_guided
     from floe_dist.modeling.answer_lm import AnswerLM
 
+    a, al, g = recipe.adapter, recipe.allocate, recipe.allocate.guilomo
     if discover().world_size > 1:
         raise ValueError("the guilomo allocator runs in one process: launch `floe-dist allocate` without "
                          "torchrun/deepspeed (flexora is the data-parallel search)")
-    tokenizer, lm, train, _ = load_for_search(args, 0)
-    torch.manual_seed(args.seed)
-    modules = inject_guided(lm, list(range(shape.num_layers)), args.target_list, n_max=args.guilomo_experts,
-                            r_max=args.guilomo_rank, top_k=2, alpha=args.alpha, dropout=args.dropout)
+    tokenizer, lm, train, _ = load_for_search(recipe, 0)
+    torch.manual_seed(al.seed)
+    modules = inject_guided(lm, list(range(shape.num_layers)), a.target_list, n_max=g.experts,
+                            r_max=g.rank, top_k=2, alpha=a.alpha, dropout=a.dropout)
     # official: 0.001 x sum over modules of sum_i f_i P_i (MoLA's loss, no xE); our modules' balance loss is
     # E x sum_i f_i P_i (Switch), and every searched module has E = guilomo_experts, so this is the same loss
-    model = AnswerLM(lm, balance_coef=OFFICIAL_BALANCE_COEF / args.guilomo_experts)
+    model = AnswerLM(lm, balance_coef=OFFICIAL_BALANCE_COEF / g.experts)
     model.train()
-    bar = tqdm(total=args.guilomo_steps, desc=f"guilomo search ({args.guilomo_order} order)", leave=False)
+    bar = tqdm(total=g.steps, desc=f"guilomo search ({g.order} order)", leave=False)
 
     def on_step(step: int, loss: float) -> None:
         if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(f"guilomo search: loss is {loss} at step {step}; lower --guilomo-lr")
+            raise FloatingPointError(f"guilomo search: loss is {loss} at step {step}; lower allocate.guilomo.lr")
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}")
 
     guilomo_search([m for mods in modules.values() for _, m in mods],
-                   batch_stream(train, tokenizer, args.guilomo_batch, args.seed), lambda b: model(**b)["loss"],
-                   steps=args.guilomo_steps, order=args.guilomo_order, lr=args.guilomo_lr, on_step=on_step)
+                   batch_stream(train, tokenizer, g.batch, al.seed), lambda b: model(**b)["loss"],
+                   steps=g.steps, order=g.order, lr=g.lr, on_step=on_step)
     bar.close()
-    allocation = export_allocation(modules, args.target_list, args.alpha, args.dropout)
-    allocation.meta.update(search_steps=args.guilomo_steps, order=args.guilomo_order)
+    allocation = export_allocation(modules, a.target_list, a.alpha, a.dropout)
+    allocation.meta.update(search_steps=g.steps, order=g.order)
     return allocation.with_parameter_count(shape.shapes)

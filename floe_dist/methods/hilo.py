@@ -26,16 +26,17 @@ def schedule(spec: str, num_layers: int, default: int) -> list[int]:
 
 
 @register("hilo")
-def hilo(args, shape) -> Allocation:
-    experts = schedule(args.expert_schedule, shape.num_layers, args.experts)
-    ranks = schedule(args.rank_schedule, shape.num_layers, args.rank)
+def hilo(recipe, shape) -> Allocation:
+    a, h = recipe.adapter, recipe.allocate.hilo
+    experts = schedule(h.expert_schedule, shape.num_layers, a.experts)
+    ranks = schedule(h.rank_schedule, shape.num_layers, a.rank)
     layers = {}
     for layer in range(shape.num_layers):
         e, r = experts[layer], ranks[layer]
-        top_k = min(args.top_k, e)
-        module = ModuleAllocation(e, (r,) * e, "topk", top_k, args.top_p if e > 1 else 0.0, min(args.min_k, top_k))
-        layers[layer] = {name: module for name in args.target_list}
-    return Allocation(method="hilo", target_modules=args.target_list, layers=layers, alpha=args.alpha,
-                      dropout=args.dropout, meta={"expert_schedule": args.expert_schedule,
-                                                  "rank_schedule": args.rank_schedule}
+        top_k = min(a.top_k, e)
+        module = ModuleAllocation(e, (r,) * e, "topk", top_k, a.top_p if e > 1 else 0.0, min(a.min_k, top_k))
+        layers[layer] = {name: module for name in a.target_list}
+    return Allocation(method="hilo", target_modules=a.target_list, layers=layers, alpha=a.alpha,
+                      dropout=a.dropout, meta={"expert_schedule": h.expert_schedule,
+                                                  "rank_schedule": h.rank_schedule}
                       ).with_parameter_count(shape.shapes)

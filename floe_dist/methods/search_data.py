@@ -7,14 +7,15 @@ from typing import Iterator
 from floe_dist.data import Example, load_task, tokenize, train_batch
 
 
-def load_for_search(args, hold_out: int, device="cpu"):
+def load_for_search(recipe, hold_out: int, device="cpu"):
     """(tokenizer, backbone, training examples, held-out examples): the last ``hold_out`` training
     examples are held out (none when 0). The backbone is frozen by the caller's injection."""
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 
-    model_dir = resolve_model(args.model)
+    d = recipe.data
+    model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
-    examples = load_task(args.task, "train", data_format=args.data_format, columns=args.columns, tokenizer=tokenizer)
+    examples = load_task(d.task, "train", data_format=d.data_format, columns=d.columns, tokenizer=tokenizer)
     if len(examples) <= hold_out:
         raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
     train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])

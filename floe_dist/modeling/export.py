@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from floe_dist.allocation import Allocation, write_json_atomic
+from floe_dist.allocation import Allocation
+from floe_dist.files import write_json_atomic
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
 
 EXPORT_FORMAT = "floe-dist/adapter@1"

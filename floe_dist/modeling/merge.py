@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from floe_dist.allocation import write_json_atomic
+from floe_dist.files import write_json_atomic
 from floe_dist.modeling.checkpoint import INDEX, weight_files
 from floe_dist.modeling.export import read_export
 from floe_dist.modeling.inject import find_layer_linears

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from floe_dist.allocation import write_json_atomic
+from floe_dist.files import write_json_atomic
 
 if TYPE_CHECKING:
-    from floe_dist.stages.search import SearchArgs
+    from floe_dist.recipe import SearchSection
 
 FINISHED = ("success", "crashed", "timeout")
 SEARCH_FORMAT = "floe-dist/search@1"
@@ -47,7 +47,7 @@ def trial_key(config: dict, budget: float) -> str:
 class Ledger:
     """``search.json``: every trial and its fate, rewritten atomically after every event."""
 
-    def __init__(self, path: Path, args: SearchArgs):
+    def __init__(self, path: Path, args: SearchSection):
         self.path, self.args = path, args
         data = json.loads(path.read_text()) if path.is_file() else {}
         self.trials = [Trial(**t) for t in data.get("trials", [])]

@@ -20,14 +20,27 @@ from floe_dist.search.runners import (Launch, LocalPool, Outcome, SlurmRunner, S
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
-    from floe_dist.stages.search import SearchArgs
+    from floe_dist.recipe import SearchSection
+
+
+def launch_argv(args: "SearchSection", module: str, *module_args: str) -> list[str]:
+    """``python -m MODULE ARGS`` as one process, or as a group of ``trial_nproc`` ranks on a free port."""
+    from floe_dist.distributed.runtime import free_port
+
+    if args.trial_nproc == 1:
+        return [sys.executable, "-m", module, *module_args]
+    if args.trial_launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={args.trial_nproc}",
+                f"--master_port={free_port()}", "--module", module, *module_args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.trial_nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *module_args]
 
 
 class SearchLoop:
-    def __init__(self, args: "SearchArgs", out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec],
-                 argv: Callable[[Path], list[str]], worker_argv: Callable[[Path], list[str]]):
-        self.args, self.out, self.ledger, self.proposer = args, out, ledger, proposer
-        self.spec, self.argv = spec, argv
+    def __init__(self, args: "SearchSection", out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec]):
+        self.args, self.out, self.ledger, self.proposer, self.spec = args, out, ledger, proposer, spec
+        worker_argv = lambda worker_dir: launch_argv(args, "floe_dist.search.worker", str(worker_dir),  # noqa: E731
+                                                     "--trial-module", args.trial_module)
         workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
         if args.runner.startswith("slurm") and args.trial_workers == "warm":
             self.runner = SlurmWorkers(workers, worker_argv, out / "workers", args.sbatch_args)
@@ -50,7 +63,8 @@ class SearchLoop:
         if trial.attempts and result.is_file():  # finished while the search was down (a Slurm job)
             self.record(Outcome(trial.id, "success", trial.seconds or 0.0, trial.worker))
             return None
-        job = Launch(trial.id, self.argv(trial_dir), trial_dir, self.args.trial_timeout)
+        job = Launch(trial.id, launch_argv(self.args, self.args.trial_module, str(trial_dir)), trial_dir,
+                     self.args.trial_timeout)
         if trial.attempts and isinstance(self.runner, SlurmRunner) and self.runner.adopt(job, trial.worker):
             return None
         result.unlink(missing_ok=True)

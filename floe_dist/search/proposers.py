@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from floe_dist.allocation import write_json_atomic, write_text_atomic
+from floe_dist.files import write_json_atomic, write_text_atomic
 from floe_dist.search.ledger import FINISHED, Ledger, Trial, trial_key
 
 if TYPE_CHECKING:
-    from floe_dist.stages.search import SearchArgs
+    from floe_dist.recipe import SearchSection
 
 
-def build_space(args: SearchArgs, seed: int):
+def build_space(args: SearchSection, seed: int):
     from ConfigSpace import Categorical, ConfigurationSpace, Constant, Float, OrdinalHyperparameter
 
     space = ConfigurationSpace(seed=seed)
@@ -172,7 +172,7 @@ def _plain(config) -> dict:
 class GridProposer:
     """Every rank x learning rate (x experts x top-k) point at ``--max-steps``, in a fixed order."""
 
-    def __init__(self, args: SearchArgs):
+    def __init__(self, args: SearchSection):
         lo, hi = args.lr_range()
         n = args.grid_lr_points if hi > lo else 1
         lrs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [lo]
@@ -209,7 +209,7 @@ class SmacProposer:
     save the complete set is also kept in one file written atomically (``smac/state.json``), which a resumed
     search restores first; the ledger's reconciliation (``resume``) covers the step the copy may lag behind."""
 
-    def __init__(self, args: SearchArgs, out: Path):
+    def __init__(self, args: SearchSection, out: Path):
         from smac import BlackBoxFacade as BB
         from smac import HyperparameterOptimizationFacade as HPO
         from smac import MultiFidelityFacade as MF

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m floe_dist.search.trial runs/search/trials/0007
 
 The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the
-budget in optimizer steps, the seed, and the train and evaluate stage configurations it runs). The trial writes ``allocation.json``
+budget in optimizer steps, the seed, and the recipe it runs: floe_dist/stages/search.py ``trial_recipe``). The trial writes ``allocation.json``
 (the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
 a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
 choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from floe_dist.allocation import Allocation, write_json_atomic
+from floe_dist.allocation import Allocation
+from floe_dist.files import write_json_atomic
 from floe_dist.resources import Resources
 
 
@@ -32,8 +33,7 @@ class TrialSpec:
     seed: int
     base_allocation: str  # the allocation whose layers the sampled rank is applied to
     objective: str  # loss | error
-    train: dict = field(default_factory=dict)  # TrainArgs of the trial's training run
-    evaluate: dict = field(default_factory=dict)  # EvalArgs of its validation
+    recipe: dict = field(default_factory=dict)  # the Recipe it trains (train, ...) and scores (evaluate, ...) with
 
     def save(self, trial_dir: Path) -> Path:
         return write_json_atomic(trial_dir / "trial.json", asdict(self))
@@ -58,23 +58,22 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     """Train and score one trial on this rank; the result on rank 0 (None on the others). A warm worker passes
     the resources it keeps between trials; a trial computes the same on a fresh worker as on a warm one."""
     from floe_dist.distributed.runtime import discover
-    from floe_dist.stages.evaluate import EvalArgs, evaluate_lm
-    from floe_dist.stages.evaluate import run as evaluate
-    from floe_dist.stages.train import TrainArgs
+    from floe_dist.recipe import Recipe, from_dict
+    from floe_dist.evaluation import evaluate, evaluate_lm
     from floe_dist.trainer import Trainer
 
     start = time.time()
     spec = TrialSpec.load(trial_dir)
-    train_args, eval_args = TrainArgs(**spec.train), EvalArgs(**spec.evaluate)
-    allocation_file = Path(train_args.allocation)
+    recipe = from_dict(Recipe, spec.recipe)
+    allocation_file = Path(recipe.allocate.file)
     if discover().is_main:
         base = Allocation.load(spec.base_allocation)
         searched_allocation(base, spec.config).save(allocation_file)
     else:  # every rank of the group reads the same file
         while not allocation_file.is_file():
             time.sleep(0.1)
-    train_args.validate()
-    trainer = Trainer(train_args, resources)
+    recipe.validate("train", "model", "data", "parallel")
+    trainer = Trainer(recipe, str(trial_dir / "train"), resources)
     summary = trainer.fit()
     layout, lm, tokenizer = trainer.layout, trainer.lm, trainer.tokenizer
     trainer.engine.destroy()
@@ -83,9 +82,9 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
         return None
     eval_start = time.time()
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
-        scored = evaluate_lm(eval_args, lm, tokenizer, layout.torch_device, resources, per_example=True)
+        scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True)
     else:  # partitioned: the export on a whole backbone (kept by a warm worker)
-        scored = evaluate(eval_args, resources, per_example=True)
+        scored = evaluate(recipe, resources=resources, per_example=True)
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
     per_example = scored.get("example_losses" if spec.objective == "loss" else "example_errors")
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],

@@ -27,7 +27,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from floe_dist.allocation import write_json_atomic
+from floe_dist.files import write_json_atomic
 
 TASK = "task.json"
 

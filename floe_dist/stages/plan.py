@@ -126,6 +126,18 @@ class PlanArgs:
             raise ValueError("bad plan arguments:\n  - " + "\n  - ".join(problems))
 
 
+def recipe_defaults(recipe) -> dict:
+    """With --config: the recipe's model, adapter shape, layout and batch are the plan's."""
+    r = recipe
+    zero = int(r.parallel.zero) if r.parallel.zero in ("0", "1", "2", "3") else 3
+    return {"model": r.model.shape or r.model.name, "allocation": r.allocate.file,
+            "quant": "nf4" if r.model.quant == "nf4" else "bf16", "targets": r.adapter.targets,
+            "experts": r.adapter.experts, "rank": r.adapter.rank, "top_k": r.adapter.top_k,
+            "nodes": r.parallel.nodes, "gpus_per_node": r.parallel.nproc, "zero": zero,
+            "ep_size": r.parallel.ep_size, "micro_batch": r.train.micro_batch, "seq_len": r.model.max_length,
+            "accumulation": r.train.accumulation, "gradient_checkpointing": r.train.gradient_checkpointing}
+
+
 def model_config(name: str):
     """A transformers config from a built-in shape, a config.json, or a model folder (no weights read)."""
     from transformers import AutoConfig, LlamaConfig
@@ -309,7 +321,7 @@ def run(args: PlanArgs) -> dict:
     for tip in result["advice"]:
         print(f"  to fit: {tip}")
     if args.output:
-        from floe_dist.allocation import write_json_atomic
+        from floe_dist.files import write_json_atomic
 
         write_json_atomic(Path(args.output), result)
     return result

@@ -1,20 +1,84 @@
-"""Recipes: the shipped files load, dotted overrides apply, bad keys fail, each stage reads its settings."""
+"""Settings: one tree, each setting declared once with one default; every stage parses it the same way."""
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import fields
+import pkgutil
+import types
+from dataclasses import dataclass, fields, is_dataclass
 
 import pytest
+import yaml
 
-from floe_dist.recipe import SOURCES, Recipe, load_recipe, read_recipe, shipped_recipes, stage_settings, write_recipe
-from floe_dist.stages.score import ScoreArgs
-from floe_dist.stages.search import SearchArgs
-from floe_dist.stages.train import TrainArgs
+import floe_dist
+import launcher
+from floe_dist.config import arg
+from floe_dist.recipe import Recipe, field_paths, load_recipe, read_recipe, shipped_recipes, write_recipe
+from launcher.cli import RECIPE_COMMANDS, TOOL_COMMANDS, aliases, expand_aliases
 from tests.conftest import run_floe
 
+# Tools whose options are not settings of a campaign yet: `plan` and `slurm` still declare the layout and shape
+# they need (model, nodes, ranks per node, ...) themselves, and read a recipe's values through recipe_defaults.
+TOOLS_WITH_OWN_OPTIONS = {"PlanArgs", "SlurmArgs"}
 
-def names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]
+
+def declared_fields(modules) -> dict[str, list[str]]:
+    """{field name: ["Class.field", ...]} of every dataclass field declared with ``arg()`` (a help line)."""
+    found: dict[str, list[str]] = {}
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, type) and is_dataclass(obj) and obj.__module__ == module.__name__:
+                for f in fields(obj):
+                    if "help" in f.metadata:
+                        found.setdefault(f.name, []).append(f"{obj.__name__}.{f.name}")
+    return found
+
+
+def redeclared(modules, recipe=Recipe) -> list[str]:
+    """Settings declared outside the recipe tree again (a second definition, a second default), and names used
+    twice inside it for one setting (the same help line)."""
+    sections = {cls.__name__ for cls in _section_classes(recipe)}
+    keys = field_paths(recipe)
+    problems = []
+    for name, places in declared_fields(modules).items():
+        outside = [p for p in places if p.split(".")[0] not in sections | TOOLS_WITH_OWN_OPTIONS]
+        if outside and any(key.rsplit(".", 1)[1] == name for key in keys):
+            problems.append(f"{name}: declared in the recipe and again in {outside}")
+        elif len(outside) > 1:
+            problems.append(f"{name}: declared {len(outside)} times outside the recipe: {outside}")
+    helps: dict[tuple[str, str], list[str]] = {}
+    for key, f in keys.items():
+        helps.setdefault((key.rsplit(".", 1)[1], f.metadata["help"]), []).append(key)
+    problems += [f"{keys_} are one setting declared {len(keys_)} times" for keys_ in helps.values() if len(keys_) > 1]
+    return problems
+
+
+def _section_classes(cls) -> list[type]:
+    out = [cls]
+    for f in fields(cls):
+        if callable(f.default_factory) and is_dataclass(f.default_factory):
+            out += _section_classes(f.default_factory)
+    return out
+
+
+def package_modules() -> list[types.ModuleType]:
+    names = [m.name for pkg in (floe_dist, launcher) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+    return [importlib.import_module(n) for n in names if not n.endswith("__main__")]
+
+
+def test_every_setting_is_declared_once_and_the_check_catches_a_second_declaration():
+    modules = package_modules()
+    assert redeclared(modules) == []
+
+    copy = types.ModuleType("copy_of_a_stage")
+
+    @dataclass
+    class TrainArgs:  # a stage that declares train.steps again, with its own default
+        steps: int = arg(40, "optimizer steps")
+
+    TrainArgs.__module__ = copy.__name__
+    copy.TrainArgs = TrainArgs
+    assert redeclared([*modules, copy]) == ["steps: declared in the recipe and again in ['TrainArgs.steps']"]
 
 
 def test_the_default_recipe_is_the_dataclass_defaults_and_every_shipped_recipe_loads():
@@ -26,44 +90,73 @@ def test_the_default_recipe_is_the_dataclass_defaults_and_every_shipped_recipe_l
 
 
 def test_dotted_overrides_change_one_setting_and_bad_ones_name_the_key():
-    recipe = load_recipe("tiny", ["--train.lr", "1e-4", "--search.enabled", "false"])
-    assert recipe.train.lr == 1e-4 and recipe.search.enabled is False
-    assert {k for k, v in recipe.flat().items() if v != load_recipe("tiny").flat()[k]} == {"train.lr", "search.enabled"}
+    recipe = load_recipe("tiny", ["--train.lr", "1e-4", "--search.enabled", "false", "--allocate.flexora.steps", "3"])
+    assert recipe.train.lr == 1e-4 and recipe.search.enabled is False and recipe.allocate.flexora.steps == 3
+    changed = {k for k, v in recipe.flat().items() if v != load_recipe("tiny").flat()[k]}
+    assert changed == {"train.lr", "search.enabled", "allocate.flexora.steps"}
     with pytest.raises(ValueError, match="train.lrr"):
         load_recipe("tiny", ["--train.lrr", "1"])
     with pytest.raises(ValueError, match="train.steps"):
         load_recipe("tiny", ["--train.steps", "many"])
+    with pytest.raises(ValueError, match="score.mode"):  # choices are types: a misspelt one fails while parsing
+        load_recipe("tiny", ["--score.mode", "gain"])
     with pytest.raises(FileNotFoundError, match="not a shipped recipe"):
         load_recipe("no-such-recipe")
 
 
 def test_the_resolved_recipe_reads_back_equal(tmp_path):
-    recipe = load_recipe("llama3-70b-2node", ["--train.steps", "7"])
+    recipe = load_recipe("llama3-70b-2node", ["--train.steps", "7", "--allocate.guilomo.order", "first"])
     assert read_recipe(write_recipe(tmp_path, recipe)) == recipe
 
 
-def test_each_stage_takes_its_settings_from_the_right_section():
-    r = load_recipe("tiny", ["--parallel.zero", "2", "--search.zero", "0", "--score.seed", "5",
-                             "--allocate.seed", "9", "--adapter.rank", "6", "--model.max_length", "128"])
-    score = stage_settings("score", r, names(ScoreArgs))
-    assert (score["seed"], score["zero"], score["rank"], score["model"]) == (5, "2", 6, "tiny")
-    search = stage_settings("search", r, names(SearchArgs))
-    assert (search["zero"], search["max_length"], search["micro_batch"]) == ("0", 128, r.search.micro_batch)
-    train = stage_settings("train", r, names(TrainArgs))
-    assert (train["zero"], train["rank"], train["lr"], train["ep_size"]) == ("2", 6, r.train.lr, 1)
-    assert set(train) <= set(names(TrainArgs)) and "output" not in train
-    TrainArgs(**train).validate()
+def test_short_flags_are_aliases_of_the_first_section_of_the_stage_that_has_the_name():
+    assert aliases(("train", "adapter", "allocate", "model", "data", "parallel"))["micro_batch"] == "train.micro_batch"
+    assert aliases(("search", "allocate", "model", "data"))["micro_batch"] == "search.micro_batch"
+    assert aliases(("score", "adapter"))["seed"] == "score.seed"
+    assert aliases(("allocate",))["flexora_steps"] == "allocate.flexora.steps"
+    assert aliases(("allocate",))["expert_schedule"] == "allocate.hilo.expert_schedule"
+    assert expand_aliases(["--model", "tiny", "--pack", "--no-gradient-checkpointing", "--zero=3", "--train.lr", "1",
+                           "--output", "o"], ("train", "model", "data", "parallel"), {"output"}) == [
+        "--model.name", "tiny", "--data.pack", "true", "--train.gradient_checkpointing", "false", "--parallel.zero=3",
+        "--train.lr", "1", "--output", "o"]
 
 
-def test_a_stage_run_from_a_recipe_with_an_explicit_flag_on_top(tmp_path):
+@pytest.mark.parametrize("stage", sorted(RECIPE_COMMANDS))
+def test_every_command_prints_the_settings_the_campaign_resolves(stage):
+    """`STAGE --config R --print_config` is the campaign's resolved recipe: a stage alone runs what the campaign's
+    stage runs, and with no --config both are the default recipe."""
+    for config in ([], ["--config", "tiny"]):
+        printed = yaml.safe_load(run_floe([stage, *config, "--train.steps", "9", "--print_config"]).stdout)
+        campaign = yaml.safe_load(run_floe(["campaign", *config, "--train.steps", "9", "--print_config"]).stdout)
+        assert printed.pop("output") != campaign.pop("output") or stage == "campaign"  # each command's own folder
+        assert printed == campaign
+        expected = load_recipe(config[1] if config else None, ["--train.steps", "9"])
+        assert read_recipe_dict(printed) == expected
+
+
+def read_recipe_dict(data: dict) -> Recipe:
+    from floe_dist.recipe import from_dict
+
+    return from_dict(Recipe, {k: v for k, v in data.items() if k not in ("config", "output")})
+
+
+def test_every_command_has_help_for_every_option():
+    for stage in [*RECIPE_COMMANDS, *TOOL_COMMANDS]:
+        proc = run_floe([stage, "--help"])
+        assert proc.returncode == 0 and "--config" in proc.stdout
+    train_help = run_floe(["train", "--help"]).stdout
+    assert "train: the final training of the chosen adapter" in train_help and "--train.steps" in train_help
+
+
+def test_a_stage_run_from_a_recipe_with_a_short_flag_on_top(tmp_path):
     out = tmp_path / "alloc.json"
     run_floe(["allocate", "--config", "tiny", "--allocate.method", "uniform", "--adapter.rank", "3",
               "--experts", "2", "--output", str(out)])
     layers = json.loads(out.read_text())["layers"]
     module = layers["0"]["q_proj"]
-    assert len(layers) == 4 and module["ranks"] == [3, 3]  # rank from the recipe, experts from the flag
-    proc = run_floe(["allocate", "--adapter.rank", "3", "--output", str(out)], check=False)
-    assert proc.returncode == 2 and "need --config" in proc.stderr
+    assert len(layers) == 4 and module["ranks"] == [3, 3]  # rank from the dotted key, experts from the short flag
+    proc = run_floe(["allocate", "--model", "tiny", "--adapter.rank", "0", "--output", str(out)], check=False)
+    assert proc.returncode == 2 and "adapter.rank must be >= 1" in proc.stderr
 
 
 def test_the_70b_recipe_plans_and_renders_its_sbatch(tmp_path):
@@ -75,25 +168,3 @@ def test_the_70b_recipe_plans_and_renders_its_sbatch(tmp_path):
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert f"--config {tmp_path / 'c' / 'recipe.yaml'}" in script and "--parallel.nproc 8" in script
     assert read_recipe(tmp_path / "c" / "recipe.yaml") == load_recipe("llama3-70b-2node")
-
-
-def test_every_recipe_setting_reaches_a_stage_argument_of_the_same_type():
-    """The recipe restates the stages' settings (their flat flags stay for single-stage use): this keeps
-    the two from drifting: no recipe key is dead, and each lands on a stage argument of its own type."""
-    from floe_dist.stages.allocate import AllocateArgs
-    from floe_dist.stages.evaluate import EvalArgs
-
-    campaign_only = {"model.name", "model.shape", "allocate.method", "allocate.file", "search.enabled",
-                     "search.allocations",
-                     "parallel.nproc", "parallel.nodes", "parallel.launcher", "parallel.gpus_per_node"}
-    stages = {"score": ScoreArgs, "allocate": AllocateArgs, "search": SearchArgs, "train": TrainArgs,
-              "evaluate": EvalArgs}
-    recipe, reached = Recipe(), set()
-    for stage, cls in stages.items():
-        types = {f.name: f.type for f in fields(cls)}
-        for section in SOURCES[stage]:
-            for f in fields(getattr(recipe, section)):
-                if f.name in types:
-                    assert f.type == types[f.name], (stage, f"{section}.{f.name}", f.type, types[f.name])
-                    reached.add(f"{section}.{f.name}")
-    assert set(recipe.flat()) - reached - campaign_only == set()

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from floe_dist.resume import LOCK_NAME, exclusive, guard
+from floe_dist.resume import guard
+from floe_dist.files import LOCK_NAME, exclusive
 from tests.conftest import REPO, run_floe
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from floe_dist.recipe import load_recipe, read_recipe, recipe_parser
-from floe_dist.resume import LOCK_NAME, exclusive
+from floe_dist.files import LOCK_NAME, exclusive
 from launcher.cli import build_parser, _stages
 from tests.conftest import REPO, clean_env, floe_command, run_floe
 
