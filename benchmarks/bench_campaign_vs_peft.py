@@ -68,26 +68,26 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from benchmarks.bench_task_arms import eval_args, train_args
+    from benchmarks.bench_task_arms import lora_recipe
     from floe_dist.data import load_task, tokenize, train_batch
     from floe_dist.distributed.engine import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
-    from floe_dist.stages.evaluate import evaluate_lm
+    from floe_dist.evaluation import evaluate_lm
 
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
-    targs = train_args(recipe, seed, "unused")  # the recipe's data settings, as the campaign's training reads them
+    r = lora_recipe(recipe, seed)  # the recipe's data settings, as the campaign's training reads them
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
     lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                             target_modules=["q_proj", "v_proj"]))
     model = AnswerLM(lm.base_model.model)
-    train = load_task(targs.task, targs.split, data_format=targs.data_format, columns=targs.columns,
-                      tokenizer=tokenizer)[: targs.max_train_examples]
-    rows = tokenize(train, tokenizer, targs.max_length)
-    batch = targs.micro_batch * targs.accumulation * recipe.parallel.nproc * recipe.parallel.nodes  # global batch
+    train = load_task(r.data.task, r.train.split, data_format=r.data.data_format, columns=r.data.columns,
+                      tokenizer=tokenizer)[: r.data.max_train_examples]
+    rows = tokenize(train, tokenizer, r.model.max_length)
+    batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes  # global batch
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
@@ -112,7 +112,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
         steps += 1
     train_end = time.time()
     model.eval()
-    scored = evaluate_lm(eval_args(recipe), lm.base_model.model, tokenizer, torch.device("cpu"))
+    scored = evaluate_lm(recipe, lm.base_model.model, tokenizer, torch.device("cpu"))
     return {"wall_s": time.time() - start, "accuracy": scored["accuracy"], "train_steps": steps,
             "step_s": (train_end - train_start) / max(1, steps), "eval_s": time.time() - train_end,
             "trainable_parameters": sum(p.numel() for p in params)}

@@ -96,12 +96,14 @@ def main() -> None:
 
 def _accuracy(run: Path, model: str, task: str, limit: int | None) -> float:
     """Test accuracy of a run's export (cached in <run>/eval.json)."""
-    from floe_dist.stages.evaluate import EvalArgs, run as evaluate
+    from floe_dist.evaluation import evaluate
+    from floe_dist.recipe import load_recipe
 
     cached = run / "eval.json"
     if cached.is_file():
         return json.loads(cached.read_text())["accuracy"]
-    result = evaluate(EvalArgs(model=model, task=task, adapter=str(run / "adapter"), limit=limit))
+    result = evaluate(load_recipe(None, ["--model.name", model, "--data.task", task, "--model.adapter", str(run / "adapter"),
+                                         *(["--evaluate.limit", str(limit)] if limit else [])]))
     cached.write_text(json.dumps(result))
     return result["accuracy"]
 

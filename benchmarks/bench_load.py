@@ -89,15 +89,18 @@ def worker(path: str, model_dir: str, out: str) -> None:
     """One rank: build the Trainer (load), run one step, record the maximum RSS after each."""
     from floe_dist import trainer as trainer_module
     from floe_dist.modeling.backbone import load_backbone
-    from floe_dist.stages.train import TrainArgs
+    from floe_dist.recipe import load_recipe
 
     if path == "whole":
         trainer_module.load_for_layout = lambda d, quant, layout, cfg: load_backbone(d, quant, layout.torch_device)
     if path in ("whole", "sharded, pinned"):
         trainer_module.release_frozen_weights = lambda model: 0
-    args = TrainArgs(model=model_dir, task="sst2", steps=1, micro_batch=1, max_length=64, zero=f"{out}.zero3.json",
-                     checkpoint_every=0, targets="q_proj,v_proj", experts=1, rank=8, output=f"{out}.run")
-    trainer = trainer_module.Trainer(args)
+    recipe = load_recipe(None, ["--model.name", model_dir, "--train.steps", "1", "--train.micro_batch", "1",
+                                "--model.max_length", "64", "--parallel.zero", f"{out}.zero3.json",
+                                "--train.checkpoint_every", "0", "--adapter.targets", "q_proj,v_proj",
+                                "--adapter.experts", "1", "--adapter.router", "topk", "--adapter.top_k", "1",
+                                "--adapter.rank", "8", "--adapter.alpha", "16"])
+    trainer = trainer_module.Trainer(recipe, f"{out}.run")
     load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.step(0)
     step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -108,12 +111,12 @@ def worker(path: str, model_dir: str, out: str) -> None:
 def planned_mib(model_dir: Path, ranks: int) -> dict:
     """``floe-dist plan --device cpu``'s load peak per rank for the same run (its training peak assumes
     DeepSpeed's default live-parameter bounds, which this benchmark lowers, so it is not compared)."""
+    from floe_dist.recipe import TrainSection
     from floe_dist.stages.plan import GIB, PlanArgs, plan
-    from floe_dist.stages.train import TrainArgs
 
     p = plan(PlanArgs(model=str(model_dir), device="cpu", quant="fp32", zero=3, gpus_per_node=ranks,
                       targets="q_proj,v_proj", experts=1, rank=8, micro_batch=1, seq_len=64,
-                      gradient_checkpointing=TrainArgs().gradient_checkpointing, flash_attention=False))
+                      gradient_checkpointing=TrainSection().gradient_checkpointing, flash_attention=False))
     return {"plan_load_mib": round(p["load_bytes"] / GIB * 1024)}
 
 

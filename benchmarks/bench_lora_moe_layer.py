@@ -192,8 +192,8 @@ def main() -> None:
         err = float((check - ref).detach().float().norm() / ref.detach().float().norm())
         fused_err = float((variants["floe-dist fused"](x) - ref).detach().float().norm()
                           / ref.detach().float().norm())
-        # the product path (fused on CUDA, eager on CPU) is timed twice: the spread between the two is the noise floor
-        product = "floe-dist fused" if device.type == "cuda" else "floe-dist"
+        # the product path (eager unless FLOE_DIST_FUSED_ROUTER=1) is timed twice: their spread is the noise floor
+        product = "floe-dist"
         times = time_fwd_bwd({**variants, "product (again)": variants[product]}, x, grad, args.reps, args.warmup)
         rows.append((shape, times, err, fused_err))
         if args.profile:

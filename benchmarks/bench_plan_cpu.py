@@ -35,13 +35,13 @@ STEPS, MICRO_BATCH = 3, 8
 def longest_batch(model: str, world: int) -> int:
     from floe_dist.data import load_task, tokenize, train_batch
     from floe_dist.modeling.backbone import load_tokenizer, resolve_model
-    from floe_dist.stages.train import TrainArgs
+    from floe_dist.recipe import Recipe
 
-    defaults = TrainArgs()
+    defaults = Recipe()
     tokenizer = load_tokenizer(resolve_model(model))
-    rows = tokenize(load_task("sst2", "train"), tokenizer, defaults.max_length)
+    rows = tokenize(load_task("sst2", "train"), tokenizer, defaults.model.max_length)
     return max(train_batch(rows, step=s, micro=0, rank=r, world=world, micro_batch=MICRO_BATCH, accumulation=1,
-                           seed=defaults.seed, pad_id=tokenizer.pad_token_id)["input_ids"].shape[1]
+                           seed=defaults.train.seed, pad_id=tokenizer.pad_token_id)["input_ids"].shape[1]
                for s in range(STEPS) for r in range(world))
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_task_arms import eval_args  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
 
@@ -56,9 +55,12 @@ def grid(config: str, candidates: str, ranks: str, lr: float, steps: int, seed: 
 def accuracy_on_test(config: str, adapter: str) -> float:
     """The adapter's accuracy on the recipe's whole test split, evaluated as the campaign's final evaluation."""
     from floe_dist.recipe import load_recipe
-    from floe_dist.stages.evaluate import run as evaluate
+    from dataclasses import replace
 
-    return evaluate(eval_args(load_recipe(config, []), adapter=adapter))["accuracy"]
+    from floe_dist.evaluation import evaluate
+
+    recipe = load_recipe(config, [])
+    return evaluate(replace(recipe, model=replace(recipe.model, adapter=adapter)))["accuracy"]
 
 
 def one_seed(config: str, seed: int, budgets: list[int], ranks: str, lr: float) -> dict:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -41,19 +41,13 @@ from benchmarks.result_file import write_result  # noqa: E402
 LORA = {"targets": "q_proj,v_proj", "experts": 1, "rank": 8, "alpha": 16.0, "dropout": 0.05, "lr": 1e-3}
 
 
-def eval_args(recipe, **given):
-    from floe_dist.recipe import stage_settings
-    from floe_dist.stages.evaluate import EvalArgs
-
-    return EvalArgs(**{**stage_settings("evaluate", recipe, [f.name for f in fields(EvalArgs)]), **given})
-
-
-def train_args(recipe, seed: int, output: str):
-    from floe_dist.recipe import stage_settings
-    from floe_dist.stages.train import TrainArgs
-
-    settings = stage_settings("train", recipe, [f.name for f in fields(TrainArgs)])
-    return replace(TrainArgs(**settings), allocation=None, seed=seed, output=output, **LORA)
+def lora_recipe(recipe, seed: int):
+    """The recipe with plain LoRA r=8 on q,v of every layer (no allocation file), at lr 1e-3 and ``seed``."""
+    a = LORA
+    adapter = replace(recipe.adapter, targets=a["targets"], experts=a["experts"], rank=a["rank"], alpha=a["alpha"],
+                      dropout=a["dropout"], router="topk", top_k=1, top_p=0.0)
+    return replace(recipe, adapter=adapter, train=replace(recipe.train, lr=a["lr"], seed=seed),
+                   allocate=replace(recipe.allocate, file=None))
 
 
 def peft_lora(recipe, seed: int) -> dict:
@@ -66,27 +60,27 @@ def peft_lora(recipe, seed: int) -> dict:
     from floe_dist.distributed.engine import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
-    from floe_dist.stages.evaluate import evaluate_lm
+    from floe_dist.evaluation import evaluate_lm
 
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
-    targs = train_args(recipe, seed, "unused")
+    r = lora_recipe(recipe, seed)
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
     lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
                                                             lora_dropout=LORA["dropout"],
                                                             target_modules=LORA["targets"].split(",")))
     model = AnswerLM(lm.base_model.model)
-    train = load_task(targs.task, targs.split, data_format=targs.data_format, columns=targs.columns,
-                      tokenizer=tokenizer)[: targs.max_train_examples]
-    rows = tokenize(train, tokenizer, targs.max_length)
-    batch = targs.micro_batch * targs.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
+    train = load_task(r.data.task, r.train.split, data_format=r.data.data_format, columns=r.data.columns,
+                      tokenizer=tokenizer)[: r.data.max_train_examples]
+    rows = tokenize(train, tokenizer, r.model.max_length)
+    batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
     params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LORA["lr"], weight_decay=targs.weight_decay)
-    schedule = LambdaLR(opt, warmup_cosine(targs.steps, max(1, round(targs.warmup_ratio * targs.steps))))
+    opt = torch.optim.AdamW(params, lr=LORA["lr"], weight_decay=r.train.weight_decay)
+    schedule = LambdaLR(opt, warmup_cosine(r.train.steps, max(1, round(r.train.warmup_ratio * r.train.steps))))
     model.train()
-    for step in range(targs.steps):
+    for step in range(r.train.steps):
         b = train_batch(rows, step=step, micro=0, rank=0, world=1, micro_batch=batch, accumulation=1, seed=seed,
                         pad_id=tokenizer.pad_token_id)
         model(**b)["loss"].backward()
@@ -96,25 +90,29 @@ def peft_lora(recipe, seed: int) -> dict:
         opt.zero_grad()
     model.eval()
     train_s = time.time() - start
-    result = evaluate_lm(eval_args(recipe), lm.base_model.model, tokenizer, torch.device("cpu"))
+    result = evaluate_lm(recipe, lm.base_model.model, tokenizer, torch.device("cpu"))
     return {"wall_s": time.time() - start, "train_s": train_s, "accuracy": result["accuracy"],
-            "train_steps": targs.steps, "trainable_parameters": sum(p.numel() for p in params)}
+            "train_steps": r.train.steps, "trainable_parameters": sum(p.numel() for p in params)}
 
 
 def floe_uniform(recipe, seed: int) -> dict:
     """The same LoRA through ``floe-dist train`` on the recipe's ranks, then ``floe-dist evaluate``."""
-    from launcher.campaign import stage_command
-    from floe_dist.stages.evaluate import run as evaluate
+    from floe_dist.distributed.runtime import free_port
+    from floe_dist.evaluation import evaluate
+    from floe_dist.recipe import write_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = train_args(recipe, seed, str(Path(tmp) / "train"))
+        r, out = lora_recipe(recipe, seed), Path(tmp) / "train"
         nproc = recipe.parallel.nproc * recipe.parallel.nodes
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli", "train",
+                   "--config", str(write_recipe(out, r)), "--output", str(out)]
         start = time.time()
-        subprocess.run(stage_command("train", args, nproc), cwd=REPO, env=env, check=True)
+        subprocess.run(command, cwd=REPO, env=env, check=True)
         train_s = time.time() - start
-        trained = json.loads((Path(args.output) / "train.json").read_text())
-        result = evaluate(eval_args(recipe, adapter=str(Path(args.output) / "adapter")))
+        trained = json.loads((out / "train.json").read_text())
+        result = evaluate(replace(r, model=replace(r.model, adapter=str(out / "adapter"))))
     return {"wall_s": time.time() - start, "train_s": train_s, "accuracy": result["accuracy"],
             "train_steps": trained["steps"], "trainable_parameters": trained["trainable_parameters"]}
 

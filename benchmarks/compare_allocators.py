@@ -102,9 +102,11 @@ def run_one(args, out: Path, seed: int, method: str) -> dict:
     train_seconds = floe_cli("train", "--model", args.model, "--task", args.task, "--allocation", str(alloc),
                              "--output", str(run), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
                              "--seed", str(seed), "--zero", "0", "--checkpoint-every", "0")
-    from floe_dist.stages.evaluate import EvalArgs, run as evaluate
+    from floe_dist.evaluation import evaluate
+    from floe_dist.recipe import load_recipe
 
-    result = evaluate(EvalArgs(model=args.model, task=args.task, adapter=str(run / "adapter")))
+    result = evaluate(load_recipe(None, ["--model.name", args.model, "--data.task", args.task,
+                                         "--model.adapter", str(run / "adapter")]))
     return {"seed": seed, "method": method, "accuracy": result["accuracy"], "trainable_parameters": trainable,
             "active_parameters_per_token": result["active_parameters_per_token"], "layers": len(allocation["layers"]),
             "allocation_seconds": alloc_seconds, "train_seconds": train_seconds}

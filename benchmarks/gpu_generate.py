@@ -7,7 +7,7 @@ Random weights of a built-in shape with NF4 decoder linears (gpu_throughput.buil
 variant's adapters (gpu_throughput.add_adapters) with B made non-zero, in eval mode:
 
 * ``base``: no adapter; ``moe``: floe-dist LoRA-MoE, 4 experts of rank 16, top-2, on all seven linears
-  of every 4th layer, router fused on CUDA; ``moe-eager``: the same adapters, router op by op;
+  of every 4th layer, router compiled (fuse_router=True); ``moe-eager``: the same adapters, router op by op;
 * ``peft-quarter``: PEFT LoRA of rank 64 on the same layers and targets (the user's alternative).
 
 Greedy decoding with the KV cache, as floe_dist.generation.generate calls it, from random prompt tokens,
@@ -82,6 +82,9 @@ def run_group(args) -> list[dict]:
         else:  # moe-eager: the moe adapters already in place, router op by op
             for adapter in adapter_modules(timed).values():
                 adapter.fuse_router = False
+        if variant == "moe":  # the compiled router (opt-in in the product until tests/gpu passes with it)
+            for adapter in adapter_modules(timed).values():
+                adapter.fuse_router = True
         for batch in map(int, args.batches.split(",")):
             rows.append({"shape": args.shape, "variant": variant, "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, **tokens_per_second(timed, batch, args, device),

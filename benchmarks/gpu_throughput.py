@@ -100,8 +100,7 @@ def add_adapters(model, variant: str):
     inject_adapters(model, allocation)
     adapters = list(adapter_modules(model).values())
     for adapter in adapters:
-        if variant in ("moe-eager", "moe-sync"):
-            adapter.fuse_router = False
+        adapter.fuse_router = variant == "moe"  # compiled for moe (opt-in in the product), eager otherwise
         if variant == "moe-sync":
             adapter.routing_stats_reducer = stats_through_host_copy
 

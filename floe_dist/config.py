@@ -11,6 +11,6 @@ def arg(default: Any, help: str) -> Any:
 
 
 def below_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> list[str]:
-    """``section.name must be >= 1`` for each named count field that is below 1 (for ``problems`` methods)."""
-    key = (prefix + ".") if prefix else ""
-    return [f"{key}{n} must be >= 1, got {getattr(obj, n)}" for n in names if getattr(obj, n) < 1]
+    """``section.name must be >= 1`` (a tool's options: ``--flag-name``) for each named count field below 1."""
+    key = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: "--" + n.replace("_", "-"))
+    return [f"{key(n)} must be >= 1, got {getattr(obj, n)}" for n in names if getattr(obj, n) < 1]

@@ -395,9 +395,26 @@ class Recipe:
     def validate(self, *sections: str) -> None:
         """Every problem of the named sections (default: all that can have one) in one error."""
         names = sections or [f.name for f in fields(self)]
-        found = [p for n in names if hasattr(getattr(self, n), "problems") for p in getattr(self, n).problems()]
+        found = [f"{key} must be one of {choices}, got {value!r}" for key, (value, choices) in literal_values(self).items()
+                 if key.split(".")[0] in names and value not in choices]
+        found += [p for n in names if hasattr(getattr(self, n), "problems") for p in getattr(self, n).problems()]
         if found:
             raise ValueError("bad settings:\n  - " + "\n  - ".join(found))
+
+
+def literal_values(obj: Any, prefix: str = "") -> dict[str, tuple[Any, tuple]]:
+    """{key: (value, allowed)} of every choice setting: what the parser checks, for objects built in code."""
+    import typing
+
+    out = {}
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out.update(literal_values(value, f"{prefix}{f.name}."))
+        elif typing.get_origin(hints[f.name]) is Literal:
+            out[f"{prefix}{f.name}"] = (value, typing.get_args(hints[f.name]))
+    return out
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

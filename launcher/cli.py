@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             module, recipe, output = parsed
             with exclusive_output(output, discover().is_main):
-                if output and not Path(output).suffix and discover().is_main and name != "campaign":
-                    write_recipe(Path(output), recipe)  # beside the stage's outputs, once the folder is this run's
                 module.run(recipe, output)
+                if output and not Path(output).suffix and discover().is_main and name != "campaign":
+                    write_recipe(Path(output), recipe)  # beside the stage's outputs; a refused run leaves nothing
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)
         return 2

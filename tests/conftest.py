@@ -54,6 +54,26 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
+def recipe_for(stage: str, **settings):
+    """The Recipe that ``floe-dist STAGE --name value ...`` parses: short names are the stage's aliases
+    (launcher/cli.py), dotted ones (``allocate__flexora__steps``) spell the key with ``__``; the rest is the default
+    recipe."""
+    import importlib
+
+    from floe_dist.recipe import Recipe, from_dict
+    from launcher.cli import RECIPE_COMMANDS, aliases
+
+    table = aliases(importlib.import_module(RECIPE_COMMANDS[stage][0]).SECTIONS)
+    data: dict = {}
+    for name, value in settings.items():
+        key = table.get(name, name.replace("__", "."))
+        node = data
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.rsplit(".", 1)[-1]] = value
+    return from_dict(Recipe, data)
+
+
 def python_command(argv: list[str], nproc: int = 1) -> list[str]:
     """`python ARGV` as one process, or under torchrun with nproc local ranks on a free port."""
     if nproc == 1:

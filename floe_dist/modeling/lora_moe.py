@@ -20,15 +20,16 @@ ever skipped, ZeRO-3 sees the same parameter order on every rank (skipping empty
 prefetch bookkeeping). Token-sparse dispatch belongs to expert parallelism, applied from outside
 (floe_dist.distributed.expert_parallel) through ``expert_dispatch``.
 
-Fused router: on CUDA, where Triton is there, the router's elementwise work (softmax, top-k, renormalise,
-gate scatter, routing counts, balance loss) and the gate broadcast run as ``torch.compile`` kernels
-(``fuse_router``): eager, each small op is a kernel launch, and the GPU waited on the CPU launching them.
+Fused router (opt-in): the router's elementwise work (softmax, top-k, renormalise, gate scatter, routing
+counts, balance loss) and the gate broadcast can run as ``torch.compile`` kernels (``fuse_router``, or
+``FLOE_DIST_FUSED_ROUTER=1``): eager, each small op is a kernel launch, and a GPU waits on the CPU launching
+them. It is off by default everywhere until a GPU run of tests/gpu has passed with it (it has never run on
+CUDA); on CPU it is tested equal to the eager path.
 Routing and gate broadcast are one compiled function (``route_and_mix``), the balance loss a second one
 after the ranks' routing stats are summed between them: two compiled calls forward, two backward.
 The eager functions below are the CPU path and the reference the compiled ones are tested against.
-``FLOE_DIST_FUSED_ROUTER=0`` turns fusion off (a GPU whose Triton fails, say), ``=1`` on for CPU tensors
-too (each process then pays the compile, tens of seconds on two cores, and gains nothing measurable); any
-other value is an error.
+``FLOE_DIST_FUSED_ROUTER=1`` turns it on (on CPU each process then pays the compile, tens of seconds on two
+cores, and gains nothing measurable), ``=0`` or unset leaves it off; any other value is an error.
 
 Capacity policy: no token is dropped unless ``capacity_factor`` > 0. Then each expert takes at most
 ``ceil(capacity_factor * tokens * top_k / n_experts)`` of this rank's assignments, in token order;
@@ -45,7 +46,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._triton import has_triton
 
 ROUTERS = ("topk", "dense")
 
@@ -106,7 +106,7 @@ class LoRAMoELinear(nn.Module):
 
         self.adapter_scale: torch.Tensor | Callable[[], torch.Tensor] | None = None
         self.capacity_factor = 0.0  # 0 = no-drop (see the module docstring)
-        self.fuse_router: bool | None = None  # None: FLOE_DIST_FUSED_ROUTER, else fused on CUDA (module docstring)
+        self.fuse_router: bool | None = None  # None: FLOE_DIST_FUSED_ROUTER, else eager (module docstring)
         # Sums routing counts over all ranks, so the balance loss sees the global token distribution
         # (set by the trainer when there are several ranks; None = this rank's tokens only).
         self.routing_stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -171,14 +171,14 @@ class LoRAMoELinear(nn.Module):
 
     def _fused(self, t: torch.Tensor) -> bool:
         """Whether this call runs the compiled router: ``fuse_router`` if set, else the environment's
-        choice, else on CUDA tensors when Triton (inductor's GPU code generator) is there."""
+        choice, else not (opt-in until a GPU run of tests/gpu passes with it)."""
         if self.fuse_router is not None:
             return self.fuse_router
         # read per call, not at import: a process forked from one that imported this module has its own environment
         env = os.environ.get("FLOE_DIST_FUSED_ROUTER")
         if env not in (None, "0", "1"):
             raise ValueError(f"FLOE_DIST_FUSED_ROUTER must be 0 (op by op) or 1 (compiled), got {env!r}")
-        return (t.is_cuda and has_triton()) if env is None else env == "1"
+        return env == "1"
 
     def _kernel(self, fn: Callable, t: torch.Tensor) -> Callable:
         """``fn`` itself (eager) or compiled, as ``_fused`` decides for a call on ``t``."""

@@ -10,7 +10,7 @@ import pytest
 from floe_dist.data import Example, collate, encode, load_task, pack, read_file, tokenize, train_batch
 from floe_dist.generation import numeric_answer, score_generations
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
-from tests.conftest import run_floe
+from tests.conftest import recipe_for, run_floe
 
 ALPACA_COLUMNS = "instruction=question,input=context,output=answer"
 
@@ -202,8 +202,8 @@ def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
     for data, columns, packed in ((alpaca, ALPACA_COLUMNS, True), (chat, "messages=dialog", False)):
         out = tmp_path / f"run-{data.stem}"
         common = dict(model="tiny", task=str(data), columns=columns)
-        train.run(train.TrainArgs(**common, pack=packed, steps=2, micro_batch=2, zero="0", output=str(out)))
-        scored = evaluate.run(evaluate.EvalArgs(**common, adapter=str(out / "adapter"), max_new_tokens=4))
+        train.run(recipe_for("train", **common, pack=packed, steps=2, micro_batch=2, zero="0"), str(out))
+        scored = evaluate.run(recipe_for("evaluate", **common, adapter=str(out / "adapter"), max_new_tokens=4))
         assert scored["examples"] > 0 and scored["loss"] > 0 and "exact_match" in scored and scored["samples"]
         gen = tmp_path / f"{data.stem}.out.jsonl"
         generate.run(generate.GenerateArgs(model="tiny", adapter=str(out / "adapter"), input=str(data), columns=columns,

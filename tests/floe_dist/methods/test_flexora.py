@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
+from tests.conftest import recipe_for
 import torch
 
 from floe_dist.allocation import Allocation
@@ -71,15 +73,14 @@ def test_flexora_layers_beat_all_layers_with_scarce_data():
 
 
 def test_flexora_allocator_selects_layers_of_a_real_model(tmp_path):
-    from floe_dist.stages.allocate import AllocateArgs, run
+    from floe_dist.stages.allocate import run
 
     out = tmp_path / "flexora.json"
-    allocation = run(AllocateArgs(method="flexora", model="tiny", task="sst2", output=str(out), rank=2,
-                                  flexora_steps=3, flexora_batch=2, flexora_val=16, k=2))
+    allocation = run(recipe_for("allocate", method="flexora", model="tiny", task="sst2", rank=2, flexora_steps=3, flexora_batch=2, flexora_val=16, k=2), str(out))
     assert sorted(allocation.layers) == sorted(Allocation.load(out).layers) and len(allocation.layers) == 2
     assert set(allocation.meta["alpha"]) == {"0", "1", "2", "3"}
     with pytest.raises(ValueError, match="leaves none to train on"):
-        run(AllocateArgs(method="flexora", model="tiny", output=str(tmp_path / "x.json"), flexora_val=10_000))
+        run(recipe_for("allocate", method="flexora", model="tiny", flexora_val=10_000), str(tmp_path / "x.json"))
 
 
 def test_flexora_search_on_two_ranks_equals_one_process(tmp_path):

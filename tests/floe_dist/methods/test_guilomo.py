@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
+from tests.conftest import recipe_for
 import torch
 from torch import nn
 
-from floe_dist.stages.allocate import AllocateArgs, model_shape, run as allocate
+from floe_dist.stages.allocate import model_shape, run as allocate
 from floe_dist.allocation import Allocation
 from floe_dist.methods.guilomo import (EXPERT_OFF, EXPERT_ON, RANK_OFF, ExpertMask, GuidedLoRAMoE, RankMask,
                                finite_difference_hvp, guilomo_search)
@@ -97,21 +99,18 @@ def test_search_moves_gsvs_and_leaves_the_lower_level_optimiser_state_consistent
 
 
 def test_guilomo_allocation_with_heterogeneous_ranks_trains_exports_and_evaluates(tmp_path):
-    from floe_dist.stages.evaluate import EvalArgs, run as evaluate
-    from floe_dist.stages.train import TrainArgs, run as train
+    from floe_dist.stages.evaluate import run as evaluate
+    from floe_dist.stages.train import run as train
 
     alloc_file = tmp_path / "guilomo.json"
-    allocation = allocate(AllocateArgs(method="guilomo", model="tiny", task="sst2", output=str(alloc_file),
-                                       guilomo_steps=2, guilomo_batch=2, guilomo_experts=4, guilomo_rank=4,
-                                       guilomo_order="first"))
+    allocation = allocate(recipe_for("allocate", method="guilomo", model="tiny", task="sst2", guilomo_steps=2, guilomo_batch=2, guilomo_experts=4, guilomo_rank=4, guilomo_order="first"), str(alloc_file))
     modules = [m for mods in allocation.layers.values() for m in mods.values()]
     assert all(m.experts >= 2 and m.top_k == 2 and len(m.ranks) == m.experts for m in modules)
     assert any(len(set(m.ranks)) > 1 for m in modules)  # heterogeneous inside a module
-    train(TrainArgs(model="tiny", task="sst2", allocation=str(alloc_file), output=str(tmp_path / "run"), steps=2,
-                    micro_batch=2, zero=0, checkpoint_every=0))
+    train(recipe_for("train", model="tiny", task="sst2", allocation=str(alloc_file), steps=2, micro_batch=2, zero="0", checkpoint_every=0), str(tmp_path / "run"))
     exported = Allocation.load(tmp_path / "run" / "adapter" / "allocation.json")
     assert exported.layers == allocation.layers
-    result = evaluate(EvalArgs(model="tiny", task="sst2", adapter=str(tmp_path / "run" / "adapter"), limit=8))
+    result = evaluate(recipe_for("evaluate", model="tiny", task="sst2", adapter=str(tmp_path / "run" / "adapter"), limit=8))
     most = allocation.count_active_parameters(model_shape("tiny").shapes)
     assert 0 < result["active_parameters_per_token"] <= most < allocation.trainable_parameters
 
@@ -129,8 +128,7 @@ def test_search_balance_loss_is_the_official_one(tmp_path, monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(answer_lm, "AnswerLM", Recording)
-    allocate(AllocateArgs(method="guilomo", model="tiny", task="sst2", output=str(tmp_path / "g.json"),
-                          guilomo_steps=1, guilomo_batch=2, guilomo_experts=4, guilomo_rank=2, guilomo_order="first"))
+    allocate(recipe_for("allocate", method="guilomo", model="tiny", task="sst2", guilomo_steps=1, guilomo_batch=2, guilomo_experts=4, guilomo_rank=2, guilomo_order="first"), str(tmp_path / "g.json"))
     (model,) = made
     modules = [m for mods in model._adapters_by_layer.values() for m in mods if m.balance_loss is not None]
     assert modules and all(m.n_experts == 4 for m in modules)

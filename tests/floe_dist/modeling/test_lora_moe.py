@@ -215,7 +215,7 @@ def test_broadcast_gate_equals_per_column_gather_bitwise(router, ranks, top_k):
     ("topk", [1, 2, 3], 2, 0.0, 0.6),  # heterogeneous ranks: routing compiled, the gate gathered per column
 ])
 def test_compiled_router_equals_the_eager_one_forward_and_backward(router, ranks, top_k, top_p, capacity):
-    """The fused path (CUDA's default: torch.compile of route_and_mix and balance_loss; of topk_route alone
+    """The fused path (opt-in: torch.compile of route_and_mix and balance_loss; of topk_route alone
     for heterogeneous ranks; of broadcast_gates alone for the dense router) gives the eager path's picks
     exactly and its outputs and gradients to float tolerance, across token counts (a recompile with a
     dynamic token dimension) and with a stats reducer between the two compiled parts."""

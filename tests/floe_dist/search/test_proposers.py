@@ -18,11 +18,11 @@ def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None, model_
     once the proposer exists."""
     from floe_dist.search.ledger import Ledger
     from floe_dist.search.proposers import SmacProposer
-    from floe_dist.stages.search import SearchArgs
+    from floe_dist.recipe import SearchSection
 
     out.mkdir(parents=True)
-    args = SearchArgs(output=str(out), mode="smac", ranks="1,2,4,8,16,32", lr="1e-4:1e-1", min_steps=3, max_steps=27,
-                      initial_configs=3, seed=0, pending=pending, model_data=model_data)
+    args = SearchSection(mode="smac", brackets="sh", random_interleave=0.2, ranks="1,2,4,8,16,32", lr="1e-4:1e-1",
+                         min_steps=3, max_steps=27, initial_configs=3, seed=0, pending=pending, model_data=model_data)
     ledger = Ledger(out / "search.json", args)
     proposer = SmacProposer(args, out)
     if watch:
@@ -141,12 +141,12 @@ def test_a_free_worker_waits_for_the_result_that_lets_the_model_propose(tmp_path
     result is in, the promotion and then a model proposal follow."""
     from floe_dist.search.ledger import Ledger
     from floe_dist.search.proposers import SmacProposer
-    from floe_dist.stages.search import SearchArgs
+    from floe_dist.recipe import SearchSection
 
     def start(name: str):
         out = tmp_path / name
         out.mkdir()
-        args = SearchArgs(output=str(out), mode="smac", brackets="hyperband", ranks="1,2,4,8,16,32", lr="1e-4:1e-1",
+        args = SearchSection(mode="smac", brackets="hyperband", ranks="1,2,4,8,16,32", lr="1e-4:1e-1",
                           min_steps=8, max_steps=24, initial_configs=3, random_interleave=0.0, seed=0)
         return Ledger(out / "search.json", args), SmacProposer(args, out)
 

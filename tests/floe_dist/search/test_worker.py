@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_floe
+from tests.conftest import recipe_for, run_floe
 
 LM_TRIALS = ["search", "--mode", "grid", "--model", "tiny", "--task", "sst2", "--lr", "1e-3", "--max-steps", "3",
              "--micro-batch", "2", "--val-limit", "16", "--workers", "1"]
@@ -18,7 +18,6 @@ def trials(out: Path) -> list[dict]:
 
 
 def test_a_warm_worker_computes_what_a_fresh_process_does(tmp_path):
-    from floe_dist.stages.evaluate import EvalArgs
     from floe_dist.stages.evaluate import run as evaluate
 
     run_floe([*LM_TRIALS, "--ranks", "2,4", "--output", str(tmp_path / "warm")])
@@ -32,7 +31,7 @@ def test_a_warm_worker_computes_what_a_fresh_process_does(tmp_path):
     assert cold["cost"] == warm[1]["cost"]  # bit for bit: nothing of trial 0 leaked into trial 1
     # the in-memory validation of the trained modules equals evaluating the exported adapter afresh
     adapter = tmp_path / "warm" / "trials" / "0001" / "train" / "adapter"
-    scored = evaluate(EvalArgs(model="tiny", task="sst2", split="val", adapter=str(adapter), limit=16))
+    scored = evaluate(recipe_for("evaluate", model="tiny", task="sst2", split="val", adapter=str(adapter), limit=16))
     assert scored["loss"] == pytest.approx(warm[1]["cost"], abs=1e-6)
 
 

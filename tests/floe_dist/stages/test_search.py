@@ -16,7 +16,9 @@ from tests.conftest import REPO, clean_env, floe_command, run_floe
 
 # Grid: 5 ranks x 3 learning rates at 270 steps = 15 full trials. Rank 4 is planted.
 SPACE = ["--model", "tiny", "--trial-module", "tests.search_toy", "--ranks", "1,2,4,8,16",
-         "--lr", "3e-3:3e-2", "--grid-lr-points", "3", "--min-steps", "30", "--max-steps", "270", "--workers", "2"]
+         "--lr", "3e-3:3e-2", "--grid-lr-points", "3", "--min-steps", "30", "--max-steps", "270", "--workers", "2",
+         # without an allocation the search scales the adapter section: here one top-k expert per module
+         "--adapter.experts", "1", "--adapter.router", "topk", "--adapter.top_k", "1", "--adapter.alpha", "16"]
 
 
 def ledger(out: Path) -> dict:
@@ -278,14 +280,15 @@ def test_a_candidates_margin_carries_its_paired_standard_error_over_the_validati
     """Each candidate's best top-budget trial is compared with the incumbent example by example: a margin well
     above the noise of the validation set is resolved, one within two standard errors is flagged."""
     from floe_dist.search.ledger import Ledger, Trial
-    from floe_dist.stages.search import SearchArgs, candidate_costs, candidate_report, unresolved
+    from floe_dist.recipe import SearchSection
+    from floe_dist.search.report import candidate_costs, candidate_report, unresolved
 
     def trial(i: int, name: str, costs: list[float], budget: int = 24) -> Trial:
         return Trial(i, {"allocation": name, "rank": 4, "lr": 1e-3}, budget, 0, status="success",
                      cost=sum(costs) / len(costs), metrics={"example_costs": costs})
 
     base, noise = [0.2, 0.9, 0.4, 0.1, 0.6, 0.3], [0.5, -0.5, 0.5, -0.5, 0.5, -0.4]
-    ledger = Ledger(tmp_path / "search.json", SearchArgs(output=str(tmp_path)))
+    ledger = Ledger(tmp_path / "search.json", SearchSection())
     ledger.trials = [trial(0, "floe", base), trial(1, "uniform", [c + 0.1 for c in base]),  # 0.1 behind everywhere
                      trial(2, "random", [c + d for c, d in zip(base, noise)]),  # 0.0167 behind on average, noisily
                      trial(3, "random", [0.0] * 6, budget=8)]  # a lower budget: not compared

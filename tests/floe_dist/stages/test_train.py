@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, run_floe, run_python
+from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, recipe_for, run_floe, run_python
 
 MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
 PROBE = "tests/floe_dist/logits_probe.py"
@@ -226,9 +226,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(trainer, "AnswerLM", NanAtFourthForward)
     out = tmp_path / "nan"
-    args = train.TrainArgs(model="tiny", steps=6, micro_batch=2, checkpoint_every=2, output=str(out), zero="3")
+    recipe = recipe_for("train", model="tiny", steps=6, micro_batch=2, checkpoint_every=2, zero="3")
     with pytest.raises(FloatingPointError, match="loss is not finite at step 3"):
-        train.run(args)
+        train.run(recipe, str(out))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"  # last good one kept
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     assert not (out / "adapter").exists()
@@ -315,7 +315,7 @@ def test_optimizer_is_torch_adamw_fused_on_gpu_and_cpu_adam_under_gpu_offload(mo
 
 
 def test_fused_router_trains_as_the_eager_one_on_two_zero3_ranks(tmp_path):
-    """FLOE_DIST_FUSED_ROUTER=1 forces the compiled router (CUDA's default) onto CPU: under ZeRO-3 on two
+    """FLOE_DIST_FUSED_ROUTER=1 turns the compiled router on (opt-in, CPU here): under ZeRO-3 on two
     ranks, with gradient checkpointing recomputing it and the balance loss's stats all-reduced between
     its two compiled parts, the losses and gradient norms are the eager router's."""
     common = ["train", "--model", "tiny", "--steps", "3", "--zero", "3", "--micro-batch", "2", "--experts", "4",
