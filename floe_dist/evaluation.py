@@ -20,7 +20,7 @@ from floe_dist.data import Example, collate, encode
 from floe_dist.generation import generate, numeric_answer, score_generations, stop_strings
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
-from floe_dist.recipe import Recipe
+from floe_dist.recipe import EvaluateSection, Recipe
 from floe_dist.resources import Resources
 
 
@@ -144,17 +144,17 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
     return result
 
 
-def evaluate_generative(args, max_length: int, model: AnswerLM, lm, tokenizer, examples: list[Example],
+def evaluate_generative(settings: EvaluateSection, max_length: int, model: AnswerLM, lm, tokenizer, examples: list[Example],
                         device) -> dict:
     """Loss and perplexity on every example; generation scores on those with a prompt (not plain text)."""
     import math
 
-    loss = answer_loss(model, tokenizer, examples, args.batch_size, max_length, device)
+    loss = answer_loss(model, tokenizer, examples, settings.batch_size, max_length, device)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0}
     prompted = [e for e in examples if e.prompt]
     if prompted:
-        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=args.max_new_tokens,
-                         stop=stop_strings(args.stop), batch_size=args.batch_size, max_length=max_length,
+        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=settings.max_new_tokens,
+                         stop=stop_strings(settings.stop), batch_size=settings.batch_size, max_length=max_length,
                          device=device)
         scores = score_generations(texts, [e.reference for e in prompted])
         result.update(scores, accuracy=scores["exact_match"],

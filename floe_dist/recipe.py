@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from functools import reduce
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from floe_dist.assets import asset_dir
 from floe_dist.config import arg, below_one
@@ -390,42 +391,39 @@ class Recipe:
 
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 1e-3, "allocate.flexora.steps": 50, ...}``: the form resume guards compare."""
-        return flatten(self)
+        return {key: reduce(getattr, key.split("."), self) for key in field_paths(Recipe)}
+
+    def problems(self, *sections: str) -> list[str]:
+        """Every problem of the named sections (default: all): choices the parser would refuse (for objects built
+        in code), each section's own checks, then those across sections."""
+        names, flat = sections or [f.name for f in fields(self)], self.flat()
+        found = [f"{key} must be one of {allowed}, got {flat[key]!r}" for key, allowed in choices().items()
+                 if key.split(".")[0] in names and flat[key] not in allowed]
+        found += [p for n in names if hasattr(getattr(self, n), "problems") for p in getattr(self, n).problems()]
+        if {"search", "allocate"} <= set(names) and self.allocate.file and self.search.candidates:
+            found.append("give allocate.file or search.candidates, not both (a candidate may be that file)")
+        return found
 
     def validate(self, *sections: str) -> None:
-        """Every problem of the named sections (default: all that can have one) in one error."""
-        names = sections or [f.name for f in fields(self)]
-        found = [f"{key} must be one of {choices}, got {value!r}" for key, (value, choices) in literal_values(self).items()
-                 if key.split(".")[0] in names and value not in choices]
-        found += [p for n in names if hasattr(getattr(self, n), "problems") for p in getattr(self, n).problems()]
+        """``problems`` as one error."""
+        found = self.problems(*sections)
         if found:
             raise ValueError("bad settings:\n  - " + "\n  - ".join(found))
 
 
-def literal_values(obj: Any, prefix: str = "") -> dict[str, tuple[Any, tuple]]:
-    """{key: (value, allowed)} of every choice setting: what the parser checks, for objects built in code."""
-    import typing
-
-    out = {}
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            out.update(literal_values(value, f"{prefix}{f.name}."))
-        elif typing.get_origin(hints[f.name]) is Literal:
-            out[f"{prefix}{f.name}"] = (value, typing.get_args(hints[f.name]))
-    return out
+def is_section(f) -> bool:
+    """A field that holds a nested section (a dataclass default factory), not a setting."""
+    return callable(f.default_factory) and is_dataclass(f.default_factory)
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            out.update(flatten(value, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = value
-    return out
+def choices() -> dict[str, tuple]:
+    """{key: allowed values} of every ``Literal`` setting."""
+    found = {}
+    for prefix, section in section_paths(Recipe).items():
+        hints = get_type_hints(section)
+        found.update({f"{prefix}.{f.name}": get_args(hints[f.name]) for f in fields(section)
+                      if not is_section(f) and get_origin(hints[f.name]) is Literal})
+    return found
 
 
 def settings_of(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -469,8 +467,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     kwargs = {}
     for f in fields(cls):
         if f.name in data:
-            sub = f.default_factory if callable(f.default_factory) and is_dataclass(f.default_factory) else None
-            kwargs[f.name] = from_dict(sub, data[f.name] or {}) if sub else data[f.name]
+            kwargs[f.name] = from_dict(f.default_factory, data[f.name] or {}) if is_section(f) else data[f.name]
     return cls(**kwargs)
 
 
@@ -504,7 +501,7 @@ def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
     """{"train.lr": Field, "allocate.flexora.steps": Field, ...}: every setting of the tree."""
     out = {}
     for f in fields(cls):
-        if callable(f.default_factory) and is_dataclass(f.default_factory):
+        if is_section(f):
             out.update(field_paths(f.default_factory, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = f
@@ -515,7 +512,7 @@ def section_paths(cls: type, prefix: str = "") -> dict[str, type]:
     """{"train": TrainSection, "allocate.flexora": FlexoraSection, ...}."""
     out = {}
     for f in fields(cls):
-        if callable(f.default_factory) and is_dataclass(f.default_factory):
+        if is_section(f):
             out[f"{prefix}{f.name}"] = f.default_factory
             out.update(section_paths(f.default_factory, f"{prefix}{f.name}."))
     return out

@@ -31,9 +31,10 @@ from floe_dist.resources import Resources
 from floe_dist.resume import guard
 
 SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's result depends on, with its allocation
-# How long, not what; and what only says how it runs (a checkpoint's world size is checked against it directly).
-RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "model.adapter", "model.shape",
-                     "parallel.nproc", "parallel.nodes", "parallel.launcher", "parallel.gpus_per_node"}
+# What only says how a run starts (a checkpoint's world size is checked against it directly), or reads nothing here.
+HOW_TO_RUN = {"model.adapter", "model.shape", "parallel.nproc", "parallel.nodes", "parallel.launcher",
+              "parallel.gpus_per_node"}
+RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.checkpoint_every", "train.keep_checkpoints"}  # how long
 LAYOUT_KEYS = {"train.micro_batch", "train.accumulation", "parallel.ep_size", "parallel.zero"}  # portable checkpoints
 
 

@@ -105,12 +105,7 @@ class Campaign:
 
 def validate(recipe: Recipe) -> None:
     """Every section's problems and the campaign's own, at once, before any stage runs."""
-    try:
-        recipe.validate()
-        problems = []
-    except ValueError as err:
-        problems = [line.strip()[2:] for line in str(err).splitlines()[1:]]
-    p = recipe.parallel
+    problems, p = recipe.problems(), recipe.parallel
     if p.nodes > 1 and p.launcher != "srun":
         problems.append("parallel.nodes > 1 needs parallel.launcher srun (run the campaign from an sbatch "
                         "script: floe-dist slurm render --config RECIPE)")

@@ -119,7 +119,7 @@ def strip_launcher_flags(argv: list[str]) -> list[str]:
 
 
 def parse_command(name: str, argv: list[str]):
-    """(module, recipe, output) for a recipe command; (module, options) for a tool."""
+    """(module, recipe, output) for a recipe command; (module, options, recipe or None) for a tool."""
     from floe_dist.recipe import parse_recipe
 
     if name in TOOL_COMMANDS:

@@ -47,20 +47,29 @@ SECTIONS = ("score", "adapter", "allocate", "model", "data", "parallel")
 OUTPUT = "runs/score"
 
 
-def warm_up(recipe: Recipe, out: Path) -> Path:
-    """Train (or reuse) the all-layer warm-up adapter; returns its export folder."""
-    from floe_dist.trainer import RESUME_MAY_CHANGE, Trainer, run_settings
+WARMUP_MAY_CHANGE = {"parallel.zero"}  # with the trainer's HOW_TO_RUN: the same warm-up under another ZeRO stage
 
+
+def warmup_recipe(recipe: Recipe) -> Recipe:
+    """The warm-up's training: the adapter section on every layer (no dropout) for score.warmup_steps on the first
+    score.proxy_examples examples; the other train settings their defaults."""
     s = recipe.score
-    warm = replace(recipe, adapter=replace(recipe.adapter, dropout=0.0),
+    return replace(recipe, adapter=replace(recipe.adapter, dropout=0.0),
                    data=replace(recipe.data, max_train_examples=s.proxy_examples),
                    train=replace(TrainSection(), steps=s.warmup_steps, micro_batch=s.micro_batch, lr=s.warmup_lr,
                                  seed=s.seed, checkpoint_every=0),
                    allocate=replace(recipe.allocate, file=None), parallel=replace(recipe.parallel, ep_size=1))
-    export = out / "warmup" / "adapter"
-    # A copied warm-up folder, or one made under another ZeRO stage, is the same warm-up.
+
+
+def warm_up(recipe: Recipe, out: Path) -> Path:
+    """Train (or reuse) the all-layer warm-up adapter; returns its export folder."""
+    from floe_dist.trainer import HOW_TO_RUN, Trainer, run_settings
+
+    warm, export = warmup_recipe(recipe), out / "warmup" / "adapter"
+    # A copied warm-up folder, or one made under another ZeRO stage or on other ranks, is the same warm-up; one of
+    # other steps is not (the trainer's own guard would take it as a longer run of the same).
     guard(out / "warmup" / "train_args.json", run_settings(warm), what="a warm-up",
-          may_change=RESUME_MAY_CHANGE | {"parallel.zero"}, write=False)
+          may_change=HOW_TO_RUN | WARMUP_MAY_CHANGE, write=False)
     if not (export / "export.json").is_file():
         Trainer(warm, str(out / "warmup")).fit()
     return export

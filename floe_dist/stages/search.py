@@ -57,8 +57,6 @@ def base_allocations(recipe: Recipe, shape) -> dict[str, Allocation]:
 
     candidates = recipe.search.candidate_files()
     if candidates:
-        if recipe.allocate.file:
-            raise ValueError("give allocate.file or search.candidates, not both (a candidate may be that file)")
         return {name: Allocation.load(path) for name, path in candidates.items()}
     return {"given": build_allocation(recipe, shape.num_layers)}
 
@@ -66,15 +64,7 @@ def base_allocations(recipe: Recipe, shape) -> dict[str, Allocation]:
 def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     from floe_dist.stages.allocate import model_shape
 
-    try:
-        recipe.validate(*SECTIONS)
-        problems = []
-    except ValueError as err:
-        problems = str(err).splitlines()[1:]
-    if recipe.allocate.file and recipe.search.candidates:
-        problems.append("  - give allocate.file or search.candidates, not both (a candidate may be that file)")
-    if problems:
-        raise ValueError("bad settings:\n" + "\n".join(problems))
+    recipe.validate(*SECTIONS)
     args, start, out = recipe.search, time.time(), Path(output)
     out.mkdir(parents=True, exist_ok=True)
     guard(out / "search_args.json", settings_of(recipe, SECTIONS), what="a search", may_change=RESUME_MAY_CHANGE)

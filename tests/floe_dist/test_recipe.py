@@ -13,7 +13,8 @@ import yaml
 import floe_dist
 import launcher
 from floe_dist.config import arg
-from floe_dist.recipe import Recipe, field_paths, load_recipe, read_recipe, shipped_recipes, write_recipe
+from floe_dist.recipe import (Recipe, field_paths, load_recipe, read_recipe, section_paths, shipped_recipes,
+                              write_recipe)
 from launcher.cli import RECIPE_COMMANDS, TOOL_COMMANDS, aliases, expand_aliases
 from tests.conftest import run_floe
 
@@ -37,7 +38,7 @@ def declared_fields(modules) -> dict[str, list[str]]:
 def redeclared(modules, recipe=Recipe) -> list[str]:
     """Settings declared outside the recipe tree again (a second definition, a second default), and names used
     twice inside it for one setting (the same help line)."""
-    sections = {cls.__name__ for cls in _section_classes(recipe)}
+    sections = {cls.__name__ for cls in [recipe, *section_paths(recipe).values()]}
     keys = field_paths(recipe)
     problems = []
     for name, places in declared_fields(modules).items():
@@ -51,14 +52,6 @@ def redeclared(modules, recipe=Recipe) -> list[str]:
         helps.setdefault((key.rsplit(".", 1)[1], f.metadata["help"]), []).append(key)
     problems += [f"{keys_} are one setting declared {len(keys_)} times" for keys_ in helps.values() if len(keys_) > 1]
     return problems
-
-
-def _section_classes(cls) -> list[type]:
-    out = [cls]
-    for f in fields(cls):
-        if callable(f.default_factory) and is_dataclass(f.default_factory):
-            out += _section_classes(f.default_factory)
-    return out
 
 
 def package_modules() -> list[types.ModuleType]:

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from floe_dist.recipe import load_recipe, read_recipe
 from floe_dist.files import LOCK_NAME, exclusive
 from tests.conftest import REPO, clean_env, floe_command, run_floe

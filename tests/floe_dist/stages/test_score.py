@@ -84,3 +84,18 @@ def test_bad_inputs_fail_with_clear_errors(warm, tmp_path):
     assert proc.returncode == 2 and "zero samples" in proc.stderr
     proc = run_floe([*COMMON, "--output", str(warm / "one"), "--warmup-steps", "5"], check=False)
     assert proc.returncode == 2 and "warm-up made with other settings" in proc.stderr
+
+
+def test_a_warm_up_of_other_steps_is_not_reused_but_one_under_another_zero_stage_is():
+    from floe_dist.recipe import load_recipe
+    from floe_dist.resume import changed_settings
+    from floe_dist.stages.score import WARMUP_MAY_CHANGE, warmup_recipe
+    from floe_dist.trainer import HOW_TO_RUN, run_settings
+
+    def changed(*overrides: str) -> set[str]:
+        saved, now = (run_settings(warmup_recipe(load_recipe("tiny", list(o)))) for o in ((), overrides))
+        return set(changed_settings(saved, now, HOW_TO_RUN | WARMUP_MAY_CHANGE))
+
+    assert changed("--score.warmup_steps", "5") == {"train.steps"}
+    assert changed("--parallel.zero", "0", "--parallel.nproc", "1") == set()
+    assert changed("--train.steps", "99") == set()  # the final training's length is not the warm-up's
