@@ -112,9 +112,9 @@ def planned_mib(model_dir: Path, ranks: int) -> dict:
     """``floe-dist plan --device cpu``'s load peak per rank for the same run (its training peak assumes
     DeepSpeed's default live-parameter bounds, which this benchmark lowers, so it is not compared)."""
     from floe_dist.recipe import TrainSection
-    from floe_dist.stages.plan import GIB, PlanArgs, plan
+    from floe_dist.stages.plan import GIB, PlanInputs, plan
 
-    p = plan(PlanArgs(model=str(model_dir), device="cpu", quant="fp32", zero=3, gpus_per_node=ranks,
+    p = plan(PlanInputs(model=str(model_dir), device="cpu", quant="fp32", zero=3, gpus_per_node=ranks,
                       targets="q_proj,v_proj", experts=1, rank=8, micro_batch=1, seq_len=64,
                       gradient_checkpointing=TrainSection().gradient_checkpointing, flash_attention=False))
     return {"plan_load_mib": round(p["load_bytes"] / GIB * 1024)}

@@ -61,9 +61,9 @@ def measured_mib(model: str, zero: int, world: int, env: dict[str, str], out: Pa
 
 
 def planned_mib(model: str, zero: int, world: int, seq_len: int) -> float:
-    from floe_dist.stages.plan import GIB, PlanArgs, plan
+    from floe_dist.stages.plan import GIB, PlanInputs, plan
 
-    args = PlanArgs(model=model, device="cpu", quant="fp32", targets="q_proj,v_proj", rank=8, zero=zero,
+    args = PlanInputs(model=model, device="cpu", quant="fp32", targets="q_proj,v_proj", rank=8, zero=zero,
                     gpus_per_node=world, micro_batch=MICRO_BATCH, seq_len=seq_len, gradient_checkpointing=False,
                     flash_attention=False)
     return plan(args)["total_bytes"] / GIB * 1024

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
-from floe_dist.stages.plan import GIB, PlanArgs, plan  # noqa: E402
+from floe_dist.stages.plan import GIB, PlanInputs, plan  # noqa: E402
 
 ANSWER_AI = "Answer.AI fsdp_qlora benchmarks_03_2024.md"
 ANSWER_AI_LORA = dict(rank=64, targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj", gpus_per_node=2,
@@ -39,7 +39,7 @@ class Published:
     published: float
     unit: str  # "GB" (1e9 bytes) or "GiB"
     role: str  # "calibration" or "validation"
-    plan: dict = field(default_factory=dict)  # PlanArgs fields
+    plan: dict = field(default_factory=dict)  # PlanInputs fields
     fitted: str = ""  # calibration: the constant fitted on this figure
 
 
@@ -76,7 +76,7 @@ def predict(row: Published, key: str = "total_bytes") -> float:
             config = Path(tmp) / "config.json"
             config.write_text(json.dumps(YI_34B))
             args["model"] = str(config)
-        total = plan(PlanArgs(**args))[key]
+        total = plan(PlanInputs(**args))[key]
     return total / (GIB if row.unit == "GiB" else 1e9)
 
 

@@ -142,14 +142,14 @@ def token_flops(config, variant: str, seq_len: int):
 
 
 def plan_for(shape: str, variant: str, micro_batch: int, seq_len: int, gpu_memory: float, peak: float) -> dict:
-    from floe_dist.stages.plan import PlanArgs, count_model, model_config, plan
+    from floe_dist.stages.plan import PlanInputs, count_model, model_config, plan
 
     common = dict(model=shape, nodes=1, gpus_per_node=1, zero=3, quant="nf4", micro_batch=micro_batch,
                   seq_len=seq_len, full_sequence_loss=True, gpu_memory=gpu_memory, peak_tflops=peak,
                   targets=",".join(TARGETS))
     allocation = allocation_for(variant, count_model(model_config(shape)).layers)
     with tempfile.TemporaryDirectory() as tmp:
-        return plan(PlanArgs(allocation=str(allocation.save(Path(tmp) / "allocation.json")), **common))
+        return plan(PlanInputs(allocation=str(allocation.save(Path(tmp) / "allocation.json")), **common))
 
 
 def run_one(args) -> dict:

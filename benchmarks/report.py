@@ -2,6 +2,7 @@
 
     python benchmarks/report.py           # rewrite every marked table in BENCHMARKS.md
     python benchmarks/report.py --check   # exit 1 if a table differs from its result file, or a table is unmarked
+    python benchmarks/report.py --plot    # also redraw docs/results.png (README's plot) from its result files
 
 A table lives between ``<!-- table: NAME -->`` and ``<!-- /table -->``; NAME picks a renderer below,
 which only formats what the result file holds (the scripts compute every figure, ratios included).
@@ -462,10 +463,45 @@ def unmarked_tables(text: str) -> list[str]:
     return [head for head, rule in zip(lines, lines[1:]) if head.startswith("|") and rule.startswith("|---")]
 
 
+PLOT = REPO / "docs" / "results.png"
+PLOTTED = {"SST-2 (accuracy)": "campaign_vs_peft_hyperband", "arithmetic, 320 final steps (numeric match)":
+           "campaign_vs_peft_arithmetic_320"}
+
+
+def plot_results(path: Path = PLOT) -> Path:
+    """README's one plot: per seed, the campaign's and PEFT LoRA's score at equal wall time, per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(8, 3))
+    for ax, (title, name) in zip(axes, PLOTTED.items()):
+        rows = load(name)["rows"]
+        seeds = [r["seed"] for r in rows]
+        for offset, arm, label in ((-0.2, "campaign", "floe-dist campaign"), (0.2, "peft", "PEFT LoRA")):
+            ax.bar([s + offset for s in seeds], [100 * r[arm]["accuracy"] for r in rows], width=0.4, label=label)
+        low = min(100 * r[arm]["accuracy"] for r in rows for arm in ("campaign", "peft"))
+        ax.set_ylim(max(0, low - 10), None)
+        ax.set_xticks(seeds, [f"seed {s}" for s in seeds])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("%")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("equal wall time, 3 seeds (BENCHMARKS.md)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if BENCHMARKS.md differs from its result files")
+    parser.add_argument("--plot", action="store_true", help=f"also redraw {PLOT.relative_to(REPO)}")
     args = parser.parse_args()
+    if args.plot:
+        print(f"wrote {plot_results()}")
     text = BENCHMARKS.read_text()
     new = regenerate(text)
     stray = unmarked_tables(text)

@@ -358,6 +358,23 @@ class GenerateSection:
 
 
 @dataclass
+class PlanSection:
+    """plan: what `floe-dist plan` assumes beyond the model, adapter, train and parallel sections"""
+    device: Literal["gpu", "cpu"] = arg("gpu", "gpu (bf16 activations) or cpu (fp32; the live peak RSS of a rank)")
+    gpu_memory: float = arg(80.0, "GiB per GPU to fit into (H100: 80)")
+    peak_tflops: float = arg(989.0, "dense bf16 peak per GPU (H100 SXM: 989)")
+    mfu: float = arg(0.3, "assumed MFU: model FLOPs (no recomputation, floe_dist/flops.py) over the peak")
+    flash_attention: bool = arg(True, "attention without the s^2 score matrix (FlashAttention/SDPA)")
+    full_sequence_loss: bool = arg(False, "logits at every position (PEFT/TRL SFT) instead of answer tokens only")
+    offload: bool = arg(False, "parameters and optimizer state in CPU memory (ZeRO-Infinity / FSDP offload)")
+    double_quant: bool = arg(False, "with model.quant nf4: bitsandbytes' double quantization (absmax quantized)")
+
+    def problems(self) -> list[str]:
+        found = [] if 0 < self.mfu <= 1 else [f"plan.mfu must be in (0, 1], got {self.mfu}"]
+        return found + ([] if self.gpu_memory > 0 else [f"plan.gpu_memory must be > 0, got {self.gpu_memory}"])
+
+
+@dataclass
 class ParallelSection:
     """parallel: ranks, nodes and how they start"""
     nproc: int = arg(1, "ranks per node for score and train (local processes, or GPUs per node): as many as pay "
@@ -387,6 +404,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
+    plan: PlanSection = field(default_factory=PlanSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def flat(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     floe-dist score|allocate|search|train|evaluate|generate [--config RECIPE] [--section.key VALUE ...]
     floe-dist STAGE --config RECIPE --print_config                  # the settings that stage runs with
     floe-dist export --run DIR
-    floe-dist plan --config recipes/llama3-70b-2node.yaml            # memory per GPU before any run
+    floe-dist plan --config recipes/llama3-70b-2node.yaml            # memory per GPU before any run (a stage too)
     floe-dist slurm --action render --config RECIPE --output runs/c  # an sbatch script that runs a recipe
 
 Every stage and the campaign read the same settings tree (floe_dist/recipe.py) through jsonargparse:
@@ -32,13 +32,13 @@ RECIPE_COMMANDS = {
     "train": ("floe_dist.stages.train", "train adapters under DeepSpeed (ZeRO-0/2/3)"),
     "evaluate": ("floe_dist.stages.evaluate", "accuracy, loss or exact match of a base model or adapter"),
     "generate": ("floe_dist.stages.generate", "what a base model or adapter writes for prompts"),
+    "plan": ("floe_dist.stages.plan", "predict per-GPU memory and step time of a layout before running it"),
     "campaign": ("launcher.campaign", "run a recipe's stages end to end"),
 }
 # Tools with options of their own: name -> (module, options class, help). With --config RECIPE, a tool's
 # module maps the recipe onto its defaults (``recipe_defaults``).
 TOOL_COMMANDS = {
     "export": ("floe_dist.stages.export", "ExportArgs", "rebuild an adapter export from a checkpoint"),
-    "plan": ("floe_dist.stages.plan", "PlanArgs", "predict per-GPU memory and step time of a layout before running it"),
     "slurm": ("launcher.slurm", "SlurmArgs", "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
 }
 SHORTCUTS = {"model": "model.name", "allocation": "allocate.file", "adapter": "model.adapter"}

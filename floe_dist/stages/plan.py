@@ -1,12 +1,13 @@
 """``floe-dist plan``: per-GPU memory and time of a training layout, before any cluster hour is spent.
 
-    floe-dist plan --model llama3-70b --nodes 2 --gpus-per-node 8 --quant nf4 --experts 8 --rank 8
+    floe-dist plan --config recipes/llama3-70b-2node.yaml            # what the recipe's train stage needs
+    floe-dist plan --model llama3-70b --nodes 2 --nproc 8 --quant nf4 --zero 3 --experts 8 --rank 8 --router topk
     floe-dist plan --model path/to/config.json --allocation runs/x/allocation.json --gpu-memory 40
 
 Parameters are counted exactly on a model built on the meta device (no weights, no download) from a
 built-in Llama shape or any Hugging Face ``config.json``; adapter counts come from the allocation
-file (or a uniform one from the flags). Memory per GPU follows the model in
-``../shared/reference/landscape.md`` (ZeRO paper model states, Korthikanti et al. activations):
+file (or the adapter section on every layer). Memory per GPU follows the ZeRO paper's model states and
+Korthikanti et al.'s activations:
 
     base      4-bit / 16-bit frozen weights, / N under ZeRO-3 (0 with --offload)
     adapters  16 B per trainable parameter (16-bit weight, fp32 master, Adam m, v, grad),
@@ -41,7 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from floe_dist.allocation import Allocation
-from floe_dist.config import arg, below_one
+from floe_dist.config import below_one
+from floe_dist.recipe import Recipe
 from floe_dist.distributed.layout import Layout
 from floe_dist.flops import flops_per_token
 
@@ -73,37 +75,43 @@ GPU_FACTOR = 1.2  # fitted on the PEFT docs' Llama-2-70B ZeRO-3 + QLoRA run (36.
 # forward that distance is about twice the parameters after it, so the last ~5e8 elements stay gathered:
 # a model smaller than that stays gathered whole (probed on SmolLM2: every parameter stayed gathered through the step).
 REUSE_KEPT_ELEMENTS = 1e9 / 2
-GPU_RUNTIME_BYTES = 1.5e9  # assumed, not fitted: CUDA/NCCL context and workspaces (landscape.md: 1-2 GB)
+GPU_RUNTIME_BYTES = 1.5e9  # assumed, not fitted: CUDA/NCCL context and workspaces (published figures: 1-2 GB)
 # measured: peak RSS of a process that imported the training stack (torch, transformers, deepspeed, peft,
 # tensorboard) and loaded a tokenizer and the SST-2 task, i.e. a CPU rank before its model exists
 CPU_RUNTIME_BYTES = 536_260 * 1024
 
 
+SECTIONS = ("plan", "model", "adapter", "train", "parallel", "allocate")
+OUTPUT = None  # printed; --output FILE also writes the plan as JSON
+
+
 @dataclass
-class PlanArgs:
-    model: str = arg("llama3-70b", f"built-in shape ({', '.join(BUILTIN)}), a config.json, or a model folder")
-    allocation: str | None = arg(None, "allocation.json; none = uniform from the flags below")
-    targets: str = arg(ALL_LINEAR, "uniform allocation: comma-separated module names")
-    experts: int = arg(1, "uniform allocation: experts per module")
-    rank: int = arg(16, "uniform allocation: rank of every expert")
-    top_k: int = arg(2, "uniform allocation: experts per token")
-    nodes: int = arg(1, "nodes")
-    gpus_per_node: int = arg(8, "GPUs (ranks) per node")
-    zero: int = arg(3, "ZeRO stage: 0, 2 or 3")
-    quant: str = arg("nf4", "frozen base storage: nf4, nf4-dq (double quantization), bf16, fp32")
-    ep_size: int = arg(1, "expert-parallel size (divides the world size)")
-    micro_batch: int = arg(1, "sequences per GPU per micro-step")
-    seq_len: int = arg(2048, "tokens per sequence")
-    accumulation: int = arg(1, "micro-steps per optimizer step")
-    gradient_checkpointing: bool = arg(True, "recompute layer activations in backward")
-    flash_attention: bool = arg(True, "attention without the s^2 score matrix (FlashAttention/SDPA)")
-    full_sequence_loss: bool = arg(False, "logits at every position (PEFT/TRL SFT) instead of answer tokens only")
-    offload: bool = arg(False, "parameters and optimizer state in CPU memory (ZeRO-Infinity / FSDP offload)")
-    device: str = arg("gpu", "gpu (bf16 activations) or cpu (fp32, predicts the live peak RSS of a rank)")
-    gpu_memory: float = arg(80.0, "GiB per GPU to fit into (H100: 80)")
-    peak_tflops: float = arg(989.0, "dense bf16 peak per GPU (H100 SXM: 989)")
-    mfu: float = arg(0.3, "assumed MFU: model FLOPs (no recomputation, floe_dist/flops.py) over the peak")
-    output: str | None = arg(None, "also write the plan as JSON here")
+class PlanInputs:
+    """What the planner computes on. The command builds every field from a recipe (``plan_inputs``); benchmarks
+    and tests give them directly, and the defaults are the published runs' common setting (70B QLoRA on 8 GPUs)."""
+    model: str = "llama3-70b"  # built-in shape, a config.json, or a model folder
+    allocation: str | None = None  # allocation.json; none = uniform from the fields below
+    targets: str = ALL_LINEAR
+    experts: int = 1
+    rank: int = 16
+    top_k: int = 2
+    router: str = "topk"
+    nodes: int = 1
+    gpus_per_node: int = 8  # ranks per node
+    zero: int = 3
+    quant: str = "nf4"  # nf4, nf4-dq (double quantization), bf16, fp32
+    ep_size: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    accumulation: int = 1
+    gradient_checkpointing: bool = True
+    flash_attention: bool = True
+    full_sequence_loss: bool = False
+    offload: bool = False
+    device: str = "gpu"
+    gpu_memory: float = 80.0
+    peak_tflops: float = 989.0
+    mfu: float = 0.3
 
     def layout(self) -> Layout:
         return Layout.planned(max(1, self.nodes), max(1, self.gpus_per_node), self.ep_size, self.zero)
@@ -126,16 +134,21 @@ class PlanArgs:
             raise ValueError("bad plan arguments:\n  - " + "\n  - ".join(problems))
 
 
-def recipe_defaults(recipe) -> dict:
-    """With --config: the recipe's model, adapter shape, layout and batch are the plan's."""
-    r = recipe
+def plan_inputs(recipe: Recipe) -> PlanInputs:
+    """The recipe's model, adapter, batch and layout as the planner's inputs: what its train stage would run
+    (``parallel.nproc`` ranks per node; a DeepSpeed JSON path counts as ZeRO-3)."""
+    r, p = recipe, recipe.plan
     zero = int(r.parallel.zero) if r.parallel.zero in ("0", "1", "2", "3") else 3
-    return {"model": r.model.shape or r.model.name, "allocation": r.allocate.file,
-            "quant": "nf4" if r.model.quant == "nf4" else "bf16", "targets": r.adapter.targets,
-            "experts": r.adapter.experts, "rank": r.adapter.rank, "top_k": r.adapter.top_k,
-            "nodes": r.parallel.nodes, "gpus_per_node": r.parallel.nproc, "zero": zero,
-            "ep_size": r.parallel.ep_size, "micro_batch": r.train.micro_batch, "seq_len": r.model.max_length,
-            "accumulation": r.train.accumulation, "gradient_checkpointing": r.train.gradient_checkpointing}
+    quant = ("nf4-dq" if p.double_quant else "nf4") if r.model.quant == "nf4" else \
+        ("bf16" if p.device == "gpu" else "fp32")
+    a = r.adapter
+    return PlanInputs(model=r.model.shape or r.model.name, allocation=r.allocate.file, targets=a.targets,
+                      experts=a.experts, rank=a.rank, top_k=a.top_k, router=a.router, nodes=r.parallel.nodes,
+                      gpus_per_node=r.parallel.nproc, zero=zero, quant=quant, ep_size=r.parallel.ep_size,
+                      micro_batch=r.train.micro_batch, seq_len=r.model.max_length, accumulation=r.train.accumulation,
+                      gradient_checkpointing=r.train.gradient_checkpointing, flash_attention=p.flash_attention,
+                      full_sequence_loss=p.full_sequence_loss, offload=p.offload, device=p.device,
+                      gpu_memory=p.gpu_memory, peak_tflops=p.peak_tflops, mfu=p.mfu)
 
 
 def model_config(name: str):
@@ -202,7 +215,7 @@ def expert_parameters(allocation: Allocation, shapes: dict[str, tuple[int, int]]
     return n
 
 
-def plan(args: PlanArgs) -> dict:
+def plan(args: PlanInputs) -> dict:
     """The memory terms (bytes per GPU or per CPU rank), their total, tokens and time per step."""
     args.validate()
     config = model_config(args.model)
@@ -212,7 +225,8 @@ def plan(args: PlanArgs) -> dict:
         allocation.validate(count.layers, count.shapes)
     else:
         allocation = Allocation.uniform(count.layers, [t for t in args.targets.split(",") if t],
-                                        experts=args.experts, rank=args.rank, top_k=min(args.top_k, args.experts))
+                                        experts=args.experts, rank=args.rank, router=args.router,
+                                        top_k=min(args.top_k, args.experts))
         allocation.validate(count.layers, count.shapes)
     args.layout().check(allocation)  # the experts split over --ep-size as training would split them
     trainable = allocation.count_parameters(count.shapes)
@@ -279,7 +293,7 @@ def plan(args: PlanArgs) -> dict:
             "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, max(total, load))}
 
 
-def advice(args: PlanArgs, terms: dict[str, float], total: float) -> list[str]:
+def advice(args: PlanInputs, terms: dict[str, float], total: float) -> list[str]:
     """What would make a plan that does not fit fit, largest saving first."""
     need = total - args.gpu_memory * GIB
     tips = []
@@ -304,7 +318,9 @@ def advice(args: PlanArgs, terms: dict[str, float], total: float) -> list[str]:
     return tips or ["no setting of this planner makes it fit: use GPUs with more memory"]
 
 
-def run(args: PlanArgs) -> dict:
+def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
+    recipe.validate(*SECTIONS)
+    args = plan_inputs(recipe)
     result = plan(args)
     gib = {k: v / GIB for k, v in result["bytes"].items()}
     where = "per GPU" if args.device == "gpu" else "per CPU rank (live peak; glibc malloc may keep more)"
@@ -320,8 +336,8 @@ def run(args: PlanArgs) -> dict:
     print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
     for tip in result["advice"]:
         print(f"  to fit: {tip}")
-    if args.output:
+    if output:
         from floe_dist.files import write_json_atomic
 
-        write_json_atomic(Path(args.output), result)
+        write_json_atomic(Path(output), result)
     return result

@@ -206,8 +206,8 @@ def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
         scored = evaluate.run(recipe_for("evaluate", **common, adapter=str(out / "adapter"), max_new_tokens=4))
         assert scored["examples"] > 0 and scored["loss"] > 0 and "exact_match" in scored and scored["samples"]
         gen = tmp_path / f"{data.stem}.out.jsonl"
-        generate.run(generate.GenerateArgs(model="tiny", adapter=str(out / "adapter"), input=str(data), columns=columns,
-                                           limit=3, max_new_tokens=4, output=str(gen)))
+        generate.run(recipe_for("generate", model="tiny", adapter=str(out / "adapter"), input=str(data),
+                                columns=columns, limit=3, max_new_tokens=4), str(gen))
         rows = [json.loads(line) for line in gen.read_text().splitlines()]
         assert len(rows) == 3 and all(set(r) == {"prompt", "generation", "reference"} for r in rows)
     bad = write_jsonl(tmp_path / "bad.jsonl", [*alpaca_rows(3), {"question": "q", "context": "", "answer": None}])

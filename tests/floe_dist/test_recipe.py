@@ -20,7 +20,7 @@ from tests.conftest import run_floe
 
 # Tools whose options are not settings of a campaign yet: `plan` and `slurm` still declare the layout and shape
 # they need (model, nodes, ranks per node, ...) themselves, and read a recipe's values through recipe_defaults.
-TOOLS_WITH_OWN_OPTIONS = {"PlanArgs", "SlurmArgs"}
+TOOLS_WITH_OWN_OPTIONS = {"SlurmArgs"}
 
 
 def declared_fields(modules) -> dict[str, list[str]]:

@@ -5,7 +5,7 @@ import pytest
 
 from floe_dist.allocation import Allocation, AllocationError
 from floe_dist.distributed.layout import Layout
-from floe_dist.stages.plan import PlanArgs
+from floe_dist.stages.plan import PlanInputs
 
 
 def _allocation(experts: int, router: str = "topk") -> Allocation:
@@ -32,7 +32,7 @@ def test_this_process_is_a_world_of_one_on_cpu():
 
 
 def test_the_planner_refuses_what_training_refuses():
-    plan = PlanArgs(model="llama3-8b", nodes=1, gpus_per_node=4, ep_size=2, zero=3, experts=3)
+    plan = PlanInputs(model="llama3-8b", nodes=1, gpus_per_node=4, ep_size=2, zero=3, experts=3)
     assert plan.layout() == Layout.planned(1, 4, 2, 3) and plan.layout().edp_size == 2
     with pytest.raises(AllocationError, match="3 experts do not split over --ep-size 2"):
         from floe_dist.stages.plan import plan as make_plan

@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.bench_plan_published import PUBLISHED, predict
 from benchmarks.result_file import read_result
-from floe_dist.stages.plan import PlanArgs, count_model, model_config, plan
+from floe_dist.stages.plan import PlanInputs, count_model, model_config, plan
 from tests.conftest import run_floe
 
 
@@ -31,22 +31,22 @@ def test_calibration_reproduces_the_figure_it_was_fitted_on_and_counts_exactly()
     """GPU_FACTOR was fitted on the PEFT ZeRO-3 QLoRA 70B run; this guards the fit, it validates nothing."""
     row = next(r for r in PUBLISHED if r.role == "calibration")
     assert abs(predict(row) / row.published - 1) <= 0.05
-    assert plan(PlanArgs(**row.plan))["model"]["parameters"] == 68_976_648_192  # Llama-2-70B, exactly
+    assert plan(PlanInputs(**row.plan))["model"]["parameters"] == 68_976_648_192  # Llama-2-70B, exactly
     assert len([r for r in PUBLISHED if r.role == "validation"]) >= 3
 
 
 def test_llama2_70b_with_offload_fits_on_24_gb():
     offload = next(r for r in PUBLISHED if r.plan.get("offload"))
-    assert plan(PlanArgs(**offload.plan))["fits"]
+    assert plan(PlanInputs(**offload.plan))["fits"]
 
 
 def test_a_plan_that_does_not_fit_says_what_would():
-    result = plan(PlanArgs(model="llama3-70b", gpus_per_node=1, quant="bf16", gpu_memory=80))
+    result = plan(PlanInputs(model="llama3-70b", gpus_per_node=1, quant="bf16", gpu_memory=80))
     assert not result["fits"]
     tips = " | ".join(result["advice"])
     assert "--quant nf4" in tips and "--nodes" in tips
     nodes = int(tips.split("use --nodes ")[1].split()[0])
-    assert plan(PlanArgs(model="llama3-70b", nodes=nodes, gpus_per_node=1, quant="bf16", gpu_memory=80))["fits"]
+    assert plan(PlanInputs(model="llama3-70b", nodes=nodes, gpus_per_node=1, quant="bf16", gpu_memory=80))["fits"]
 
 
 def test_split_experts_hold_their_whole_state_on_an_ep_shard():
@@ -54,7 +54,7 @@ def test_split_experts_hold_their_whole_state_on_an_ep_shard():
     else is divided by the world size under ZeRO-3. So --ep-size saves communication (no expert
     gathers), not state memory, against ZeRO-3 partitioned replicas: the planner must say so."""
     common = dict(model="llama3-8b", gpus_per_node=8, experts=8, rank=8, targets="gate_proj,up_proj,down_proj")
-    replicated, split = plan(PlanArgs(**common)), plan(PlanArgs(**common, ep_size=2))
+    replicated, split = plan(PlanInputs(**common)), plan(PlanInputs(**common, ep_size=2))
     experts, total = split["split_expert_parameters"], split["trainable_parameters"]
     assert 0 < experts < total
     assert split["bytes"]["adapters"] == pytest.approx(16 * experts / 2 + 16 * (total - experts) / 8)
@@ -62,15 +62,16 @@ def test_split_experts_hold_their_whole_state_on_an_ep_shard():
 
 
 def test_bad_plan_inputs_fail_clearly(tmp_path):
-    for flags, message in [(["--nodes", "0"], "--nodes must be >= 1"),
-                           (["--ep-size", "3"], "--ep-size 3 must divide the world size 8"),
+    for flags, message in [(["--nodes", "0"], "parallel.nodes must be >= 1"),
+                           (["--ep-size", "3", "--router", "topk"], "--ep-size 3 must divide the world size 8"),
                            (["--zero", "1"], "--zero must be 0, 2 or 3"),
-                           (["--ep-size", "2", "--zero", "2"], "runs beside ZeRO-3"),
+                           (["--ep-size", "2", "--zero", "2", "--router", "topk"], "runs beside ZeRO-3"),
+                           (["--mfu", "2"], "plan.mfu must be in (0, 1]"),
                            (["--allocation", str(tmp_path / "missing.json")], "file not found")]:
-        proc = run_floe(["plan", *flags], check=False)
+        proc = run_floe(["plan", "--model", "llama3-70b", "--nproc", "8", *flags], check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="--quant must be one of"):
-        plan(PlanArgs(quant="int3"))
+        plan(PlanInputs(quant="int3"))
 
 
 def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model_dir):
@@ -95,7 +96,7 @@ def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model
         down.weight.numel() > 0 and down.weight.untyped_storage().data_ptr() == down.weight.ds_tensor.untyped_storage().data_ptr()))
     engine(input_ids=torch.tensor([[1, 2, 3]]))
     assert in_place == [True]
-    one, two = (plan(PlanArgs(model=str(tiny_model_dir), device="cpu", gpus_per_node=n)) for n in (1, 2))
+    one, two = (plan(PlanInputs(model=str(tiny_model_dir), device="cpu", gpus_per_node=n)) for n in (1, 2))
     assert one["bytes"]["gather"] == 0 < two["bytes"]["gather"]
 
 
@@ -105,16 +106,16 @@ def test_load_peak_is_planned_apart_from_training():
     from floe_dist.stages.plan import GIB, GPU_FACTOR
 
     common = dict(model="llama3-70b", quant="nf4", rank=8, seq_len=512)
-    sharded = plan(PlanArgs(**common, nodes=2, gpus_per_node=8))
+    sharded = plan(PlanInputs(**common, nodes=2, gpus_per_node=8))
     embedding = 128256 * 8192  # Llama-3-70B's largest parameter (embedding = head size)
     assert sharded["load_terms"]["working"] == embedding * 2  # bf16, on the GPU
     assert sharded["load_terms"]["base"] == sharded["bytes"]["base"]  # each rank keeps only its partition
     assert sharded["load_bytes"] == pytest.approx(GPU_FACTOR * sum(sharded["load_terms"].values()))
     assert sharded["limit"] == ("loading" if sharded["load_bytes"] > sharded["total_bytes"] else "training")
-    one = plan(PlanArgs(**common, gpus_per_node=1, gpu_memory=80))
+    one = plan(PlanInputs(**common, gpus_per_node=1, gpu_memory=80))
     assert one["load_terms"]["working"] == 0 and one["load_terms"]["base"] == one["bytes"]["base"] > 0
-    cpu = plan(PlanArgs(**common, nodes=2, gpus_per_node=8, device="cpu"))
+    cpu = plan(PlanInputs(**common, nodes=2, gpus_per_node=8, device="cpu"))
     assert cpu["load_terms"]["working"] == embedding * (4 + 2)  # fp32 module and rank 0's bf16 read
     larger = max(sharded["load_bytes"], sharded["total_bytes"]) / GIB
-    assert plan(PlanArgs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 1.001))["fits"]
-    assert not plan(PlanArgs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 0.999))["fits"]
+    assert plan(PlanInputs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 1.001))["fits"]
+    assert not plan(PlanInputs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 0.999))["fits"]
