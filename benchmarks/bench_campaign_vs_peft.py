@@ -57,7 +57,8 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
             "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
             "method": summary["method"], "rank": search.get("rank", module["ranks"][0]), "lr": summary["lr"],
-            "top_budget_origins": search.get("top_budget_origins"), "candidates": search.get("candidates"),
+            "top_budget_origins": search.get("top_budget_origins"), "incumbent_origin": search.get("incumbent_origin"),
+            "candidates": search.get("candidates"),
             "search_trials": len(trials),
             # 1 - in-trial training and validation seconds / (workers x the search stage's wall time)
             "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}

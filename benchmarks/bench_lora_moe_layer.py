@@ -10,13 +10,13 @@ shapes of Llama-3-8B:
 * ``base``        the frozen 4-bit linear alone;
 * ``+router``     base + router (softmax, top-k, gates, balance loss), no expert, eager;
 * ``floe-dist``   LoRAMoELinear: experts concatenated along the rank, two matmuls for all of them, eager
-                  router (the CPU path, and the GPU path before the fused router);
+                  router (the default everywhere until the fused router has passed tests/gpu on a GPU);
 * ``+router fused``, ``floe-dist fused``  the same with the router and the gate broadcast compiled
-                  (``fuse_router``, the default on CUDA): the GPU product path;
+                  (``fuse_router``, opt-in: ``FLOE_DIST_FUSED_ROUTER=1``);
 * ``fused, 3 graphs`` the fused path as first built: routing, balance loss and gate broadcast as three
                   compiled graphs, where floe-dist fused compiles routing and broadcast as one (a compiled
                   call has a fixed host cost);
-* ``gather``      floe-dist before this benchmark: the gate gathered per rank column (its backward is an
+* ``gather``      an older dispatch, kept for comparison: the gate gathered per rank column (its backward is an
                   accumulating index_put) instead of broadcast over a (tokens, experts, rank) view;
 * ``loop``        the reference dispatch of MoLA/MixLoRA-style code: a Python loop over experts, each
                   gathering its tokens, two matmuls, and scattering back (index_add);

@@ -1,6 +1,6 @@
-"""Regenerate the tables of BENCHMARKS.md from the result files in benchmarks/results/.
+"""Regenerate the tables of BENCHMARKS.md (and docs/history.md, the superseded runs) from benchmarks/results/.
 
-    python benchmarks/report.py           # rewrite every marked table in BENCHMARKS.md
+    python benchmarks/report.py           # rewrite every marked table in both documents
     python benchmarks/report.py --check   # exit 1 if a table differs from its result file, or a table is unmarked
     python benchmarks/report.py --plot    # also redraw docs/results.png (README's plot) from its result files
 
@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BENCHMARKS = REPO / "BENCHMARKS.md"
+DOCUMENTS = [BENCHMARKS, REPO / "docs" / "history.md"]
 BLOCK = re.compile(r"<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
 
@@ -264,19 +265,23 @@ def plan_cpu(d):
 
 
 def backbone_load(d):
-    def goal(r):
+    def goal(r, key=""):
         if r["ranks"] == 1:
-            return "(the reference)"
-        return f"{r['goal_mib']:,} → **{'met' if r['meets_goal'] else 'missed'}**"
+            return "(a baseline)"
+        if r.get(f"goal{key}_mib") is None:
+            return "–"
+        return f"{r[f'goal{key}_mib']:,} → **{'met' if r[f'meets_goal{key}'] else 'missed'}**"
 
     def planned(r):
         if "plan_load_mib" not in r:
             return "–"
         return f"{r['plan_load_mib']:,} ({(r['plan_load_mib'] / r['load_mib'] - 1) * 100:+.0f}%)"
 
-    rows = [[r["path"], r["ranks"], f"{r['load_mib']:,}", goal(r), planned(r), f"{r['step_mib']:,}"] for r in d["rows"]]
-    return table(["path", "ranks", "load peak per rank (MiB)", "goal (1/N + 0.15) × one-rank peak",
-                  "`plan --device cpu` load (error)", "peak through the first step (MiB)"], rows)
+    rows = [[r["path"], r["ranks"], f"{r['load_mib']:,}", goal(r), goal(r, "_model_only"), planned(r),
+             f"{r['step_mib']:,}"] for r in d["rows"]]
+    return table(["path", "ranks", "load peak per rank (MiB)", "goal (1/N + 0.15) × from_pretrained peak",
+                  "goal (1/N + 0.15) × module-by-module peak", "`plan --device cpu` load (error)",
+                  "peak through the first step (MiB)"], rows)
 
 
 def compare_allocators(d):
@@ -497,27 +502,35 @@ def plot_results(path: Path = PLOT) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail if BENCHMARKS.md differs from its result files")
+    parser.add_argument("--check", action="store_true", help="fail if a document differs from its result files")
     parser.add_argument("--plot", action="store_true", help=f"also redraw {PLOT.relative_to(REPO)}")
     args = parser.parse_args()
     if args.plot:
         print(f"wrote {plot_results()}")
-    text = BENCHMARKS.read_text()
+    failed = False
+    for document in DOCUMENTS:
+        failed |= refresh(document, check=args.check)
+    return 1 if failed else 0
+
+
+def refresh(document: Path, check: bool) -> bool:
+    """Rewrite (or with check, compare) one document's tables; True if check found a difference."""
+    label = document.relative_to(REPO)
+    text = document.read_text()
     new = regenerate(text)
     stray = unmarked_tables(text)
-    if args.check:
+    if check:
         stale = [m["name"] for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m["body"] != n["body"]]
         for name in stale:
-            print(f"BENCHMARKS.md: table {name!r} differs from its result file; run python benchmarks/report.py")
+            print(f"{label}: table {name!r} differs from its result file; run python benchmarks/report.py")
         for line in stray:
-            print(f"BENCHMARKS.md: a table outside any <!-- table: NAME --> block: {line[:80]}")
-        return 1 if stale or stray else 0
-    BENCHMARKS.write_text(new)
-    print(f"rewrote {len(BLOCK.findall(new))} tables in BENCHMARKS.md")
+            print(f"{label}: a table outside any <!-- table: NAME --> block: {line[:80]}")
+        return bool(stale or stray)
+    document.write_text(new)
+    print(f"rewrote {len(BLOCK.findall(new))} tables in {label}")
     for line in stray:
-        print(f"warning: a table outside any marked block: {line[:80]}")
-    return 0
-
+        print(f"warning: {label}: a table outside any marked block: {line[:80]}")
+    return False
 
 if __name__ == "__main__":
     sys.exit(main())

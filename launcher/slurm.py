@@ -34,9 +34,10 @@ class SlurmArgs:
     args: str = arg("", "flags of the stage, passed through; write --args=\"--train.steps 80\" (--output is added)")
     recipe: str | None = arg(None, "recipe the job runs (--config of the stage); with this command's --config, "
                                    "the resolved recipe written into --output")
-    nodes: int = arg(1, "nodes (#SBATCH --nodes)")
-    tasks_per_node: int = arg(1, "ranks per node (GPUs per node on a GPU cluster)")
-    gpus_per_node: int = arg(0, "GPUs per node to request (#SBATCH --gpus-per-node); 0 on CPU clusters")
+    # The job's shape is the recipe's parallel section (nodes, nproc, gpus_per_node); these flags override it.
+    nodes: int | None = arg(None, "#SBATCH --nodes (default: the recipe's parallel.nodes)")
+    tasks_per_node: int | None = arg(None, "ranks per node (default: the recipe's parallel.nproc)")
+    gpus_per_node: int | None = arg(None, "#SBATCH --gpus-per-node (default: the recipe's parallel.gpus_per_node)")
     cpus_per_task: int = arg(1, "CPU cores per rank")
     time: str = arg("04:00:00", "wall-time limit, [D-]HH:MM:SS")
     partition: str | None = arg(None, "partition (#SBATCH --partition)")
@@ -48,7 +49,18 @@ class SlurmArgs:
     nodelist: str | None = arg(None, "hostfile action: node list (default: this allocation's)")
     slots: int = arg(1, "hostfile action: ranks per host")
 
+    def resolve_shape(self) -> None:
+        """Fill the shape flags left unset from the parallel section of --recipe, else of the default recipe."""
+        from floe_dist.recipe import Recipe, load_recipe
+
+        if None in (self.nodes, self.tasks_per_node, self.gpus_per_node):
+            shape = recipe_defaults(load_recipe(self.recipe) if self.recipe else Recipe())
+            for name, value in shape.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+
     def validate(self) -> None:
+        self.resolve_shape()
         problems = []
         if self.action not in ("render", "submit", "hostfile"):
             problems.append(f"--action must be render, submit or hostfile, got {self.action!r}")
@@ -72,7 +84,7 @@ class SlurmArgs:
 
 
 def recipe_defaults(recipe) -> dict:
-    """With --config: the job's shape is the recipe's parallel section."""
+    """The job's shape: the recipe's parallel section, under this command's names."""
     p = recipe.parallel
     return {"nodes": p.nodes, "tasks_per_node": p.nproc, "gpus_per_node": p.gpus_per_node}
 

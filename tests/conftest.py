@@ -164,7 +164,8 @@ def _teardown_process_group():
 # A 2-rank ZeRO-3 run that checkpoints every 5 steps with dropout on (its RNG must resume too): the
 # kill -9 test (test_train.py) and the Slurm requeue test (test_cluster_ops.py) interrupt it.
 RESUMABLE_RUN = ["--model", "tiny", "--steps", "40", "--micro-batch", "2", "--zero", "3", "--checkpoint-every", "5",
-                 "--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0.1"]
+                 "--experts", "2", "--router", "topk", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
+                 "--dropout", "0.1"]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def test_forked_ranks_train_as_torchrun_ranks_and_a_failed_rank_fails_the_run(tm
     assert "for 2 steps on 2 rank(s)" in forked.stdout
     bad = run_floe([*TRAIN, "--rank", "2", "--output", str(tmp_path / "forked")], nproc=2, check=False)
     assert bad.returncode == 1  # as torchrun reports a failed rank
-    assert "holds checkpoints of a run made with other settings: rank" in bad.stderr
+    assert "holds checkpoints of a run made with other settings: adapter.rank (4 -> 2)" in bad.stderr
 
 
 def test_a_forked_process_exits_and_prints_as_a_fresh_one(tmp_path):

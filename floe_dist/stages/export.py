@@ -70,8 +70,10 @@ def run(args: ExportArgs) -> Path:
     if not state:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} holds no lora_* tensors")
     out = Path(args.output or run_dir / "adapter")
-    save_adapter(out, state, allocation, {"base_model": train_args.get("model"), "quant": train_args.get("quant",
-                 "none"), "task": train_args.get("task"), "step": int(tag.split("_")[-1]) if "_" in tag else None})
+    save_adapter(out, state, allocation, {"base_model": train_args.get("model.name"),
+                                          "quant": train_args.get("model.quant", "none"),
+                                          "task": train_args.get("data.task"),
+                                          "step": int(tag.split("_")[-1]) if "_" in tag else None})
     print(f"exported {len(state)} adapter tensors from {ckpt_dir / tag} -> {out}")
     if args.merged:
         from floe_dist.modeling.merge import merge_adapter

@@ -42,7 +42,7 @@ def test_a_setting_added_since_the_work_was_saved_counts_as_changed_only_when_tu
         guard(saved, {"rank": 4, "pack": True}, what="a run")
 
 
-HOLD = ("import sys, time; from floe_dist.resume import exclusive; hold = exclusive(sys.argv[1]); hold.__enter__(); "
+HOLD = ("import sys, time; from floe_dist.files import exclusive; hold = exclusive(sys.argv[1]); hold.__enter__(); "
         "print('held', flush=True); time.sleep(600)")
 
 

@@ -18,7 +18,8 @@ from tests.conftest import REPO, clean_env, read_metrics, run_floe
 
 pytestmark = pytest.mark.gpu
 
-MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
+MOE = ["--experts", "2", "--router", "topk", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
+       "--dropout", "0"]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

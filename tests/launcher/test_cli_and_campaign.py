@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 
 from floe_dist.recipe import load_recipe, read_recipe
 from floe_dist.files import LOCK_NAME, exclusive
@@ -118,12 +119,20 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     assert sorted(trained["layers"]) == sorted(winner["layers"])  # the search chose among where-s,
     assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
     train_args = json.loads((out / "train" / "train_args.json").read_text())
-    assert train_args["lr"] == search["lr"] == summary["lr"] and train_args["steps"] == 4
+    assert train_args["train.lr"] == search["lr"] == summary["lr"] and train_args["train.steps"] == 4
     assert json.loads((out / "final_eval.json").read_text())["examples"] == 24
     assert "final accuracy" in proc.stdout
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
-    for folder in (out, out / "allocate", out / "search", out / "train"):
-        assert read_recipe(folder / "recipe.yaml") == load_recipe(str(recipe))
+    user = load_recipe(str(recipe))
+    for folder in (out, out / "allocate"):
+        assert read_recipe(folder / "recipe.yaml") == user
+    # each later stage's folder holds the recipe it ran: the user's, plus what the campaign decided before it
+    searched, trained_recipe = (read_recipe(out / f / "recipe.yaml") for f in ("search", "train"))
+    assert {c.split("=")[0] for c in searched.search.candidates.split(",")} == {"floe", "uniform", "random-1"}
+    assert replace(searched, search=user.search, allocate=user.allocate) == user
+    assert trained_recipe.allocate.file == str(out / "search" / "allocation.json")
+    assert trained_recipe.train.lr == search["lr"]
+    assert replace(trained_recipe, allocate=user.allocate, train=user.train) == user
     again = run_floe(["campaign", "--config", str(recipe), "--output", str(out)])
     assert again.stdout.count("done earlier") == 6
     changed = run_floe(["campaign", "--config", str(recipe), "--output", str(out), "--train.steps", "5"], check=False)

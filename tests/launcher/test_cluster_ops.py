@@ -122,10 +122,10 @@ def test_bad_cluster_inputs_fail_clearly(tmp_path):
         (["slurm", "--args=--output elsewhere", "--output", str(tmp_path / "c")], "must not set --output"),
         (["slurm", "--launch", "deepspeed", "--output", str(tmp_path / "f")], "applies to the train template"),
         (["campaign", "--parallel.nodes", "2", "--output", str(tmp_path / "d")], "needs parallel.launcher srun"),
-        (["campaign", "--nodes", "2", "--output", str(tmp_path / "g")], "bad recipe: unrecognized arguments: --nodes"),
+        (["campaign", "--nodes", "2", "--output", str(tmp_path / "g")], "bad settings: unrecognized arguments: --nodes"),
         # the search's settings are checked before the first stage, not after zero-shot and scoring
         (["campaign", "--search.model_data", "all", "--output", str(tmp_path / "h")],
-         "search: --model-data must be budget or pooled"),
+         "search.model_data\":\n  Expected a typing.Literal['budget', 'pooled']. Got value: all"),
     ]
     for argv, message in cases:
         proc = run_floe(argv, check=False)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, clean_env, read_metrics, run_floe, run_python
 
 PROBE = "tests/floe_dist/distributed/ep_probe.py"
-MOE = ["--model", "tiny", "--experts", "4", "--top-k", "2", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
-       "--dropout", "0", "--micro-batch", "4"]
+MOE = ["--model", "tiny", "--experts", "4", "--router", "topk", "--top-k", "2", "--rank", "4",
+       "--targets", "q_proj,v_proj,up_proj", "--dropout", "0", "--zero", "3", "--micro-batch", "4"]
 
 
 def _probe(tmp_path: Path, nproc: int, ep_size: int) -> dict:
@@ -94,7 +94,7 @@ def test_split_run_resumes_from_checkpoint(ep_runs, tmp_path):
     args = json.loads((split / "train_args.json").read_text())
     flags = ["train", *MOE, "--steps", "20", "--checkpoint-every", "10", "--keep-checkpoints", "3",
              "--ep-size", "2", "--output", str(resumed)]
-    assert args["ep_size"] == 2
+    assert args["parallel.ep_size"] == 2
     proc = run_floe(flags, nproc=2)
     assert "resumed from" in proc.stdout and "at step 10" in proc.stdout
     original, again = _curve(split), _curve(resumed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from floe_dist.data import Example, collate, encode
-from floe_dist.stages.evaluate import accuracy, choice_loss, choice_scores
+from floe_dist.evaluation import accuracy, choice_loss, choice_scores
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from tests.conftest import run_floe

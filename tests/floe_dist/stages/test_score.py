@@ -81,7 +81,7 @@ def test_bad_inputs_fail_with_clear_errors(warm, tmp_path):
     assert proc.returncode == 2 and "cannot fill one mini-batch" in proc.stderr
     assert not (tmp_path / "few" / "warmup").exists()
     proc = run_floe([*COMMON, "--output", str(tmp_path / "z"), "--samples", "0"], check=False)
-    assert proc.returncode == 2 and "zero samples" in proc.stderr
+    assert proc.returncode == 2 and "score.samples must be >= 1, got 0" in proc.stderr
     proc = run_floe([*COMMON, "--output", str(warm / "one"), "--warmup-steps", "5"], check=False)
     assert proc.returncode == 2 and "warm-up made with other settings" in proc.stderr
 

@@ -254,10 +254,10 @@ def test_the_compute_cap_finishes_the_bracket_it_started_instead_of_opening_anot
 
 
 def test_the_trial_limit_also_starts_a_bracket_only_when_all_of_it_fits(tmp_path):
-    """A bracket is 4 trials (3 x 30 steps, 90); --max-trials 6 used to start a second one and stop after two of its
-    30-step trials, which then counted for nothing."""
-    run_floe(["search", "--output", str(tmp_path), *SPACE, "--max-steps", "90", "--max-compute", "10",
-              "--max-trials", "6"])
+    """A successive-halving bracket is 4 trials (3 x 30 steps, 90); --max-trials 6 must not start a second one, which
+    would stop after two of its 30-step trials and so count for nothing."""
+    run_floe(["search", "--output", str(tmp_path), *SPACE, "--brackets", "sh", "--max-steps", "90",
+              "--max-compute", "10", "--max-trials", "6"])
     trials = sorted(ledger(tmp_path)["trials"], key=lambda t: t["id"])
     assert [t["budget"] for t in trials] == [30, 30, 30, 90]
 
@@ -331,29 +331,33 @@ def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher, 
     for t in trials:
         trial_dir = tmp_path / "trials" / f"{t['id']:04d}"
         assert json.loads((trial_dir / "train" / "train.json").read_text())["world_size"] == 2
-        assert json.loads((trial_dir / "train" / "train_args.json").read_text())["split"] == "fit"
+        assert json.loads((trial_dir / "train" / "train_args.json").read_text())["train.split"] == "fit"
         assert t["metrics"]["val_examples"] == 8 and t["cost"] == t["metrics"]["val_loss"] > 0
         losses = t["metrics"]["example_costs"]  # scored on the partitioned path's whole-backbone export
         assert len(losses) == 8 and sum(losses) / 8 == pytest.approx(t["cost"], abs=1e-5)
-        ranks = {m.ranks for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
-                 for m in mods.values()}
-        assert ranks == {(t["config"]["rank"],)}
+        ranks = {r for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
+                 for m in mods.values() for r in m.ranks}
+        assert ranks == {t["config"]["rank"]}  # every expert of every module at the trial's rank
     best = min(trials, key=lambda t: t["cost"])
     assert Allocation.load(tmp_path / "allocation.json").meta["search"]["config"] == best["config"]
 
 
 def test_bad_search_arguments_and_changed_settings_fail_clearly(tmp_path):
-    proc = run_floe(["search", "--model", "tiny", "--ranks", "0,x", "--lr", "5:1", "--mode", "bayes",
-                     "--pending", "best", "--model-data", "all", "--output", str(tmp_path / "s")], check=False)
+    proc = run_floe(["search", "--model", "tiny", "--ranks", "0,x", "--lr", "5:1", "--output", str(tmp_path / "s")],
+                    check=False)
     assert proc.returncode == 2 and not (tmp_path / "s").exists()
-    for message in ("--ranks must be comma-separated integers", "--lr needs 0 < LO <= HI", "--mode must be one of",
-                    "--pending must be none or worst", "--model-data must be budget or pooled"):
-        assert message in proc.stderr
+    for message in ("search.ranks must be comma-separated integers", "search.lr needs 0 < LO <= HI"):
+        assert message in proc.stderr  # every bad value at once
+    for flag, value, choices in (("--mode", "bayes", "'smac', 'bo', 'random', 'grid'"),
+                                 ("--pending", "best", "'none', 'worst'"), ("--model-data", "all", "'budget', 'pooled'")):
+        proc = run_floe(["search", "--model", "tiny", flag, value, "--output", str(tmp_path / "s")], check=False)
+        assert proc.returncode == 2 and f"Literal[{choices}]. Got value: {value}" in proc.stderr
+        assert not (tmp_path / "s").exists()
     args = ["search", "--mode", "grid", "--output", str(tmp_path / "g"), *SPACE, "--ranks", "4",
             "--lr", "1e-2", "--max-steps", "30"]
     run_floe(args)
     proc = run_floe([*args[:-1], "60"], check=False)
-    assert proc.returncode == 2 and "other settings: max_steps (30 -> 60)" in proc.stderr
+    assert proc.returncode == 2 and "other settings: search.max_steps (30 -> 60)" in proc.stderr
 
 
 def test_killing_the_search_takes_down_the_ranks_of_group_trials(tmp_path):

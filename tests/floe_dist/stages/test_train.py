@@ -15,7 +15,8 @@ import torch
 
 from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, recipe_for, run_floe, run_python
 
-MOE = ["--experts", "2", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj", "--dropout", "0"]
+MOE = ["--experts", "2", "--router", "topk", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
+       "--dropout", "0"]
 PROBE = "tests/floe_dist/logits_probe.py"
 
 
@@ -25,15 +26,16 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory):
-    """The same 4 steps on 1 rank (micro-batch 4) and on 2 ZeRO-3 ranks (micro-batch 2 each).
+    """The same 8 steps on 1 rank (micro-batch 4) and on 2 ZeRO-3 ranks (micro-batch 2 each), every second step
+    checkpointed and kept.
 
     The balance loss is off: its routing statistics are global (all-reduced over ranks), but one rank of
     micro-batch 4 pads its batch differently from two ranks of micro-batch 2, and the padded positions
     are routed too, so it is the one term that differs between the two splits.
     """
     root = tmp_path_factory.mktemp("zero3")
-    common = ["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--checkpoint-every", "2",
-              "--balance-coef", "0", *MOE]
+    common = ["train", "--model", "tiny", "--steps", "8", "--zero", "3", "--checkpoint-every", "2",
+              "--keep-checkpoints", "4", "--balance-coef", "0", *MOE]
     run_floe([*common, "--micro-batch", "4", "--output", str(root / "one")])
     run_floe([*common, "--micro-batch", "2", "--output", str(root / "two")], nproc=2)
     return root / "one", root / "two"
@@ -41,7 +43,7 @@ def zero3_runs(tmp_path_factory):
 
 def test_two_rank_zero3_matches_one_rank(zero3_runs):
     one, two = (_losses(r) for r in zero3_runs)
-    assert len(one) == len(two) == 4
+    assert len(one) == len(two) == 8
     assert abs(one[0] - two[0]) <= 1e-6 * abs(one[0])  # first step: same samples, same weights
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-5 * abs(a)
@@ -52,7 +54,7 @@ def test_two_rank_zero3_matches_one_rank(zero3_runs):
 def test_two_rank_zero2_and_zero0_match_one_rank_zero3(zero3_runs, tmp_path, stage):
     """Loss and logged gradient norm (fp32 ZeRO-0 clips without recording it: train computes it)."""
     out = tmp_path / f"zero{stage}"
-    run_floe(["train", "--model", "tiny", "--steps", "4", "--zero", stage, "--micro-batch", "2", "--balance-coef", "0",
+    run_floe(["train", "--model", "tiny", "--steps", "8", "--zero", stage, "--micro-batch", "2", "--balance-coef", "0",
               *MOE, "--output", str(out)], nproc=2)
     reference, run = read_metrics(zero3_runs[0]), read_metrics(out)
     for a, b in zip(reference, run):
@@ -67,9 +69,9 @@ def test_deepspeed_launcher_runs_the_same_training(zero3_runs, tmp_path):
     args = json.loads((zero3_runs[1] / "train_args.json").read_text())
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "launcher.cli", "train", "--model", "tiny", "--steps", "4", "--zero", "3", "--micro-batch", "2",
+           "--module", "launcher.cli", "train", "--model", "tiny", "--steps", "8", "--zero", "3", "--micro-batch", "2",
            "--checkpoint-every", "2", "--balance-coef", "0", *MOE, "--output", str(out)]
-    assert args["micro_batch"] == 2 and args["steps"] == 4
+    assert args["train.micro_batch"] == 2 and args["train.steps"] == 8
     subprocess.run(cmd, cwd=REPO, env=clean_env(2), check=True, capture_output=True, timeout=600)
     for a, b in zip(_losses(zero3_runs[0]), _losses(out)):
         assert abs(a - b) <= 1e-5 * abs(a)
@@ -84,7 +86,7 @@ def test_tensorboard_has_loss_lr_balance_and_expert_load(zero3_runs):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/balance", "train/ce"} <= tags
     assert "expert_load/layer_00/expert_0" in tags
-    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
 
 
 def _probe_logits(model: str, adapter: Path | None, quant: str, out: Path) -> torch.Tensor:
@@ -172,7 +174,7 @@ def test_plain_lora_export_loads_with_peft(tmp_path):
 
     out = tmp_path / "lora"
     run_floe(["train", "--model", "tiny", "--steps", "2", "--micro-batch", "2", "--rank", "4", "--zero", "3",
-              "--output", str(out)], nproc=2)
+              "--experts", "1", "--router", "topk", "--top-k", "1", "--output", str(out)], nproc=2)
     assert (out / "adapter" / "peft" / "adapter_config.json").is_file()
     peft_model = PeftModel.from_pretrained(load_backbone(resolve_model("tiny")), str(out / "adapter" / "peft"))
     peft_model.eval()
@@ -247,23 +249,55 @@ def test_resuming_with_other_settings_is_refused(zero3_runs, tmp_path):
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(zero3_runs, tmp_path):
     """Layout change: 2 ZeRO-3 ranks of micro-batch 2 -> 1 rank of micro-batch 4 from the step-2 checkpoint.
-    Adapters, AdamW moments, step and schedule come from portable.pt; steps 3-4 equal the 2-rank run's."""
+    The restored AdamW moments, optimizer step and learning rate are the saved ones, exactly; the six resumed
+    steps, and the adapters and moments of the checkpoints they write, equal the uninterrupted 2-rank run's."""
     import shutil
+
+    from floe_dist.distributed import portable
+    from floe_dist.trainer import Trainer
 
     two = zero3_runs[1]
     moved = tmp_path / "moved"
-    shutil.copytree(two, moved, ignore=shutil.ignore_patterns("step_4", "adapter", "train.json"))
+    shutil.copytree(two, moved, ignore=shutil.ignore_patterns("step_[4-8]", "adapter", "train.json"))
     (moved / "checkpoints" / "latest").write_text("step_2")
-    flags = ["train", "--model", "tiny", "--steps", "4", "--zero", "3", "--checkpoint-every", "2",
-             "--balance-coef", "0", *MOE, "--output", str(moved)]
+    flags = ["train", "--model", "tiny", "--steps", "8", "--zero", "3", "--checkpoint-every", "2",
+             "--keep-checkpoints", "4", "--balance-coef", "0", *MOE, "--output", str(moved)]
     refused = run_floe([*flags, "--micro-batch", "2"], check=False)  # global batch 2 instead of 4
     assert refused.returncode == 2 and "global batch of 4" in refused.stderr and "--micro-batch 4" in refused.stderr
+
+    saved = portable.read(moved / "checkpoints" / "step_2")
+    recipe = recipe_for("train", model="tiny", steps=8, zero="3", checkpoint_every=2, keep_checkpoints=4,
+                        balance_coef=0.0, micro_batch=4, experts=2, router="topk", top_k=1, rank=4,
+                        targets="q_proj,v_proj,up_proj", dropout=0.0)
+    restored = Trainer(recipe, str(moved))
+    assert restored.resume() == 2
+    trainable = [(n, p) for n, p in restored.engine.module.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, param in trainable:
+        for key in portable.MOMENTS:
+            expected = saved["moments"][f"{key}/{name.removeprefix('lm.')}"]
+            if "lora_router" not in name:  # top-1 gates are 1: only the experts have moved (balance off)
+                assert expected.abs().max() > 0, (key, name)  # two AdamW steps: not a fresh optimizer's zeros
+            torch.testing.assert_close(portable._full_moment(restored.engine, param, key), expected, rtol=0, atol=0)
+    assert portable._optimizer_step(portable._inner(restored.engine)) == saved["optimizer_step"] == 2
+    assert restored.engine.get_lr()[0] == read_metrics(two)[2]["lr"]  # the rate step 3 used
+    del restored
+
     proc = run_floe([*flags, "--micro-batch", "4"])
     assert "at step 2 on another layout: 2 -> 1 ranks" in proc.stdout
     original, again = read_metrics(two), read_metrics(moved)
-    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    assert [m["step"] for m in again] == list(range(1, 9))
     for a, b in zip(original[2:], again[2:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+        assert a["lr"] == b["lr"]
+    for tag in ("step_4", "step_8"):  # adapters and moments carried through more steps stay the 2-rank run's
+        x, y = portable.read(two / "checkpoints" / tag), portable.read(moved / "checkpoints" / tag)
+        assert x["optimizer_step"] == y["optimizer_step"] == int(tag[5:])
+        for part in ("weights", "moments"):
+            assert set(x[part]) == set(y[part])
+            for key in x[part]:
+                scale = x[part][key].abs().max()  # < 1e-10: a top-1 router's rounding noise (it gets no gradient)
+                assert scale < 1e-10 or (y[part][key] - x[part][key]).abs().max() <= 2e-3 * scale, (tag, key)
     from safetensors.torch import load_file
 
     a, b, c = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (two, moved, zero3_runs[0]))
@@ -281,6 +315,9 @@ def test_export_command_rebuilds_the_adapter_from_a_checkpoint(zero3_runs, tmp_p
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    meta = [json.loads((d / "export.json").read_text()) for d in (run / "adapter", tmp_path / "again")]
+    for key in ("base_model", "quant", "task"):  # the export names what it was trained on, as the trainer's does
+        assert meta[0][key] == meta[1][key] and meta[1][key], key
     proc = run_floe(["export", "--run", str(run), "--merged", str(tmp_path / "merged")], check=False)
     assert proc.returncode == 2 and "LoRA-MoE adapter" in proc.stderr and "cannot be merged" in proc.stderr
     assert not (tmp_path / "merged").exists()
@@ -319,7 +356,7 @@ def test_fused_router_trains_as_the_eager_one_on_two_zero3_ranks(tmp_path):
     ranks, with gradient checkpointing recomputing it and the balance loss's stats all-reduced between
     its two compiled parts, the losses and gradient norms are the eager router's."""
     common = ["train", "--model", "tiny", "--steps", "3", "--zero", "3", "--micro-batch", "2", "--experts", "4",
-              "--top-k", "2", "--rank", "4", "--targets", "q_proj,v_proj", "--dropout", "0",
+              "--router", "topk", "--top-k", "2", "--rank", "4", "--targets", "q_proj,v_proj", "--dropout", "0",
               "--gradient-checkpointing"]
     runs = {}
     for fused in ("0", "1"):
