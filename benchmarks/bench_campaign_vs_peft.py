@@ -70,7 +70,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from benchmarks.bench_task_arms import lora_recipe
-    from floe_dist.data import load_task, tokenize, train_batch
+    from floe_dist.data import load_data, tokenize, train_batch
     from floe_dist.distributed.engine import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
@@ -85,8 +85,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                             target_modules=["q_proj", "v_proj"]))
     model = AnswerLM(lm.base_model.model)
-    train = load_task(r.data.task, r.train.split, data_format=r.data.data_format, columns=r.data.columns,
-                      tokenizer=tokenizer)[: r.data.max_train_examples]
+    train = load_data(r.data, r.train.split, tokenizer)[: r.data.max_train_examples]
     rows = tokenize(train, tokenizer, r.model.max_length)
     batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes  # global batch
     params = [p for p in lm.parameters() if p.requires_grad]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.answer_lm import AnswerLM  # noqa: E402
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model  # noqa: E402
+from floe_dist.recipe import DataSection  # noqa: E402
 from floe_dist.resources import Resources  # noqa: E402
 from floe_dist.evaluation import accuracy, choice_scores  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> None:
     tokenizer, lm = load_tokenizer(model_dir), load_backbone(model_dir)
     model, resources, rows = AnswerLM(lm), Resources(), []
     for task in ns.tasks.split(","):
-        examples = resources.examples(task, "test", "auto", "", tokenizer)[: ns.limit]
+        examples = resources.examples(DataSection(task=task), "test", tokenizer)[: ns.limit]
         timed = {}
         for _ in range(2):  # alternate the arms twice; keep each arm's faster run
             for share in (False, True):

@@ -91,20 +91,21 @@ def write_random_llama(folder: Path) -> int:
 
 
 def worker(path: str, model_dir: str, out: str) -> None:
-    """One rank: build the Trainer (load), run one step, record the maximum RSS after each."""
+    """One rank: build the Trainer (load), run one step, record the maximum RSS after each. The paths swap the
+    loader and the frozen-linear release where the Trainer's Resources look them up (their modules)."""
     from floe_dist import trainer as trainer_module
-    from floe_dist.modeling.backbone import load_backbone
+    from floe_dist.distributed import sharded_load
+    from floe_dist.modeling import backbone, frozen_linear
     from floe_dist.recipe import load_recipe
 
     if path == "sharded" and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the module-by-module baseline
-        from floe_dist.distributed.sharded_load import load_partitioned
-
-        trainer_module.load_for_layout = lambda d, quant, layout, cfg: load_partitioned(d, quant, cfg,
-                                                                                         layout.torch_device)
+        sharded_load.load_for_layout = lambda d, quant, layout, cfg: sharded_load.load_partitioned(
+            d, quant, cfg, layout.torch_device)
     if path == "whole":
-        trainer_module.load_for_layout = lambda d, quant, layout, cfg: load_backbone(d, quant, layout.torch_device)
+        sharded_load.load_for_layout = lambda d, quant, layout, cfg: backbone.load_backbone(d, quant,
+                                                                                           layout.torch_device)
     if path in ("whole", "sharded, pinned"):
-        trainer_module.release_frozen_weights = lambda model: 0
+        frozen_linear.release_frozen_weights = lambda model: 0
     recipe = load_recipe(None, ["--model.name", model_dir, "--train.steps", "1", "--train.micro_batch", "1",
                                 "--model.max_length", "64", "--parallel.zero", f"{out}.zero3.json",
                                 "--train.checkpoint_every", "0", "--adapter.targets", "q_proj,v_proj",

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.answer_lm import AnswerLM  # noqa: E402
 from floe_dist.modeling.backbone import bnb_cpu_bf16_path, load_backbone, load_tokenizer, resolve_model  # noqa: E402
+from floe_dist.recipe import DataSection  # noqa: E402
 from floe_dist.resources import Resources  # noqa: E402
 from floe_dist.evaluation import accuracy, choice_scores  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> None:
     ns = parser.parse_args()
     model_dir = resolve_model(ns.model)
     tokenizer = load_tokenizer(model_dir)
-    examples = Resources().examples(ns.task, "test", "auto", "", tokenizer)[: ns.limit]
+    examples = Resources().examples(DataSection(task=ns.task), "test", tokenizer)[: ns.limit]
     cpu_kernel = bool(has_avx512bf16())
     arms = {}
     for name in ("bnb_bf16_kernel", "dequantise_fp32"):

@@ -14,10 +14,14 @@ A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder 
 * ``alpaca`` — ``instruction``, optional ``input``, ``output``: the Alpaca prompt, loss on the output;
 * ``chat`` — ``messages`` (``role``/``content`` dicts): the tokenizer's chat template renders the turns
   before the last assistant turn as the prompt, and that turn is the answer;
+* ``sharegpt`` — chat as ShareGPT writes it: ``conversations`` of ``from``/``value`` dicts with the roles
+  ``human``, ``gpt`` and ``system`` (a preset of the chat mappings below);
 * ``text`` — ``text``: continued pre-training, loss on every token.
 
 ``auto`` picks the format from the columns. ``columns`` maps the format's field names to yours
-(``instruction=question,output=answer``). Generative answers end with the tokenizer's EOS token, so the
+(``instruction=question,output=answer``); a column may be a path into nested fields (``meta.question``),
+and for chat the keys inside a message too (``messages=conversations,role=from,content=value``).
+``roles`` maps your role names to the template's (``human=user,gpt=assistant``). Generative answers end with the tokenizer's EOS token, so the
 model learns to stop. Every bad row fails with the file and row named, before anything is trained.
 
 Training rows are tokenised once (``tokenize``) into an Arrow file in floe-dist's cache that every rank,
@@ -46,9 +50,14 @@ SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
 TOKENIZED_VERSION = 1  # bump when what tokenize() writes changes: old cache files are then unused
 FIELDS = {"multiple_choice": ("prompt", "choices", "label"), "alpaca": ("instruction", "input", "output"),
-          "chat": ("messages",), "text": ("text",)}
+          "chat": ("messages",), "sharegpt": ("messages",), "text": ("text",)}
 FORMATS = tuple(FIELDS)
 OPTIONAL = {"input"}
+MESSAGE_KEYS = ("role", "content")  # chat: keys inside each message, mappable with columns like the fields
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT as a preset of the chat mappings: its columns and role names (a user's own mapping wins)
+SHAREGPT = ({"messages": "conversations", "role": "from", "content": "value"},
+            {"human": "user", "gpt": "assistant", "system": "system"})
 READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -102,20 +111,47 @@ def _arithmetic(tokenizer=None) -> list[Example]:
 TASKS = {"sst2": _sst2, "boolq": _boolq, "arithmetic": _arithmetic}
 
 
+def parse_pairs(text: str, what: str, shape: str) -> dict[str, str]:
+    """``"a=b,c=d"`` -> {a: b, c: d}; ``what`` and ``shape`` name the setting in errors."""
+    pairs = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{what}: expected {shape}, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def fields_of(data_format: str) -> tuple[str, ...]:
+    """What ``columns`` may map for a format: its fields, and for chat the keys inside a message."""
+    return FIELDS[data_format] + (MESSAGE_KEYS if data_format in ("chat", "sharegpt") else ())
+
+
 def parse_columns(text: str, data_format: str) -> dict[str, str]:
     """``"instruction=question,output=answer"`` -> {format field: your column}."""
-    mapping = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        field, sep, column = item.partition("=")
-        if not sep or not field or not column:
-            raise ValueError(f"columns: expected FIELD=COLUMN, got {item!r}")
-        mapping[field.strip()] = column.strip()
+    mapping = parse_pairs(text, "columns", "FIELD=COLUMN")
     if data_format != "auto":
-        unknown = sorted(set(mapping) - set(FIELDS[data_format]))
+        unknown = sorted(set(mapping) - set(fields_of(data_format)))
         if unknown:
             raise ValueError(f"columns: {unknown} are not fields of format {data_format!r} "
-                             f"(its fields: {', '.join(FIELDS[data_format])})")
+                             f"(its fields: {', '.join(fields_of(data_format))})")
     return mapping
+
+
+def lookup(row: dict, column: str):
+    """A row's column, or a path into nested fields (``meta.question``) when no column has that name."""
+    if column in row or "." not in column:
+        return row[column]
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(column)
+        value = value[part]
+    return value
+
+
+def has_column(names: set[str], column: str) -> bool:
+    return column in names or column.split(".")[0] in names
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -155,16 +191,19 @@ def _check_json_lines(path: Path) -> None:
 
 
 def detect_format(columns: set[str], mapping: dict[str, str], where) -> str:
+    if "conversations" in columns and "messages" not in mapping:
+        return "sharegpt"
     for name, fields in FIELDS.items():
-        if all(mapping.get(f, f) in columns for f in fields if f not in OPTIONAL):
+        if all(has_column(columns, mapping.get(f, f)) for f in fields if f not in OPTIONAL):
             return name
     raise ValueError(f"{where}: cannot tell the format from the columns {sorted(columns)}; set the format "
                      f"({', '.join(FORMATS)}) and map your columns, e.g. columns: instruction=question,output=answer")
 
 
-def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer) -> Example:
+def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
+               roles: dict[str, str] | None = None) -> Example:
     """One row as an Example (raises KeyError/ValueError/TypeError on a bad row; the caller names it)."""
-    get = lambda field: row[mapping.get(field, field)]  # noqa: E731
+    get = lambda field: lookup(row, mapping.get(field, field))  # noqa: E731
     eos = tokenizer.eos_token if tokenizer is not None else ""
     if data_format == "multiple_choice":
         choices, label = get("choices"), get("label")
@@ -173,7 +212,10 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer) 
             raise ValueError("need >= 2 choices and 0 <= label < len(choices)")
         return Example(str(get("prompt")), tuple(map(str, choices)), label)
     if data_format == "alpaca":
-        context = row.get(mapping.get("input", "input")) or ""
+        try:
+            context = get("input") or ""
+        except KeyError:
+            context = ""
         template = ALPACA_PROMPT_INPUT if context else ALPACA_PROMPT
         output = _text(get("output"), "output")
         return Example(template.format(instruction=_text(get("instruction"), "instruction"), input=context),
@@ -181,10 +223,7 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer) 
     if data_format == "text":
         text = _text(get("text"), "text")
         return Example("", (text + eos,), 0, reference=text)
-    messages = get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
-        raise ValueError("messages must be a list of {role, content}")
+    messages = chat_messages(get("messages"), mapping, roles or {})
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError("the chat has no assistant turn to learn")
@@ -195,18 +234,36 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer) 
     return Example(prompt, (full[len(prompt):],), 0, reference=str(messages[last]["content"]))
 
 
+def chat_messages(turns, mapping: dict[str, str], roles: dict[str, str]) -> list[dict]:
+    """A row's turns as the chat template's ``{role, content}`` messages, through the key and role mappings."""
+    role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
+    if not isinstance(turns, list) or not all(isinstance(m, dict) and role_key in m and content_key in m
+                                              for m in turns):
+        raise ValueError(f"messages must be a list of {{{role_key}, {content_key}}}"
+                         + ("" if role_key != "role" else "; map other keys with columns: role=KEY,content=KEY"))
+    messages = []
+    for turn in turns:
+        role = roles.get(turn[role_key], turn[role_key])
+        if role not in CHAT_ROLES:
+            raise ValueError(f"role {turn[role_key]!r} is not one of {', '.join(CHAT_ROLES)}; map it with "
+                             f"roles: {turn[role_key]}=user (or assistant, system)")
+        messages.append({"role": role, "content": str(turn[content_key])})
+    return messages
+
+
 def _text(value, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{field} must be a non-empty string")
     return value
 
 
-def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
+def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None,
+              roles: str = "") -> list[Example]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file not found: {path}")
     check_format(data_format, path)
-    return to_examples(read_rows(path), path, data_format, columns, tokenizer)
+    return to_examples(read_rows(path), path, data_format, columns, tokenizer, roles)
 
 
 def check_format(data_format: str, where) -> None:
@@ -214,7 +271,8 @@ def check_format(data_format: str, where) -> None:
         raise ValueError(f"{where}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
 
 
-def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
+def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None,
+             roles: str = "") -> list[Example]:
     """A Hugging Face hub dataset's ``train`` split, through ``datasets`` (downloaded once into floe-dist's
     cache, or read from it offline). Where no hub is reachable the error names the offline route."""
     import datasets
@@ -227,45 +285,53 @@ def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", toke
                          f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
                          f"with one, datasets.load_dataset({dataset_id!r}, split='train').save_to_disk(DIR), "
                          f"copy DIR here and pass it as the task") from None
-    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer)
+    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, roles)
 
 
-def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer) -> list[Example]:
+def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer,
+                roles: str = "") -> list[Example]:
     """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named."""
     try:
         mapping = parse_columns(columns, data_format)
+        role_names = parse_pairs(roles, "roles", "YOURS=ROLE (e.g. human=user)")
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     if not rows:
         raise ValueError(f"{where}: no examples")
     names = set(rows[0])
     data_format = detect_format(names, mapping, where) if data_format == "auto" else data_format
-    missing = [mapping.get(f, f) for f in FIELDS[data_format] if f not in OPTIONAL and mapping.get(f, f) not in names]
+    shown = data_format
+    if data_format == "sharegpt":  # a preset of chat's mappings; the user's own entries win
+        data_format, mapping, role_names = "chat", {**SHAREGPT[0], **mapping}, {**SHAREGPT[1], **role_names}
+    missing = [mapping.get(f, f) for f in FIELDS[data_format]
+               if f not in OPTIONAL and not has_column(names, mapping.get(f, f))]
     if missing:
-        raise ValueError(f"{where}: format {data_format!r} needs column(s) {missing}, it has {sorted(names)}"
+        raise ValueError(f"{where}: format {shown!r} needs column(s) {missing}, it has {sorted(names)}"
                          + ("" if columns else "; map yours with columns: FIELD=COLUMN"))
     if data_format == "chat" and (tokenizer is None or not tokenizer.chat_template):
-        raise ValueError(f"{where}: format 'chat' needs a tokenizer with a chat template; this model's has none "
+        raise ValueError(f"{where}: format {shown!r} needs a tokenizer with a chat template; this model's has none "
                          f"(use format alpaca or text, or a model that ships a template)")
     examples = []
     for n, row in enumerate(rows, 1):
         try:
-            examples.append(to_example(row, data_format, mapping, tokenizer))
+            examples.append(to_example(row, data_format, mapping, tokenizer, role_names))
         except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{where}: row {n}: {err} (format {data_format})") from None
+            detail = f"no column {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{where}: row {n}: {detail} (format {shown})") from None
     return examples
 
 
-def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None) -> list[Example]:
-    """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``);
-    ``split`` is one of SPLITS.
+def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
+              roles: str = "") -> list[Example]:
+    """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
+    its names mapped by ``columns`` and ``roles``); ``split`` is one of SPLITS.
     Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
     if task in TASKS:
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
-        examples = read_file(task, data_format, columns, tokenizer)
+        examples = read_file(task, data_format, columns, tokenizer, roles)
     elif task.count("/") == 1 and not task.startswith((".", "/")):
-        examples = read_hub(task, data_format, columns, tokenizer)
+        examples = read_hub(task, data_format, columns, tokenizer, roles)
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
@@ -279,6 +345,12 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
     n_val = len(train) // 4
     picked = {"test": order[:n_test], "train": train, "val": train[:n_val], "fit": train[n_val:]}[split]
     return [examples[i] for i in picked]
+
+
+def load_data(data, split: str, tokenizer=None) -> list[Example]:
+    """``load_task`` on a recipe's ``data`` section (task, format, column and role mappings)."""
+    return load_task(data.task, split, data_format=data.data_format, columns=data.columns, roles=data.roles,
+                     tokenizer=tokenizer)
 
 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:

@@ -127,7 +127,7 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
     example by example, so it can tell a margin from the noise of a small validation set)."""
     d, e, max_length = recipe.data, recipe.evaluate, recipe.model.max_length
     resources = resources or Resources()
-    examples = resources.examples(d.task, e.split, d.data_format, d.columns, tokenizer)[: e.limit]
+    examples = resources.examples(d, e.split, tokenizer)[: e.limit]
     model = AnswerLM(lm)
     model.reset_activity()
     result = {"task": d.task, "split": e.split, "examples": len(examples), "adapter": recipe.model.adapter}

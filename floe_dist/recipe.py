@@ -41,9 +41,11 @@ class ModelSection:
 class DataSection:
     """data: the task adapted to"""
     task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
-    data_format: Literal["auto", "multiple_choice", "alpaca", "chat", "text"] = arg(
-        "auto", "a data file's format")
-    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer)")
+    data_format: Literal["auto", "multiple_choice", "alpaca", "chat", "sharegpt", "text"] = arg(
+        "auto", "a data file's format (sharegpt: chat with conversations of from/value and human/gpt roles)")
+    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer; "
+                           "meta.question for a nested field; chat also role=from,content=value)")
+    roles: str = arg("", "chat: your role names as YOURS=ROLE,... (e.g. human=user,gpt=assistant)")
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
 

@@ -32,11 +32,12 @@ class Resources:
 
         return self.get(("tokenizer", str(model_dir)), lambda: load_tokenizer(model_dir))
 
-    def examples(self, task: str, split: str, data_format: str, columns: str, tokenizer) -> list:
-        from floe_dist.data import load_task
+    def examples(self, data, split: str, tokenizer) -> list:
+        """The examples of a recipe's ``data`` section in ``split``."""
+        from floe_dist.data import load_data
 
-        return self.get(("examples", task, split, data_format, columns, tokenizer.name_or_path),
-                        lambda: load_task(task, split, data_format=data_format, columns=columns, tokenizer=tokenizer))
+        key = ("examples", data.task, split, data.data_format, data.columns, data.roles, tokenizer.name_or_path)
+        return self.get(key, lambda: load_data(data, split, tokenizer))
 
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
         """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many

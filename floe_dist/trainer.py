@@ -73,8 +73,8 @@ class Trainer:
         model_dir = resolve_model(m.name)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        data = (d.task, t.split, d.data_format, d.columns)
-        self.examples = res.examples(*data, self.tokenizer)[: d.max_train_examples]
+        data = (d.task, t.split, d.data_format, d.columns, d.roles)
+        self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {d.task!r} has no training examples")
         with main_rank_first():  # the others then read the tokenised rows rank 0 cached

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
-from floe_dist.data import Example, load_task, tokenize, train_batch
+from floe_dist.data import Example, load_data, tokenize, train_batch
 
 
 def load_for_search(recipe, hold_out: int, device="cpu"):
@@ -15,7 +15,7 @@ def load_for_search(recipe, hold_out: int, device="cpu"):
     d = recipe.data
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
-    examples = load_task(d.task, "train", data_format=d.data_format, columns=d.columns, tokenizer=tokenizer)
+    examples = load_data(d, "train", tokenizer)
     if len(examples) <= hold_out:
         raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
     train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])

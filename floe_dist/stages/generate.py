@@ -41,7 +41,7 @@ def run(recipe: Recipe, output: str | None = None) -> list[dict]:
     model_dir = resolve_model(m.name)
     tokenizer = load_tokenizer(model_dir)
     if g.input:
-        examples = load_task(g.input, "all", data_format=d.data_format, columns=d.columns,
+        examples = load_task(g.input, "all", data_format=d.data_format, columns=d.columns, roles=d.roles,
                              tokenizer=tokenizer)[: g.limit]
         prompts, references = [e.prompt for e in examples], [e.reference for e in examples]
     else:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, ModuleAllocation
 from floe_dist.files import write_json_atomic
-from floe_dist.data import collate, encode, load_task
+from floe_dist.data import collate, encode, load_data
 from floe_dist.methods.fisher import (accumulate_fisher, default_k, refine_with_block, select_budget,
                               select_top_k)
 from floe_dist.distributed import engine as ds
@@ -130,8 +130,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
         forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
     forward.eval()  # no dropout: the Fisher of the deterministic model
 
-    examples = load_task(recipe.data.task, "train", data_format=recipe.data.data_format, columns=recipe.data.columns,
-                         tokenizer=tokenizer)[: min(recipe.score.samples, recipe.score.proxy_examples)]
+    examples = load_data(recipe.data, "train", tokenizer)[: min(recipe.score.samples, recipe.score.proxy_examples)]
     batches = list(scoring_batches(examples, tokenizer, recipe.score.score_batch, info.rank, info.world_size))
     t1 = time.time()
     local = accumulate_fisher(forward, adapters,

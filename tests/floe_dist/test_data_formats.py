@@ -61,6 +61,56 @@ def test_chat_rows_learn_the_last_assistant_turn_under_the_chat_template(tmp_pat
     assert ex.prompt.endswith("<|im_start|>assistant\n") and "Say 0." in ex.prompt and ex.reference == "1."
 
 
+def sharegpt_rows(n: int = 12) -> list[dict]:
+    """chat_rows as ShareGPT writes them: conversations of from/value, roles human/gpt, a system turn."""
+    return [{"conversations": [{"from": "system", "value": "Count."}]
+             + [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in r["dialog"]]}
+            for r in chat_rows(n)]
+
+
+def test_sharegpt_files_read_as_the_same_chat_whether_detected_named_or_mapped_by_hand(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt_rows())
+    detected = load_task(str(data), "all", tokenizer=tokenizer)
+    assert load_task(str(data), "all", data_format="sharegpt", tokenizer=tokenizer) == detected
+    by_hand = load_task(str(data), "all", data_format="chat", columns="messages=conversations,role=from,content=value",
+                        roles="human=user,gpt=assistant", tokenizer=tokenizer)
+    assert by_hand == detected
+    messages = [{"role": "system", "content": "Count."}, *chat_rows(1)[0]["dialog"]]
+    first = detected[0]
+    assert first.prompt + first.choices[0] == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "Count." in first.prompt and first.reference == "1."
+
+
+def test_chat_keys_and_role_names_of_any_spelling_map_and_an_unmapped_role_is_named(tmp_path, tokenizer):
+    rows = [{"turns": [{"speaker": "person", "text": f"Say {i}."}, {"speaker": "bot", "text": f"{i}."}]}
+            for i in range(4)]
+    data = write_jsonl(tmp_path / "own.jsonl", rows)
+    examples = load_task(str(data), "all", data_format="chat", columns="messages=turns,role=speaker,content=text",
+                         roles="person=user,bot=assistant", tokenizer=tokenizer)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Say 0."},
+                                              {"role": "assistant", "content": "0."}], tokenize=False)
+    assert examples[0].prompt + examples[0].choices[0] == expected
+    with pytest.raises(ValueError, match=r"own.jsonl: row 1: role 'bot' is not one of .*roles: bot=user"):
+        load_task(str(data), "all", data_format="chat", columns="messages=turns,role=speaker,content=text",
+                  roles="person=user", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"row 1: messages must be a list of \{role, content\}; map other keys"):
+        load_task(str(data), "all", data_format="chat", columns="messages=turns", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="roles: expected YOURS=ROLE"):
+        load_task(str(data), "all", data_format="chat", roles="bot", tokenizer=tokenizer)
+
+
+def test_a_nested_column_maps_like_a_top_level_one(tmp_path, tokenizer):
+    flat = write_jsonl(tmp_path / "flat.jsonl", alpaca_rows(6))
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"meta": {"question": r["question"], "ctx": r["context"]},
+                                                     "reply": {"text": r["answer"]}} for r in alpaca_rows(6)])
+    expected = load_task(str(flat), "all", data_format="alpaca", columns=ALPACA_COLUMNS, tokenizer=tokenizer)
+    columns = "instruction=meta.question,input=meta.ctx,output=reply.text"
+    assert load_task(str(nested), "all", columns=columns, tokenizer=tokenizer) == expected  # auto detects it too
+    with pytest.raises(ValueError, match=r"nested.jsonl: row 1: no column 'reply.body'"):
+        load_task(str(nested), "all", data_format="alpaca", columns="instruction=meta.question,output=reply.body",
+                  tokenizer=tokenizer)
+
+
 def test_text_rows_are_all_answer_and_long_ones_are_cut_and_counted(tmp_path, tokenizer):
     rows = [{"text": "word " * (5 + 300 * (i == 2))} for i in range(4)]
     examples = load_task(str(write_jsonl(tmp_path / "t.jsonl", rows)), "all", tokenizer=tokenizer)
@@ -215,3 +265,27 @@ def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
                      "--output", str(tmp_path / "bad-run")], check=False)
     assert proc.returncode != 0 and "bad.jsonl: row 4: output must be a non-empty string" in proc.stderr
     assert not (tmp_path / "bad-run").exists()
+
+
+def test_sharegpt_and_nested_alpaca_files_train_evaluate_and_generate_from_a_recipe(tmp_path):
+    """The mapping lives in the recipe's data section; every stage reads the file through it."""
+    import yaml
+
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt_rows())
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"meta": {"question": r["question"]}, "answer": r["answer"]}
+                                                     for r in alpaca_rows()])
+    for data, section in ((sharegpt, {"data_format": "sharegpt"}),
+                          (nested, {"data_format": "alpaca", "columns": "instruction=meta.question,output=answer"})):
+        recipe = tmp_path / f"{data.stem}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": {"name": "tiny"}, "data": {"task": str(data), **section},
+                                          "train": {"steps": 2, "micro_batch": 2}}))
+        out = tmp_path / f"run-{data.stem}"
+        run_floe(["train", "--config", str(recipe), "--output", str(out)])
+        scored = run_floe(["evaluate", "--config", str(recipe), "--adapter", str(out / "adapter"),
+                           "--evaluate.max_new_tokens", "4", "--output", str(tmp_path / f"{data.stem}.eval.json")])
+        result = json.loads((tmp_path / f"{data.stem}.eval.json").read_text())
+        assert result["examples"] > 0 and result["loss"] > 0 and "exact_match" in result, scored.stdout
+        gen = tmp_path / f"{data.stem}.out.jsonl"
+        run_floe(["generate", "--config", str(recipe), "--adapter", str(out / "adapter"), "--input", str(data),
+                  "--limit", "2", "--max-new-tokens", "4", "--output", str(gen)])
+        assert len(gen.read_text().splitlines()) == 2
