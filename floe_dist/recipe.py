@@ -46,6 +46,8 @@ class DataSection:
     columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer; "
                            "meta.question for a nested field; chat also role=from,content=value)")
     roles: str = arg("", "chat: your role names as YOURS=ROLE,... (e.g. human=user,gpt=assistant)")
+    train_on: Literal["all_assistant", "last_assistant"] = arg(
+        "all_assistant", "chat: train on every assistant turn, or on the last one only")
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
 

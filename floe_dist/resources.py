@@ -36,7 +36,8 @@ class Resources:
         """The examples of a recipe's ``data`` section in ``split``."""
         from floe_dist.data import load_data
 
-        key = ("examples", data.task, split, data.data_format, data.columns, data.roles, tokenizer.name_or_path)
+        key = ("examples", data.task, split, data.data_format, data.columns, data.roles, data.train_on,
+               tokenizer.name_or_path)
         return self.get(key, lambda: load_data(data, split, tokenizer))
 
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:

@@ -73,7 +73,7 @@ class Trainer:
         model_dir = resolve_model(m.name)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        data = (d.task, t.split, d.data_format, d.columns, d.roles)
+        data = (d.task, t.split, d.data_format, d.columns, d.roles, d.train_on)
         self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {d.task!r} has no training examples")

@@ -111,6 +111,62 @@ def test_a_nested_column_maps_like_a_top_level_one(tmp_path, tokenizer):
                   tokenizer=tokenizer)
 
 
+def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive trained tokens of a row."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + [current] if current else runs
+
+
+def test_every_assistant_turn_is_trained_by_default_and_only_the_last_on_request(tmp_path, monkeypatch, tokenizer):
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(chat_rows(3)))
+    common = dict(data_format="chat", columns="messages=dialog", tokenizer=tokenizer)
+    every, last = (load_task(str(data), "all", train_on=t, **common) for t in ("all_assistant", "last_assistant"))
+    assert [(e.prompt, e.choices) for e in every] == [(e.prompt, e.choices) for e in last]  # evaluation: last turn
+    monkeypatch.setenv("FLOE_DIST_CACHE", str(tmp_path / "cache"))
+    rows_every, rows_last = (tokenize(x, tokenizer, 256) for x in (every, last))
+    turn = lambda text: tokenizer(text + "<|im_end|>\n", add_special_tokens=False).input_ids  # noqa: E731
+    for i in range(3):
+        assert rows_every[i]["input_ids"] == rows_last[i]["input_ids"]  # the same text, other labels
+        # per turn: each assistant turn's tokens, as the template ends it, and nothing else is supervised
+        assert supervised_runs(rows_every[i]["input_ids"], rows_every[i]["labels"]) == [turn(f"{i}."),
+                                                                                        turn(f"{i + 1}.")]
+        assert supervised_runs(rows_last[i]["input_ids"], rows_last[i]["labels"]) == [turn(f"{i + 1}.")]
+    with pytest.raises(ValueError, match="train_on must be one of"):
+        load_task(str(data), "all", train_on="every", **common)
+
+
+GENERATION_TAGGED_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_the_prefix_rule_marks_the_tokens_transformers_assistant_mask_marks(tokenizer):
+    """On a template with generation tags, transformers' own assistant-token mask and floe-dist's prefix rule
+    (what a turn adds to the rendering before it) pick the same tokens."""
+    from floe_dist.data import assistant_spans
+
+    template, tokenizer.chat_template = tokenizer.chat_template, GENERATION_TAGGED_CHATML
+    try:
+        messages = [{"role": "system", "content": "Count."}, *chat_rows(1)[0]["dialog"]]
+        full, spans = assistant_spans(tokenizer, messages)
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ours = [int(any(a <= start < b for a, b in spans)) for start, _ in encoded["offset_mapping"]]
+        theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=True)
+        assert theirs["input_ids"] == encoded["input_ids"]
+        assert theirs["assistant_masks"] == ours and sum(ours) > 0
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_text_rows_are_all_answer_and_long_ones_are_cut_and_counted(tmp_path, tokenizer):
     rows = [{"text": "word " * (5 + 300 * (i == 2))} for i in range(4)]
     examples = load_task(str(write_jsonl(tmp_path / "t.jsonl", rows)), "all", tokenizer=tokenizer)
