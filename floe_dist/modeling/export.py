@@ -40,21 +40,29 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], allocation:
 
 
 def save_peft_adapter(folder: Path, state: dict[str, torch.Tensor], allocation: Allocation, base: str) -> None:
-    """The same weights in PEFT's LoRA format: per-module ranks go to ``rank_pattern``."""
+    """The same weights in PEFT's LoRA format. Modules whose rank differs from the most common one get their
+    scale folded into B: a reader that applies one ``lora_alpha / r`` to every module (one that ignores
+    ``rank_pattern``, as some servers do) computes the trained function, and ``alpha_pattern`` keeps PEFT,
+    which reads the patterns, computing the same."""
     from peft import LoraConfig
 
-    tensors, ranks = {}, {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, _, kind = key.rpartition(".")  # e.g. model.layers.0.self_attn.q_proj, lora_A
-        if kind not in ("lora_A", "lora_B"):
-            continue
-        tensors[f"base_model.model.{module}.{kind}.weight"] = value.contiguous()
-        if kind == "lora_A":
-            ranks[module] = value.shape[0]
+        if kind in ("lora_A", "lora_B"):
+            pairs.setdefault(module, {})[kind] = value
+    ranks = {module: ab["lora_A"].shape[0] for module, ab in pairs.items()}
     default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    tensors, alpha_pattern = {}, {}
+    for module, ab in pairs.items():
+        fold = default_rank / ranks[module]  # trained scale alpha/r_m over the one a plain reader uses, alpha/r
+        tensors[f"base_model.model.{module}.lora_A.weight"] = ab["lora_A"].contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (ab["lora_B"] * fold).contiguous()
+        if ranks[module] != default_rank:  # PEFT scales by alpha_pattern / r_m: alpha * r_m / r undoes the fold
+            alpha_pattern[module] = allocation.alpha * ranks[module] / default_rank
     config = LoraConfig(r=default_rank, lora_alpha=allocation.alpha, lora_dropout=allocation.dropout,
                         target_modules=sorted(ranks), rank_pattern={k: r for k, r in ranks.items() if r != default_rank},
-                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base)
+                        alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
