@@ -23,8 +23,10 @@ A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder 
 ``auto`` picks the format from the columns. ``columns`` maps the format's field names to yours
 (``instruction=question,output=answer``); a column may be a path into nested fields (``meta.question``),
 and for chat the keys inside a message too (``messages=conversations,role=from,content=value``).
-``roles`` maps your role names to the template's (``human=user,gpt=assistant``). Generative answers end with the tokenizer's EOS token, so the
-model learns to stop. Every bad row fails with the file and row named, before anything is trained.
+``roles`` maps your role names to the template's (``human=user,gpt=assistant``); ``chat_template`` replaces
+the tokenizer's template (a name of CHAT_TEMPLATES or a Jinja file: Llama base checkpoints ship none), and
+``system_prompt`` replaces the Alpaca preamble or opens a conversation that has no system turn. Generative
+answers end with the tokenizer's EOS token, so the model learns to stop. Every bad row fails with the file and row named, before anything is trained.
 
 Training rows are tokenised once (``tokenize``) into an Arrow file in floe-dist's cache that every rank,
 search trial and rerun on the same data reads back; ``pack`` lays several examples into each row.
@@ -61,11 +63,17 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT = ({"messages": "conversations", "role": "from", "content": "value"},
             {"human": "user", "gpt": "assistant", "system": "system"})
 READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.")
+ALPACA_BODY = "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_BODY_INPUT = "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# Chat templates by name, for tokenizers that ship none (Llama base checkpoints): data.chat_template
+CHAT_TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+}
 
 
 @dataclass(frozen=True)
@@ -208,8 +216,22 @@ def detect_format(columns: set[str], mapping: dict[str, str], where) -> str:
 TRAIN_ON = ("all_assistant", "last_assistant")
 
 
+def chat_template_text(chat_template: str) -> str | None:
+    """``data.chat_template``: empty for the tokenizer's own, a name of CHAT_TEMPLATES, or a Jinja file."""
+    if not chat_template:
+        return None
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
+    path = Path(chat_template)
+    if not path.is_file():
+        raise ValueError(f"chat_template {chat_template!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) "
+                         f"nor a Jinja file")
+    return path.read_text()
+
+
 def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
-               roles: dict[str, str] | None = None, train_on: str = "all_assistant") -> Example:
+               roles: dict[str, str] | None = None, train_on: str = "all_assistant", template: str | None = None,
+               system_prompt: str = "") -> Example:
     """One row as an Example (raises KeyError/ValueError/TypeError on a bad row; the caller names it)."""
     get = lambda field: lookup(row, mapping.get(field, field))  # noqa: E731
     eos = tokenizer.eos_token if tokenizer is not None else ""
@@ -224,15 +246,18 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
             context = get("input") or ""
         except KeyError:
             context = ""
-        template = ALPACA_PROMPT_INPUT if context else ALPACA_PROMPT
+        preamble = system_prompt or (ALPACA_PREAMBLE_INPUT if context else ALPACA_PREAMBLE)
+        body = ALPACA_BODY_INPUT if context else ALPACA_BODY
         output = _text(get("output"), "output")
-        return Example(template.format(instruction=_text(get("instruction"), "instruction"), input=context),
+        return Example(preamble + body.format(instruction=_text(get("instruction"), "instruction"), input=context),
                        (output + eos,), 0, reference=output)
     if data_format == "text":
         text = _text(get("text"), "text")
         return Example("", (text + eos,), 0, reference=text)
     messages = chat_messages(get("messages"), mapping, roles or {})
-    full, spans = assistant_spans(tokenizer, messages)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    full, spans = assistant_spans(tokenizer, messages, template)
     prompt, answer = full[:spans[-1][0]], full[spans[-1][0]:]
     reference = str(next(m for m in reversed(messages) if m["role"] == "assistant")["content"])
     if train_on == "last_assistant" or len(spans) == 1:
@@ -244,7 +269,8 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
     return Example(prompt, (answer,), 0, reference=reference, segments=tuple(p for p in pieces if p[0]))
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict],
+                    template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The conversation up to its last assistant turn, rendered by the chat template, and the character span
     of each assistant turn in it, by the prefix rule: a turn is what rendering the messages up to it adds to
     rendering those before it with the generation prompt. Raises if the template does not render each
@@ -253,7 +279,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     if not turns:
         raise ValueError("the chat has no assistant turn to learn")
     render = lambda upto, prompt: tokenizer.apply_chat_template(  # noqa: E731
-        messages[:upto], tokenize=False, add_generation_prompt=prompt)
+        messages[:upto], tokenize=False, add_generation_prompt=prompt, chat_template=template)
     full = render(turns[-1] + 1, False)
     spans = []
     for i in turns:
@@ -289,12 +315,13 @@ def _text(value, field: str) -> str:
 
 
 def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None,
-              roles: str = "", train_on: str = "all_assistant") -> list[Example]:
+              **reading) -> list[Example]:
+    """A data file or ``save_to_disk`` folder as Examples (``reading``: to_examples' keyword settings)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file not found: {path}")
     check_format(data_format, path)
-    return to_examples(read_rows(path), path, data_format, columns, tokenizer, roles, train_on)
+    return to_examples(read_rows(path), path, data_format, columns, tokenizer, **reading)
 
 
 def check_format(data_format: str, where) -> None:
@@ -303,7 +330,7 @@ def check_format(data_format: str, where) -> None:
 
 
 def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None,
-             roles: str = "", train_on: str = "all_assistant") -> list[Example]:
+             **reading) -> list[Example]:
     """A Hugging Face hub dataset's ``train`` split, through ``datasets`` (downloaded once into floe-dist's
     cache, or read from it offline). Where no hub is reachable the error names the offline route."""
     import datasets
@@ -316,17 +343,19 @@ def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", toke
                          f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
                          f"with one, datasets.load_dataset({dataset_id!r}, split='train').save_to_disk(DIR), "
                          f"copy DIR here and pass it as the task") from None
-    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, roles, train_on)
+    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, **reading)
 
 
-def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer,
-                roles: str = "", train_on: str = "all_assistant") -> list[Example]:
-    """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named."""
+def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer, roles: str = "",
+                train_on: str = "all_assistant", chat_template: str = "", system_prompt: str = "") -> list[Example]:
+    """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named; ``roles``,
+    ``train_on``, ``chat_template`` and ``system_prompt`` are the recipe's data settings of those names."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"{where}: train_on must be one of {TRAIN_ON}, got {train_on!r}")
     try:
         mapping = parse_columns(columns, data_format)
         role_names = parse_pairs(roles, "roles", "YOURS=ROLE (e.g. human=user)")
+        template = chat_template_text(chat_template)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     if not rows:
@@ -341,13 +370,15 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
     if missing:
         raise ValueError(f"{where}: format {shown!r} needs column(s) {missing}, it has {sorted(names)}"
                          + ("" if columns else "; map yours with columns: FIELD=COLUMN"))
-    if data_format == "chat" and (tokenizer is None or not tokenizer.chat_template):
-        raise ValueError(f"{where}: format {shown!r} needs a tokenizer with a chat template; this model's has none "
-                         f"(use format alpaca or text, or a model that ships a template)")
+    if data_format == "chat" and (tokenizer is None or not (template or tokenizer.chat_template)):
+        raise ValueError(f"{where}: format {shown!r} needs a chat template; this model's tokenizer has none (set "
+                         f"data.chat_template to {', '.join(CHAT_TEMPLATES)} or a Jinja file, or use format alpaca "
+                         f"or text)")
     examples = []
     for n, row in enumerate(rows, 1):
         try:
-            examples.append(to_example(row, data_format, mapping, tokenizer, role_names, train_on))
+            examples.append(to_example(row, data_format, mapping, tokenizer, role_names, train_on, template,
+                                       system_prompt))
         except (KeyError, ValueError, TypeError) as err:
             detail = f"no column {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"{where}: row {n}: {detail} (format {shown})") from None
@@ -355,16 +386,16 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
-              roles: str = "", train_on: str = "all_assistant") -> list[Example]:
+              **reading) -> list[Example]:
     """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
-    its names mapped by ``columns`` and ``roles``); ``split`` is one of SPLITS.
+    its names mapped by ``columns``; ``reading``: to_examples' keyword settings); ``split`` is one of SPLITS.
     Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
     if task in TASKS:
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
-        examples = read_file(task, data_format, columns, tokenizer, roles, train_on)
+        examples = read_file(task, data_format, columns, tokenizer, **reading)
     elif task.count("/") == 1 and not task.startswith((".", "/")):
-        examples = read_hub(task, data_format, columns, tokenizer, roles, train_on)
+        examples = read_hub(task, data_format, columns, tokenizer, **reading)
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
@@ -382,8 +413,14 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
 
 def load_data(data, split: str, tokenizer=None) -> list[Example]:
     """``load_task`` on a recipe's ``data`` section (task, format, column and role mappings)."""
-    return load_task(data.task, split, data_format=data.data_format, columns=data.columns, roles=data.roles,
-                     train_on=data.train_on, tokenizer=tokenizer)
+    return load_task(data.task, split, data_format=data.data_format, columns=data.columns, tokenizer=tokenizer,
+                     **reading_of(data))
+
+
+def reading_of(data) -> dict:
+    """A recipe data section's settings that shape how rows become Examples (to_examples' keywords)."""
+    return {"roles": data.roles, "train_on": data.train_on, "chat_template": data.chat_template,
+            "system_prompt": data.system_prompt}
 
 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:

@@ -48,6 +48,8 @@ class DataSection:
     roles: str = arg("", "chat: your role names as YOURS=ROLE,... (e.g. human=user,gpt=assistant)")
     train_on: Literal["all_assistant", "last_assistant"] = arg(
         "all_assistant", "chat: train on every assistant turn, or on the last one only")
+    chat_template: str = arg("", "chat: the tokenizer's own template (empty), chatml, or a Jinja file")
+    system_prompt: str = arg("", "alpaca: replaces the preamble; chat: a system turn where a conversation has none")
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
 

@@ -34,9 +34,9 @@ class Resources:
 
     def examples(self, data, split: str, tokenizer) -> list:
         """The examples of a recipe's ``data`` section in ``split``."""
-        from floe_dist.data import load_data
+        from floe_dist.data import load_data, reading_of
 
-        key = ("examples", data.task, split, data.data_format, data.columns, data.roles, data.train_on,
+        key = ("examples", data.task, split, data.data_format, data.columns, *reading_of(data).values(),
                tokenizer.name_or_path)
         return self.get(key, lambda: load_data(data, split, tokenizer))
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.data import train_batch
+from floe_dist.data import reading_of, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
@@ -73,7 +73,7 @@ class Trainer:
         model_dir = resolve_model(m.name)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        data = (d.task, t.split, d.data_format, d.columns, d.roles, d.train_on)
+        data = (d.task, t.split, d.data_format, d.columns, *reading_of(d).values())
         self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {d.task!r} has no training examples")

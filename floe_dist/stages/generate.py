@@ -24,7 +24,7 @@ OUTPUT = None  # printed; --output FILE writes JSON lines instead
 
 
 def run(recipe: Recipe, output: str | None = None) -> list[dict]:
-    from floe_dist.data import load_task
+    from floe_dist.data import chat_template_text, load_task, reading_of
     from floe_dist.generation import generate, stop_strings
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.modeling.export import export_meta, load_adapter
@@ -41,14 +41,18 @@ def run(recipe: Recipe, output: str | None = None) -> list[dict]:
     model_dir = resolve_model(m.name)
     tokenizer = load_tokenizer(model_dir)
     if g.input:
-        examples = load_task(g.input, "all", data_format=d.data_format, columns=d.columns, roles=d.roles,
-                             tokenizer=tokenizer)[: g.limit]
+        examples = load_task(g.input, "all", data_format=d.data_format, columns=d.columns, tokenizer=tokenizer,
+                             **reading_of(d))[: g.limit]
         prompts, references = [e.prompt for e in examples], [e.reference for e in examples]
     else:
-        if g.chat and not tokenizer.chat_template:
-            raise ValueError(f"generate.chat: the tokenizer of {m.name} has no chat template")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": g.prompt}], tokenize=False,
-                                                 add_generation_prompt=True) if g.chat else g.prompt]
+        template = chat_template_text(d.chat_template)
+        if g.chat and not (template or tokenizer.chat_template):
+            raise ValueError(f"generate.chat: the tokenizer of {m.name} has no chat template (set "
+                             f"data.chat_template)")
+        turns = ([{"role": "system", "content": d.system_prompt}] if d.system_prompt else []) + [
+            {"role": "user", "content": g.prompt}]
+        prompts = [tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=template) if g.chat else g.prompt]
         references = [""]
     lm = load_backbone(model_dir, m.quant, device)
     if m.adapter:

@@ -280,7 +280,7 @@ def test_chat_needs_a_tokenizer_with_a_template(tmp_path, tokenizer):
     path.write_text(json.dumps(chat_rows(2)))
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
-        with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        with pytest.raises(ValueError, match="needs a chat template; this model.s tokenizer has none"):
             read_file(path, "chat", "messages=dialog", tokenizer)
     finally:
         tokenizer.chat_template = template
@@ -345,3 +345,34 @@ def test_sharegpt_and_nested_alpaca_files_train_evaluate_and_generate_from_a_rec
         run_floe(["generate", "--config", str(recipe), "--adapter", str(out / "adapter"), "--input", str(data),
                   "--limit", "2", "--max-new-tokens", "4", "--output", str(gen)])
         assert len(gen.read_text().splitlines()) == 2
+
+
+def test_a_named_or_file_chat_template_serves_a_tokenizer_without_one_and_a_system_prompt_opens_each_chat(
+        tmp_path, tokenizer):
+    from floe_dist.data import CHAT_TEMPLATES
+
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(chat_rows(2)))
+    own = load_task(str(data), "all", data_format="chat", columns="messages=dialog", tokenizer=tokenizer)
+    (tmp_path / "chatml.jinja").write_text(CHAT_TEMPLATES["chatml"])
+    template, tokenizer.chat_template = tokenizer.chat_template, None  # a base checkpoint's tokenizer
+    try:
+        named, from_file = (load_task(str(data), "all", data_format="chat", columns="messages=dialog",
+                                      chat_template=t, tokenizer=tokenizer)
+                            for t in ("chatml", str(tmp_path / "chatml.jinja")))
+        with pytest.raises(ValueError, match="set data.chat_template to chatml or a Jinja file"):
+            load_task(str(data), "all", data_format="chat", columns="messages=dialog", tokenizer=tokenizer)
+        with pytest.raises(ValueError, match="neither a template name"):
+            load_task(str(data), "all", data_format="chat", columns="messages=dialog", chat_template="llama9",
+                      tokenizer=tokenizer)
+        prompted = load_task(str(data), "all", data_format="chat", columns="messages=dialog", chat_template="chatml",
+                             system_prompt="Count.", tokenizer=tokenizer)
+    finally:
+        tokenizer.chat_template = template
+    assert named == from_file and named != own  # SmolLM2's own template adds its default system turn
+    assert named[0].prompt.startswith("<|im_start|>user\nSay 0.<|im_end|>\n") and named[0].segments
+    assert prompted[0].prompt.startswith("<|im_start|>system\nCount.<|im_end|>\n<|im_start|>user\nSay 0.")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(2))
+    instructed = load_task(str(alpaca), "all", columns=ALPACA_COLUMNS, system_prompt="Answer briefly.",
+                           tokenizer=tokenizer)
+    assert instructed[0].prompt.startswith("Answer briefly.\n\n### Instruction:\nAdd 0 and 1.")
