@@ -284,6 +284,24 @@ def backbone_load(d):
                   "peak through the first step (MiB)"], rows)
 
 
+def chat_turns(d):
+    def mean(values):
+        return sum(values) / len(values)
+
+    rows, arms = [], {}
+    for r in d["rows"]:
+        arms.setdefault(r["arm"], []).append(r)
+    for arm, runs in arms.items():
+        per_seed = lambda key: " / ".join(f"{100 * r[key]:.0f}" for r in runs)  # noqa: E731
+        numeric = pct(mean([r["numeric_match"] for r in runs]))
+        rows.append([arm, runs[0]["steps"], per_seed("numeric_match"), f"**{numeric}**", per_seed("exact_match"),
+                     f"{mean([r['loss'] for r in runs]):.3f}", f"{mean([r['train_s'] for r in runs]):.0f} s"])
+    return (table(["arm", "train steps", "numeric match % per seed", "numeric match (mean)", "exact match % per seed",
+                   "last-turn answer loss (mean)", "training wall (mean)"], rows)
+            + f"\n\n{d['conversations']} conversations of {d['turns']} questions; scored on the last turn of the first "
+              f"{d['rows'][0]['examples']} test conversations.")
+
+
 def compare_allocators(d):
     rows = [[r["method"], mean_std(r), seeds(r["per_seed"]), f"{r['layers']:.1f}", f"{r['trainable']:,}",
              f"{r['active']:,}", r["allocation_s"], r["training_s"]] for r in d["rows"]]
@@ -442,6 +460,7 @@ TABLES = {
     "plan-cpu": ("plan_cpu", plan_cpu),
     "compare-allocators-sst2": ("compare_allocators_sst2", compare_allocators),
     "load": ("load", backbone_load),
+    "chat-turns": ("chat_turns", chat_turns),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
