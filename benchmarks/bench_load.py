@@ -9,7 +9,7 @@ local ranks (gloo, fp32 on CPU) along two paths:
   partitioning each module;
 * ``sharded, pinned`` — the same loader, with plain autograd for the frozen linears: their backward keeps a
   view of each gathered weight from forward to backward (floe_dist/modeling/frozen_linear.py says why);
-* ``whole``   — what floe-dist did before both: every rank ``from_pretrained`` the whole model,
+* ``whole``   — every rank ``from_pretrained`` the whole model,
   ``deepspeed.initialize`` partitions it afterwards, plain autograd.
 
 On one rank, two baselines: ``from_pretrained`` (what every path does there; its peak includes the mapped

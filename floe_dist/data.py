@@ -417,6 +417,11 @@ def load_data(data, split: str, tokenizer=None) -> list[Example]:
                      **reading_of(data))
 
 
+def data_key(data, split: str) -> tuple:
+    """What a recipe data section's examples of ``split`` depend on: a key for caching them."""
+    return (data.task, split, data.data_format, data.columns, *reading_of(data).values())
+
+
 def reading_of(data) -> dict:
     """A recipe data section's settings that shape how rows become Examples (to_examples' keywords)."""
     return {"roles": data.roles, "train_on": data.train_on, "chat_template": data.chat_template,

@@ -34,11 +34,10 @@ class Resources:
 
     def examples(self, data, split: str, tokenizer) -> list:
         """The examples of a recipe's ``data`` section in ``split``."""
-        from floe_dist.data import load_data, reading_of
+        from floe_dist.data import data_key, load_data
 
-        key = ("examples", data.task, split, data.data_format, data.columns, *reading_of(data).values(),
-               tokenizer.name_or_path)
-        return self.get(key, lambda: load_data(data, split, tokenizer))
+        return self.get(("examples", *data_key(data, split), tokenizer.name_or_path),
+                        lambda: load_data(data, split, tokenizer))
 
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
         """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many

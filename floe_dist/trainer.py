@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.data import reading_of, train_batch
+from floe_dist.data import data_key, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
@@ -73,12 +73,11 @@ class Trainer:
         model_dir = resolve_model(m.name)
         res = self.resources
         self.tokenizer = res.tokenizer(model_dir)
-        data = (d.task, t.split, d.data_format, d.columns, *reading_of(d).values())
         self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
             raise ValueError(f"task {d.task!r} has no training examples")
         with main_rank_first():  # the others then read the tokenised rows rank 0 cached
-            self.rows, self.truncated = res.tokenized((*data, d.max_train_examples), self.examples,
+            self.rows, self.truncated = res.tokenized((*data_key(d, t.split), d.max_train_examples), self.examples,
                                                       self.tokenizer, m.max_length, d.pack)
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="

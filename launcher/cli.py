@@ -35,8 +35,8 @@ RECIPE_COMMANDS = {
     "plan": ("floe_dist.stages.plan", "predict per-GPU memory and step time of a layout before running it"),
     "campaign": ("launcher.campaign", "run a recipe's stages end to end"),
 }
-# Tools with options of their own: name -> (module, options class, help). With --config RECIPE, a tool's
-# module maps the recipe onto its defaults (``recipe_defaults``).
+# Tools with options of their own: name -> (module, options class, help). A tool whose options name a
+# ``recipe`` (slurm) also takes --config RECIPE: the resolved recipe is written beside its output and named there.
 TOOL_COMMANDS = {
     "export": ("floe_dist.stages.export", "ExportArgs", "rebuild an adapter export from a checkpoint"),
     "slurm": ("launcher.slurm", "SlurmArgs", "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
@@ -125,7 +125,7 @@ def parse_command(name: str, argv: list[str]):
     if name in TOOL_COMMANDS:
         module_name, cls_name, help_text = TOOL_COMMANDS[name]
         module = importlib.import_module(module_name)
-        return module, *parse_options(name, module, getattr(module, cls_name), help_text, argv)
+        return module, *parse_options(name, getattr(module, cls_name), help_text, argv)
     module = importlib.import_module(RECIPE_COMMANDS[name][0])
     parser = command_parser(name, module.OUTPUT)
     recipe, cfg = parse_recipe(expand_aliases(argv, module.SECTIONS, {"output", "config", "print_config", "help"}),
@@ -133,16 +133,17 @@ def parse_command(name: str, argv: list[str]):
     return module, recipe, cfg.output
 
 
-def parse_options(name: str, module, cls: type, help_text: str, argv: list[str]):
-    """A tool's options class from its flags (``--tasks-per-node`` or ``--tasks_per_node``); with ``--config
-    RECIPE``, the recipe's values are the defaults. Returns (options, recipe or None)."""
+def parse_options(name: str, cls: type, help_text: str, argv: list[str]):
+    """A tool's options class from its flags (``--tasks-per-node`` or ``--tasks_per_node``), and the recipe of
+    ``--config`` where the tool takes one. Returns (options, recipe or None)."""
     from jsonargparse import ArgumentError, ArgumentParser
 
     from floe_dist.recipe import load_recipe
 
     parser = ArgumentParser(prog=f"floe-dist {name}", description=help_text, exit_on_error=False)
-    parser.add_argument("--config", type=str | None, default=None,
-                        help="a recipe (file or shipped name) whose settings become this command's defaults")
+    if "recipe" in {f.name for f in fields(cls)}:
+        parser.add_argument("--config", type=str | None, default=None,
+                            help="a recipe (file or shipped name) for the job; its settings are the job's")
     parser.add_class_arguments(cls, fail_untyped=True, sub_configs=False)
     helps = {f.name: f.metadata.get("help") for f in fields(cls)}
     for action in parser._actions:
@@ -152,10 +153,7 @@ def parse_options(name: str, module, cls: type, help_text: str, argv: list[str])
             + ("=" + a.split("=", 1)[1] if "=" in a else "") for a in argv]
     try:
         cfg = parser.parse_args(argv)
-        recipe = load_recipe(cfg.config) if cfg.config else None
-        if recipe is not None:
-            parser.set_defaults(**module.recipe_defaults(recipe))
-            cfg = parser.parse_args(argv)
+        recipe = load_recipe(cfg.config) if cfg.get("config") else None
     except ArgumentError as err:
         raise ValueError(f"bad arguments: {err}") from None
     return cls(**{f.name: cfg[f.name] for f in fields(cls)}), recipe

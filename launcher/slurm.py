@@ -50,7 +50,8 @@ class SlurmArgs:
     slots: int = arg(1, "hostfile action: ranks per host")
 
     def resolve_shape(self) -> None:
-        """Fill the shape flags left unset from the parallel section of --recipe, else of the default recipe."""
+        """Fill the shape flags left unset from the parallel section of the job's recipe (--recipe, or the one
+        --config wrote), else of the default recipe."""
         from floe_dist.recipe import Recipe, load_recipe
 
         if None in (self.nodes, self.tasks_per_node, self.gpus_per_node):

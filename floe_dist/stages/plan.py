@@ -43,7 +43,7 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.config import below_one
-from floe_dist.recipe import Recipe
+from floe_dist.recipe import PlanSection, Recipe
 from floe_dist.distributed.layout import Layout
 from floe_dist.flops import flops_per_token
 
@@ -105,13 +105,14 @@ class PlanInputs:
     seq_len: int = 2048
     accumulation: int = 1
     gradient_checkpointing: bool = True
-    flash_attention: bool = True
-    full_sequence_loss: bool = False
-    offload: bool = False
-    device: str = "gpu"
-    gpu_memory: float = 80.0
-    peak_tflops: float = 989.0
-    mfu: float = 0.3
+    # the plan section's own settings: its defaults, not a second set
+    flash_attention: bool = PlanSection.flash_attention
+    full_sequence_loss: bool = PlanSection.full_sequence_loss
+    offload: bool = PlanSection.offload
+    device: str = PlanSection.device
+    gpu_memory: float = PlanSection.gpu_memory
+    peak_tflops: float = PlanSection.peak_tflops
+    mfu: float = PlanSection.mfu
 
     def layout(self) -> Layout:
         return Layout.planned(max(1, self.nodes), max(1, self.gpus_per_node), self.ep_size, self.zero)

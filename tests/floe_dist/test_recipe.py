@@ -18,8 +18,8 @@ from floe_dist.recipe import (Recipe, field_paths, load_recipe, read_recipe, sec
 from launcher.cli import RECIPE_COMMANDS, TOOL_COMMANDS, aliases, expand_aliases
 from tests.conftest import run_floe
 
-# Tools whose options are not settings of a campaign yet: `plan` and `slurm` still declare the layout and shape
-# they need (model, nodes, ranks per node, ...) themselves, and read a recipe's values through recipe_defaults.
+# Tools with options of their own: `slurm` names the job's shape (nodes, ranks per node, GPUs) with flags whose
+# defaults come from the job's recipe (SlurmArgs.resolve_shape), not from a second declaration.
 TOOLS_WITH_OWN_OPTIONS = {"SlurmArgs"}
 
 
