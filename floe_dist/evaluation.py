@@ -112,12 +112,29 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     if m.adapter:
         load_adapter(lm, m.adapter)
     result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example)
+    e = recipe.evaluate
+    if e.lm_eval_task_list:
+        result["lm_eval"] = lm_eval_results(lm, tokenizer, e)
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
             if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
     print(f"{recipe.data.task}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on {result['examples']} "
           f"examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
     return result
+
+
+def lm_eval_results(lm, tokenizer, settings: EvaluateSection) -> dict:
+    """lm-evaluation-harness's scores of the loaded model on ``evaluate.lm_eval_tasks``, printed a line each."""
+    try:
+        from floe_dist.lm_eval_model import harness_results
+    except ImportError as err:
+        raise ValueError(f"evaluate.lm_eval_tasks needs lm-eval: pip install 'floe-dist[eval]' ({err})") from None
+    results = harness_results(lm, tokenizer, settings.lm_eval_task_list, settings.lm_eval_include, settings.limit,
+                              settings.batch_size)
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+        print(f"lm-eval {task}: {shown}")
+    return results
 
 
 def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: Resources | None = None,

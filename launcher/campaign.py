@@ -29,9 +29,10 @@ from floe_dist.distributed.runtime import die_with_parent, free_port
 from floe_dist.files import write_json_atomic
 from floe_dist.recipe import Recipe, read_recipe, write_recipe
 from floe_dist.resume import changed_settings, describe
+from floe_dist.tracking import OBSERVING
 
 # Settings each finished stage's result depends on (prefixes of the recipe's dotted keys) ...
-EVALUATION = ("evaluate.limit", "evaluate.max_new_tokens", "evaluate.stop")
+EVALUATION = ("evaluate.limit", "evaluate.max_new_tokens", "evaluate.stop", "evaluate.lm_eval")
 DEPENDS = {"prepare": ("model.name",), "zero_shot": ("model.", "data.", *EVALUATION)}
 DEPENDS["allocate"] = ("model.", "data.", "adapter.", "score.", "allocate.", "parallel.zero", "parallel.ep_size")
 DEPENDS["search"] = DEPENDS["allocate"] + ("search.",)
@@ -39,7 +40,8 @@ DEPENDS["train"] = DEPENDS["search"] + ("train.", "parallel.nproc", "parallel.no
 DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
 # ... except those that say only how to run.
 HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
-              "search.trial_threads", "search.trial_workers", "search.sbatch_args", "evaluate.batch_size"}
+              "search.trial_threads", "search.trial_workers", "search.sbatch_args", "evaluate.batch_size",
+              *OBSERVING}
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 

@@ -6,6 +6,7 @@
     floe-dist export --run DIR
     floe-dist plan --config recipes/llama3-70b-2node.yaml            # memory per GPU before any run (a stage too)
     floe-dist slurm --action render --config RECIPE --output runs/c  # an sbatch script that runs a recipe
+    floe-dist lm-eval --model floe-dist --model_args adapter=DIR --tasks T  # lm-eval's CLI, our model in it
 
 Every stage and the campaign read the same settings tree (floe_dist/recipe.py) through jsonargparse:
 ``--config`` (a file or a shipped recipe's name), dotted ``--section.key`` overrides, ``--print_config``.
@@ -41,6 +42,10 @@ TOOL_COMMANDS = {
     "export": ("floe_dist.stages.export", "ExportArgs", "rebuild an adapter export from a checkpoint"),
     "slurm": ("launcher.slurm", "SlurmArgs", "render/submit sbatch scripts (slurm/) and write DeepSpeed hostfiles"),
 }
+# Other programs' command lines, run with floe-dist's pieces registered: name -> (module, help). Each module has
+# main(argv).
+PASSTHROUGH = {"lm-eval": ("floe_dist.lm_eval_model", "lm-evaluation-harness's own CLI with the floe-dist model "
+                                                      "(--model floe-dist --model_args adapter=DIR)")}
 SHORTCUTS = {"model": "model.name", "allocation": "allocate.file", "adapter": "model.adapter"}
 
 
@@ -161,7 +166,8 @@ def parse_options(name: str, cls: type, help_text: str, argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
-    commands = {**{n: h for n, (_, h) in RECIPE_COMMANDS.items()}, **{n: h for n, (_, _, h) in TOOL_COMMANDS.items()}}
+    commands = {**{n: h for n, (_, h) in RECIPE_COMMANDS.items()}, **{n: h for n, (_, _, h) in TOOL_COMMANDS.items()},
+                **{n: h for n, (_, h) in PASSTHROUGH.items()}}
     if not argv or argv[0] not in commands:
         top = argparse.ArgumentParser(prog="floe-dist", description="Fisher-placed sparse LoRA-MoE fine-tuning")
         sub = top.add_subparsers(dest="command", required=True)
@@ -169,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(command, help=help_text, add_help=False)
         top.parse_args(argv)  # usage, --help, or the unknown-command error
     name, rest = argv[0], argv[1:]
+    if name in PASSTHROUGH:
+        try:
+            module = importlib.import_module(PASSTHROUGH[name][0])
+        except ImportError as err:
+            print(f"floe-dist {name}: error: needs the floe-dist[eval] extra ({err})", file=sys.stderr)
+            return 2
+        module.main(rest)
+        return 0
     from floe_dist.distributed.runtime import discover, shutdown
     from floe_dist.files import exclusive_output
     from floe_dist.recipe import write_recipe
