@@ -6,7 +6,10 @@ from typing import Any
 
 
 def arg(default: Any, help: str) -> Any:
-    """A dataclass field whose help text becomes the CLI's ``--help`` line."""
+    """A dataclass field whose help text becomes the CLI's ``--help`` line (a list or dict default: a fresh copy
+    for each instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

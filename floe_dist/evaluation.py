@@ -118,7 +118,7 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
             if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
-    print(f"{recipe.data.task}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on {result['examples']} "
+    print(f"{recipe.data.name}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on {result['examples']} "
           f"examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
     return result
 
@@ -147,7 +147,7 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
     examples = resources.examples(d, e.split, tokenizer)[: e.limit]
     model = AnswerLM(lm)
     model.reset_activity()
-    result = {"task": d.task, "split": e.split, "examples": len(examples), "adapter": recipe.model.adapter}
+    result = {"task": d.name, "split": e.split, "examples": len(examples), "adapter": recipe.model.adapter}
     if all(x.generative for x in examples):
         result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device))
     else:

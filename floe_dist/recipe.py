@@ -37,6 +37,9 @@ class ModelSection:
                                     "base model")
 
 
+SOURCE_KEYS = ("task", "weight", "data_format", "columns", "roles")
+
+
 @dataclass
 class DataSection:
     """data: the task adapted to"""
@@ -52,6 +55,37 @@ class DataSection:
     system_prompt: str = arg("", "alpaca: replaces the preamble; chat: a system turn where a conversation has none")
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
+    sources: list[dict[str, Any]] = arg([], "a mixture instead of task: a list of {task, weight, data_format, "
+                                            "columns, roles} (weight: share of the training examples)")
+    eval_task: str | None = arg(None, "a separate evaluation file (read like task): it is the test split, and "
+                                      "all of task is training data")
+    test_size: float | None = arg(None, "test examples per source: a fraction (< 1) or a count (default 5/16)")
+    val_size: float | None = arg(None, "the search's validation part of the training split: a fraction (< 1) or "
+                                       "a count (default 1/4)")
+
+    def problems(self) -> list[str]:
+        found = []
+        for i, source in enumerate(self.sources):
+            unknown = sorted(set(source) - set(SOURCE_KEYS))
+            if unknown or not source.get("task"):
+                found.append(f"data.sources[{i}]: needs a task; its keys are {', '.join(SOURCE_KEYS)}"
+                             + (f" (not {unknown})" if unknown else ""))
+            elif not float(source.get("weight", 1.0)) > 0:
+                found.append(f"data.sources[{i}]: weight must be > 0, got {source['weight']}")
+        if self.sources and self.task != DataSection.task:
+            found.append("give data.task or data.sources, not both")
+        for name in ("test_size", "val_size"):
+            size = getattr(self, name)
+            if size is not None and (size < 0 or (size >= 1 and size != int(size))):
+                found.append(f"data.{name} must be a fraction in [0, 1) or a whole count, got {size}")
+        if self.eval_task and self.test_size:
+            found.append("give data.eval_task or data.test_size, not both")
+        return found
+
+    @property
+    def name(self) -> str:
+        """What the data is called in summaries: the task, or the mixture's tasks."""
+        return "+".join(str(s["task"]) for s in self.sources) if self.sources else self.task
 
 
 @dataclass

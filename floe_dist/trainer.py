@@ -76,13 +76,13 @@ class Trainer:
         self.tokenizer = res.tokenizer(model_dir)
         self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
-            raise ValueError(f"task {d.task!r} has no training examples")
+            raise ValueError(f"data {d.name!r} has no training examples")
         with main_rank_first():  # the others then read the tokenised rows rank 0 cached
             self.rows, self.truncated = res.tokenized((*data_key(d, t.split), d.max_train_examples), self.examples,
                                                       self.tokenizer, m.max_length, d.pack)
         if self.truncated and layout.is_main:
             print(f"note: {self.truncated} of {len(self.examples)} training examples are longer than max_length="
-                  f"{m.max_length} tokens and are cut (prompts from the left, plain text from the right)")
+                  f"{m.max_length} tokens and are cut (what precedes their last answer, from the left)")
         self.held_out = []  # train.eval_every: the examples of the split training does not read
         if t.eval_every:
             split = "val" if t.split == "fit" else "test"
@@ -263,7 +263,7 @@ class Trainer:
                    + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
         if layout.is_main:
             save_adapter(self.out / "adapter", state, self.allocation,
-                         {"base_model": m.name, "quant": m.quant, "task": d.task, "step": t.steps})
+                         {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.steps})
             summary["final_loss"] = log.last.get("loss") if log.last else None
             write_json_atomic(self.out / "train.json", summary)
             log.close()

@@ -223,7 +223,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
 def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained: dict, final: dict) -> dict:
     r = c.recipe
     searched = json.loads((c.out / RESULT_FILES["search"]).read_text()) if r.search.enabled else {}
-    summary = {"model": r.model.name, "task": r.data.task, "method": r.allocate.method,
+    summary = {"model": r.model.name, "task": r.data.name, "method": r.allocate.method,
                "searched_allocation": searched.get("allocation"), "candidates": searched.get("candidates"),
                "ranks": r.parallel.nproc * r.parallel.nodes, "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
@@ -231,7 +231,7 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
                "recipe": str(c.out / "recipe.yaml")}
     write_json_atomic(c.out / "campaign.json", summary)
     print("\n[campaign] summary")
-    print(f"  model / task          {r.model.name} / {r.data.task} ({final['examples']} test examples)")
+    print(f"  model / task          {r.model.name} / {r.data.name} ({final['examples']} test examples)")
     print(f"  allocation            {r.allocate.file or r.allocate.method}")
     if summary["candidates"] and len(summary["candidates"]) > 1:
         from floe_dist.search.report import candidate_costs, unresolved

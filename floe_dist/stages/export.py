@@ -72,7 +72,8 @@ def run(args: ExportArgs) -> Path:
     out = Path(args.output or run_dir / "adapter")
     save_adapter(out, state, allocation, {"base_model": train_args.get("model.name"),
                                           "quant": train_args.get("model.quant", "none"),
-                                          "task": train_args.get("data.task"),
+                                          "task": "+".join(str(x["task"]) for x in train_args.get("data.sources") or [])
+                                          or train_args.get("data.task"),
                                           "step": int(tag.split("_")[-1]) if "_" in tag else None})
     print(f"exported {len(state)} adapter tensors from {ckpt_dir / tag} -> {out}")
     if args.merged:

@@ -157,7 +157,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     if info.is_main:
         write_json_atomic(out / "fisher.json", result)
         allocation.save(out / "allocation.json")
-        plot_scores(out / "fisher.png", layers, scores.tolist(), kept, f"{recipe.score.mode} Fisher, {recipe.data.task}")
+        plot_scores(out / "fisher.png", layers, scores.tolist(), kept, f"{recipe.score.mode} Fisher, {recipe.data.name}")
         print(f"scored {len(layers)} layers on {sums.samples} samples ({info.world_size} rank(s)); "
               f"selected {kept} -> {out / 'allocation.json'}")
     return result

@@ -167,11 +167,17 @@ def test_the_prefix_rule_marks_the_tokens_transformers_assistant_mask_marks(toke
         tokenizer.chat_template = template
 
 
-def test_text_rows_are_all_answer_and_long_ones_are_cut_and_counted(tmp_path, tokenizer):
+def test_text_rows_are_all_answer_and_long_ones_are_chunked_not_cut(tmp_path, tokenizer):
     rows = [{"text": "word " * (5 + 300 * (i == 2))} for i in range(4)]
     examples = load_task(str(write_jsonl(tmp_path / "t.jsonl", rows)), "all", tokenizer=tokenizer)
-    assert all(e.prompt == "" for e in examples) and sum(tokenize(examples, tokenizer, 64)["cut"]) == 1
-    ids, n_answer = encode(tokenizer, examples[2].prompt, examples[2].choices[0], 64)
+    assert all(e.prompt == "" for e in examples)
+    rows = tokenize(examples, tokenizer, 64)
+    whole = tokenizer(examples[2].choices[0], add_special_tokens=False).input_ids
+    chunks = -(-len(whole) // 64)
+    assert len(rows) == 3 + chunks and sum(rows["cut"]) == 0 and chunks > 4
+    assert [t for r in rows.select(range(2, 2 + chunks)) for t in r["input_ids"]] == whole  # every token, in order
+    assert all(r["labels"] == r["input_ids"] and len(r["input_ids"]) <= 64 for r in rows)
+    ids, n_answer = encode(tokenizer, examples[2].prompt, examples[2].choices[0], 64)  # evaluation: its first 64
     assert len(ids) == n_answer == 64
 
 
