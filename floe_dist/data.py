@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -273,20 +274,50 @@ def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
     return Example(prompt, (answer,), 0, reference=reference, segments=tuple(p for p in pieces if p[0]))
 
 
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 def assistant_spans(tokenizer, messages: list[dict],
                     template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation up to its last assistant turn, rendered by the chat template, and the character span
-    of each assistant turn in it, by the prefix rule: a turn is what rendering the messages up to it adds to
-    rendering those before it with the generation prompt. Raises if the template does not render each
-    conversation as a prefix of the next (then no span can be told apart)."""
+    """The conversation up to its last assistant turn, rendered by the chat template, and the character spans
+    trained in it: the template's own (``template_spans``) where it marks them with ``{% generation %}``, else
+    those of the prefix rule (``prefix_spans``)."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise ValueError("the chat has no assistant turn to learn")
+    messages = messages[:turns[-1] + 1]
+    if GENERATION_TAG.search(template or tokenizer.chat_template or ""):
+        return template_spans(tokenizer, messages, template)
+    return prefix_spans(tokenizer, messages, template)
+
+
+def template_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The spans the template's generation tags mark: transformers' ``return_assistant_tokens_mask``, each run of
+    marked tokens turned into characters by the tokenizer's offsets."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
+                                        return_assistant_tokens_mask=True,
+                                        tokenizer_kwargs={"return_offsets_mapping": True})
+    spans: list[tuple[int, int]] = []
+    for marked, (start, end) in zip(out["assistant_masks"], out["offset_mapping"]):
+        if marked and spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end)
+        elif marked:
+            spans.append((start, end))
+    if not spans:
+        raise ValueError("the chat template's generation tags mark no assistant text")
+    return full, spans
+
+
+def prefix_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The prefix rule: an assistant turn is what rendering the messages up to it adds to rendering those before
+    it with the generation prompt. Raises if the template does not render each conversation as a prefix of the
+    next (then no span can be told apart)."""
     render = lambda upto, prompt: tokenizer.apply_chat_template(  # noqa: E731
         messages[:upto], tokenize=False, add_generation_prompt=prompt, chat_template=template)
-    full = render(turns[-1] + 1, False)
+    full = render(len(messages), False)
     spans = []
-    for i in turns:
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
         before, through = render(i, True), render(i + 1, False)
         if not (through.startswith(before) and full.startswith(through)):
             raise ValueError("the chat template renders the conversation differently with and without its later "

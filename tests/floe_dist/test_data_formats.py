@@ -149,22 +149,28 @@ GENERATION_TAGGED_CHATML = (
 
 
 def test_the_prefix_rule_marks_the_tokens_transformers_assistant_mask_marks(tokenizer):
-    """On a template with generation tags, transformers' own assistant-token mask and floe-dist's prefix rule
-    (what a turn adds to the rendering before it) pick the same tokens."""
-    from floe_dist.data import assistant_spans
+    """On a template with generation tags, its own spans (transformers' assistant-token mask, which floe-dist uses
+    there) and the prefix rule (what a turn adds to the rendering before it; used elsewhere) pick the same
+    tokens, and those are the mask's tokens."""
+    from floe_dist.data import assistant_spans, prefix_spans, template_spans
 
-    template, tokenizer.chat_template = tokenizer.chat_template, GENERATION_TAGGED_CHATML
-    try:
-        messages = [{"role": "system", "content": "Count."}, *chat_rows(1)[0]["dialog"]]
-        full, spans = assistant_spans(tokenizer, messages)
-        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ours = [int(any(a <= start < b for a, b in spans)) for start, _ in encoded["offset_mapping"]]
-        theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                               return_assistant_tokens_mask=True)
-        assert theirs["input_ids"] == encoded["input_ids"]
-        assert theirs["assistant_masks"] == ours and sum(ours) > 0
-    finally:
-        tokenizer.chat_template = template
+    messages = [{"role": "system", "content": "Count."}, *chat_rows(1)[0]["dialog"]]
+    by_tags = template_spans(tokenizer, messages, GENERATION_TAGGED_CHATML)
+    assert by_tags == prefix_spans(tokenizer, messages, GENERATION_TAGGED_CHATML)
+    assert assistant_spans(tokenizer, messages, GENERATION_TAGGED_CHATML) == by_tags
+    full, spans = by_tags
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ours = [int(any(a <= start < b for a, b in spans)) for start, _ in encoded["offset_mapping"]]
+    theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                           chat_template=GENERATION_TAGGED_CHATML)
+    assert theirs["input_ids"] == encoded["input_ids"]
+    assert theirs["assistant_masks"] == ours and sum(ours) > 0 and len(spans) == 2
+    # a template whose tags leave out the end-of-turn token: its own spans win over the prefix rule's
+    narrow = GENERATION_TAGGED_CHATML.replace("{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}",
+                                              "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>\\n' }}")
+    assert narrow != GENERATION_TAGGED_CHATML
+    full, spans = assistant_spans(tokenizer, messages, narrow)
+    assert [full[a:b] for a, b in spans] == ["0.", "1."]
 
 
 def test_text_rows_are_all_answer_and_long_ones_are_chunked_not_cut(tmp_path, tokenizer):
