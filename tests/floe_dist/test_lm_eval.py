@@ -68,17 +68,24 @@ def harness(model: str, model_args: str, tasks: list[str], task_dir) -> dict:
                                    task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
 
 
+def our_choice_scores(export, quant: str = "none") -> list[float]:
+    """floe-dist's log-likelihood of every choice, on the backbone and adapter that ``evaluate`` loads."""
+    lm = load_adapter(load_backbone(resolve_model("tiny"), quant), export).eval()
+    tok = load_tokenizer(resolve_model("tiny"))
+    scores = choice_scores(AnswerLM(lm), tok, [Example(f"Review: {t}\nSentiment:", (" negative", " positive"), y)
+                                               for t, y in REVIEWS], 4, 64, torch.device("cpu"), progress=False)
+    return [x for row in scores for x in row]
+
+
+def harness_choice_scores(out: dict) -> list[float]:
+    theirs = {s["doc_id"]: [ll for ll, _ in s["filtered_resps"]] for s in out["samples"]["toy_choice"]}
+    return [x for i in range(len(REVIEWS)) for x in theirs[i]]
+
+
 def test_lm_eval_scores_a_lora_moe_adapter_as_floe_dist_evaluate_does(tmp_path, task_dir):
     export = random_export(tmp_path / "moe", experts=2)
     out = harness("floe-dist", f"adapter={export}", ["toy_choice"], task_dir)
-    # lm-eval's log-likelihood of every choice equals ours, on the adapter that evaluate loads
-    lm = load_adapter(load_backbone(resolve_model("tiny")), export).eval()
-    tok = load_tokenizer(resolve_model("tiny"))
-    ours = choice_scores(AnswerLM(lm), tok, [Example(f"Review: {t}\nSentiment:", (" negative", " positive"), y)
-                                             for t, y in REVIEWS], 4, 64, torch.device("cpu"), progress=False)
-    theirs = {s["doc_id"]: [ll for ll, _ in s["filtered_resps"]] for s in out["samples"]["toy_choice"]}
-    assert [x for i in range(len(REVIEWS)) for x in theirs[i]] == pytest.approx([x for row in ours for x in row],
-                                                                                abs=1e-4)
+    assert harness_choice_scores(out) == pytest.approx(our_choice_scores(export), abs=1e-4)  # every choice
     # the accuracy through the CLI: floe-dist evaluate's own and lm-eval's, in one run
     proc = run_floe(["evaluate", "--model", "tiny", "--adapter", str(export), "--task", str(task_dir / "reviews.jsonl"),
                      "--data-format", "multiple_choice", "--split", "all", "--lm-eval-tasks", "toy_choice",
@@ -87,6 +94,13 @@ def test_lm_eval_scores_a_lora_moe_adapter_as_floe_dist_evaluate_does(tmp_path, 
     harness_acc = float(re.search(r"lm-eval toy_choice: acc,none (\d\.\d+)", proc.stdout).group(1))
     assert accuracy == harness_acc == pytest.approx(out["results"]["toy_choice"]["acc,none"], abs=1e-4)
     assert 0 < accuracy < 1  # the adapter moves scores off the base's (a random model's answers are not all one way)
+
+
+def test_the_floe_dist_model_loads_an_nf4_backbone_as_evaluate_does(tmp_path, task_dir):
+    export = random_export(tmp_path / "moe", experts=2)
+    nf4 = harness_choice_scores(harness("floe-dist", f"adapter={export},quant=nf4", ["toy_choice"], task_dir))
+    assert nf4 == pytest.approx(our_choice_scores(export, "nf4"), abs=1e-4)
+    assert nf4 != pytest.approx(our_choice_scores(export), abs=1e-4)  # the 4-bit backbone, not the fp32 one
 
 
 def test_a_plain_lora_export_scores_the_same_through_lm_evals_hf_model_with_peft(tmp_path, task_dir):
