@@ -34,6 +34,19 @@ def pytest_sessionstart(session):
         resolve_model("tiny")
 
 
+def pytest_collection_finish(session):
+    """Importing the test modules must leave the environment as it was: the forked-CLI server has this process's
+    environment at start-up, and a run whose environment differs goes to a fresh interpreter (tests/forked_cli.py),
+    so one import that sets a variable would make every later CLI run of the process slow."""
+    from tests.forked_cli import RUNTIME_VARS  # these may differ
+
+    changed = sorted(k for k in {*os.environ, *_SESSION_ENV}
+                     if os.environ.get(k) != _SESSION_ENV.get(k) and not k.startswith(RUNTIME_VARS))
+    if changed:
+        raise pytest.UsageError(f"importing the test modules changed the environment ({', '.join(changed)}): "
+                                f"import what sets them inside the tests")
+
+
 # Tests that share one local Slurm, one sshd and Debian packages installed on first use: one xdist worker.
 CLUSTER_FILES = ("test_cluster_ops.py", "test_runners_slurm.py")
 

@@ -1,15 +1,18 @@
 """lm-evaluation-harness as a client: its own task machinery, on a local task the test writes, scores a LoRA-MoE
 adapter exactly as ``floe-dist evaluate`` does, and a plain-LoRA export the same through the floe-dist model and
-through lm-eval's stock ``hf`` model with ``peft=``."""
+through lm-eval's stock ``hf`` model with ``peft=``.
+
+lm-eval is imported inside the tests, never at collection: importing it sets environment variables
+(``HF_XET_HIGH_PERFORMANCE``), and a test process whose environment differs from its forked-CLI server's runs
+every later CLI call in a fresh interpreter (tests/forked_cli.py); the conftest restores the environment after
+each test."""
 from __future__ import annotations
 
 import json
 import re
 
-import lm_eval
 import pytest
 import torch
-from lm_eval.tasks import TaskManager
 
 from floe_dist.allocation import Allocation
 from floe_dist.data import Example
@@ -19,8 +22,6 @@ from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_m
 from floe_dist.modeling.export import load_adapter, save_adapter
 from floe_dist.modeling.inject import inject_adapters, lora_state_dict
 from tests.conftest import run_floe
-
-import floe_dist.lm_eval_model  # noqa: F401  (registers "floe-dist")
 
 REVIEWS = [("a warm, funny film", 1), ("dull and far too long", 0), ("the best thing this year", 1),
            ("I walked out", 0), ("sharp writing, great cast", 1), ("a mess from start to end", 0),
@@ -64,6 +65,11 @@ def random_export(folder, experts: int):
 
 
 def harness(model: str, model_args: str, tasks: list[str], task_dir) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import floe_dist.lm_eval_model  # noqa: F401  (registers "floe-dist")
+
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, device="cpu",
                                    task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
 
