@@ -85,7 +85,8 @@ def test_the_default_recipe_is_the_dataclass_defaults_and_every_shipped_recipe_l
 def test_dotted_overrides_change_one_setting_and_bad_ones_name_the_key():
     recipe = load_recipe("tiny", ["--train.lr", "1e-4", "--search.enabled", "false", "--allocate.flexora.steps", "3"])
     assert recipe.train.lr == 1e-4 and recipe.search.enabled is False and recipe.allocate.flexora.steps == 3
-    changed = {k for k, v in recipe.flat().items() if v != load_recipe("tiny").flat()[k]}
+    tiny = load_recipe("tiny").flat()
+    changed = {k for k, v in recipe.flat().items() if v != tiny[k]}
     assert changed == {"train.lr", "search.enabled", "allocate.flexora.steps"}
     with pytest.raises(ValueError, match="train.lrr"):
         load_recipe("tiny", ["--train.lrr", "1"])
@@ -114,17 +115,30 @@ def test_short_flags_are_aliases_of_the_first_section_of_the_stage_that_has_the_
         "--train.lr", "1", "--output", "o"]
 
 
-@pytest.mark.parametrize("stage", sorted(RECIPE_COMMANDS))
-def test_every_command_prints_the_settings_the_campaign_resolves(stage):
+def cli_stdout(argv: list[str], capsys) -> str:
+    """What ``floe-dist ARGV`` prints before it exits with status 0 (--help, --print_config), run in this process
+    (the same ``launcher.cli.main`` a subprocess runs, without 4 s of interpreter start per call)."""
+    from launcher.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code in (0, None), argv
+    return capsys.readouterr().out
+
+
+def test_every_command_prints_the_settings_the_campaign_resolves(capsys):
     """`STAGE --config R --print_config` is the campaign's resolved recipe: a stage alone runs what the campaign's
     stage runs, and with no --config both are the default recipe."""
     for config in ([], ["--config", "tiny"]):
-        printed = yaml.safe_load(run_floe([stage, *config, "--train.steps", "9", "--print_config"]).stdout)
-        campaign = yaml.safe_load(run_floe(["campaign", *config, "--train.steps", "9", "--print_config"]).stdout)
-        assert printed.pop("output") != campaign.pop("output") or stage == "campaign"  # each command's own folder
-        assert printed == campaign
+        campaign = yaml.safe_load(cli_stdout(["campaign", *config, "--train.steps", "9", "--print_config"], capsys))
+        campaign_output = campaign.pop("output")
         expected = load_recipe(config[1] if config else None, ["--train.steps", "9"])
-        assert read_recipe_dict(printed) == expected
+        assert read_recipe_dict(campaign) == expected
+        for stage in sorted(RECIPE_COMMANDS):
+            printed = yaml.safe_load(cli_stdout([stage, *config, "--train.steps", "9", "--print_config"], capsys))
+            assert printed.pop("output") != campaign_output or stage == "campaign"  # each command's own folder
+            assert printed == campaign, stage
 
 
 def read_recipe_dict(data: dict) -> Recipe:
@@ -133,13 +147,14 @@ def read_recipe_dict(data: dict) -> Recipe:
     return from_dict(Recipe, {k: v for k, v in data.items() if k not in ("config", "output")})
 
 
-def test_every_command_has_help_for_every_option():
+def test_every_command_has_help_for_every_option(capsys):
     for stage in [*RECIPE_COMMANDS, *TOOL_COMMANDS]:
-        proc = run_floe([stage, "--help"])
         # a recipe (--config) where the command runs one: every stage, and slurm's job; not export
-        assert proc.returncode == 0 and ("--config" in proc.stdout) == (stage != "export"), stage
-    train_help = run_floe(["train", "--help"]).stdout
+        assert ("--config" in cli_stdout([stage, "--help"], capsys)) == (stage != "export"), stage
+    train_help = cli_stdout(["train", "--help"], capsys)
     assert "train: the final training of the chosen adapter" in train_help and "--train.steps" in train_help
+    assert "lm-eval" in cli_stdout(["--help"], capsys)
+    assert run_floe(["train", "--help"]).stdout == train_help  # the same in a process of its own
 
 
 def test_a_stage_run_from_a_recipe_with_a_short_flag_on_top(tmp_path):
