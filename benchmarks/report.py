@@ -302,6 +302,13 @@ def chat_turns(d):
               f"{d['rows'][0]['examples']} test conversations.")
 
 
+def lm_eval_agreement(d):
+    rows = [[r["examples"], pct(r["floe_dist_accuracy"]), pct(r["lm_eval_accuracy"]), f"{r['seconds']} s"]
+            for r in d["rows"]]
+    return table(["SST-2 test examples", "floe-dist evaluate accuracy", "lm-eval accuracy (its hf model)",
+                  "both, one process"], rows) + f"\n\nAdapter: `{d['adapter']}`."
+
+
 def compare_allocators(d):
     rows = [[r["method"], mean_std(r), seeds(r["per_seed"]), f"{r['layers']:.1f}", f"{r['trainable']:,}",
              f"{r['active']:,}", r["allocation_s"], r["training_s"]] for r in d["rows"]]
@@ -461,6 +468,7 @@ TABLES = {
     "compare-allocators-sst2": ("compare_allocators_sst2", compare_allocators),
     "load": ("load", backbone_load),
     "chat-turns": ("chat_turns", chat_turns),
+    "lm-eval-agreement": ("lm_eval_agreement", lm_eval_agreement),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
