@@ -13,6 +13,11 @@ def arg(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: a setting that names several things."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def below_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> list[str]:
     """``section.name must be >= 1`` (a tool's options: ``--flag-name``) for each named count field below 1."""
     key = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: "--" + n.replace("_", "-"))

@@ -69,17 +69,24 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
 
 
 @torch.no_grad()
-def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                device: torch.device) -> float:
-    """Mean negative log-likelihood per answer token (its exp is the perplexity)."""
+def answer_nll(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+               device: torch.device) -> tuple[float, int]:
+    """Summed negative log-likelihood of the answer tokens, and their count (``model`` in eval mode: an
+    ``AnswerLM`` or a DeepSpeed engine around one; a training run sums each rank's share)."""
     total, tokens = 0.0, 0
-    model.eval()
     for start in range(0, len(examples), batch_size):
         batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length)
                          for e in examples[start:start + batch_size]], tokenizer.pad_token_id)
         out = model(**{k: v.to(device) for k, v in batch.items()})
         total -= out["seq_logprob"].sum().item()
         tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return total, tokens
+
+
+def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                device: torch.device) -> float:
+    """Mean negative log-likelihood per answer token (its exp is the perplexity)."""
+    total, tokens = answer_nll(model.eval(), tokenizer, examples, batch_size, max_length, device)
     return total / max(tokens, 1)
 
 
@@ -125,10 +132,7 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
 
 def lm_eval_results(lm, tokenizer, settings: EvaluateSection) -> dict:
     """lm-evaluation-harness's scores of the loaded model on ``evaluate.lm_eval_tasks``, printed a line each."""
-    try:
-        from floe_dist.lm_eval_model import harness_results
-    except ImportError as err:
-        raise ValueError(f"evaluate.lm_eval_tasks needs lm-eval: pip install 'floe-dist[eval]' ({err})") from None
+    from floe_dist.lm_eval_model import harness_results  # lm-eval's presence: EvaluateSection.problems
     results = harness_results(lm, tokenizer, settings.lm_eval_task_list, settings.lm_eval_include, settings.limit,
                               settings.batch_size)
     for task, metrics in results.items():

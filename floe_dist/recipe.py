@@ -13,13 +13,14 @@ so a misspelt value fails while parsing; ``validate`` adds the checks a type can
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from functools import reduce
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from floe_dist.assets import asset_dir
-from floe_dist.config import arg, below_one
+from floe_dist.config import arg, below_one, comma_list
 
 DEFAULT_RECIPE = "smollm2-sst2"
 
@@ -104,7 +105,7 @@ class AdapterSection:
 
     @property
     def target_list(self) -> list[str]:
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return comma_list(self.targets)
 
     def problems(self) -> list[str]:
         found = below_one(self, ("experts", "rank", "top_k", "min_k"), "adapter")
@@ -364,12 +365,18 @@ class TrainSection:
             found.append(f"train.capacity_factor must be >= 0 (0 = no drop), got {self.capacity_factor}")
         if self.eval_every < 0 or self.eval_examples < 1:
             found.append("train.eval_every must be >= 0 and train.eval_examples >= 1")
-        from floe_dist.tracking import TRACKERS
+        from floe_dist.tracking import TRACKERS, missing_library
 
-        unknown = {n.strip() for n in self.report_to.split(",") if n.strip()} - {*TRACKERS, "none"}
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
         if unknown:
-            found.append(f"train.report_to: unknown {sorted(unknown)} (choose from {', '.join(TRACKERS)}, or none)")
+            found.append(f"train.report_to: unknown {unknown} (choose from {', '.join(TRACKERS)}, or none)")
+        found += [f"train.report_to={name} needs its library: pip install 'floe-dist[track]'"
+                  for name in self.trackers if name in TRACKERS and missing_library(name)]
         return found
+
+    @property
+    def trackers(self) -> list[str]:
+        return [name for name in comma_list(self.report_to) if name != "none"]
 
 
 @dataclass
@@ -389,11 +396,13 @@ class EvaluateSection:
         found = below_one(self, ("batch_size", "max_new_tokens"), "evaluate")
         if self.lm_eval_include and not Path(self.lm_eval_include).is_dir():
             found.append(f"evaluate.lm_eval_include: no folder {self.lm_eval_include}")
+        if self.lm_eval_task_list and importlib.util.find_spec("lm_eval") is None:
+            found.append("evaluate.lm_eval_tasks needs lm-eval: pip install 'floe-dist[eval]'")
         return found
 
     @property
     def lm_eval_task_list(self) -> list[str]:
-        return [t.strip() for t in self.lm_eval_tasks.split(",") if t.strip()]
+        return comma_list(self.lm_eval_tasks)
 
 
 @dataclass

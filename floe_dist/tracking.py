@@ -10,6 +10,7 @@ and MLflow keeps both values of a step logged twice.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -38,7 +39,6 @@ class WandB:
     def __init__(self, out: Path, run_id: str | None, name: str, config: dict, **_):
         import wandb
 
-        self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "floe-dist"), name=name, config=config,
                               id=run_id, resume="allow", dir=str(out))
         self.id = self.run.id
@@ -71,18 +71,15 @@ class MLflow:
         self.mlflow.end_run()
 
 
-def parse_report_to(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
-    unknown = sorted(set(names) - set(TRACKERS))
-    if unknown:
-        raise ValueError(f"train.report_to: unknown tracker {unknown} (choose from {', '.join(TRACKERS)}, or none)")
-    return names
+def missing_library(tracker: str) -> bool:
+    """Whether a tracker's library (a module of the tracker's name) is not installed, found without importing it."""
+    return importlib.util.find_spec(tracker) is None
 
 
 class MetricsLog:
     """``metrics.jsonl`` plus the trackers; on resume, drops ``metrics.jsonl`` entries past the checkpoint."""
 
-    def __init__(self, out: Path, start_step: int, report_to: str = "tensorboard", config: dict | None = None):
+    def __init__(self, out: Path, start_step: int, trackers: list[str] = ("tensorboard",), config: dict | None = None):
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
         kept = []
@@ -96,13 +93,9 @@ class MetricsLog:
         ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
         kinds = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
         self.trackers = {}
-        for name in parse_report_to(report_to):
-            try:
-                self.trackers[name] = kinds[name](out, start_step=start_step, run_id=ids.get(name),
-                                                  name=out.resolve().name, config=config or {})
-            except ImportError as err:
-                raise ValueError(f"train.report_to={name} needs its library: pip install 'floe-dist[track]' "
-                                 f"({err})") from None
+        for name in trackers:  # checked by the recipe (TrainSection.problems): known, library installed
+            self.trackers[name] = kinds[name](out, start_step=start_step, run_id=ids.get(name),
+                                              name=out.resolve().name, config=config or {})
         ids.update({n: t.id for n, t in self.trackers.items() if hasattr(t, "id")})
         if ids:
             write_json_atomic(ids_file, ids)

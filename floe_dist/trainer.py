@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.data import collate, data_key, encode, train_batch
+from floe_dist.data import data_key, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
@@ -189,22 +189,19 @@ class Trainer:
         return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
                 "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
 
-    @torch.no_grad()
     def held_out_loss(self) -> float:
-        """Mean negative log-likelihood per answer token on the held-out examples, each rank an equal share (so
-        every rank runs the same forwards, as ZeRO-3 and expert parallelism need); dropout off."""
-        layout, batch_size, m = self.layout, self.recipe.train.micro_batch, self.recipe.model
-        mine = self.held_out[layout.rank::layout.world_size]
-        totals = torch.zeros(2, device=layout.torch_device)  # summed -log p of answer tokens, answer tokens
+        """Mean negative log-likelihood per answer token on the held-out examples (evaluation's ``answer_nll``),
+        each rank an equal share, so every rank runs the same forwards, as ZeRO-3 and expert parallelism need;
+        dropout off."""
+        from floe_dist.evaluation import answer_nll
+
+        layout = self.layout
         self.engine.module.eval()
-        for start in range(0, len(mine), batch_size):
-            batch = collate([encode(self.tokenizer, e.prompt, e.choices[e.label], m.max_length)
-                             for e in mine[start:start + batch_size]], self.tokenizer.pad_token_id)
-            out = self.engine(**{k: v.to(layout.torch_device) for k, v in batch.items()})
-            totals[0] -= out["seq_logprob"].sum()
-            totals[1] += int((batch["labels"][:, 1:] != -100).sum())
+        nll, tokens = answer_nll(self.engine, self.tokenizer, self.held_out[layout.rank::layout.world_size],
+                                 self.recipe.train.micro_batch, self.recipe.model.max_length, layout.torch_device)
         self.engine.module.train()
-        nll, tokens = all_reduce_sum(totals).tolist()
+        nll, tokens = all_reduce_sum(torch.tensor([nll, tokens], dtype=torch.float64,
+                                                  device=layout.torch_device)).tolist()
         return nll / max(tokens, 1)
 
     def full_adapter(self) -> dict[str, torch.Tensor]:
@@ -226,7 +223,7 @@ class Trainer:
     def fit(self) -> dict:
         t, m, d, p = self.sections
         start_step = self.resume()
-        log = (MetricsLog(self.out, start_step, t.report_to, self.recipe.flat()) if self.layout.is_main
+        log = (MetricsLog(self.out, start_step, t.trackers, self.recipe.flat()) if self.layout.is_main
                else None)
         pbar = tqdm(range(start_step, t.steps), desc="train", disable=not self.layout.is_main,
                     initial=start_step, total=t.steps)

@@ -48,7 +48,12 @@ def test_held_out_loss_and_trackers_continue_the_same_runs_on_resume(tmp_path):
     assert history == pytest.approx({4: metrics[3]["eval_loss"], 8: metrics[-1]["eval_loss"]})
 
 
-def test_an_unknown_tracker_is_refused_before_training(tmp_path):
+def test_an_unknown_tracker_or_one_without_its_library_is_refused_before_training(tmp_path, monkeypatch):
+    import floe_dist.tracking
+
+    monkeypatch.setattr(floe_dist.tracking, "missing_library", lambda name: name == "wandb")
+    assert recipe_for("train", report_to="tensorboard,wandb").problems("train") == [
+        "train.report_to=wandb needs its library: pip install 'floe-dist[track]'"]
     proc = run_floe(["train", "--model", "tiny", "--steps", "2", "--report-to", "tensorboard,comet",
                      "--output", str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "train.report_to: unknown ['comet']" in proc.stderr
