@@ -59,7 +59,8 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "method": summary["method"], "rank": search.get("rank", module["ranks"][0]), "lr": summary["lr"],
             "top_budget_origins": search.get("top_budget_origins"), "incumbent_origin": search.get("incumbent_origin"),
             "candidates": search.get("candidates"),
-            "search_trials": len(trials),
+            "search_trials": len(trials), "steps_reused": summary.get("steps_reused", 0),
+            "budget_s": summary.get("budget_seconds"), "not_separated": search.get("not_separated"),
             # 1 - in-trial training and validation seconds / (workers x the search stage's wall time)
             "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}
 
@@ -71,7 +72,7 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
 
     from benchmarks.bench_task_arms import lora_recipe
     from floe_dist.data import load_data, tokenize, train_batch
-    from floe_dist.distributed.engine import warmup_cosine
+    from floe_dist.schedule import warmup_cosine
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.evaluation import evaluate_lm

@@ -157,6 +157,7 @@ def run_one(args) -> dict:
     import torch
 
     from floe_dist.distributed import engine as ds
+    from floe_dist.schedule import warmup_cosine
     from floe_dist.distributed.runtime import device_for, init_distributed
     from floe_dist.flops import utilisation
     from floe_dist.stages.plan import count_model
@@ -170,7 +171,7 @@ def run_one(args) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = ds.build_config(3, micro_batch=args.micro_batch, accumulation=1, world_size=1, lr=1e-4,
                              weight_decay=0.0)
-    engine, _ = ds.initialize(model, config, args.warmup + args.steps, 1)
+    engine, _ = ds.initialize(model, config, warmup_cosine(args.warmup + args.steps, 1))
     build_seconds = time.perf_counter() - t_build
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)

@@ -192,12 +192,15 @@ def campaign_vs_peft(d):
                      f"{mean(over_seeds('campaign', 'wall_s')):.0f} s", "", "",
                      f"**{mean_std_pct(over_seeds('peft', 'accuracy'))}**",
                      f"{mean(over_seeds('peft', 'wall_s')):.0f} s", "", ""])
-    stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins",
+    reused = "steps_reused" in d["rows"][0]["campaign"]  # recorded since the final run continues the search's
+    stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins"
+                    + (", final steps continued from the search" if reused else ""),
                     "candidates' best validation cost"],
                    [[r["seed"], ", ".join(f"{k} {v:.0f}" for k, v in r["campaign"]["stage_seconds"].items()),
                      "no search" if r["campaign"]["search_overhead_share"] is None else
                      f"{r['campaign']['search_trials']}, {r['campaign']['search_overhead_share']:.0%}, "
-                     f"{r['campaign']['top_budget_origins']}",
+                     f"{r['campaign']['top_budget_origins']}"
+                     + (f", {r['campaign']['steps_reused']}" if reused else ""),
                      ", ".join(f"{n} {'–' if c['best_cost'] is None else format(c['best_cost'], '.4f')}"
                                for n, c in (r["campaign"]["candidates"] or {}).items())] for r in d["rows"]])
     return table(["seed", "campaign accuracy", "campaign wall", "campaign's choice", "campaign params",

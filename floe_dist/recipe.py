@@ -20,7 +20,7 @@ from functools import reduce
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from floe_dist.assets import asset_dir
-from floe_dist.config import arg, below_one, comma_list
+from floe_dist.config import arg, below_one, comma_list, duration_seconds
 
 DEFAULT_RECIPE = "smollm2-sst2"
 
@@ -238,8 +238,12 @@ class SearchSection:
     grid_lr_points: int = arg(3, "grid mode: learning rates tried, log-spaced over lr")
     objective: Literal["loss", "error"] = arg("loss", "loss (validation choice cross-entropy) or error "
                                                       "(1 - accuracy)")
+    separation: float = arg(2.0, "paired standard errors (over the validation examples) by which the lowest "
+                                 "validation cost must beat a configuration with fewer adapter parameters to be "
+                                 "chosen over it; 0: the lowest cost always")
     failed_cost: float = arg(10.0, "cost SMAC is told for a crashed or timed-out trial (above any real cost)")
-    micro_batch: int = arg(4, "trial training: examples per rank per step")
+    micro_batch: int | None = arg(None, "trial training: examples per rank per step; none = the final run's global "
+                                        "batch (so that a trial is the start of the final run and continues into it)")
     zero: str = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")
     val_limit: int | None = arg(100, "score trials on the first N validation examples only")
     seed: int = arg(0, "seed of SMAC's sampling")
@@ -256,6 +260,9 @@ class SearchSection:
                                                                        "than one rank)")
     trial_threads: int = arg(1, "CPU threads per trial rank (local runner)")
     trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout")
+    time_limit: float | None = arg(None, "seconds the search may take: no trial (or bracket) starts that would not end "
+                                         "by then at the trials' measured speed (the campaign sets it from "
+                                         "campaign.budget); none: max_compute alone")
     trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
                                                       "run_trial(trial_dir, resources) on warm workers")
     sbatch_args: str = arg("", "slurm runners: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'")
@@ -303,14 +310,18 @@ class SearchSection:
             found.append(f"need 1 <= search.min_steps <= search.max_steps, got {self.min_steps} and {self.max_steps}")
         if self.eta < 2:
             found.append("search.eta must be >= 2")
-        found += below_one(self, ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "micro_batch",
-                                  "initial_configs"), "search")
+        found += below_one(self, ("max_trials", "grid_lr_points", "trial_nproc", "trial_threads", "initial_configs"),
+                           "search")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            found.append(f"search.micro_batch must be >= 1 (or none), got {self.micro_batch}")
         if self.model_min_points < 0:
             found.append(f"search.model_min_points must be >= 0 (0 = automatic), got {self.model_min_points}")
         if self.workers is not None and self.workers < 1:
             found.append("search.workers must be >= 1")
         if not 0 <= self.random_interleave <= 1:
             found.append(f"search.random_interleave must be in [0, 1], got {self.random_interleave}")
+        if self.separation < 0:
+            found.append(f"search.separation must be >= 0, got {self.separation}")
         if self.max_compute <= 0 or self.trial_timeout <= 0:
             found.append("search.max_compute and search.trial_timeout must be > 0")
         try:
@@ -337,9 +348,20 @@ class TrainSection:
     steps: int = arg(400, "optimizer steps")
     micro_batch: int = arg(4, "examples per rank per micro-step")
     accumulation: int = arg(1, "micro-steps per optimizer step")
-    lr: float = arg(1e-3, "peak learning rate, linear warm-up and cosine decay to a tenth (the campaign uses the "
-                          "search's choice)")
+    lr: float = arg(1e-3, "peak learning rate after a linear warm-up (the campaign uses the search's choice)")
     warmup_ratio: float = arg(0.1, "share of steps used for learning-rate warm-up")
+    warmup_steps: int | None = arg(None, "warm-up steps instead of warmup_ratio x steps (the campaign fixes them "
+                                         "before its search, so that trials and final run share one warm-up)")
+    schedule: Literal["wsd", "cosine"] = arg(
+        "wsd", "after warm-up: wsd (constant, then a 1-sqrt cooldown to 0 over the last decay_ratio of the steps: "
+               "a shorter run is the prefix of a longer one, so search trials continue into the final run) or cosine "
+               "(cosine decay to a tenth over all steps)")
+    decay_ratio: float = arg(0.2, "wsd: share of the steps in the final cooldown")
+    until: int | None = arg(None, "stop after this step, as the prefix of a run of train.steps steps (search trials "
+                                  "do; none = train.steps)")
+    time_limit: float | None = arg(None, "seconds this run may take from its start: after a few measured steps it sets "
+                                         "its steps to what fits, the cooldown ending at the limit (the campaign "
+                                         "sets it from campaign.budget); none: train.steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")
     split: Literal["train", "fit"] = arg("train", "training split: train, or fit (train minus the search's "
@@ -357,6 +379,13 @@ class TrainSection:
 
     def problems(self) -> list[str]:
         found = below_one(self, ("steps", "micro_batch", "accumulation", "keep_checkpoints"), "train")
+        if self.until is not None and not 1 <= self.until <= self.steps:
+            found.append(f"train.until must be in [1, train.steps={self.steps}], got {self.until}")
+        if not 0 <= self.decay_ratio <= 1 or not 0 <= self.warmup_ratio <= 1:
+            found.append(f"train.decay_ratio and train.warmup_ratio must be in [0, 1], got {self.decay_ratio} and "
+                         f"{self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            found.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             found.append(f"train.lr must be > 0, got {self.lr}")
         if self.checkpoint_every < 0:
@@ -377,6 +406,30 @@ class TrainSection:
     @property
     def trackers(self) -> list[str]:
         return [name for name in comma_list(self.report_to) if name != "none"]
+
+    @property
+    def end(self) -> int:
+        """The step this run stops after: ``until``, else ``steps``."""
+        return self.until or self.steps
+
+    @property
+    def warmup(self) -> int:
+        return max(1, self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * self.steps))
+
+    def decay_steps(self, steps: int) -> int:
+        return round(self.decay_ratio * steps) if self.schedule == "wsd" else 0
+
+    def lr_factor(self, steps: int | None = None):
+        """The lr multiplier per step (floe_dist/distributed/engine.py ``schedule``) of a run of ``steps`` (default
+        train.steps) with this run's warm-up."""
+        from floe_dist.schedule import schedule
+
+        steps = steps or self.steps
+        return schedule(self.schedule, steps, self.warmup, self.decay_steps(steps))
+
+    def stable_steps(self) -> int:
+        """The steps before the cooldown: a prefix this long is the same in every run of at least ``steps``."""
+        return self.steps - round(self.decay_ratio * self.steps) if self.schedule == "wsd" else 0
 
 
 @dataclass
@@ -446,6 +499,28 @@ class PlanSection:
 
 
 @dataclass
+class CampaignSection:
+    """campaign: what the whole campaign may spend"""
+    budget: str = arg("", "wall-clock budget of the whole campaign, spent in full: 900 (seconds), 45m, 2h, 1h30m or "
+                          "H:MM:SS. The search gets search_share of what zero-shot and allocation leave, the final run "
+                          "the rest, its steps set from its measured speed (train.steps then sets only the warm-up); "
+                          "empty: train.steps")
+    search_share: float = arg(0.3, "with budget: the search's share of the time zero-shot and allocation leave")
+
+    def budget_seconds(self) -> float | None:
+        return duration_seconds(self.budget, "campaign.budget") if self.budget.strip() else None
+
+    def problems(self) -> list[str]:
+        found = [] if 0 <= self.search_share < 1 else [f"campaign.search_share must be in [0, 1), got "
+                                                       f"{self.search_share}"]
+        try:
+            seconds = self.budget_seconds()
+        except ValueError as err:
+            return found + [str(err)]
+        return found + ([] if seconds is None or seconds > 0 else ["campaign.budget must be > 0"])
+
+
+@dataclass
 class ParallelSection:
     """parallel: ranks, nodes and how they start"""
     nproc: int = arg(1, "ranks per node for score and train (local processes, or GPUs per node): as many as pay "
@@ -477,6 +552,7 @@ class Recipe:
     generate: GenerateSection = field(default_factory=GenerateSection)
     plan: PlanSection = field(default_factory=PlanSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    campaign: CampaignSection = field(default_factory=CampaignSection)
 
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 1e-3, "allocate.flexora.steps": 50, ...}``: the form resume guards compare."""

@@ -6,8 +6,10 @@ micro-step, rank), so a resumed run continues the loss curve it would have had.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,8 +36,12 @@ SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's res
 # What only says how a run starts (a checkpoint's world size is checked against it directly), or reads nothing here.
 HOW_TO_RUN = {"model.adapter", "model.shape", "parallel.nproc", "parallel.nodes", "parallel.launcher",
               "parallel.gpus_per_node"}
-RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.checkpoint_every", "train.keep_checkpoints",  # how long
-                                  *OBSERVING}
+# How long it runs: a wsd run's steps move only its cooldown, so a resume may change them (a trial's prefix continues)
+RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.until", "train.time_limit", "train.checkpoint_every",
+                                  "train.keep_checkpoints", *OBSERVING}
+PROBE_STEPS = 5  # steps a time-limited cosine run measures before it sets its length (wsd: until its cooldown)
+STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
+UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = {"train.micro_batch", "train.accumulation", "parallel.ep_size", "parallel.zero"}  # portable checkpoints
 
 
@@ -57,7 +63,14 @@ class Trainer:
     def __init__(self, recipe: Recipe, output: str, resources: Resources | None = None):
         """Train ``recipe``'s adapter (``allocate.file``, else the adapter section on every layer) into ``output``,
         with its train, model, data and parallel settings."""
-        self.recipe, self.t0 = recipe, time.time()
+        self.t0, self.out = time.time(), Path(output)
+        self.fixed_steps = None  # a time-limited run's length, once set (``fit_to_time``)
+        if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
+            fixed = json.loads((self.out / STEPS_FILE).read_text()) if (self.out / STEPS_FILE).is_file() else {}
+            self.fixed_steps = fixed.get("steps")
+            recipe = replace(recipe, train=replace(recipe.train, warmup_steps=recipe.train.warmup,
+                                                   steps=self.fixed_steps or UNSET))
+        self.recipe = recipe
         self.sections = recipe.train, recipe.model, recipe.data, recipe.parallel
         self.resources = resources or Resources()  # a warm search worker passes the ones it keeps
         self.out = Path(output)
@@ -117,7 +130,7 @@ class Trainer:
         if layout.is_main:
             self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
             write_json_atomic(self.out / "train_args.json", run_settings(self.recipe))
-        self.engine, _ = ds.initialize(self.model, config, t.steps, max(1, round(t.warmup_ratio * t.steps)))
+        self.engine, self.scheduler = ds.initialize(self.model, config, t.lr_factor())
         if self.experts:
             self.experts.attach(self.engine, config)
 
@@ -220,20 +233,54 @@ class Trainer:
         save_checkpoint(self.engine, self.ckpt_dir, step, self.recipe.train.keep_checkpoints, self.layout.is_main,
                         self.experts)
 
+    def fit_to_time(self, step: int, seconds_per_step: float) -> None:
+        """A time-limited run's length from its measured speed: as many steps as end within train.time_limit of its
+        start. A wsd run keeps measuring and sets it when the cooldown it implies is due; a cosine run after
+        PROBE_STEPS. Rank 0's measure holds on every rank."""
+        t = self.recipe.train
+        left = self.t0 + t.time_limit - time.time()
+        steps = step + max(1, int(0.97 * left / seconds_per_step))  # 3%: checkpoints and the export
+        steps = int(all_reduce_sum(torch.tensor([steps if self.layout.is_main else 0],
+                                                device=self.layout.torch_device)).item())
+        if t.schedule == "wsd" and steps - t.decay_steps(steps) > step:
+            return  # still in the stable phase: measure on
+        self.recipe = replace(self.recipe, train=replace(t, steps=steps))
+        self.sections = (self.recipe.train, *self.sections[1:])
+        if self.scheduler is not None:  # the JSON may name a DeepSpeed scheduler of its own
+            factor, scheduler = self.recipe.train.lr_factor(), self.scheduler
+            scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor(scheduler.last_epoch)  # this step's rate too (last_epoch == step)
+        self.fixed_steps = steps
+        if self.layout.is_main:
+            write_json_atomic(self.out / STEPS_FILE, {"steps": steps, "set_at_step": step,
+                                                      "seconds_per_step": seconds_per_step,
+                                                      "time_limit": t.time_limit})
+            print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
+
     def fit(self) -> dict:
         t, m, d, p = self.sections
         start_step = self.resume()
+        if start_step > t.end:
+            raise ValueError(f"{self.ckpt_dir} holds a checkpoint at step {start_step}, past this run's end "
+                             f"(step {t.end}); use another --output")
         log = (MetricsLog(self.out, start_step, t.trackers, self.recipe.flat()) if self.layout.is_main
                else None)
-        pbar = tqdm(range(start_step, t.steps), desc="train", disable=not self.layout.is_main,
-                    initial=start_step, total=t.steps)
+        pbar = tqdm(desc="train", disable=not self.layout.is_main, initial=start_step,
+                    total=None if t.end == UNSET else t.end)
         self.step_seconds = 0.0  # time in optimizer steps only (a search trial's overhead is the rest)
-        for step in pbar:
+        step, probe_start = start_step, time.perf_counter()
+        while step < t.end:
+            measured = step - start_step - 1  # steps since the first (which pays for warming caches up)
+            if self.fixed_steps is None and t.time_limit and measured >= (1 if t.schedule == "wsd" else PROBE_STEPS):
+                self.fit_to_time(step, (time.perf_counter() - probe_start) / measured)
+                t = self.recipe.train
+                pbar.total = t.end
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start
             expert_load = {k: v.tolist() for k, v in self.model.expert_load().items()}
-            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.end):
                 metrics["eval_loss"] = self.held_out_loss()
             if log:
                 if t.capacity_factor <= 0:
@@ -241,18 +288,23 @@ class Trainer:
                 log.write(step + 1, **metrics, step_seconds=time.perf_counter() - step_start,
                           expert_load=expert_load)
                 pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.steps:
+            if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.end:
                 self.save(step + 1)
+            if step == start_step:
+                probe_start = time.perf_counter()
+            step += 1
+            pbar.update()
+        pbar.close()
         return self.export(start_step, log)
 
     def export(self, start_step: int, log: "MetricsLog | None") -> dict:
         """The adapter in its replicated layout (loads with any --ep-size) and ``train.json``."""
         (t, m, d, p), layout = self.sections, self.layout
         saved_step, state = getattr(self, "saved", (None, None))
-        if saved_step != t.steps:  # the same decision on every rank: the gather is collective
+        if saved_step != t.end:  # the same decision on every rank: the gather is collective
             state = self.full_adapter()
         trainable = self.allocation.trainable_parameters
-        summary = {"steps": t.steps, "world_size": layout.world_size, "ep_size": p.ep_size,
+        summary = {"steps": t.end, "world_size": layout.world_size, "ep_size": p.ep_size,
                    "truncated_examples": self.truncated,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
                    "step_seconds": self.step_seconds,
@@ -260,11 +312,11 @@ class Trainer:
                    + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
         if layout.is_main:
             save_adapter(self.out / "adapter", state, self.allocation,
-                         {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.steps})
+                         {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.end})
             summary["final_loss"] = log.last.get("loss") if log.last else None
             write_json_atomic(self.out / "train.json", summary)
             log.close()
-            print(f"trained {trainable:,} adapter parameters for {t.steps} steps "
+            print(f"trained {trainable:,} adapter parameters for {t.end} steps "
                   f"on {layout.world_size} rank(s) in {summary['seconds']:.0f}s -> {self.out / 'adapter'}")
         return summary
 

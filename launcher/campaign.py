@@ -41,7 +41,9 @@ DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
 # ... except those that say only how to run.
 HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
               "search.trial_threads", "search.trial_workers", "search.sbatch_args", "evaluate.batch_size",
-              *OBSERVING}
+              # a budget moves where training ends, not what a finished stage did: a resumed campaign takes the new one
+              "campaign.budget", "campaign.search_share", *OBSERVING}
+START_MARGIN = 8.0  # seconds a launched stage takes to start its processes before its own clock runs (4 s measured)
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 
@@ -84,6 +86,16 @@ class Campaign:
         write_json_atomic(result_file, result)
         return result
 
+    def spent(self) -> float:
+        """Seconds the finished stages took (a resumed campaign counts those of its earlier runs)."""
+        return sum(self.timings.values())
+
+    def time_left(self) -> float:
+        """What ``campaign.budget`` leaves after the finished stages, keeping back the final evaluation (as long as
+        the zero-shot one took) and a stage's start."""
+        budget = self.recipe.campaign.budget_seconds()
+        return budget - self.spent() - self.timings.get("zero_shot", 0.0) - START_MARGIN
+
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
         """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job) on ``recipe``, written
         as ``<folder>/recipe.yaml``: the stage reads exactly the objects the campaign made."""
@@ -124,6 +136,11 @@ def validate(recipe: Recipe) -> None:
             problems.append(str(err))
     if problems:
         raise ValueError("bad recipe:\n  - " + "\n  - ".join(problems))
+    s = recipe.search
+    if s.enabled and recipe.train.warmup > (s.min_steps if s.mode in ("smac", "random") else s.max_steps):
+        print(f"[campaign] note: the warm-up ({recipe.train.warmup} steps) outlasts the shortest trials "
+              f"({s.min_steps} steps): they are the final run's first steps, so they compare learning rates below "
+              f"their peak; train.warmup_steps sets it")
 
 
 def allocate_stage(c: Campaign) -> str:
@@ -196,6 +213,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     c = Campaign(recipe, output)
     check_finished_stages(c.out, recipe)
     write_recipe(c.out, recipe)
+    recipe = c.recipe = budgeted(recipe, c.out)
     c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
     zero_shot = c.step("zero_shot", lambda: evaluate(recipe))
     allocation, lr = allocate_stage(c), recipe.train.lr
@@ -206,6 +224,8 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
             files = search_candidates(c, allocation)
             chosen, candidates = replace(chosen, file=None), ",".join(f"{n}={f}" for n, f in files.items())
         searched = replace(recipe, allocate=chosen, search=replace(recipe.search, candidates=candidates))
+        if recipe.campaign.budget:
+            searched = replace(searched, search=replace(searched.search, time_limit=search_time(c)))
         write_recipe(c.out / "search", searched)
         found = c.step("search", lambda: search(searched, str(c.out / "search")))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
@@ -214,10 +234,68 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
               f"{found.get('top_budget_origins')})")
     trained_recipe = replace(recipe, allocate=replace(recipe.allocate, file=allocation),
                              train=replace(recipe.train, lr=lr))
-    trained = c.step("train", lambda: c.launch("train", trained_recipe, c.out / "train", "train.json"))
+    if recipe.campaign.budget and not (c.out / RESULT_FILES["train"]).is_file():
+        trained_recipe = replace(trained_recipe, train=replace(trained_recipe.train, time_limit=train_time(c)))
+    trained = c.step("train", lambda: train_stage(c, trained_recipe))
     adapter = replace(recipe.model, adapter=str(c.out / "train" / "adapter"))
     final = c.step("final_eval", lambda: evaluate(replace(recipe, model=adapter)))
     return summarise(c, allocation, lr, zero_shot, trained, final)
+
+
+def budgeted(recipe: Recipe, out: Path) -> Recipe:
+    """With ``campaign.budget``, the warm-up fixed in steps (``warmup_ratio`` x ``train.steps``) before anything
+    trains: the trials and the final run, whose length the budget sets later, then share it. A resumed campaign
+    whose budget changed says so (the stages still to run take the new one)."""
+    c, t = recipe.campaign, recipe.train
+    record = out / "budget.json"
+    before = json.loads(record.read_text())["budget"] if record.is_file() else c.budget
+    if before != c.budget:
+        print(f"[campaign] campaign.budget changed from {before or 'none'} to {c.budget or 'none'}: the stages still "
+              f"to run are planned on the new one")
+    write_json_atomic(record, {"budget": c.budget, "seconds": c.budget_seconds()})
+    if not c.budget or t.warmup_steps is not None:
+        return recipe
+    return replace(recipe, train=replace(t, warmup_steps=t.warmup))
+
+
+def search_time(c: Campaign) -> float:
+    """The search's share of the budget that zero-shot evaluation and allocation left (floe-dist plan shows it)."""
+    budget, left = c.recipe.campaign.budget_seconds(), c.time_left()
+    if left <= 0:
+        raise ValueError(f"campaign.budget {c.recipe.campaign.budget} ({budget:.0f}s) is spent before the search: "
+                         f"zero-shot evaluation and allocation took {c.spent():.0f}s and the final evaluation needs "
+                         f"about {c.timings.get('zero_shot', 0.0):.0f}s; give at least those "
+                         f"{budget - left:.0f}s plus the search's and the final run's time")
+    share = c.recipe.campaign.search_share
+    print(f"[campaign] budget {budget:.0f}s: {c.spent():.0f}s spent, {share:.0%} of the {left:.0f}s left "
+          f"({share * left:.0f}s) for the search, the rest for the final run")
+    return share * left
+
+
+def train_time(c: Campaign) -> float:
+    """What the budget leaves the final run (its own clock: loading, steps, checkpoints, export)."""
+    budget, left = c.recipe.campaign.budget_seconds(), c.time_left()
+    if left < 2 * START_MARGIN:
+        raise ValueError(f"campaign.budget {c.recipe.campaign.budget} ({budget:.0f}s) leaves the final run "
+                         f"{max(left, 0):.0f}s after {c.spent():.0f}s of earlier stages; give at least "
+                         f"{budget - left + 2 * START_MARGIN:.0f}s plus the final run's time, or a smaller "
+                         f"campaign.search_share")
+    print(f"[campaign] budget {budget:.0f}s: {c.spent():.0f}s spent, {left:.0f}s for the final run")
+    return left
+
+
+def train_stage(c: Campaign, recipe: Recipe) -> dict:
+    """The final run: it continues the search's winning line where it can (floe_dist/search/handoff.py)."""
+    from floe_dist.search.handoff import continue_line
+
+    if c.recipe.search.enabled:
+        line = Path(json.loads((c.out / RESULT_FILES["search"]).read_text())["line"]) / "train"
+        handoff = continue_line(line, recipe, c.out / "train")
+        if handoff["step"]:
+            print(f"[campaign] train continues the search's winning line at step {handoff['step']} ({line})")
+        else:
+            print(f"[campaign] train starts from step 0: {handoff['reason']}")
+    return c.launch("train", recipe, c.out / "train", "train.json")
 
 
 def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained: dict, final: dict) -> dict:
@@ -228,6 +306,8 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
                "ranks": r.parallel.nproc * r.parallel.nodes, "allocation": allocation, "lr": lr,
                "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": c.timings,
+               "train_steps": trained["steps"], "steps_reused": trained.get("resumed_from", 0),
+               "budget_seconds": r.campaign.budget_seconds(),
                "recipe": str(c.out / "recipe.yaml")}
     write_json_atomic(c.out / "campaign.json", summary)
     print("\n[campaign] summary")
@@ -245,6 +325,7 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
     print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")
+    print(f"  final training        {trained['steps']} steps, the first {summary['steps_reused']} the search's")
     for name, seconds in c.timings.items():
         print(f"  {name:<21} {seconds:7.1f} s")
     print(f"  total                 {sum(c.timings.values()):7.1f} s")

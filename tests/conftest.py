@@ -32,6 +32,7 @@ def pytest_sessionstart(session):
         from floe_dist.modeling.backbone import resolve_model
 
         resolve_model("tiny")
+        _SESSION_ENV.update(os.environ)  # building it imports libraries that set variables (mlflow's telemetry id)
 
 
 def pytest_collection_finish(session):

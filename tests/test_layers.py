@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the longest prefix that names it.
 LAYERS = [
     ("floe_dist.config", "floe_dist.files", "floe_dist.assets", "floe_dist.recipe", "floe_dist.resume",
-     "floe_dist.flops"),                                                  # settings and files
+     "floe_dist.flops", "floe_dist.schedule"),                            # settings and files
     ("floe_dist.allocation", "floe_dist.data", "floe_dist.generation", "floe_dist.modeling",
      "floe_dist.distributed", "floe_dist.resources", "floe_dist.methods"),  # models, data, ranks, allocators
     ("floe_dist.trainer", "floe_dist.evaluation", "floe_dist.search"),      # engines: train, evaluate, search

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +63,12 @@ def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: in
     return cfg
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
-    """lr multiplier for step s: linear warmup to 1 (the first step already learns), cosine to min_ratio."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def initialize(model: nn.Module, config: dict[str, Any], total_steps: int, warmup_steps: int):
+def initialize(model: nn.Module, config: dict[str, Any], factor):
     """``deepspeed.initialize`` over the trainable (``lora_*``) parameters only.
 
-    Unless the JSON names a DeepSpeed scheduler, the lr follows ``warmup_cosine`` through a torch
-    LambdaLR that DeepSpeed steps and checkpoints (its WarmupCosineLR spends step 0 at lr 0).
+    Unless the JSON names a DeepSpeed scheduler, the lr follows ``factor`` (``schedule``) through a torch
+    LambdaLR that DeepSpeed steps and checkpoints (its WarmupCosineLR spends step 0 at lr 0). The factor is
+    not saved with the checkpoint: a resumed run follows the schedule it is given now.
     """
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
@@ -88,10 +78,9 @@ def initialize(model: nn.Module, config: dict[str, Any], total_steps: int, warmu
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: the allocation placed no adapter")
-    schedule = None if "scheduler" in config else (
-        lambda opt: LambdaLR(opt, warmup_cosine(total_steps, warmup_steps)))
+    lr_scheduler = None if "scheduler" in config else (lambda opt: LambdaLR(opt, factor))
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
-                                                   lr_scheduler=schedule)
+                                                   lr_scheduler=lr_scheduler)
     return engine, scheduler
 
 

@@ -34,6 +34,7 @@ class Trial:
     metrics: dict = field(default_factory=dict)
     smac_seed: int | None = None
     origin: str = ""  # who proposed the configuration: initial design | model | random | grid
+    told: bool = False  # its result has reached the proposer (in trial order: floe_dist/search/loop.py)
 
     @property
     def key(self) -> str:
@@ -64,6 +65,12 @@ class Ledger:
 
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status in FINISHED]
+
+    def resumes_from(self, trial: Trial) -> int:
+        """The step a trial starts from: the largest budget an earlier trial of its configuration trained (trials
+        of one configuration share a line of checkpoints, floe_dist/stages/search.py)."""
+        return max((t.budget for t in self.trials if t.id < trial.id and t.config == trial.config
+                    and t.status == "success"), default=0)
 
     def compute_used(self) -> int:
         return sum(t.budget for t in self.trials)

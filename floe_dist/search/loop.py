@@ -3,18 +3,24 @@
 A trial's outcome is written to the ledger before the proposer is told, and trials that were running
 when a search died are issued again (a Slurm job still queued is adopted instead), so a resumed
 search loses and repeats no finished trial.
+
+Results reach a proposer that learns (SMAC) in trial order, and trial k is proposed once the results of
+trials 0 .. k - workers have reached it and no others: what it knows at each proposal does not depend on which
+trial happened to finish first, so the same recipe and seed make the same choices whatever the workers' timing.
+A worker waits when the trial it would need is still running.
 """
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
-from floe_dist.search.ledger import Ledger, Trial
+from floe_dist.search.ledger import FINISHED, Ledger, Trial
 from floe_dist.search.runners import (Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool,
                                      default_workers)
 from floe_dist.search.trial import TrialSpec
@@ -51,6 +57,7 @@ class SearchLoop:
         else:
             self.runner = LocalPool(workers, args.trial_nproc, args.trial_threads)
         self.by_id = {t.id: t for t in ledger.trials}
+        self.slots = self.runner.free_slots  # the workers: trials running at once
         self.pbar = None
 
     def trial_dir(self, trial: Trial) -> Path:
@@ -90,28 +97,64 @@ class SearchLoop:
         else:
             print(f"[search] trial {trial.id} {outcome.status}: {outcome.reason}", file=sys.stderr)
         self.ledger.save()  # the result is durable before SMAC hears of it (resume tells SMAC again)
-        self.proposer.tell(trial)
         self.pbar.update(trial.budget / self.args.max_steps)
         best = self.ledger.incumbent()
         if best:
             self.pbar.set_postfix(best=f"{best.cost:.4f}", rank=best.config["rank"], steps=best.budget)
+
+    def tell_next(self) -> bool:
+        """Tell the proposer the first untold trial's result if it has one; whether it did."""
+        trial = next((t for t in self.ledger.trials if not t.told), None)
+        if trial is None or trial.status not in FINISHED:
+            return False
+        self.proposer.tell(trial)
+        self.ledger.save()
+        return True
+
+    def ready_to_ask(self) -> bool:
+        """Whether the next trial may be proposed now: every trial up to ``next - workers`` has been told (in trial
+        order), and the proposer does not wait for a result it would learn from (then that result is told first)."""
+        if not self.proposer.learns:
+            return True
+        due = len(self.ledger.trials) - self.slots  # the trials whose results this proposal must know
+        while any(not t.told and t.id <= due for t in self.ledger.trials):
+            if not self.tell_next():
+                return False  # the trial it needs is still running
+        while self.proposer.waits(self.ledger):
+            if not self.tell_next():
+                return False
+        return True
 
     def next_trial(self, pending: list[Trial]) -> Trial | None:
         """A trial to issue again, else a new proposal while the budget allows, else None."""
         args, ledger = self.args, self.ledger
         if pending:
             return pending.pop(0)
-        if not self.proposer.fits(ledger, args.max_compute * args.max_steps, args.max_trials):
+        if not self.ready_to_ask():  # a result is on its way that this proposal must know
             return None
-        if self.proposer.waits(ledger):  # a result is on its way that lets the model, not chance, propose
+        if not self.proposer.fits(ledger, self.compute_cap(), args.max_trials):
             return None
         trial = self.proposer.ask(ledger)  # None: the grid or the space is exhausted
         if trial is not None:
             self.by_id[trial.id] = trial
         return trial
 
+    def compute_cap(self) -> float:
+        """Trial steps the search may issue: max_compute full trials, and with a time limit no more than the workers
+        can still train by then at the speed the finished trials had (wall seconds per trained step, loading and
+        scoring included). Before any result, the first bracket is let through: it is what measures the speed."""
+        args, ledger = self.args, self.ledger
+        cap = args.max_compute * args.max_steps
+        done = [t for t in ledger.finished() if t.seconds]
+        trained = sum(t.budget - ledger.resumes_from(t) for t in done)
+        if args.time_limit is None or not trained:
+            return cap
+        left = args.time_limit - (time.time() - self.start)
+        return min(cap, ledger.compute_used() + max(0.0, left) * self.slots * trained / sum(t.seconds for t in done))
+
     def run(self) -> None:
         args, ledger = self.args, self.ledger
+        self.start = time.time()
         pending = self.proposer.resume(ledger)
         self.by_id.update({t.id: t for t in ledger.trials})
         if ledger.trials:
@@ -132,6 +175,8 @@ class SearchLoop:
                         batch.append((trial, job))
                 self.submit(batch)
                 if not self.runner.running:
+                    if self.tell_next():  # a finished trial the proposer has not heard of: it may propose again
+                        continue
                     break
                 for outcome in self.runner.wait():
                     self.record(outcome)

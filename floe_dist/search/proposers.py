@@ -184,6 +184,8 @@ class GridProposer:
         self.budget = args.max_steps
 
     def resume(self, ledger: Ledger) -> list[Trial]:
+        for t in ledger.trials:
+            t.told = t.status in FINISHED
         return [t for t in ledger.trials if t.status == "running"]
 
     def ask(self, ledger: Ledger) -> Trial | None:
@@ -193,7 +195,9 @@ class GridProposer:
         return None
 
     def tell(self, trial: Trial) -> None:
-        pass
+        trial.told = True
+
+    learns = False  # a fixed list: results may arrive in any order
 
     def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
         return True  # the grid runs every point: it is the reference the cap is measured against
@@ -295,6 +299,8 @@ class SmacProposer:
         config = Configuration(self.smac.scenario.configspace, values=trial.config)
         return TrialInfo(config, seed=trial.smac_seed, budget=float(trial.budget) if self.multi else None)
 
+    learns = True  # what it proposes depends on the results it was told: they reach it in trial order
+
     def resume(self, ledger: Ledger) -> list[Trial]:
         """Reconcile SMAC's runhistory with the ledger; return the trials to issue again."""
         from smac.runhistory.enumerations import StatusType
@@ -316,6 +322,7 @@ class SmacProposer:
             known = smac_state.get(trial.key)
             if trial.status in FINISHED and (known is None or known[1] == StatusType.RUNNING):
                 self.tell(trial)
+            trial.told = trial.status in FINISHED
         return [t for t in ledger.trials if t.status == "running"]
 
     def ask(self, ledger: Ledger) -> Trial | None:
@@ -367,7 +374,7 @@ class SmacProposer:
                 unissued = sum(t is None for t in trials)
                 steps_left += unissued * steps + _steps(rungs[stage + 1:])
                 trials_left += unissued + _trials(rungs[stage + 1:])
-                promoted = stage + 1 < len(rungs) and all(t is not None and t.status in FINISHED for t in trials)
+                promoted = stage + 1 < len(rungs) and all(t is not None and t.told for t in trials)
                 runnable |= unissued > 0 or promoted
         return steps_left, trials_left, runnable
 
@@ -376,7 +383,7 @@ class SmacProposer:
         be a new configuration, the initial design is used up, and no budget holds enough results for the model,
         so SMAC would draw it at random. Seen in the default campaign (2 workers, Hyperband): the second bracket's
         configurations were drawn from 2 results at random while the trial bringing the third was running."""
-        if self.mode == "random" or not any(t.status == "running" for t in ledger.trials):
+        if self.mode == "random" or all(t.told for t in ledger.trials):
             return False  # the control arm draws at random anyway; with nothing running, waiting would never end
         if self.multi and self._open_brackets(ledger)[2]:
             return False  # a started bracket has a trial to issue: no new configuration is drawn
@@ -389,6 +396,7 @@ class SmacProposer:
         from smac.runhistory.dataclasses import TrialValue
         from smac.runhistory.enumerations import StatusType
 
+        trial.told = True
         status = {"success": StatusType.SUCCESS, "timeout": StatusType.TIMEOUT}.get(trial.status, StatusType.CRASHED)
         cost = trial.cost if trial.status == "success" else self.smac.scenario.crash_cost
         self.smac.tell(self._info(trial), TrialValue(cost=cost, time=trial.seconds or 0.0, status=status))

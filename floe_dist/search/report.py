@@ -55,6 +55,23 @@ def paired_se(trial: Trial, incumbent: Trial) -> float | None:
     return statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
+def decide(ledger: Ledger, parameters, separation: float) -> tuple[Trial, list[Trial]]:
+    """The configuration to train, and those its validation cost does not separate from the lowest one's.
+
+    The lowest cost at the top budget wins unless a configuration with fewer adapter parameters (``parameters``
+    of a trial) is within ``separation`` paired standard errors of it on the same validation examples: then the
+    cheapest of those, so that a choice the validation set cannot resolve falls to the cheaper adapter instead of
+    to float noise. Trials without per-example costs (generative tasks) are compared by their cost alone."""
+    best = ledger.incumbent()
+    top = [t for t in ledger.trials if t.status == "success" and t.budget == best.budget]
+
+    def close(t: Trial) -> bool:
+        se = paired_se(t, best)
+        return t is best or (se is not None and t.cost - best.cost <= separation * se)
+    tied = sorted((t for t in top if close(t)), key=lambda t: (parameters(t), t.cost, t.id))
+    return tied[0], tied
+
+
 def unresolved(report: dict[str, dict], won: str) -> list[str]:
     """The candidates whose best cost is within two paired standard errors of the winner's."""
     return [name for name, c in report.items() if name != won and c.get("margin_se") is not None

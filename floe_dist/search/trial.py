@@ -1,12 +1,13 @@
-"""One search trial: train the sparse model for ``budget`` steps on the *fit* split, score it on *val*.
+"""One search trial: train the sparse model to step ``budget`` on the *fit* split, score it on *val*.
 
     python -m floe_dist.search.trial runs/search/trials/0007            # one process
     torchrun --nproc_per_node 2 -m floe_dist.search.trial runs/search/trials/0007
 
 The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the
 budget in optimizer steps, the seed, and the recipe it runs: floe_dist/stages/search.py ``trial_recipe``). The trial writes ``allocation.json``
-(the searched rank applied to the selected layers), ``train/`` (a normal training run, resumable, so
-a re-issued trial continues its own checkpoint) and, last, ``result.json`` with ``cost``: the mean
+(the searched rank applied to the selected layers) and ``train/`` (a normal training run, resumable) in its
+*line* folder, which every trial of one configuration shares: a promoted trial, or a re-issued one, continues the
+line's checkpoint instead of starting over; and, last, in the trial folder, ``result.json`` with ``cost``: the mean
 choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
 (``objective: error``), and on a multiple-choice task ``example_costs``, each validation example's share of it, in
 order, so that two trials can be compared example by example. The test split is never read.
@@ -34,6 +35,7 @@ class TrialSpec:
     base_allocation: str  # the allocation whose layers the sampled rank is applied to
     objective: str  # loss | error
     recipe: dict = field(default_factory=dict)  # the Recipe it trains (train, ...) and scores (evaluate, ...) with
+    line: str = ""  # the training folder all trials of this configuration continue (empty: the trial's own)
 
     def save(self, trial_dir: Path) -> Path:
         return write_json_atomic(trial_dir / "trial.json", asdict(self))
@@ -73,7 +75,7 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
         while not allocation_file.is_file():
             time.sleep(0.1)
     recipe.validate("train", "model", "data", "parallel")
-    trainer = Trainer(recipe, str(trial_dir / "train"), resources)
+    trainer = Trainer(recipe, str(Path(spec.line or trial_dir) / "train"), resources)
     summary = trainer.fit()
     layout, lm, tokenizer = trainer.layout, trainer.lm, trainer.tokenizer
     trainer.engine.destroy()
@@ -90,6 +92,7 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],
             **({"example_costs": [round(c, 6) for c in per_example]} if per_example is not None else {}),
             "val_examples": scored["examples"], "train_seconds": summary["step_seconds"],
+            "resumed_from": summary["resumed_from"],
             "eval_seconds": time.time() - eval_start, "seconds": time.time() - start}
 
 

@@ -81,7 +81,7 @@ GPU_RUNTIME_BYTES = 1.5e9  # assumed, not fitted: CUDA/NCCL context and workspac
 CPU_RUNTIME_BYTES = 536_260 * 1024
 
 
-SECTIONS = ("plan", "model", "adapter", "train", "parallel", "allocate")
+SECTIONS = ("plan", "model", "adapter", "train", "parallel", "allocate", "campaign")
 OUTPUT = None  # printed; --output FILE also writes the plan as JSON
 
 
@@ -319,6 +319,13 @@ def advice(args: PlanInputs, terms: dict[str, float], total: float) -> list[str]
     return tips or ["no setting of this planner makes it fit: use GPUs with more memory"]
 
 
+def budget_split(budget: float, search_share: float, seconds_per_step: float) -> dict:
+    """The most ``campaign.budget`` gives the search and the final run (launcher/campaign.py spends it: what the
+    zero-shot evaluation and allocation take comes off both, and the final run's steps follow its measured speed)."""
+    search = search_share * budget
+    return {"search_s": search, "train_s": budget - search, "train_steps": int((budget - search) / seconds_per_step)}
+
+
 def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
     recipe.validate(*SECTIONS)
     args = plan_inputs(recipe)
@@ -337,6 +344,13 @@ def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
     print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
     for tip in result["advice"]:
         print(f"  to fit: {tip}")
+    budget = recipe.campaign.budget_seconds()
+    if budget:
+        result["budget"] = budget_split(budget, recipe.campaign.search_share, result["seconds_per_step"])
+        b = result["budget"]
+        print(f"  campaign.budget {recipe.campaign.budget} ({budget:.0f} s): the search at most {b['search_s']:.0f} s "
+              f"({recipe.campaign.search_share:.0%} of what zero-shot evaluation and allocation leave), the final run "
+              f"at most {b['train_s']:.0f} s: about {b['train_steps']:,} steps at this step time")
     if output:
         from floe_dist.files import write_json_atomic
 

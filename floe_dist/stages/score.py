@@ -52,12 +52,12 @@ WARMUP_MAY_CHANGE = {"parallel.zero"}  # with the trainer's HOW_TO_RUN: the same
 
 def warmup_recipe(recipe: Recipe) -> Recipe:
     """The warm-up's training: the adapter section on every layer (no dropout) for score.warmup_steps on the first
-    score.proxy_examples examples; the other train settings their defaults."""
+    score.proxy_examples examples, warm-up and cosine decay; the other train settings their defaults."""
     s = recipe.score
     return replace(recipe, adapter=replace(recipe.adapter, dropout=0.0),
                    data=replace(recipe.data, max_train_examples=s.proxy_examples),
                    train=replace(TrainSection(), steps=s.warmup_steps, micro_batch=s.micro_batch, lr=s.warmup_lr,
-                                 seed=s.seed, checkpoint_every=0),
+                                 seed=s.seed, checkpoint_every=0, schedule="cosine"),
                    allocate=replace(recipe.allocate, file=None), parallel=replace(recipe.parallel, ep_size=1))
 
 
@@ -125,7 +125,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     _, shapes = module_shapes(lm)
     k = recipe.allocate.k if recipe.allocate.k is not None else default_k(len(adapters))
     if zero_stage(config) == 3:
-        forward, _ = ds.initialize(model, config, total_steps=1, warmup_steps=1)  # partitioned backbone
+        forward, _ = ds.initialize(model, config, lambda step: 1.0)  # partitioned backbone
     else:
         forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
     forward.eval()  # no dropout: the Fisher of the deterministic model

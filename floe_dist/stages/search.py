@@ -39,15 +39,20 @@ from floe_dist.resume import guard
 from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
-from floe_dist.search.report import base_of, candidate_costs, candidate_report, plot_search, unresolved
+from floe_dist.search.report import (base_of, candidate_costs, candidate_report, decide, plot_search,
+                                     unresolved)
 from floe_dist.search.trial import TrialSpec, searched_allocation
+from floe_dist.tracking import OBSERVING
 
-SECTIONS = ("search", "allocate", "model", "data", "evaluate")
+SECTIONS = ("search", "allocate", "model", "data", "evaluate", "train")  # train: trials are the final run's start
 OUTPUT = "runs/search"
 # Settings that say how the search runs, or that only the campaign reads: a resume may change them.
 RESUME_MAY_CHANGE = {f"search.{k}" for k in ("max_trials", "max_compute", "workers", "trial_timeout", "runner",
                                              "sbatch_args", "trial_threads", "trial_workers", "enabled",
-                                             "allocations")} | {"model.adapter", "model.shape", "evaluate.batch_size"}
+                                             "allocations", "time_limit")} | {"model.adapter", "model.shape", "evaluate.batch_size"}
+# What of train a trial does not read (its own lr, split, end and seed; logging)
+RESUME_MAY_CHANGE |= {f"train.{k}" for k in ("lr", "split", "until", "time_limit", "checkpoint_every",
+                                             "keep_checkpoints", "seed")} | OBSERVING
 
 
 def base_allocations(recipe: Recipe, shape) -> dict[str, Allocation]:
@@ -86,48 +91,77 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
     names = list(bases)
     SearchLoop(args, out, ledger, proposer,
-               lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)])).run()
+               lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger)).run()
     return finish(args, out, ledger, bases, shape, time.time() - start)
 
 
-def trial_recipe(recipe: Recipe, trial: Trial, trial_dir: Path) -> Recipe:
-    """What a trial runs: a short training on the fit split (search.micro_batch, search.zero, the trial's budget,
-    learning rate and seed; the other train settings their defaults), scored on val (search.val_limit)."""
+def trial_batch(recipe: Recipe) -> dict:
+    """A trial's micro-batch and accumulation: search.micro_batch when set, else the final run's global batch on
+    the trial's ranks (where its ranks divide it), so that the trial is the first steps of the final run."""
+    s, p, t = recipe.search, recipe.parallel, recipe.train
+    if s.micro_batch is not None:
+        return {"micro_batch": s.micro_batch, "accumulation": 1}
+    per_step = t.accumulation * p.nproc * p.nodes  # micro-batches in one final-run step
+    if per_step % s.trial_nproc:  # the trials' batch is another: the final run will start from step 0 (handoff.py)
+        return {"micro_batch": t.micro_batch, "accumulation": 1}
+    return {"micro_batch": t.micro_batch, "accumulation": per_step // s.trial_nproc}
+
+
+def trial_recipe(recipe: Recipe, trial: Trial, trial_dir: Path, line_dir: Path) -> Recipe:
+    """What a trial runs: the first ``budget`` steps of the final run (the recipe's train settings and schedule over
+    train.steps, the trial's learning rate and seed) on the fit split, scored on val (search.val_limit). It trains in
+    its line's folder, which every trial of one configuration shares: a promotion continues the line's checkpoint."""
     s = recipe.search
-    train = replace(TrainSection(), split="fit", steps=int(trial.budget), lr=float(trial.config["lr"]),
-                    micro_batch=s.micro_batch, seed=int(trial.seed), checkpoint_every=0, keep_checkpoints=1)
-    return replace(recipe, train=train, allocate=replace(recipe.allocate, file=str(trial_dir / "allocation.json")),
-                   parallel=replace(recipe.parallel, zero=s.zero, ep_size=1),
-                   model=replace(recipe.model, adapter=str(trial_dir / "train" / "adapter")),
+    train = replace(recipe.train, split="fit", until=int(trial.budget), lr=float(trial.config["lr"]),
+                    seed=int(trial.seed), checkpoint_every=0, keep_checkpoints=1, eval_every=0, report_to="none",
+                    **trial_batch(recipe))
+    return replace(recipe, train=train, allocate=replace(recipe.allocate, file=str(line_dir / "allocation.json")),
+                   parallel=replace(recipe.parallel, zero=s.zero, ep_size=1, nproc=s.trial_nproc, nodes=1),
+                   model=replace(recipe.model, adapter=str(line_dir / "train" / "adapter")),
                    evaluate=replace(recipe.evaluate, split="val", limit=s.val_limit))
 
 
-def trial_spec(recipe: Recipe, trial: Trial, out: Path, base_file: Path) -> TrialSpec:
-    trial_dir = (out / "trials" / f"{trial.id:04d}").resolve()
+def trial_spec(recipe: Recipe, trial: Trial, out: Path, base_file: Path, ledger: Ledger) -> TrialSpec:
+    trial_dir, line_dir = (out / "trials" / f"{trial.id:04d}").resolve(), line_folder(out, ledger, trial)
     return TrialSpec(trial.id, trial.config, trial.budget, trial.seed, str(base_file), recipe.search.objective,
-                     asdict(trial_recipe(recipe, trial, trial_dir)))
+                     asdict(trial_recipe(recipe, trial, trial_dir, line_dir)), line=str(line_dir))
+
+
+def line_folder(out: Path, ledger: Ledger, trial: Trial) -> Path:
+    """``lines/NNNN``: the training shared by every trial of one configuration, named by its first trial."""
+    first = min(t.id for t in ledger.trials if t.config == trial.config)
+    return (out / "lines" / f"{first:04d}").resolve()
 
 
 def finish(args,  out: Path, ledger: Ledger, bases: dict[str, Allocation], shape, seconds: float) -> dict:
-    best = ledger.incumbent()
-    if best is None:
+    lowest = ledger.incumbent()
+    if lowest is None:
         reasons = "\n  - ".join(f"trial {t.id}: {t.status}: {t.reason}" for t in ledger.finished()[-5:])
         raise ValueError(f"no trial succeeded, so there is no rank to choose; last failures:\n  - {reasons}")
-    won = base_of(best.config, list(bases))
+    names = list(bases)
+
+    def parameters(trial: Trial) -> int:
+        return searched_allocation(bases[base_of(trial.config, names)], trial.config).count_parameters(shape.shapes)
+    best, tied = decide(ledger, parameters, args.separation)
+    won = base_of(best.config, names)
     base = bases[won]
     chosen = searched_allocation(base, best.config, method=f"{base.method}+{args.mode}")
     chosen.with_parameter_count(shape.shapes)
     per_candidate = candidate_report(ledger, list(bases))
+    line = line_folder(out, ledger, best)
     chosen.meta["search"] = {"config": best.config, "cost": best.cost, "budget": best.budget, "allocation": won,
-                             "objective": args.objective, "search": str(out / "search.json")}
+                             "objective": args.objective, "search": str(out / "search.json"), "line": str(line)}
     if len(bases) > 1:
         chosen.meta["search"]["candidates"] = per_candidate
     chosen.save(out / "allocation.json")
     finished = ledger.finished()
     summary = {"mode": args.mode, "incumbent": asdict(best), "trials": len(finished),
+               "lowest_cost_trial": lowest.id, "not_separated": [t.id for t in tied],
                "failed": sum(t.status != "success" for t in finished),
                "compute_steps": sum(t.budget for t in finished),
                "compute_full_trials": sum(t.budget for t in finished) / args.max_steps,
+               "trained_steps": sum(t.budget - ledger.resumes_from(t) for t in finished),
+               "steps_reused": sum(ledger.resumes_from(t) for t in finished), "line": str(line),
                "trial_seconds": sum(t.seconds or 0.0 for t in finished), "wall_seconds": seconds,
                "lr": best.config["lr"], "rank": best.config["rank"], "incumbent_origin": best.origin,
                "top_budget_origins": ledger.top_budget_origins(), "allocation": won, "candidates": per_candidate,
@@ -136,9 +170,14 @@ def finish(args,  out: Path, ledger: Ledger, bases: dict[str, Allocation], shape
     ledger.save()
     plot_search(ledger, out / "search.png", args.max_steps)
     print(f"[search] {args.mode}: {len(finished)} trials ({summary['failed']} failed), "
-          f"{summary['compute_full_trials']:.2f} full-trial equivalents, {seconds:.0f}s; incumbent rank "
+          f"{summary['compute_full_trials']:.2f} full-trial equivalents ({summary['trained_steps']} steps trained, "
+          f"{summary['steps_reused']} continued from promoted trials' checkpoints), {seconds:.0f}s; incumbent rank "
           f"{best.config['rank']} lr {best.config['lr']:.2e} cost {best.cost:.4f} at {best.budget} steps "
           f"-> {out / 'allocation.json'}")
+    if best is not lowest:
+        print(f"[search] trial {lowest.id} had the lowest validation cost ({lowest.cost:.4f}, rank "
+              f"{lowest.config['rank']}), but not beyond {args.separation:g} paired standard errors of trials "
+              f"{[t.id for t in tied if t is not lowest]}: the one with the fewest adapter parameters is trained")
     origins = ", ".join(f"{n} from {o}" for o, n in summary["top_budget_origins"].items())
     print(f"[search] configurations at the top budget: {origins}; the incumbent came from {best.origin or 'unknown'}")
     if len(bases) > 1:

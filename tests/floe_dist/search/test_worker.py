@@ -30,7 +30,7 @@ def test_a_warm_worker_computes_what_a_fresh_process_does(tmp_path):
     assert cold["worker"].startswith("local:") and cold["config"] == warm[1]["config"]
     assert cold["cost"] == warm[1]["cost"]  # bit for bit: nothing of trial 0 leaked into trial 1
     # the in-memory validation of the trained modules equals evaluating the exported adapter afresh
-    adapter = tmp_path / "warm" / "trials" / "0001" / "train" / "adapter"
+    adapter = tmp_path / "warm" / "lines" / "0001" / "train" / "adapter"  # each configuration's own line
     scored = evaluate(recipe_for("evaluate", model="tiny", task="sst2", split="val", adapter=str(adapter), limit=16))
     assert scored["loss"] == pytest.approx(warm[1]["cost"], abs=1e-6)
 

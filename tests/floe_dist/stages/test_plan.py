@@ -89,7 +89,7 @@ def test_one_rank_zero3_gathers_in_place_so_the_plan_counts_no_gather(tiny_model
     lm = load_backbone(tiny_model_dir)
     inject_adapters(lm, Allocation.uniform(lm.config.num_hidden_layers, ["q_proj"], rank=2))
     config = ds.build_config(3, micro_batch=1, accumulation=1, world_size=1, lr=1e-3, weight_decay=0.0)
-    engine, _ = ds.initialize(lm, config, total_steps=1, warmup_steps=1)
+    engine, _ = ds.initialize(lm, config, lambda step: 1.0)
     down = lm.model.layers[0].mlp.down_proj
     in_place = []
     down.register_forward_pre_hook(lambda *_: in_place.append(  # runs after DeepSpeed's gather hook

@@ -253,6 +253,20 @@ def test_the_compute_cap_finishes_the_bracket_it_started_instead_of_opening_anot
     assert ledger(tmp_path)["summary"]["incumbent"]["budget"] == 90
 
 
+def test_the_same_seed_makes_the_same_choices_whatever_order_the_trials_finish_in(tmp_path):
+    """Results reach SMAC in trial order, and trial k is proposed knowing trials 0 .. k - workers: delaying every
+    rank-2 or rank-8 trial (so that later trials finish first) changes nothing SMAC proposes or chooses."""
+    runs = {}
+    for name, delay in (("fast", {}), ("rank 2 slow", {"TOY_DELAY_RANK": "2:1.5"}),
+                        ("rank 8 slow", {"TOY_DELAY_RANK": "8:1.5"})):
+        out = tmp_path / name.replace(" ", "_")
+        run_floe(["search", "--output", str(out), *SPACE, "--max-steps", "90", "--max-compute", "6"], env=delay)
+        trials = ledger(out)["trials"]
+        runs[name] = ([(t["config"], t["budget"]) for t in trials], ledger(out)["summary"]["incumbent"]["config"])
+    assert len(runs["fast"][0]) >= 8
+    assert runs["rank 2 slow"] == runs["fast"] == runs["rank 8 slow"]
+
+
 def test_the_trial_limit_also_starts_a_bracket_only_when_all_of_it_fits(tmp_path):
     """A successive-halving bracket is 4 trials (3 x 30 steps, 90); --max-trials 6 must not start a second one, which
     would stop after two of its 30-step trials and so count for nothing."""
@@ -329,13 +343,13 @@ def test_language_model_trials_run_as_two_rank_zero3_groups(tmp_path, launcher, 
     trials = ledger(tmp_path)["trials"]
     assert [t["status"] for t in trials] == ["success"] * len(ranks.split(","))
     for t in trials:
-        trial_dir = tmp_path / "trials" / f"{t['id']:04d}"
-        assert json.loads((trial_dir / "train" / "train.json").read_text())["world_size"] == 2
-        assert json.loads((trial_dir / "train" / "train_args.json").read_text())["train.split"] == "fit"
+        line = tmp_path / "lines" / f"{t['id']:04d}"  # the grid tries each configuration once: its own line
+        assert json.loads((line / "train" / "train.json").read_text())["world_size"] == 2
+        assert json.loads((line / "train" / "train_args.json").read_text())["train.split"] == "fit"
         assert t["metrics"]["val_examples"] == 8 and t["cost"] == t["metrics"]["val_loss"] > 0
         losses = t["metrics"]["example_costs"]  # scored on the partitioned path's whole-backbone export
         assert len(losses) == 8 and sum(losses) / 8 == pytest.approx(t["cost"], abs=1e-5)
-        ranks = {r for mods in Allocation.load(trial_dir / "allocation.json").layers.values()
+        ranks = {r for mods in Allocation.load(line / "allocation.json").layers.values()
                  for m in mods.values() for r in m.ranks}
         assert ranks == {t["config"]["rank"]}  # every expert of every module at the trial's rank
     best = min(trials, key=lambda t: t["cost"])

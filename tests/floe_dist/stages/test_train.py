@@ -15,8 +15,11 @@ import torch
 
 from tests.conftest import REPO, RESUMABLE_RUN, clean_env, floe_command, read_metrics, recipe_for, run_floe, run_python
 
+# The runs these tests compare, with the cosine schedule: the layout-change test's bound (resumed no further from
+# the 2-rank run than a 1-rank run from the start) was set on it; under wsd's higher late rate both gaps are
+# rounding noise of one size (2.3e-5 against 1.5e-5 measured)
 MOE = ["--experts", "2", "--router", "topk", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
-       "--dropout", "0"]
+       "--dropout", "0", "--train.schedule", "cosine"]
 PROBE = "tests/floe_dist/logits_probe.py"
 
 
@@ -268,7 +271,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(ze
     saved = portable.read(moved / "checkpoints" / "step_2")
     recipe = recipe_for("train", model="tiny", steps=8, zero="3", checkpoint_every=2, keep_checkpoints=4,
                         balance_coef=0.0, micro_batch=4, experts=2, router="topk", top_k=1, rank=4,
-                        targets="q_proj,v_proj,up_proj", dropout=0.0)
+                        targets="q_proj,v_proj,up_proj", dropout=0.0, train__schedule="cosine")
     restored = Trainer(recipe, str(moved))
     assert restored.resume() == 2
     trainable = [(n, p) for n, p in restored.engine.module.named_parameters() if p.requires_grad]

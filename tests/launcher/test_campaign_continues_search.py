@@ -1,0 +1,104 @@
+"""A campaign pays for its search: trials are the first steps of the final run, promotions continue their line's
+checkpoint, the final run continues the winning line (floe_dist/search/handoff.py), and a budget sets how long
+the search and the final run take."""
+from __future__ import annotations
+
+import json
+
+from floe_dist.schedule import warmup_stable_decay
+from floe_dist.recipe import TrainSection, read_recipe
+from tests.conftest import read_metrics, run_floe
+
+
+def test_a_wsd_schedule_is_the_prefix_of_every_longer_one_and_its_cooldown_ends_above_zero():
+    short, long = warmup_stable_decay(50, 5, 10), warmup_stable_decay(400, 5, 80)
+    assert [short(s) for s in range(40)] == [long(s) for s in range(40)]
+    assert short(0) == 0.2 and short(4) == 1.0 and short(39) == 1.0 and 0 < short(49) < short(40) < 1.0
+    assert TrainSection(steps=50, decay_ratio=0.2).stable_steps() == 40
+
+
+def test_the_final_run_continues_the_winning_trial_and_equals_a_straight_run(tmp_path):
+    """Without dropout and on the split the trials train on, the campaign's final adapter (the winning line's first
+    steps, continued) equals one run of its recipe from step 0; no step of the winning line is trained twice."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "c"
+    run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+              "--parallel.zero", "0", "--adapter.dropout", "0", "--train.split", "fit", "--search.min_steps", "1",
+              "--search.max_steps", "3", "--output", str(out)])
+    ledger = json.loads((out / "search" / "search.json").read_text())
+    summary, trials = ledger["summary"], ledger["trials"]
+    promoted = [t for t in trials if t["budget"] == 3 and any(
+        u["config"] == t["config"] and u["budget"] == 1 for u in trials)]
+    assert promoted and all(t["metrics"]["resumed_from"] == 1 for t in promoted)  # continued, not restarted
+    assert summary["steps_reused"] == len(promoted)
+    assert summary["trained_steps"] == sum(t["budget"] for t in trials) - len(promoted)
+    line = out / "search" / "lines" / f"{min(t['id'] for t in trials if t['config'] == summary['incumbent']['config']):04d}"
+    assert summary["line"] == str(line)
+    handoff = json.loads((out / "train" / "handoff.json").read_text())
+    assert handoff == {"line": str(line / "train"), "step": 3}
+    line_steps = [m["step"] for m in read_metrics(line / "train")]
+    final_steps = [m["step"] for m in read_metrics(out / "train")]
+    assert line_steps == [1, 2, 3] and final_steps == [4, 5, 6]  # every position of the stream once
+    campaign = json.loads((out / "campaign.json").read_text())
+    assert campaign["steps_reused"] == 3 and campaign["train_steps"] == 6
+    straight = tmp_path / "straight"
+    trained = read_recipe(out / "train" / "recipe.yaml")
+    assert trained.train.lr == summary["lr"] and trained.train.split == "fit"
+    run_floe(["train", "--config", str(out / "train" / "recipe.yaml"), "--output", str(straight)])
+    a = load_file(str(out / "train" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].sub(b[key]).abs().max().item() <= 1e-6 * max(1.0, b[key].abs().max().item()), key
+
+
+def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tmp_path):
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from floe_dist.search.handoff import why_not
+
+    """... and the budget: the search is given its share of what zero-shot and allocation left, the final run the
+    rest, and the final run sets its length from its own speed (more steps than the recipe's nominal 6)."""
+    out = tmp_path / "c"
+    proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+                     "--parallel.zero", "0", "--search.micro_batch", "1", "--search.max_compute", "1",
+                     "--search.min_steps", "3", "--campaign.budget", "45s", "--output", str(out)])
+    handoff = json.loads((out / "train" / "handoff.json").read_text())
+    assert handoff["step"] == 0 and "global batch (1) is not the final run's (2)" in handoff["reason"]
+    assert "train starts from step 0" in proc.stdout and read_metrics(out / "train")[0]["step"] == 1
+    searched, trained = (read_recipe(out / stage / "recipe.yaml") for stage in ("search", "train"))
+    assert trained.train.warmup_steps == searched.train.warmup_steps == 1  # fixed before any trial: 10% of 6
+    assert 0 < searched.search.time_limit < trained.train.time_limit < 45
+    fixed = json.loads((out / "train" / "steps.json").read_text())  # set when its cooldown was due
+    steps, cooldown_start = fixed["steps"], fixed["set_at_step"]
+    metrics = read_metrics(out / "train")
+    assert steps > 6 and [m["step"] for m in metrics] == list(range(1, steps + 1))
+    lrs = [m["lr"] for m in metrics]
+    assert steps - round(0.2 * steps) <= cooldown_start < steps
+    assert set(lrs[1:cooldown_start]) == {lrs[1]}  # warm-up (1 step), constant, then down to the last step
+    assert all(a > b for a, b in zip(lrs[cooldown_start - 1:], lrs[cooldown_start:])) and lrs[-1] > 0
+    assert json.loads((out / "campaign.json").read_text())["budget_seconds"] == 45
+    chosen = out / "search" / "allocation.json"
+    lr = json.loads(chosen.read_text())["meta"]["search"]["config"]["lr"]
+    final = load_recipe("tiny", ["--parallel.nproc", "1", "--parallel.zero", "0", "--allocate.file", str(chosen),
+                                 "--train.lr", str(lr), "--train.micro_batch", "1"])
+    line = out / "search" / "lines" / "0000" / "train"
+    assert why_not(line, final, 3) is None
+    assert "train.seed (0 -> 5)" in why_not(line, replace(final, train=replace(final.train, seed=5)), 3)
+    assert "cooldown" in why_not(line, replace(final, train=replace(final.train, steps=4)), 3)
+
+
+def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp_path):
+    out = tmp_path / "c"
+    proc = run_floe(["campaign", "--config", "tiny", "--campaign.budget", "2d", "--output", str(out)], check=False)
+    assert proc.returncode == 2 and "campaign.budget: '2d' is not a duration; write seconds (900), 900s, 45m, 2h" \
+        in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
+    proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+                     "--parallel.zero", "0", "--campaign.budget", "3", "--output", str(out)], check=False)
+    assert proc.returncode == 2 and "campaign.budget 3 (3s) is spent before the search" in proc.stderr
+    assert "give at least" in proc.stderr and not (out / "search").exists()
+    proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+                     "--parallel.zero", "0", "--campaign.budget", "4", "--output", str(out)], check=False)
+    assert "campaign.budget changed from 3 to 4" in proc.stdout and "zero_shot: done earlier" in proc.stdout
