@@ -461,6 +461,8 @@ TABLES = {
     "campaign-vs-peft-uniform-400": ("campaign_vs_peft_uniform_400", campaign_vs_peft),
     "campaign-vs-peft-uniform-nosearch": ("campaign_vs_peft_uniform_nosearch", campaign_vs_peft),
     "campaign-vs-peft-hyperband": ("campaign_vs_peft_hyperband", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
+    "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),

@@ -427,10 +427,6 @@ class TrainSection:
         steps = steps or self.steps
         return schedule(self.schedule, steps, self.warmup, self.decay_steps(steps))
 
-    def stable_steps(self) -> int:
-        """The steps before the cooldown: a prefix this long is the same in every run of at least ``steps``."""
-        return self.steps - round(self.decay_ratio * self.steps) if self.schedule == "wsd" else 0
-
 
 @dataclass
 class EvaluateSection:

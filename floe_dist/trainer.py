@@ -275,7 +275,7 @@ class Trainer:
             if self.fixed_steps is None and t.time_limit and measured >= (1 if t.schedule == "wsd" else PROBE_STEPS):
                 self.fit_to_time(step, (time.perf_counter() - probe_start) / measured)
                 t = self.recipe.train
-                pbar.total = t.end
+                pbar.total = None if self.fixed_steps is None else t.end
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start

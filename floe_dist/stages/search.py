@@ -34,7 +34,7 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.recipe import Recipe, TrainSection, settings_of
+from floe_dist.recipe import Recipe, settings_of
 from floe_dist.resume import guard
 from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
@@ -49,7 +49,8 @@ OUTPUT = "runs/search"
 # Settings that say how the search runs, or that only the campaign reads: a resume may change them.
 RESUME_MAY_CHANGE = {f"search.{k}" for k in ("max_trials", "max_compute", "workers", "trial_timeout", "runner",
                                              "sbatch_args", "trial_threads", "trial_workers", "enabled",
-                                             "allocations", "time_limit")} | {"model.adapter", "model.shape", "evaluate.batch_size"}
+                                             "allocations", "time_limit")} | {"model.adapter", "model.shape",
+                                                                              "evaluate.batch_size"}
 # What of train a trial does not read (its own lr, split, end and seed; logging)
 RESUME_MAY_CHANGE |= {f"train.{k}" for k in ("lr", "split", "until", "time_limit", "checkpoint_every",
                                              "keep_checkpoints", "seed")} | OBSERVING
@@ -107,7 +108,7 @@ def trial_batch(recipe: Recipe) -> dict:
     return {"micro_batch": t.micro_batch, "accumulation": per_step // s.trial_nproc}
 
 
-def trial_recipe(recipe: Recipe, trial: Trial, trial_dir: Path, line_dir: Path) -> Recipe:
+def trial_recipe(recipe: Recipe, trial: Trial, line_dir: Path) -> Recipe:
     """What a trial runs: the first ``budget`` steps of the final run (the recipe's train settings and schedule over
     train.steps, the trial's learning rate and seed) on the fit split, scored on val (search.val_limit). It trains in
     its line's folder, which every trial of one configuration shares: a promotion continues the line's checkpoint."""
@@ -122,9 +123,9 @@ def trial_recipe(recipe: Recipe, trial: Trial, trial_dir: Path, line_dir: Path) 
 
 
 def trial_spec(recipe: Recipe, trial: Trial, out: Path, base_file: Path, ledger: Ledger) -> TrialSpec:
-    trial_dir, line_dir = (out / "trials" / f"{trial.id:04d}").resolve(), line_folder(out, ledger, trial)
+    line_dir = line_folder(out, ledger, trial)
     return TrialSpec(trial.id, trial.config, trial.budget, trial.seed, str(base_file), recipe.search.objective,
-                     asdict(trial_recipe(recipe, trial, trial_dir, line_dir)), line=str(line_dir))
+                     asdict(trial_recipe(recipe, trial, line_dir)), line=str(line_dir))
 
 
 def line_folder(out: Path, ledger: Ledger, trial: Trial) -> Path:

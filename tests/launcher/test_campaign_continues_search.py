@@ -14,7 +14,7 @@ def test_a_wsd_schedule_is_the_prefix_of_every_longer_one_and_its_cooldown_ends_
     short, long = warmup_stable_decay(50, 5, 10), warmup_stable_decay(400, 5, 80)
     assert [short(s) for s in range(40)] == [long(s) for s in range(40)]
     assert short(0) == 0.2 and short(4) == 1.0 and short(39) == 1.0 and 0 < short(49) < short(40) < 1.0
-    assert TrainSection(steps=50, decay_ratio=0.2).stable_steps() == 40
+    assert TrainSection(steps=50).decay_steps(50) == 10 and TrainSection(schedule="cosine").decay_steps(50) == 0
 
 
 def test_the_final_run_continues_the_winning_trial_and_equals_a_straight_run(tmp_path):
@@ -33,7 +33,8 @@ def test_the_final_run_continues_the_winning_trial_and_equals_a_straight_run(tmp
     assert promoted and all(t["metrics"]["resumed_from"] == 1 for t in promoted)  # continued, not restarted
     assert summary["steps_reused"] == len(promoted)
     assert summary["trained_steps"] == sum(t["budget"] for t in trials) - len(promoted)
-    line = out / "search" / "lines" / f"{min(t['id'] for t in trials if t['config'] == summary['incumbent']['config']):04d}"
+    first = min(t["id"] for t in trials if t["config"] == summary["incumbent"]["config"])
+    line = out / "search" / "lines" / f"{first:04d}"
     assert summary["line"] == str(line)
     handoff = json.loads((out / "train" / "handoff.json").read_text())
     assert handoff == {"line": str(line / "train"), "step": 3}
