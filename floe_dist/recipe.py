@@ -349,7 +349,8 @@ class TrainSection:
     micro_batch: int = arg(4, "examples per rank per micro-step")
     accumulation: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(1e-3, "peak learning rate after a linear warm-up (the campaign uses the search's choice)")
-    warmup_ratio: float = arg(0.1, "share of steps used for learning-rate warm-up")
+    warmup_ratio: float = arg(0.02, "share of steps used for learning-rate warm-up (the default: 8 of 400 steps, so that "
+                                    "the search's shortest trials, the final run's first steps, reach the peak rate)")
     warmup_steps: int | None = arg(None, "warm-up steps instead of warmup_ratio x steps (the campaign fixes them "
                                          "before its search, so that trials and final run share one warm-up)")
     schedule: Literal["wsd", "cosine"] = arg(
