@@ -73,7 +73,6 @@ class Trainer:
         self.recipe = recipe
         self.sections = recipe.train, recipe.model, recipe.data, recipe.parallel
         self.resources = resources or Resources()  # a warm search worker passes the ones it keeps
-        self.out = Path(output)
         self.ckpt_dir = self.out / "checkpoints"
         self.setup()
 

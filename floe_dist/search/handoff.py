@@ -54,10 +54,14 @@ def why_not(line: Path, final: Recipe, step: int) -> str | None:
     if lr_factors(trained, step + 1) != lr_factors(wanted, step + 1):
         return (f"the final run's learning-rate schedule differs from the trials' before step {step} (train.steps "
                 f"{final.train.steps} puts the cooldown of train.schedule {final.train.schedule} before it)")
-    shape = lambda a: {k: v for k, v in a.to_json().items() if k not in ("meta", "method")}  # noqa: E731
-    if shape(Allocation.load(line / "allocation.json")) != shape(Allocation.load(final.allocate.file)):
+    if shape(line / "allocation.json") != shape(final.allocate.file):
         return "the final allocation is not the line's"
     return None
+
+
+def shape(allocation_file) -> dict:
+    """An allocation's modules and sizes, without its provenance (method, meta)."""
+    return {k: v for k, v in Allocation.load(allocation_file).to_json().items() if k not in ("meta", "method")}
 
 
 def continue_line(line: Path, final: Recipe, run_dir: Path) -> dict:

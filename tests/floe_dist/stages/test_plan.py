@@ -1,6 +1,8 @@
 """``floe-dist plan``: its published comparison, exact meta-device counts, advice and bad inputs."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.bench_plan_published import PUBLISHED, predict
@@ -119,3 +121,15 @@ def test_load_peak_is_planned_apart_from_training():
     larger = max(sharded["load_bytes"], sharded["total_bytes"]) / GIB
     assert plan(PlanInputs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 1.001))["fits"]
     assert not plan(PlanInputs(**common, nodes=2, gpus_per_node=8, gpu_memory=larger * 0.999))["fits"]
+
+
+def test_plan_shows_how_a_campaign_budget_splits(tmp_path):
+    """The search's share and the final run's rest, and the final run's steps at the planned step time."""
+    out = tmp_path / "plan.json"
+    proc = run_floe(["plan", "--config", "recipes/llama3-70b-2node.yaml", "--campaign.budget", "24h",
+                     "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["budget"]["search_s"] == pytest.approx(0.3 * 86400) and result["budget"]["train_s"] == pytest.approx(
+        0.7 * 86400)
+    assert result["budget"]["train_steps"] == int(0.7 * 86400 / result["seconds_per_step"])
+    assert "campaign.budget 24h (86400 s): the search at most 25920 s" in proc.stdout
