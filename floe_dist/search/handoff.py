@@ -49,7 +49,7 @@ def why_not(line: Path, final: Recipe, step: int) -> str | None:
     if global_batch(trained) != global_batch(wanted):
         return (f"the trials' global batch ({global_batch(trained)}) is not the final run's ({global_batch(wanted)});"
                 f" leave search.micro_batch unset")
-    if step >= final.train.end:
+    if not final.train.time_limit and step >= final.train.end:  # a time-limited run sets its end later
         return f"the line is at step {step}, not before the final run's end ({final.train.end})"
     if lr_factors(trained, step + 1) != lr_factors(wanted, step + 1):
         return (f"the final run's learning-rate schedule differs from the trials' before step {step} (train.steps "
