@@ -72,10 +72,10 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
 
     from benchmarks.bench_task_arms import lora_recipe
     from floe_dist.data import load_data, tokenize, train_batch
-    from floe_dist.schedule import warmup_cosine
+    from floe_dist.evaluation import evaluate_lm
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
-    from floe_dist.evaluation import evaluate_lm
+    from floe_dist.schedule import warmup_cosine
 
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -66,10 +66,9 @@ def main() -> None:
 
     for seed in args.seeds:
         score_dir = out / f"score_s{seed}"
-        score_seconds = 0.0
         if not (score_dir / "fisher.json").is_file():
-            score_seconds = floe("score", "--model", args.model, "--task", args.task, "--output", str(score_dir),
-                                 "--seed", str(seed), "--k", str(args.k), "--zero", "0")
+            floe("score", "--model", args.model, "--task", args.task, "--output", str(score_dir),
+                 "--seed", str(seed), "--k", str(args.k), "--zero", "0")
         fisher = json.loads((score_dir / "fisher.json").read_text())
         scores = {int(l): s for l, s in fisher["scores"].items()}
         ranked = sorted(scores, key=lambda l: -scores[l])

@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.result_file import write_result  # noqa: E402
-
 from floe_dist.allocation import Allocation
 from floe_dist.data import collate, encode, load_task
 from floe_dist.modeling.answer_lm import AnswerLM

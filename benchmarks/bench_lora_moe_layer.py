@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.result_file import write_result  # noqa: E402
 from floe_dist.modeling.backbone import nf4_linear  # noqa: E402
-from floe_dist.modeling.lora_moe import (LoRAMoELinear, balance_loss, broadcast_gates, compiled,  # noqa: E402
-                                         topk_route)
+from floe_dist.modeling.lora_moe import LoRAMoELinear, balance_loss, broadcast_gates, compiled, topk_route  # noqa: E402
 
 
 def random_nf4_linear(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device):

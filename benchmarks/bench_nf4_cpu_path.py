@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
+from floe_dist.evaluation import accuracy, choice_scores  # noqa: E402
 from floe_dist.modeling.answer_lm import AnswerLM  # noqa: E402
 from floe_dist.modeling.backbone import bnb_cpu_bf16_path, load_backbone, load_tokenizer, resolve_model  # noqa: E402
 from floe_dist.recipe import DataSection  # noqa: E402
 from floe_dist.resources import Resources  # noqa: E402
-from floe_dist.evaluation import accuracy, choice_scores  # noqa: E402
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
+
 ROWS = {"tiny-z3": ("tiny", 3, 1), "smollm2-z0": ("smollm2-135m", 0, 1), "smollm2-z3": ("smollm2-135m", 3, 1),
         "smollm2-z3x2": ("smollm2-135m", 3, 2)}
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
-from floe_dist.allocation import Allocation, ModuleAllocation  # noqa: E402
+from floe_dist.allocation import Allocation  # noqa: E402
 from floe_dist.methods.guilomo import GuidedLoRAMoE, guilomo_search  # noqa: E402
 from floe_dist.modeling.lora_moe import LoRAMoELinear  # noqa: E402
 from tests.toys import ResidualStack  # noqa: E402

@@ -54,10 +54,10 @@ def grid(config: str, candidates: str, ranks: str, lr: float, steps: int, seed: 
 
 def accuracy_on_test(config: str, adapter: str) -> float:
     """The adapter's accuracy on the recipe's whole test split, evaluated as the campaign's final evaluation."""
-    from floe_dist.recipe import load_recipe
     from dataclasses import replace
 
     from floe_dist.evaluation import evaluate
+    from floe_dist.recipe import load_recipe
 
     recipe = load_recipe(config, [])
     return evaluate(replace(recipe, model=replace(recipe.model, adapter=adapter)))["accuracy"]

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.result_file import write_result  # noqa: E402
+
 TOLERANCE = 0.05
 
 # method name -> (allocator, its flags). Layer-selecting methods keep 8 of 30 layers (FLoE's 25%).

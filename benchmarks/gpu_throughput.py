@@ -157,9 +157,9 @@ def run_one(args) -> dict:
     import torch
 
     from floe_dist.distributed import engine as ds
-    from floe_dist.schedule import warmup_cosine
     from floe_dist.distributed.runtime import device_for, init_distributed
     from floe_dist.flops import utilisation
+    from floe_dist.schedule import warmup_cosine
     from floe_dist.stages.plan import count_model
 
     info = init_distributed()

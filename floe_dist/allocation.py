@@ -15,14 +15,31 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from floe_dist.files import write_json_atomic
-from floe_dist.modeling.lora_moe import ROUTERS, count_active_parameters, count_lora_parameters
 
 FORMAT = "floe-dist/allocation@1"
+ROUTERS = ("topk", "dense")  # LoRAMoELinear's routers (floe_dist/modeling/lora_moe.py)
+
+
+def count_active_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str, top_k: int) -> int:
+    """Most adapter parameters one token can use: the router plus its top_k largest experts."""
+    n = len(ranks)
+    router_params = n * d_in if n > 1 else 0
+    if router == "dense" and n > 1:
+        return router_params + ranks[0] * d_in + sum(ranks) * d_out
+    return router_params + sum(sorted(ranks)[-top_k:]) * (d_in + d_out)
+
+
+def count_lora_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str) -> int:
+    """Trainable parameters of one LoRAMoELinear, without building it."""
+    n = len(ranks)
+    a = ranks[0] * d_in if (router == "dense" and n > 1) else sum(ranks) * d_in
+    return a + sum(ranks) * d_out + (n * d_in if n > 1 else 0)
 
 
 class AllocationError(ValueError):
@@ -60,7 +77,7 @@ class Allocation:
     def uniform(cls, num_layers: int, target_modules: list[str], experts: int = 1, rank: int = 8,
                 router: str = "topk", top_k: int = 1, layers: list[int] | None = None,
                 alpha: float = 16.0, dropout: float = 0.0, method: str = "uniform", top_p: float = 0.0,
-                min_k: int = 1) -> "Allocation":
+                min_k: int = 1) -> Allocation:
         """Same experts and rank on every chosen layer (all layers by default)."""
         chosen = range(num_layers) if layers is None else sorted(layers)
         top_k = min(top_k, experts)
@@ -69,7 +86,7 @@ class Allocation:
         return cls(method=method, target_modules=list(target_modules),
                    layers={i: {m: module for m in target_modules} for i in chosen}, alpha=alpha, dropout=dropout)
 
-    def resized(self, rank: int, experts: int | None = None, method: str | None = None) -> "Allocation":
+    def resized(self, rank: int, experts: int | None = None, method: str | None = None) -> Allocation:
         """The same layers and modules with every expert at ``rank`` (and ``experts`` per module if
         given): how a rank search applies its choice to the layers that scoring selected."""
         def resize(m: ModuleAllocation) -> ModuleAllocation:
@@ -81,7 +98,7 @@ class Allocation:
                           layers={i: {name: resize(m) for name, m in mods.items()} for i, mods in self.layers.items()},
                           alpha=self.alpha, dropout=self.dropout, meta=dict(self.meta))
 
-    def with_top_k(self, top_k: int) -> "Allocation":
+    def with_top_k(self, top_k: int) -> Allocation:
         """Every top-k-routed module with several experts routing each token to ``top_k`` of them (at most
         its expert count); ranks, experts and dense modules unchanged: how a search applies a top-k choice."""
         def route(m: ModuleAllocation) -> ModuleAllocation:
@@ -103,7 +120,7 @@ class Allocation:
         """Every module the same: one expert count and one rank everywhere."""
         return len({(m.experts, *m.ranks) for mods in self.layers.values() for m in mods.values()}) == 1
 
-    def rank_scaled(self, rank: int, method: str | None = None) -> "Allocation":
+    def rank_scaled(self, rank: int, method: str | None = None) -> Allocation:
         """Every rank times ``rank / largest rank``: the largest becomes ``rank`` and the shape (which
         layers and experts get more) is kept; a uniform allocation ends with every rank = ``rank``.
         How a rank search applies its choice without flattening a HILO or GuiLoMo allocation."""
@@ -112,14 +129,14 @@ class Allocation:
         return replace(self, method=method or self.method, meta=dict(self.meta), trainable_parameters=None,
                        layers={i: {n: scale(m) for n, m in mods.items()} for i, mods in self.layers.items()})
 
-    def scaled_to_budget(self, budget: int, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
+    def scaled_to_budget(self, budget: int, shapes: Mapping[str, tuple[int, int]]) -> Allocation:
         """Every rank times one factor f (rounded, at least 1), f chosen so the parameter count is closest
         to ``budget``: the shape of a schedule (which layers and experts get more) is kept, its size is
         matched. The count never decreases as f grows, so bisection finds the two counts around it."""
         if budget <= 0:
             raise ValueError(f"budget must be a positive parameter count, got {budget}")
 
-        def scaled(f: float) -> "Allocation":
+        def scaled(f: float) -> Allocation:
             def scale(m: ModuleAllocation) -> ModuleAllocation:
                 return replace(m, ranks=tuple(max(1, round(r * f)) for r in m.ranks))
             return replace(self, layers={i: {n: scale(m) for n, m in mods.items()} for i, mods in self.layers.items()},
@@ -135,7 +152,7 @@ class Allocation:
         best.meta["budget"] = budget
         return best.with_parameter_count(shapes)
 
-    def with_parameter_count(self, shapes: Mapping[str, tuple[int, int]]) -> "Allocation":
+    def with_parameter_count(self, shapes: Mapping[str, tuple[int, int]]) -> Allocation:
         self.trainable_parameters = self.count_parameters(shapes)
         return self
 
@@ -164,7 +181,7 @@ class Allocation:
         return write_json_atomic(path, self.to_json())
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Allocation":
+    def from_json(cls, data: Mapping[str, Any]) -> Allocation:
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise AllocationError("allocation must be a JSON object")
@@ -203,7 +220,7 @@ class Allocation:
                    trainable_parameters=count, meta=dict(data.get("meta") or {}))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Allocation":
+    def load(cls, path: str | os.PathLike) -> Allocation:
         path = Path(path)
         if not path.is_file():
             raise AllocationError(f"allocation file not found: {path}")

@@ -20,5 +20,5 @@ class SbatchTemplate(Template):
     delimiter = "@"
 
     @classmethod
-    def named(cls, name: str) -> "SbatchTemplate":
+    def named(cls, name: str) -> SbatchTemplate:
         return cls((asset_dir("slurm") / f"{name}.sbatch").read_text())

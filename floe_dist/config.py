@@ -42,3 +42,126 @@ def duration_seconds(text: str, key: str) -> float:
         raise ValueError(f"{key}: {text!r} is not a duration; write {DURATION_FORMS}")
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
+
+
+# ------------------------------------------------------------------------------------- compact settings
+def short_float(value: float) -> str:
+    """2e-4 -> "2e-4" (not "0.0002"): YAML's [2.0e-4, 3.0e-3] gives the string people write on the command line."""
+    mantissa, exponent = f"{float(value):e}".split("e")
+    written, plain = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}", repr(float(value))
+    forms = (written, plain) if int(exponent) < 0 else (plain, written)  # the first of equal length wins
+    return min((w for w in forms if float(w) == float(value)), key=len)
+
+
+def integers(value: Any) -> bool:
+    """A YAML list of integers (booleans are not counts)."""
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+class Compact(str):
+    """A setting people write as YAML (a list, a pair, a map or a number) or, on the command line and in older
+    recipes, as one compact string; the recipe holds the compact string, so what reads it, what resumes compare
+    and the recipe.yaml a stage writes stay one form. ``parse`` turns either into that string, or raises a
+    ValueError that says what the setting accepts; the recipe's checks (``problems``) judge the string."""
+
+    accepts = "a string"
+
+    @classmethod
+    def parse(cls, value: Any) -> str:
+        return value if isinstance(value, str) else cls.join(value)
+
+    @classmethod
+    def join(cls, value: Any) -> str:
+        raise ValueError(f"expected {cls.accepts}, got {value!r}")
+
+
+class Names(Compact):
+    accepts = "a list of names ([q_proj, v_proj]) or 'q_proj,v_proj'"
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "," not in v for v in value):
+            return ",".join(value)
+        return super().join(value)
+
+
+class Ranks(Compact):
+    accepts = "a list of integers >= 1 ([2, 4, 8]) or '2,4,8'"
+
+    @classmethod
+    def join(cls, value):
+        if integers(value):
+            return ",".join(map(str, value))
+        return super().join(value)
+
+
+class LearningRates(Compact):
+    accepts = "a range [LO, HI] searched on a log scale (or 'LO:HI'), or one value, each > 0 and LO <= HI"
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return short_float(value)
+        if isinstance(value, (list, tuple)) and len(value) == 2 and \
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return f"{short_float(value[0])}:{short_float(value[1])}"
+        return super().join(value)
+
+
+class Pairs(Compact):
+    accepts = "a map ({instruction: question}) or 'instruction=question,...'"
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return super().join(value)
+
+
+class StopStrings(Compact):
+    accepts = "a list of strings ([\"\\n\", \"###\"]) or strings separated by '||'"
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "||" not in v for v in value):
+            return "||".join(v.replace("\n", "\\n") for v in value)  # a newline as the string form writes it
+        return super().join(value)
+
+
+class Schedule(Compact):
+    accepts = "per-group counts as a list ([2, 4, 6, 8]) or digits ('2468'), or 'uniform'"
+
+    @classmethod
+    def join(cls, value):
+        if value and integers(value) and all(1 <= v <= 9 for v in value):
+            return "".join(map(str, value))
+        return super().join(value)
+
+
+class ZeroConfig(Compact):
+    accepts = "a ZeRO stage (0, 2, 3) or a DeepSpeed JSON path"
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return super().join(value)
+
+
+class Duration(Compact):
+    accepts = DURATION_FORMS
+
+    @classmethod
+    def join(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return f"{value:g}"
+        return super().join(value)
+
+
+
+def register_compact_types() -> None:
+    """Let jsonargparse parse every Compact setting with its own ``parse`` (idempotent)."""
+    from jsonargparse.typing import register_type
+
+    for cls in (Names, Ranks, LearningRates, Pairs, StopStrings, Schedule, ZeroConfig, Duration):
+        register_type(cls, serializer=str, deserializer=cls.parse)

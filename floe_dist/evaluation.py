@@ -116,6 +116,7 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     model_dir = resolve_model(m.name)
     tokenizer = resources.tokenizer(model_dir)
     lm = resources.eval_backbone(model_dir, m.quant, device)
+    lm.set_attn_implementation(m.attn_implementation)
     if m.adapter:
         load_adapter(lm, m.adapter)
     result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example)

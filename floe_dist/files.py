@@ -11,11 +11,36 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
+
+
+def cache_dir() -> Path:
+    """Model conversions and tokenised data: ``FLOE_DIST_CACHE``, else ~/.cache/floe-dist."""
+    return Path(os.environ.get("FLOE_DIST_CACHE", Path.home() / ".cache" / "floe-dist"))
+
+
+def package_dir(package: str) -> Path:
+    """Where a package's files are, without importing it (its __init__ may need missing deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed: pip install --no-deps "
+                                f"{package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def output_file(output: str | os.PathLike, name: str) -> Path:
+    """Where a command that writes one file puts it: ``--output`` is a folder that gets NAME, as every command's
+    ``--output`` is a folder, unless it ends in NAME's suffix (``out.jsonl`` for generations.jsonl), which names the
+    file itself."""
+    path = Path(output)
+    return path if path.suffix == Path(name).suffix else path / name
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

@@ -15,12 +15,27 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
 from functools import reduce
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from floe_dist.assets import asset_dir
-from floe_dist.config import arg, below_one, comma_list, duration_seconds
+from floe_dist.config import (
+    Compact,
+    Duration,
+    LearningRates,
+    Names,
+    Pairs,
+    Ranks,
+    Schedule,
+    StopStrings,
+    ZeroConfig,
+    arg,
+    below_one,
+    comma_list,
+    duration_seconds,
+    register_compact_types,
+)
 
 DEFAULT_RECIPE = "smollm2-sst2"
 
@@ -32,10 +47,21 @@ class ModelSection:
     quant: Literal["none", "nf4"] = arg("none", "backbone storage: none (fp32 on CPU, bf16 on GPU) or nf4 "
                                                 "(bitsandbytes 4-bit)")
     max_length: int = arg(256, "tokens per example (prompts are cut from the left)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = arg(
+        "sdpa", "attention kernel: torch's SDPA, eager, or FlashAttention 2 (the flash-attn package, GPUs)")
     shape: str | None = arg(None, "plan only: a built-in architecture (llama3-70b, ...) for when the checkpoint "
                                   "is not on this machine")
     adapter: str | None = arg(None, "evaluate, generate: an adapter export folder written by train; none = the "
                                     "base model")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_length < 2:  # a prompt token and an answer token, packed or not
+            found.append(f"model.max_length must be >= 2 (a prompt token and an answer token), got {self.max_length}")
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            found.append("model.attn_implementation flash_attention_2 needs the flash-attn package (pip install "
+                         "flash-attn, on a CUDA machine); use sdpa or eager")
+        return found
 
 
 SOURCE_KEYS = ("task", "weight", "data_format", "columns", "roles")
@@ -47,9 +73,9 @@ class DataSection:
     task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
     data_format: Literal["auto", "multiple_choice", "alpaca", "chat", "sharegpt", "text"] = arg(
         "auto", "a data file's format (sharegpt: chat with conversations of from/value and human/gpt roles)")
-    columns: str = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer; "
+    columns: Pairs = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer; "
                            "meta.question for a nested field; chat also role=from,content=value)")
-    roles: str = arg("", "chat: your role names as YOURS=ROLE,... (e.g. human=user,gpt=assistant)")
+    roles: Pairs = arg("", "chat: your role names as YOURS=ROLE,... (e.g. human=user,gpt=assistant)")
     train_on: Literal["all_assistant", "last_assistant"] = arg(
         "all_assistant", "chat: train on every assistant turn, or on the last one only")
     chat_template: str = arg("", "chat: the tokenizer's own template (empty), chatml, or a Jinja file")
@@ -64,9 +90,25 @@ class DataSection:
     val_size: float | None = arg(None, "the search's validation part of the training split: a fraction (< 1) or "
                                        "a count (default 1/4)")
 
+    def __post_init__(self):
+        """A source's columns and roles as YAML maps, like data.columns and data.roles, become their strings."""
+        def written(value):
+            try:
+                return Pairs.parse(value)
+            except ValueError:
+                return value  # problems() names it
+
+        self.sources = [{**s, **{k: written(s[k]) for k in ("columns", "roles") if k in s}}
+                        if isinstance(s, dict) else s for s in self.sources]
+
     def problems(self) -> list[str]:
         found = []
         for i, source in enumerate(self.sources):
+            if not isinstance(source, dict):
+                found.append(f"data.sources[{i}]: expected a map of {', '.join(SOURCE_KEYS)}, got {source!r}")
+                continue
+            found += [f"data.sources[{i}].{k}: expected {Pairs.accepts}, got {source[k]!r}"
+                      for k in ("columns", "roles") if k in source and not isinstance(source[k], str)]
             unknown = sorted(set(source) - set(SOURCE_KEYS))
             if unknown or not source.get("task"):
                 found.append(f"data.sources[{i}]: needs a task; its keys are {', '.join(SOURCE_KEYS)}"
@@ -92,7 +134,7 @@ class DataSection:
 @dataclass
 class AdapterSection:
     """adapter: the LoRA-MoE shape (score warms it up on every layer; allocators and train place and size it)"""
-    targets: str = arg("q_proj,v_proj", "comma-separated module names that get adapters")
+    targets: Names = arg("q_proj,v_proj", "comma-separated module names that get adapters")
     experts: int = arg(4, "experts (B heads) per module")
     rank: int = arg(4, "rank of every expert (the search may change it)")
     router: Literal["dense", "topk"] = arg("dense", "dense (HydraLoRA, FLoE's variant) or topk (MoLA/MixLoRA)")
@@ -162,8 +204,8 @@ class GuiLoMoSection:
 @dataclass
 class HiloSection:
     """allocate.hilo: hierarchical expert number and rank per layer group"""
-    expert_schedule: str = arg("2468", "experts per layer group, e.g. 2468, 8642 or uniform")
-    rank_schedule: str = arg("uniform", "rank per layer group, e.g. 2468, 8642 or uniform")
+    expert_schedule: Schedule = arg("2468", "experts per layer group, e.g. 2468, 8642 or uniform")
+    rank_schedule: Schedule = arg("uniform", "rank per layer group, e.g. 2468, 8642 or uniform")
 
 
 @dataclass
@@ -217,14 +259,14 @@ class SearchSection:
     pending: Literal["none", "worst"] = arg(
         "none", "smac/bo: proposals not yet run count, for the model, as none (SMAC's way) or worst (a constant "
                 "liar, so that a rung's proposals spread)")
-    ranks: str = arg("2,4,8,16", "rank choices: the largest rank of the allocation, whose other ranks scale with it")
-    lr: str = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
-    experts: str = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
-    top_ks: str = arg("", "experts-per-token choices of top-k routers, e.g. 1,2; empty keeps the allocation's")
-    allocations: str = arg("uniform", "campaign: let the search also choose the allocation: the allocate stage's "
+    ranks: Ranks = arg("2,4,8,16", "rank choices: the largest rank of the allocation, whose other ranks scale with it")
+    lr: LearningRates = arg("2e-4:3e-3", "learning rate: LO:HI searched on a log scale, or one fixed value")
+    experts: Ranks = arg("", "experts-per-module choices, e.g. 2,4,8; empty keeps the allocation's")
+    top_ks: Ranks = arg("", "experts-per-token choices of top-k routers, e.g. 1,2; empty keeps the allocation's")
+    allocations: Names = arg("uniform", "campaign: let the search also choose the allocation: the allocate stage's "
                                       "and these, comma-separated: uniform (every layer), random (as many "
                                       "layers, seeded), floe:K (Fisher top-K; allocate.method floe) or NAME=FILE")
-    candidates: str = arg("", "search run alone: allocations to choose among, NAME=FILE,... (the campaign makes "
+    candidates: Pairs = arg("", "search run alone: allocations to choose among, NAME=FILE,... (the campaign makes "
                               "them from search.allocations); empty: allocate.file")
     min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac, random)")
     max_steps: int = arg(24, "largest trial budget; every bo and grid trial uses it")
@@ -244,7 +286,7 @@ class SearchSection:
     failed_cost: float = arg(10.0, "cost SMAC is told for a crashed or timed-out trial (above any real cost)")
     micro_batch: int | None = arg(None, "trial training: examples per rank per step; none = the final run's global "
                                         "batch (so that a trial is the start of the final run and continues into it)")
-    zero: str = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")
+    zero: ZeroConfig = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")
     val_limit: int | None = arg(100, "score trials on the first N validation examples only")
     seed: int = arg(0, "seed of SMAC's sampling")
     trial_seed: int = arg(0, "seed of every trial's training (the same for all: a deterministic objective)")
@@ -375,7 +417,7 @@ class TrainSection:
     eval_every: int = arg(0, "log the loss on held-out examples every N steps and at the end (0 = never): the "
                              "val split when train.split is fit, else test")
     eval_examples: int = arg(64, "held-out examples in each of those evaluations")
-    report_to: str = arg("tensorboard", "where metrics go besides metrics.jsonl, comma-separated: tensorboard, wandb, "
+    report_to: Names = arg("tensorboard", "where metrics go besides metrics.jsonl, comma-separated: tensorboard, wandb, "
                                         "mlflow, or none (wandb and mlflow need the floe-dist[track] extra)")
 
     def problems(self) -> list[str]:
@@ -437,8 +479,8 @@ class EvaluateSection:
     batch_size: int = arg(32, "examples per forward pass")
     limit: int | None = arg(None, "evaluate only the first N examples of the split")
     max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
-    stop: str = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
-    lm_eval_tasks: str = arg("", "lm-evaluation-harness tasks to score as well, comma-separated (needs the "
+    stop: StopStrings = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
+    lm_eval_tasks: Names = arg("", "lm-evaluation-harness tasks to score as well, comma-separated (needs the "
                                  "floe-dist[eval] extra); evaluate.limit applies to each")
     lm_eval_include: str | None = arg(None, "a folder of your own lm-eval task YAMLs, for lm_eval_tasks")
 
@@ -464,7 +506,7 @@ class GenerateSection:
                                   "with data.data_format and data.columns)")
     limit: int | None = arg(None, "only the first N prompts of input")
     max_new_tokens: int = arg(64, "tokens generated per prompt at most")
-    stop: str = arg("", "stop at any of these strings, separated by '||' (\\n = newline); EOS always stops")
+    stop: StopStrings = arg("", "stop at any of these strings, separated by '||' (\\n = newline); EOS always stops")
     batch_size: int = arg(8, "prompts per generate call")
 
     def problems(self) -> list[str]:
@@ -498,7 +540,7 @@ class PlanSection:
 @dataclass
 class CampaignSection:
     """campaign: what the whole campaign may spend"""
-    budget: str = arg("", "wall-clock budget of the whole campaign, spent in full: 900 (seconds), 45m, 2h, 1h30m or "
+    budget: Duration = arg("", "wall-clock budget of the whole campaign, spent in full: 900 (seconds), 45m, 2h, 1h30m or "
                           "H:MM:SS. The search gets search_share of what zero-shot and allocation leave, the final run "
                           "the rest, its steps set from its measured speed (train.steps then sets only the warm-up); "
                           "empty: train.steps")
@@ -525,7 +567,7 @@ class ParallelSection:
     nodes: int = arg(1, "nodes (more than 1 needs launcher srun, inside an sbatch job)")
     launcher: Literal["local", "srun"] = arg("local", "local (torchrun on this machine) or srun (inside an sbatch "
                                                       "job; slurm/)")
-    zero: str = arg("0", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path; 3 "
+    zero: ZeroConfig = arg("0", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path; 3 "
                          "partitions a backbone too big for one device")
     ep_size: int = arg(1, "expert parallelism: ranks that split every MoE module's experts (divides the world "
                           "size; 1 = every rank holds every expert)")
@@ -599,11 +641,11 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe file, or the name of a shipped one (``tiny``, ``smollm2-sst2``, ...)."""
+    """A recipe file, or the name of a shipped one (``tiny``, ``smollm2-sst2``, ...; ``default``: the default)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = shipped_recipes()
+    shipped = {**shipped_recipes(), "default": shipped_recipes()[DEFAULT_RECIPE]}
     if name_or_path in shipped:
         return shipped[name_or_path]
     raise FileNotFoundError(f"recipe {name_or_path!r}: no such file, and not a shipped recipe "
@@ -625,11 +667,17 @@ def write_recipe(folder: Path, recipe: Recipe) -> Path:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """A section (or the Recipe) from plain nested values, e.g. a saved ``recipe.yaml`` or ``trial.json``."""
-    kwargs = {}
+    """A section (or the Recipe) from plain nested values, e.g. a saved ``recipe.yaml`` or ``trial.json``; a
+    compact setting written as YAML (``ranks: [2, 4]``) becomes its string, as on the command line."""
+    kwargs, hints = {}, get_type_hints(cls)
     for f in fields(cls):
         if f.name in data:
-            kwargs[f.name] = from_dict(f.default_factory, data[f.name] or {}) if is_section(f) else data[f.name]
+            value = data[f.name]
+            if is_section(f):
+                value = from_dict(f.default_factory, value or {})
+            elif isinstance(hints[f.name], type) and issubclass(hints[f.name], Compact):
+                value = hints[f.name].parse(value)
+            kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -645,6 +693,7 @@ def recipe_parser(prog: str = "floe-dist", description: str | None = None):
     ``--print_config``; each flag's help is its field's ``arg()`` help, each group's title its section's."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    register_compact_types()
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile,
                         help="a recipe file or shipped recipe name; later --section.key flags override it")
@@ -704,8 +753,27 @@ def parse_recipe(argv: list[str], parser=None):
     try:
         cfg = parser.parse_args(resolve_config_names(argv))
     except ArgumentError as err:
-        raise ValueError(f"bad settings: {err}") from None
+        raise ValueError(f"bad settings: {readable(str(err))}") from None
     return recipe_from_namespace(parser, cfg), cfg
+
+
+def readable(error: str) -> str:
+    """jsonargparse's ``Parser key "train.lr":\n  Expected a <class 'float'>. Got value: [0.001]`` as one line:
+    ``train.lr: expected one float, got [0.001]``; a compact setting's own message as ``search.ranks: expected
+    ...``."""
+    import re
+
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', error, re.S)
+    if not match:
+        return error
+    key, why = match.group(1), " ".join(match.group(2).split())
+    if choice := re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", why):
+        return f"{key}: expected one of {choice.group(1)}, got {choice.group(2)}"
+    if typed := re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", why):
+        return f"{key}: expected one {typed.group(1)}, got {typed.group(2)}"
+    if compact := re.match(r"Not of type \w+: (.*)", why):
+        return f"{key}: {compact.group(1)}"
+    return f"{key}: {why}"
 
 
 def load_recipe(config: str | None = None, overrides: list[str] = ()) -> Recipe:

@@ -9,10 +9,12 @@ gather hooks on every module, so each trial loads its own.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # a warm worker of trials that need no torch (the search tests' numpy toy) starts without it
+    import torch
 
 
 class Resources:
@@ -42,7 +44,8 @@ class Resources:
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
         """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many
         examples ``max_length`` cuts."""
-        from floe_dist.data import pack as pack_rows, tokenize
+        from floe_dist.data import pack as pack_rows
+        from floe_dist.data import tokenize
 
         def make():
             rows = tokenize(examples, tokenizer, max_length)

@@ -8,8 +8,9 @@ run (workers, timeouts, how many more steps) are listed by each stage as ``may_c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from floe_dist.files import write_json_atomic
 

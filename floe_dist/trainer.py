@@ -16,13 +16,13 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation
-from floe_dist.files import write_json_atomic
 from floe_dist.data import data_key, train_batch
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed import portable
 from floe_dist.distributed.expert_parallel import ExpertParallel, create_groups
 from floe_dist.distributed.layout import Layout
 from floe_dist.distributed.runtime import all_reduce_sum, init_distributed, main_rank_first
+from floe_dist.files import write_json_atomic
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
@@ -106,6 +106,7 @@ class Trainer:
             print(f"packed {len(self.examples)} training examples into {len(self.rows)} rows of <= {m.max_length} "
                   f"tokens")
         self.lm = lm = res.backbone(model_dir, m.quant, layout, config)  # ZeRO-3: partitioned as it loads
+        lm.set_attn_implementation(m.attn_implementation)
         self.allocation = build_allocation(self.recipe, lm.config.num_hidden_layers)
         torch.manual_seed(t.seed)  # identical adapter init on every rank (and on every EP layout)
         inject_adapters(lm, self.allocation)  # validates first: a bad allocation raises before anything is written
@@ -296,7 +297,7 @@ class Trainer:
         pbar.close()
         return self.export(start_step, log)
 
-    def export(self, start_step: int, log: "MetricsLog | None") -> dict:
+    def export(self, start_step: int, log: MetricsLog | None) -> dict:
         """The adapter in its replicated layout (loads with any --ep-size) and ``train.json``."""
         (t, m, d, p), layout = self.sections, self.layout
         saved_step, state = getattr(self, "saved", (None, None))

@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from floe_dist.distributed.runtime import die_with_parent, free_port
 from floe_dist.files import write_json_atomic
@@ -99,17 +98,16 @@ class Campaign:
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
         """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job) on ``recipe``, written
         as ``<folder>/recipe.yaml``: the stage reads exactly the objects the campaign made."""
-        from launcher.cluster import srun_stage_command
+        from launcher.cluster import local_ranks_command, srun_stage_command, threads_per_rank
 
         p = self.recipe.parallel
         argv = [stage, "--config", str(write_recipe(folder, recipe)), "--output", str(folder)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p.nproc))}
+        env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(p.nproc)}
         if p.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
             env["MASTER_PORT"] = str(free_port())
             command = srun_stage_command(argv, p.nodes, p.nproc)
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p.nproc}",
-                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "launcher.cli", *argv]
+            command = local_ranks_command(argv, p.nproc)
         code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # a killed campaign leaves no stage
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
@@ -117,12 +115,12 @@ class Campaign:
         return json.loads((folder / result).read_text())
 
 
-def validate(recipe: Recipe) -> None:
-    """Every section's problems and the campaign's own, at once, before any stage runs."""
+def problems(recipe: Recipe) -> list[str]:
+    """Every section's problems and the campaign's own (also what ``--print_config`` reports)."""
     problems, p = recipe.problems(), recipe.parallel
     if p.nodes > 1 and p.launcher != "srun":
         problems.append("parallel.nodes > 1 needs parallel.launcher srun (run the campaign from an sbatch "
-                        "script: floe-dist slurm render --config RECIPE)")
+                        "script: floe-dist slurm --action render --config RECIPE)")
     if p.launcher == "srun" and "MASTER_ADDR" not in os.environ:
         problems.append("parallel.launcher srun needs MASTER_ADDR (the sbatch template exports it)")
     from floe_dist.methods import REGISTRY
@@ -134,8 +132,14 @@ def validate(recipe: Recipe) -> None:
             searched_allocations(recipe)
         except ValueError as err:
             problems.append(str(err))
-    if problems:
-        raise ValueError("bad recipe:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def validate(recipe: Recipe) -> None:
+    """``problems`` at once, before any stage runs, and a note where the warm-up outlasts the shortest trials."""
+    found = problems(recipe)
+    if found:
+        raise ValueError("bad recipe:\n  - " + "\n  - ".join(found))
     s = recipe.search
     if s.enabled and recipe.train.warmup > (s.min_steps if s.mode in ("smac", "random") else s.max_steps):
         print(f"[campaign] note: the warm-up ({recipe.train.warmup} steps) outlasts the shortest trials "

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -46,7 +48,40 @@ TOOL_COMMANDS = {
 # main(argv).
 PASSTHROUGH = {"lm-eval": ("floe_dist.lm_eval_model", "lm-evaluation-harness's own CLI with the floe-dist model "
                                                       "(--model floe-dist --model_args adapter=DIR)")}
+# Stages that run on the recipe's ranks: alone, they start parallel.nproc local ranks as the campaign does.
+RANK_COMMANDS = ("train", "score")
 SHORTCUTS = {"model": "model.name", "allocation": "allocate.file", "adapter": "model.adapter"}
+# Spellings of the release before the one settings tree: command -> {old flag: what it is now}. Each still works,
+# with a warning that names the new spelling, until the next release (CHANGELOG.md lists them).
+RENAMED = {
+    "campaign": {"preset": "config", "nproc": "parallel.nproc", "nodes": "parallel.nodes", "zero": "parallel.zero",
+                 "launcher": "parallel.launcher", "steps": "train.steps", "quant": "model.quant",
+                 "select_k": "allocate.k", "search": "search.enabled"},
+    "plan": {"seq_len": "model.max_length"},
+}
+
+
+def renamed(command: str, argv: list[str]) -> list[str]:
+    """The earlier spellings of ``RENAMED`` rewritten to today's (``--preset tiny`` -> ``--config tiny``, and
+    ``--config default`` is the default recipe; ``--no-search`` -> ``--search.enabled false``), each with a warning
+    on stderr."""
+    table, out = RENAMED.get(command, {}), []
+    for i, a in enumerate(argv):
+        flag, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        name = flag.replace("-", "_")
+        negated = name.startswith("no_") and table.get(name[3:]) == "search.enabled"
+        new = table.get(name[3:] if negated else name)
+        if new is None or "." in flag:
+            out.append(a)
+            continue
+        spelled = f"{new} false" if negated else new
+        print(f"floe-dist {command}: warning: --{flag} is now --{spelled} (the old spelling goes in the next "
+              f"release)", file=sys.stderr)
+        if new == "search.enabled" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out += [f"--{new}", "false" if negated else "true"]
+        else:
+            out.append(f"--{new}" + (f"={value}" if eq else ""))
+    return out
 
 
 def aliases(sections: tuple[str, ...]) -> dict[str, str]:
@@ -97,14 +132,28 @@ def expand_aliases(argv: list[str], sections: tuple[str, ...], own: set[str] = f
     return out
 
 
-def command_parser(name: str, output: str | None):
+def command_parser(name: str, module):
     """The recipe's parser with the command's ``--output``: every command shows the whole tree, by section (a
-    stage's file is a campaign's recipe; ``--print_config`` prints all of it)."""
+    stage's file is a campaign's recipe; ``--print_config`` prints all of it). Its help ends with the command's
+    short flags and the dotted key each stands for; jsonargparse's section-file flags that a short flag takes
+    (``--model FILE``) are left out, so no flag in the help means two things."""
+    from argparse import RawDescriptionHelpFormatter
+
     from floe_dist.recipe import recipe_parser
 
     parser = recipe_parser(prog=f"floe-dist {name}", description=RECIPE_COMMANDS[name][1])
-    parser.add_argument("--output", type=str | None, default=output,
-                        help="output folder (rerun the same command to resume)" if output else "also write here")
+    one_file = getattr(module, "OUTPUT_FILE", None)  # a command that writes one file (floe_dist/files.py)
+    parser.add_argument("--output", type=str | None, default=module.OUTPUT, help=(
+        f"folder to write {one_file} into, or a path ending {Path(one_file).suffix} to write instead"
+        + ("" if module.OUTPUT else "; without it the result is only printed")) if one_file else
+        "output folder (rerun the same command to resume)")
+    short = {k: v for k, v in aliases(module.SECTIONS).items() if module.SECTIONS or k in SHORTCUTS}
+    taken = {f"--{k}" for k in [*short, *RENAMED.get(name, {})]}
+    for action in [a for a in parser._actions if set(a.option_strings) & taken]:
+        parser._handle_conflict_resolve(None, [(o, action) for o in action.option_strings])
+    lines = [f"  --{k.replace('_', '-'):<26} --{v}" for k, v in sorted(short.items())]
+    parser.formatter_class = type("Formatter", (RawDescriptionHelpFormatter, parser.formatter_class), {})
+    parser.epilog = f"short flags of floe-dist {name} (each is the dotted key beside it):\n" + "\n".join(lines)
     return parser
 
 
@@ -132,9 +181,21 @@ def parse_command(name: str, argv: list[str]):
         module = importlib.import_module(module_name)
         return module, *parse_options(name, getattr(module, cls_name), help_text, argv)
     module = importlib.import_module(RECIPE_COMMANDS[name][0])
-    parser = command_parser(name, module.OUTPUT)
-    recipe, cfg = parse_recipe(expand_aliases(argv, module.SECTIONS, {"output", "config", "print_config", "help"}),
-                               parser)
+    parser = command_parser(name, module)
+    argv = expand_aliases(renamed(name, argv), module.SECTIONS, {"output", "config", "print_config", "help"})
+    printing = [a for a in argv if a.split("=")[0] == "--print_config"]
+    if printing:  # print the resolved recipe, then what the command's checks find in it
+        try:
+            parse_recipe(argv, parser)
+        except SystemExit as done:
+            if done.code:
+                raise
+        recipe = parse_recipe([a for a in argv if a not in printing], parser)[0]
+        found = module.problems(recipe) if hasattr(module, "problems") else recipe.problems(*module.SECTIONS)
+        if found:
+            raise ValueError("bad recipe:\n  - " + "\n  - ".join(found))
+        raise SystemExit(0)
+    recipe, cfg = parse_recipe(argv, parser)
     return module, recipe, cfg.output
 
 
@@ -143,7 +204,7 @@ def parse_options(name: str, cls: type, help_text: str, argv: list[str]):
     ``--config`` where the tool takes one. Returns (options, recipe or None)."""
     from jsonargparse import ArgumentError, ArgumentParser
 
-    from floe_dist.recipe import load_recipe
+    from floe_dist.recipe import load_recipe, readable
 
     parser = ArgumentParser(prog=f"floe-dist {name}", description=help_text, exit_on_error=False)
     if "recipe" in {f.name for f in fields(cls)}:
@@ -154,22 +215,39 @@ def parse_options(name: str, cls: type, help_text: str, argv: list[str]):
     for action in parser._actions:
         if action.dest in helps:
             action.help = helps[action.dest]
+    for group in parser._action_groups:  # the options' heading: the class's docstring, not its repr
+        if group.title == str(cls):
+            group.title = cls.__doc__
     argv = [a if not a.startswith("--") else "--" + a[2:].split("=")[0].replace("-", "_")
             + ("=" + a.split("=", 1)[1] if "=" in a else "") for a in argv]
     try:
         cfg = parser.parse_args(argv)
         recipe = load_recipe(cfg.config) if cfg.get("config") else None
     except ArgumentError as err:
-        raise ValueError(f"bad arguments: {err}") from None
+        raise ValueError(f"bad arguments: {readable(str(err))}") from None
     return cls(**{f.name: cfg[f.name] for f in fields(cls)}), recipe
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("floe-dist")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"floe-dist {version()}")
+        return 0
     commands = {**{n: h for n, (_, h) in RECIPE_COMMANDS.items()}, **{n: h for n, (_, _, h) in TOOL_COMMANDS.items()},
                 **{n: h for n, (_, h) in PASSTHROUGH.items()}}
     if not argv or argv[0] not in commands:
         top = argparse.ArgumentParser(prog="floe-dist", description="Fisher-placed sparse LoRA-MoE fine-tuning")
+        top.add_argument("--version", "-V", action="store_true", help="print floe-dist's version")
         sub = top.add_subparsers(dest="command", required=True)
         for command, help_text in commands.items():
             sub.add_parser(command, help=help_text, add_help=False)
@@ -183,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module.main(rest)
         return 0
-    from floe_dist.distributed.runtime import discover, shutdown
-    from floe_dist.files import exclusive_output
+    from floe_dist.distributed.runtime import die_with_parent, discover, shutdown
+    from floe_dist.files import exclusive_output, output_file
     from floe_dist.recipe import write_recipe
+    from launcher.cluster import local_ranks_command, ranks_to_start, threads_per_rank
 
     try:
         parsed = parse_command(name, rest)
@@ -196,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe is not None and hasattr(options, "recipe") and options.recipe is None:
                     options.recipe = str(write_recipe(Path(options.output), recipe))  # what the job runs
                 module.run(options)
+        elif name in RANK_COMMANDS and (nproc := ranks_to_start(parsed[1].parallel)):
+            output = parsed[2]
+            with exclusive_output(output):  # held here for the ranks (FLOE_DIST_OUTPUT_HELD)
+                print(f"floe-dist {name}: starting parallel.nproc = {nproc} ranks on this machine", flush=True)
+                env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc), "FLOE_DIST_OUTPUT_HELD": str(output)}
+                return subprocess.call(local_ranks_command([name, *rest], nproc), env=env, preexec_fn=die_with_parent)
         else:
             module, recipe, output = parsed
-            with exclusive_output(output, discover().is_main):
+            held = output is not None and os.environ.get("FLOE_DIST_OUTPUT_HELD") == str(output)
+            with exclusive_output(output, discover().is_main and not held):
                 module.run(recipe, output)
-                if output and not Path(output).suffix and discover().is_main and name != "campaign":
+                one_file = getattr(module, "OUTPUT_FILE", None)
+                folder = output and (one_file is None or output_file(output, one_file) != Path(output))
+                if folder and discover().is_main and name != "campaign":
                     write_recipe(Path(output), recipe)  # beside the stage's outputs; a refused run leaves nothing
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)

@@ -19,8 +19,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
-DEEPSPEED_LAUNCHERS = ("pdsh", "slurm", "openmpi", "mpich")
+DeepSpeedLauncher = Literal["pdsh", "slurm", "openmpi", "mpich"]  # deepspeed --launcher choices for multi-node
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)$")
 
@@ -87,3 +88,35 @@ def srun_stage_command(stage_argv: list[str], nodes: int, tasks_per_node: int) -
     return [need_command("srun", "the srun launcher runs inside a Slurm allocation"),
             f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1",
             "--gpu-bind=none", "--export=ALL", sys.executable, "-m", "launcher.cli", *stage_argv]
+
+
+def local_ranks_command(stage_argv: list[str], nproc: int) -> list[str]:
+    """torchrun with nproc ranks on this machine, on a free port."""
+    from floe_dist.distributed.runtime import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "launcher.cli", *stage_argv]
+
+
+def threads_per_rank(nproc: int) -> str:
+    """OMP_NUM_THREADS for nproc ranks on this machine: its cores shared out."""
+    return str(max(1, (os.cpu_count() or 1) // nproc))
+
+
+def ranks_to_start(parallel) -> int:
+    """How many local ranks a stage run alone starts itself, as the campaign would (0: it runs in this process).
+    Under a launcher (torchrun, deepspeed, srun, mpirun) the launcher's world must be the recipe's ``parallel``
+    layout when the recipe asks for more than one rank; a ValueError says what differs."""
+    from floe_dist.distributed.runtime import discover, mpi_launched
+
+    wanted, env = parallel.nproc * parallel.nodes, os.environ
+    if "RANK" in env or "SLURM_STEP_ID" in env or mpi_launched():
+        world = discover().world_size
+        if wanted > 1 and world != wanted:
+            raise ValueError(f"parallel.nproc x parallel.nodes = {parallel.nproc} x {parallel.nodes} ranks, but the "
+                             f"launcher started {world}: set them to the launch's layout, or launch {wanted}")
+        return 0
+    if parallel.nodes > 1:
+        raise ValueError(f"parallel.nodes = {parallel.nodes}: start this stage on the nodes with srun or deepspeed "
+                         f"(`floe-dist slurm --action render --template train` writes the sbatch script)")
+    return parallel.nproc if parallel.nproc > 1 else 0

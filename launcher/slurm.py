@@ -17,10 +17,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from floe_dist.assets import SbatchTemplate
 from floe_dist.config import arg, below_one
-from launcher.cluster import DEEPSPEED_LAUNCHERS, need_command, render_hostfile, slurm_hosts
+from launcher.cluster import DeepSpeedLauncher, need_command, render_hostfile, slurm_hosts
 
 CLI_SCRIPT = Path(__file__).with_name("cli.py")  # the `floe-dist` entry point as a script
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
@@ -28,8 +29,10 @@ _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 
 @dataclass
 class SlurmArgs:
-    action: str = arg("render", "render (write the sbatch script), submit (render + sbatch) or hostfile")
-    template: str = arg("campaign", "campaign or train (slurm/<template>.sbatch)")
+    """slurm: an sbatch script that runs a recipe, or a DeepSpeed hostfile"""
+    action: Literal["render", "submit", "hostfile"] = arg(
+        "render", "render (write the sbatch script), submit (render + sbatch) or hostfile")
+    template: Literal["campaign", "train"] = arg("campaign", "campaign or train (slurm/<template>.sbatch)")
     output: str = arg("runs/slurm", "run folder: the script, Slurm's log and the stage's outputs go here")
     args: str = arg("", "flags of the stage, passed through; write --args=\"--train.steps 80\" (--output is added)")
     recipe: str | None = arg(None, "recipe the job runs (--config of the stage); with this command's --config, "
@@ -42,8 +45,10 @@ class SlurmArgs:
     time: str = arg("04:00:00", "wall-time limit, [D-]HH:MM:SS")
     partition: str | None = arg(None, "partition (#SBATCH --partition)")
     sbatch_args: str = arg("", "more #SBATCH options, e.g. \"--account=abc --qos=high\"")
-    launch: str = arg("srun", "train template: srun (one task per rank) or deepspeed (hostfile launch)")
-    deepspeed_launcher: str = arg("slurm", f"with --launch deepspeed: one of {DEEPSPEED_LAUNCHERS}")
+    launch: Literal["srun", "deepspeed"] = arg(
+        "srun", "train template: srun (one task per rank) or deepspeed (hostfile launch)")
+    deepspeed_launcher: DeepSpeedLauncher = arg(
+        "slurm", "with --launch deepspeed: how deepspeed starts the ranks on the hosts")
     job_name: str = arg("floe-dist", "job name")
     hostfile: str = arg("hostfile", "hostfile action: where to write it")
     nodelist: str | None = arg(None, "hostfile action: node list (default: this allocation's)")
@@ -62,22 +67,13 @@ class SlurmArgs:
 
     def validate(self) -> None:
         self.resolve_shape()
-        problems = []
-        if self.action not in ("render", "submit", "hostfile"):
-            problems.append(f"--action must be render, submit or hostfile, got {self.action!r}")
-        if self.template not in ("campaign", "train"):
-            problems.append(f"--template must be campaign or train, got {self.template!r}")
-        problems += below_one(self, ("nodes", "tasks_per_node", "cpus_per_task", "slots"))
+        problems = below_one(self, ("nodes", "tasks_per_node", "cpus_per_task", "slots"))
         if self.gpus_per_node < 0:
             problems.append("--gpus-per-node must be >= 0")
         if not _TIME.match(self.time):
             problems.append(f"--time {self.time!r} is not [D-]HH:MM:SS")
-        if self.launch not in ("srun", "deepspeed"):
-            problems.append(f"--launch must be srun or deepspeed, got {self.launch!r}")
-        elif self.launch == "deepspeed" and self.template != "train":
+        if self.launch == "deepspeed" and self.template != "train":
             problems.append("--launch deepspeed applies to the train template (a campaign starts its stages with srun)")
-        if self.deepspeed_launcher not in DEEPSPEED_LAUNCHERS:
-            problems.append(f"--deepspeed-launcher must be one of {DEEPSPEED_LAUNCHERS}")
         if "--output" in shlex.split(self.args):
             problems.append("--args must not set --output: the run folder is --output of this command")
         if problems:

@@ -159,6 +159,24 @@ def run_floe(args: list[str], nproc: int = 1, check: bool = True, timeout: int =
     return proc
 
 
+def run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`floe-dist ARGS` in this test process, for runs that only parse, print or refuse (help, --print_config, bad
+    input): no process to start, so a dozen refusals take a second instead of a minute. Returns what
+    ``run_floe(..., check=False)`` would."""
+    import contextlib
+    import io
+
+    from launcher.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return subprocess.CompletedProcess(["floe-dist", *args], code, out.getvalue(), err.getvalue())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

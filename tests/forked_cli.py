@@ -42,9 +42,9 @@ def _run_child(request: dict, rank_env: dict[str, str]) -> None:
     """In the forked child: become ``python ARGV`` (``-m MODULE ...`` or ``SCRIPT ...``) and exit as it would.
     Never returns."""
     import random
+    import runpy
 
     import numpy as np
-    import runpy
     import torch
 
     code: object = 1

@@ -39,14 +39,16 @@ def ensure_installed(packages: list[str] = PACKAGES, commands: tuple[str, ...] =
         subprocess.run(cmd, env=env, capture_output=True, check=True)
 
 
-def _start_munge() -> None:
+def _start_munge() -> bool:
+    """Start munged unless one runs; whether this call started it (and so stops it at the end)."""
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
-        return
+        return False
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
     if not Path("/etc/munge/munge.key").is_file():
         subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
     subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+    return True
 
 
 class LocalSlurm:
@@ -56,10 +58,11 @@ class LocalSlurm:
         self.dir, self.nodes = Path(workdir), nodes
         self.conf = self.dir / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.started_munge = False
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         ensure_installed()
-        _start_munge()
+        self.started_munge = _start_munge()
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         ctl_port, *node_ports = _free_ports(1 + self.nodes)
@@ -104,4 +107,6 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+        if self.started_munge:  # the daemon this suite started ends with it
+            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
         os.environ.pop("SLURM_CONF", None)

@@ -16,7 +16,6 @@ from torch import nn
 
 from floe_dist.assets import asset_dir
 
-
 ZERO_CONFIGS = asset_dir("zero_configs")
 
 

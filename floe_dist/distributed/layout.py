@@ -27,7 +27,7 @@ class Layout:
     dtype: str = "float32"
 
     @classmethod
-    def current(cls, ep_size: int = 1, ds_config: dict[str, Any] | None = None, *, init: bool = True) -> "Layout":
+    def current(cls, ep_size: int = 1, ds_config: dict[str, Any] | None = None, *, init: bool = True) -> Layout:
         """This process's layout (initialising the process group first when ``init``)."""
         from floe_dist.modeling.backbone import compute_dtype
 
@@ -36,7 +36,7 @@ class Layout:
                    zero_stage(ds_config or {}), str(device_for(info)), str(compute_dtype()).removeprefix("torch."))
 
     @classmethod
-    def planned(cls, nodes: int, gpus_per_node: int, ep_size: int = 1, zero: int = 3) -> "Layout":
+    def planned(cls, nodes: int, gpus_per_node: int, ep_size: int = 1, zero: int = 3) -> Layout:
         """A layout that does not exist yet (``floe-dist plan``): rank 0 of nodes x GPUs."""
         return cls(nodes * gpus_per_node, 0, 0, gpus_per_node, ep_size, zero, "cuda:0", "bfloat16")
 

@@ -6,7 +6,7 @@ that need a training signal read it from files written by earlier stages (FLoE: 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 REGISTRY: dict[str, Callable] = {}
 

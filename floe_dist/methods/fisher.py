@@ -15,8 +15,8 @@ all the batches. This module is single-process maths; the stage that drives it i
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -73,7 +73,7 @@ class FisherSums:
         self.batches += 1
         self.samples += samples
 
-    def reduce(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> "FisherSums":
+    def reduce(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> FisherSums:
         """Sum the statistics of all ranks with one collective (a no-op function in one process)."""
         flat = torch.cat([self.diag, self.block.flatten(), self.signed, self.param,
                           torch.tensor([self.batches, self.samples], dtype=torch.float64)])

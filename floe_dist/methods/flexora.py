@@ -17,7 +17,7 @@ Deviations from it (the allocator below sets the first three):
   * LoRA steps at a constant ``--flexora-lr`` (default 1e-3), not 1e-4 with a cosine schedule: 10x the
     rate for 1/12 of the steps, so the adapters move in the short search;
   * one batch of 8 examples per LoRA step, not 8 micro-batches of 1 accumulated (the same mean
-    gradient but for padding), prompts truncated at 256 tokens, not 1024;
+    gradient but for padding), examples cut at ``model.max_length`` tokens (256 by default), not 1024;
   * the scale is applied once (the code's pre-hooks on three LoRA sub-modules give alpha_hat^3), and never
     to the frozen base output.
 With data parallelism each rank takes its share of every training batch and of the validation batches:
@@ -35,15 +35,16 @@ search equals the 1-process one, and rank 0 writes the file.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
 import itertools
+from collections.abc import Callable, Iterator
 
 import torch
 
-from floe_dist.modeling.lora_moe import LoRAMoELinear
 from floe_dist.allocation import Allocation
 from floe_dist.methods import register
 from floe_dist.methods.baselines import uniform_on
+from floe_dist.modeling.lora_moe import LoRAMoELinear
+
 
 class LayerWeights:
     """alpha (L,) and alpha_hat = L * softmax(alpha), wired into every adapter of each layer."""
@@ -114,10 +115,10 @@ def remove_weights(adapters_by_layer: dict[int, list[LoRAMoELinear]]) -> None:
 
 @register("flexora")
 def flexora(recipe, shape) -> Allocation:
-    from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.data import collate, encode
     from floe_dist.distributed.runtime import all_reduce_sum, device_for, discover, init_distributed
     from floe_dist.methods.flexora import flexora_search, remove_weights
+    from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.inject import inject_adapters
 
@@ -129,7 +130,8 @@ def flexora(recipe, shape) -> Allocation:
     adapters = inject_adapters(lm, Allocation.uniform(shape.num_layers, a.target_list, rank=a.rank,
                                                       alpha=a.alpha, dropout=a.dropout))
     model = AnswerLM(lm)
-    batches = batch_stream(train, tokenizer, f.batch, al.seed, info.rank, info.world_size, device)
+    batches = batch_stream(train, tokenizer, f.batch, al.seed, recipe.model.max_length, info.rank, info.world_size,
+                           device)
     n_val = 8  # validation micro-batches of one example per alpha step, as in the official code
     step = itertools.count()
 
@@ -137,7 +139,7 @@ def flexora(recipe, shape) -> Allocation:
         """This rank's share (every world_size-th) of the step's n_val one-example batches."""
         start = next(step) * n_val
         picked = [held[(start + j) % len(held)] for j in range(info.rank, n_val, info.world_size)]
-        return [{k: v.to(device) for k, v in collate([encode(tokenizer, e.prompt, e.choices[e.label], 256)],
+        return [{k: v.to(device) for k, v in collate([encode(tokenizer, e.prompt, e.choices[e.label], recipe.model.max_length)],
                                                       tokenizer.pad_token_id).items()} for e in picked]
 
     weights = flexora_search(model, adapters, batches, val_batches, lambda b: model(**b)["ce"],

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,9 @@ from torch import nn
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, ModuleAllocation
+from floe_dist.methods import register
 from floe_dist.modeling.inject import find_layer_linears, replace_module
 from floe_dist.modeling.lora_moe import LoRAMoELinear
-from floe_dist.methods import register
 
 EXPERT_ON, EXPERT_OFF = 0.5, -1e4
 RANK_OFF = 1e-4  # mask value of a rank row beyond the cut, and the gradient leak to non-winners
@@ -229,9 +229,9 @@ OFFICIAL_BALANCE_COEF = 0.001  # GuiLoMo/MoLA router_aux_loss_coef, on a balance
 
 @register("guilomo")
 def guilomo(recipe, shape) -> Allocation:
-    from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.distributed.runtime import discover
     from floe_dist.methods.guilomo import export_allocation, guilomo_search, inject_guided
+    from floe_dist.methods.search_data import batch_stream, load_for_search
     from floe_dist.modeling.answer_lm import AnswerLM
 
     a, al, g = recipe.adapter, recipe.allocate, recipe.allocate.guilomo
@@ -241,7 +241,7 @@ def guilomo(recipe, shape) -> Allocation:
     tokenizer, lm, train, _ = load_for_search(recipe, 0)
     torch.manual_seed(al.seed)
     modules = inject_guided(lm, list(range(shape.num_layers)), a.target_list, n_max=g.experts,
-                            r_max=g.rank, top_k=2, alpha=a.alpha, dropout=a.dropout)
+                            r_max=g.rank, top_k=a.top_k, alpha=a.alpha, dropout=a.dropout)
     # official: 0.001 x sum over modules of sum_i f_i P_i (MoLA's loss, no xE); our modules' balance loss is
     # E x sum_i f_i P_i (Switch), and every searched module has E = guilomo_experts, so this is the same loss
     model = AnswerLM(lm, balance_coef=OFFICIAL_BALANCE_COEF / g.experts)
@@ -255,7 +255,7 @@ def guilomo(recipe, shape) -> Allocation:
         bar.set_postfix(loss=f"{loss:.3f}")
 
     guilomo_search([m for mods in modules.values() for _, m in mods],
-                   batch_stream(train, tokenizer, g.batch, al.seed), lambda b: model(**b)["loss"],
+                   batch_stream(train, tokenizer, g.batch, al.seed, recipe.model.max_length), lambda b: model(**b)["loss"],
                    steps=g.steps, order=g.order, lr=g.lr, on_step=on_step)
     bar.close()
     allocation = export_allocation(modules, a.target_list, a.alpha, a.dropout)

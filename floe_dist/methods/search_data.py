@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 from floe_dist.data import Example, load_data, tokenize, train_batch
 
@@ -19,11 +19,13 @@ def load_for_search(recipe, hold_out: int, device="cpu"):
     if len(examples) <= hold_out:
         raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
     train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])
-    return tokenizer, load_backbone(model_dir, device=device), train, held
+    lm = load_backbone(model_dir, recipe.model.quant, device)
+    lm.set_attn_implementation(recipe.model.attn_implementation)
+    return tokenizer, lm, train, held
 
 
-def batch_stream(examples: list[Example], tokenizer, batch: int, seed: int, rank: int = 0, world: int = 1,
-                 device="cpu", max_length: int = 256) -> Iterator[dict]:
+def batch_stream(examples: list[Example], tokenizer, batch: int, seed: int, max_length: int, rank: int = 0,
+                 world: int = 1, device="cpu") -> Iterator[dict]:
     """Endless seeded batches of ``batch`` examples (the trainer's sample order); with ``world`` ranks
     each yields its ``batch / world`` share, so the ranks together see what one process would."""
     if batch % world:

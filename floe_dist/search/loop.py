@@ -15,21 +15,21 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from floe_dist.search.ledger import FINISHED, Ledger, Trial
-from floe_dist.search.runners import (Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool,
-                                     default_workers)
+from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool, default_workers
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
     from floe_dist.recipe import SearchSection
 
 
-def launch_argv(args: "SearchSection", module: str, *module_args: str) -> list[str]:
+def launch_argv(args: SearchSection, module: str, *module_args: str) -> list[str]:
     """``python -m MODULE ARGS`` as one process, or as a group of ``trial_nproc`` ranks on a free port."""
     from floe_dist.distributed.runtime import free_port
 
@@ -43,7 +43,7 @@ def launch_argv(args: "SearchSection", module: str, *module_args: str) -> list[s
 
 
 class SearchLoop:
-    def __init__(self, args: "SearchSection", out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec]):
+    def __init__(self, args: SearchSection, out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec]):
         self.args, self.out, self.ledger, self.proposer, self.spec = args, out, ledger, proposer, spec
         worker_argv = lambda worker_dir: launch_argv(args, "floe_dist.search.worker", str(worker_dir),  # noqa: E731
                                                      "--trial-module", args.trial_module)

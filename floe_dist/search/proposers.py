@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from floe_dist.files import write_json_atomic, write_text_atomic
+from floe_dist.search import smac_patches
 from floe_dist.search.ledger import FINISHED, Ledger, Trial, trial_key
 
 if TYPE_CHECKING:
@@ -45,114 +46,6 @@ def origin_of(config) -> str:
         return "model"
     # no origin: SMAC sampled it at random because no result had come back yet to fit the model on
     return "random" if "Random" in text or not text else text
-
-
-def ordered_maximizer(facade, scenario):
-    """SMAC's acquisition maximizer with its local-search start points in a fixed order.
-
-    SMAC 2.4.1 dedupes the start points through a ``set`` of Configurations, whose hash is that of a string,
-    so their order, and every random draw of the local search after it, changed with Python's per-process
-    hash seed: two runs with the same seed and results proposed different configurations from the first
-    model proposal on. Sorting the start points by their encoded values makes a search repeatable (and a
-    resumed one continue as the uninterrupted one would). Swaps the class of a private attribute.
-    """
-    from smac.acquisition.maximizer.local_search import LocalSearch
-
-    class OrderedLocalSearch(LocalSearch):
-        def _get_init_points_from_previous_configs(self, *args, **kwargs):
-            points = super()._get_init_points_from_previous_configs(*args, **kwargs)
-            return sorted(points, key=lambda config: config.get_array().tobytes())
-
-    maximizer = facade.get_acquisition_maximizer(scenario)
-    maximizer._local_search.__class__ = OrderedLocalSearch
-    return maximizer
-
-
-def distinct_configs(intensifier, runhistory, patience: int = 1000) -> None:
-    """Make SMAC's stream of new configurations skip those it already proposed.
-
-    While no result is in, SMAC 2.4.1's config selector samples the configuration space without checking what it
-    proposed before, from a space seeded like the initial design's copy, so its first random configuration was the
-    initial design's first (every toy search's first bracket held one configuration twice; halving promoted it
-    twice, and the next bracket opened before the first had all its results). ``patience`` repeats in a row end
-    the stream, SMAC's own signal that the space is exhausted. Replaces a private attribute of smac 2.4.1 (pinned).
-    """
-    inner = intensifier._config_generator
-
-    def stream():
-        issued = set(runhistory.get_configs())  # on resume: everything already run or drawn into a rung
-        rungs = getattr(intensifier, "_tracker", {})  # successive halving's rungs (bo mode's intensifier has none)
-        issued.update(c for stage in rungs.values() for _, configs in stage for c in configs)
-        repeats = 0
-        for config in inner:
-            if config not in issued:
-                repeats = 0
-                issued.add(config)
-                yield config
-            elif (repeats := repeats + 1) >= patience:
-                return
-
-    intensifier._config_generator = stream()
-
-
-def model_selector(scenario, min_trials: int, lie: bool, pooled: bool, intensifier):
-    """SMAC's config selector, or one that changes what the model learns from.
-
-    ``pooled``: every configuration at the highest budget it reached, instead of SMAC's rule (the highest budget
-    holding ``min_trials`` results). On the toy that rule fitted the model on 3 to 6 results at 90 steps and it
-    proposed learning rates that dozens of 30-step results had already ruled out (seed 105).
-
-    ``lie``: every configuration proposed and not yet run counts as a result as bad as the worst seen (a constant
-    liar, Ginsbourger et al. 2010). Successive halving draws a whole rung (9 configurations) before any of them has
-    run, so SMAC 2.4.1 takes them from one fit, the acquisition function's best few, which sit side by side: on the
-    toy (seed 203) a rung held rank 5 nine times at learning rates 0.068-0.092. The lie makes each proposal move the
-    next one away. The model is retrained before every proposal, since one lie replaced by its result leaves the
-    number of data points, SMAC's cue to retrain, unchanged."""
-    import numpy as np
-    from smac.main.config_selector import ConfigSelector
-    from smac.utils.configspace import convert_configurations_to_array
-
-    if not lie and not pooled:
-        return ConfigSelector(scenario, retrain_after=1, min_trials=min_trials)
-
-    class ModelSelector(ConfigSelector):
-        def _collect_data(self):
-            X, Y, configs = self._pooled_data() if pooled else super()._collect_data()
-            if not lie or X.shape[0] == 0:
-                return X, Y, configs
-            self._previous_entries = -1  # retrain on every call: the lies change the data
-            # successive halving's open rungs, read now: SMAC replaces the dict when it restores a saved search
-            runs, rungs = self._runhistory, getattr(intensifier, "_tracker", {})
-            done = {c for c in runs.get_configs() if runs.get_trials(c, highest_observed_budget_only=False)}
-            in_rungs = (c for stage in rungs.values() for _, configs in stage for c in configs)
-            drawn = {*self._processed_configs, *in_rungs}
-            # sorted, so that a resumed search (its rungs restored, its own list rebuilt) trains on the same rows
-            pending = sorted(drawn - done, key=lambda config: config.get_array().tobytes())
-            if not pending:
-                return X, Y, configs
-            lies = convert_configurations_to_array(pending)
-            if lies.shape[1] != X.shape[1]:  # instance features: not used by floe-dist
-                return X, Y, configs
-            worst = np.repeat(Y.max(axis=0, keepdims=True), len(pending), axis=0)
-            return np.vstack([X, lies]), np.vstack([Y, worst]), configs
-
-        def _pooled_data(self):
-            """Every configuration's result at the highest budget it reached, transformed together (one scale)."""
-            encoder = self._runhistory_encoder
-            X, Y = encoder.transform()  # finished trials in the order of the keys below, then timeouts (left out)
-            keys = list(encoder._get_considered_trials())
-            highest = {}
-            for row, key in enumerate(keys):
-                if key.config_id not in highest or key.budget > keys[highest[key.config_id]].budget:
-                    highest[key.config_id] = row
-            rows = sorted(highest.values())
-            if len(rows) < self._min_trials:  # too few to learn from: SMAC samples at random
-                return np.empty((0, 0)), np.empty((0,)), np.empty((0, 0))
-            self._considered_budgets = sorted({key.budget for key in keys})
-            self._previous_entries = -1  # a promotion's result replaces a row: retrain although the count is the same
-            return X[rows], Y[rows], encoder.get_configurations()
-
-    return ModelSelector(scenario, retrain_after=1, min_trials=min_trials)
 
 
 def _steps(rungs: list[tuple[int, int]]) -> int:
@@ -207,7 +100,8 @@ class GridProposer:
 
 
 class SmacProposer:
-    """SMAC ask/tell with our own trial runner. SMAC's state is saved after every ask and tell.
+    """SMAC ask/tell with our own trial runner (its private parts touched only through ``smac_patches``). SMAC's
+    state is saved after every ask and tell.
 
     SMAC writes its state files in place, so a kill -9 during a save can leave one of them empty. After every
     save the complete set is also kept in one file written atomically (``smac/state.json``), which a resumed
@@ -242,19 +136,16 @@ class SmacProposer:
         self.smac = facade(scenario, target_function=None, intensifier=intensifier, overwrite=False,
                            model=BB.get_model(scenario) if args.surrogate == "gp" else None,
                            random_design=facade.get_random_design(scenario, probability=interleave),
-                           acquisition_maximizer=ordered_maximizer(facade, scenario),
+                           acquisition_maximizer=smac_patches.ordered_maximizer(facade, scenario),
                            initial_design=facade.get_initial_design(scenario, n_configs=args.initial_configs),
-                           config_selector=model_selector(scenario, min_points, args.pending == "worst",
-                                                          args.model_data == "pooled", intensifier),
+                           config_selector=smac_patches.model_selector(scenario, min_points, args.pending == "worst",
+                                                                       args.model_data == "pooled", intensifier),
                            logging_level=40)
-        distinct_configs(self.smac.intensifier, self.smac.runhistory)
+        smac_patches.distinct_configs(self.smac.intensifier, self.smac.runhistory)
         self.max_steps = args.max_steps
         self.brackets = []  # per bracket (Hyperband has several), [(configurations, steps), ...] per rung
         if multi:
-            intensifier.__post_init__()  # SMAC sizes its brackets here, at its first ask; the cap needs them before
-            budgets = intensifier._budgets_in_stage
-            self.brackets = [[(count, int(round(steps))) for count, steps in zip(counts, budgets[bracket])]
-                             for bracket, counts in sorted(intensifier._n_configs_in_stage.items())]
+            self.brackets = smac_patches.bracket_rungs(intensifier)
         self.multi, self.mode = multi, args.mode
         if multi:
             self._promotions_first()
@@ -356,7 +247,7 @@ class SmacProposer:
         steps_room, trials_room = cap - used - steps_left, max_trials - count - trials_left
         if runnable:
             return steps_room >= 0 and trials_room >= 0
-        rungs = self.brackets[getattr(self.smac.intensifier, "_next_bracket", 0)]
+        rungs = self.brackets[smac_patches.next_bracket(self.smac.intensifier)]
         return steps_room >= _steps(rungs) and trials_room >= _trials(rungs)
 
     def _open_brackets(self, ledger: Ledger) -> tuple[int, int, bool]:
@@ -366,7 +257,7 @@ class SmacProposer:
         issued = {t.key: t for t in ledger.trials}
         steps_left, trials_left = 0, 0  # what the started brackets still need
         runnable = False  # a started bracket has a trial to issue (SMAC asks for it first)
-        for (bracket, stage), groups in intensifier._tracker.items():
+        for (bracket, stage), groups in smac_patches.rung_groups(intensifier):
             rungs = self.brackets[bracket]
             steps = rungs[stage][1]
             for _, configs in groups:
@@ -387,10 +278,7 @@ class SmacProposer:
             return False  # the control arm draws at random anyway; with nothing running, waiting would never end
         if self.multi and self._open_brackets(ledger)[2]:
             return False  # a started bracket has a trial to issue: no new configuration is drawn
-        selector, asked = self.smac._config_selector, set(self.smac.runhistory.get_configs())
-        if any(config not in asked for config in selector._initial_design_configs):
-            return False
-        return selector._collect_data()[0].shape[0] == 0
+        return smac_patches.initial_design_used(self.smac) and not smac_patches.model_has_data(self.smac)
 
     def tell(self, trial: Trial) -> None:
         from smac.runhistory.dataclasses import TrialValue
@@ -420,42 +308,15 @@ class SmacProposer:
         trial's is waiting, from a second pass that walks the highest budgets first. Touches private attributes of
         smac 2.4.1 (pinned).
         """
-        self.smac.optimizer._trial_generator = self._trials()
+        smac_patches.replace_trial_generator(self.smac, self._trials())
 
     def _trials(self):
         while True:
             try:
-                info = self._first_trial(highest_first=False)
-                if self._waiting_above(info.budget):  # the trial is not SMAC's until asked: SMAC yields it again
-                    info = self._first_trial(highest_first=True)
+                info = smac_patches.first_trial(self.smac.intensifier, highest_first=False)
+                if smac_patches.promotion_waiting_above(self.smac.intensifier, info.budget):
+                    # the trial is not SMAC's until asked: SMAC yields it again
+                    info = smac_patches.first_trial(self.smac.intensifier, highest_first=True)
             except StopIteration:  # no configuration left: SMAC's ask ends the search
                 return
             yield info
-
-    def _first_trial(self, highest_first: bool):
-        """One pass of SMAC's tracker in the given order, up to the first trial it yields."""
-        intensifier = self.smac.intensifier
-        for bracket, stages in intensifier._max_iterations.items():  # successive halving: one bracket
-            for stage in range(stages):
-                intensifier._tracker.setdefault((bracket, stage), [])
-
-        def order(item):
-            (bracket, stage), _ = item
-            return (-intensifier._budgets_in_stage[bracket][stage], bracket) if highest_first else (stage, bracket)
-
-        stages = sorted(intensifier._tracker.items(), key=order)
-        intensifier._tracker.clear()
-        intensifier._tracker.update(stages)
-        return next(iter(intensifier))
-
-    def _waiting_above(self, budget: float) -> bool:
-        """Whether a configuration promoted to a budget above ``budget`` has not been issued there yet."""
-        intensifier = self.smac.intensifier
-        for (bracket, stage), groups in intensifier._tracker.items():
-            if intensifier._budgets_in_stage[bracket][stage] <= budget:
-                continue
-            for seed, configs in groups:
-                keys = intensifier._get_instance_seed_budget_keys_by_stage(bracket=bracket, stage=stage, seed=seed)
-                if any(intensifier._get_next_trials(config, from_keys=keys) for config in configs):
-                    return True
-        return False

@@ -183,7 +183,7 @@ class WarmPool(LocalPool):
             for slot, (launch, proc, start) in list(self.running.items()):
                 code = proc.poll()
                 outcome = _warm_outcome(launch, start, f"warm:{slot}:pid{proc.pid}",
-                                        None if code is None else code or 1, lambda: _kill_group(proc))
+                                        None if code is None else code or 1, lambda proc=proc: _kill_group(proc))
                 if outcome:
                     done.append(outcome)
                     del self.running[slot]
@@ -252,7 +252,7 @@ class SlurmWorkers:
                 job = self.jobs[slot]
                 gone = queued is not None and job not in queued  # the job ended under its trial
                 outcome = _warm_outcome(launch, start, f"slurm-worker:{job}", 1 if gone else None,
-                                        lambda: self._cancel(slot))
+                                        lambda slot=slot: self._cancel(slot))
                 if outcome:
                     if gone and outcome.status != "success":
                         del self.jobs[slot]  # the slot's next trial gets a new job

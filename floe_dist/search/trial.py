@@ -41,7 +41,7 @@ class TrialSpec:
         return write_json_atomic(trial_dir / "trial.json", asdict(self))
 
     @classmethod
-    def load(cls, trial_dir: Path) -> "TrialSpec":
+    def load(cls, trial_dir: Path) -> TrialSpec:
         return cls(**json.loads((trial_dir / "trial.json").read_text()))
 
 
@@ -60,8 +60,8 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     """Train and score one trial on this rank; the result on rank 0 (None on the others). A warm worker passes
     the resources it keeps between trials; a trial computes the same on a fresh worker as on a warm one."""
     from floe_dist.distributed.runtime import discover
-    from floe_dist.recipe import Recipe, from_dict
     from floe_dist.evaluation import evaluate, evaluate_lm
+    from floe_dist.recipe import Recipe, from_dict
     from floe_dist.trainer import Trainer
 
     start = time.time()

@@ -96,16 +96,17 @@ def serve(worker_dir: Path, trial_module: str, poll_seconds: float = 0.05) -> in
 
 
 def main(argv: list[str]) -> int:
-    from floe_dist.distributed.runtime import shutdown
-
     parser = argparse.ArgumentParser(prog="python -m floe_dist.search.worker")
     parser.add_argument("worker_dir", type=Path)
-    parser.add_argument("--trial-module", default="floe_dist.search.trial")
+    parser.add_argument("--trial-module", required=True, help="search.trial_module: the runner passes the recipe's")
     args, _ = parser.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
     try:
         return serve(args.worker_dir, args.trial_module)
     finally:
-        shutdown()
+        if "torch" in sys.modules:  # a trial that trained: its process group goes (the import costs 1.4 s)
+            from floe_dist.distributed.runtime import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ The model is built on the meta device from its config (no weights are loaded) to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from floe_dist.allocation import Allocation
+from floe_dist.files import output_file
 from floe_dist.recipe import Recipe
 
 
@@ -27,6 +27,7 @@ class ModelShape:
 
 SECTIONS = ("allocate", "adapter", "model", "data")
 OUTPUT = "allocation.json"
+OUTPUT_FILE = "allocation.json"
 
 
 def model_shape(model: str) -> ModelShape:
@@ -55,7 +56,8 @@ def run(recipe: Recipe, output: str = OUTPUT) -> Allocation:
         allocation = allocation.scaled_to_budget(a.budget, shape.shapes)
     allocation.validate(shape.num_layers, shape.shapes)
     if discover().is_main:  # data-parallel searches (flexora) end with the same result on every rank
-        allocation.save(Path(output))
+        output = output_file(output, OUTPUT_FILE)
+        allocation.save(output)
         off = f" ({allocation.trainable_parameters / a.budget - 1:+.1%} of allocate.budget)" if a.budget else ""
         print(f"{a.method}: {len(allocation.layers)} layers, {allocation.trainable_parameters:,} adapter "
               f"parameters{off}, at most {allocation.count_active_parameters(shape.shapes):,} active per token "

@@ -6,18 +6,17 @@ an exported adapter; the scoring itself is floe_dist/evaluation.py's.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from floe_dist.evaluation import evaluate
-from floe_dist.files import write_json_atomic
+from floe_dist.files import output_file, write_json_atomic
 from floe_dist.recipe import Recipe
 
 SECTIONS = ("evaluate", "model", "data")
-OUTPUT = None  # printed; --output DIR (or FILE.json) also writes the result as JSON
+OUTPUT = None  # printed; --output also writes the result as JSON
+OUTPUT_FILE = "evaluate.json"
 
 
 def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
     result = evaluate(recipe)
     if output:
-        write_json_atomic(Path(output) / "evaluate.json" if not Path(output).suffix else Path(output), result)
+        print(f"-> {write_json_atomic(output_file(output, OUTPUT_FILE), result)}")
     return result

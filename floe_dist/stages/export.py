@@ -24,6 +24,7 @@ from floe_dist.modeling.inject import LORA_TAG
 
 @dataclass
 class ExportArgs:
+    """export: an adapter folder (safetensors) rebuilt from a run's checkpoint"""
     run: str = arg("runs/train", "a train --output folder (with checkpoints/ and allocation.json)")
     tag: str | None = arg(None, "checkpoint tag such as step_20; default: the latest")
     output: str | None = arg(None, "export folder; default: <run>/adapter")

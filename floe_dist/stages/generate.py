@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from floe_dist.files import output_file, write_text_atomic
 from floe_dist.recipe import Recipe
 
-
 SECTIONS = ("generate", "model", "data")
-OUTPUT = None  # printed; --output FILE writes JSON lines instead
+OUTPUT = None  # printed; --output writes JSON lines instead
+OUTPUT_FILE = "generations.jsonl"
 
 
 def run(recipe: Recipe, output: str | None = None) -> list[dict]:
@@ -55,15 +56,15 @@ def run(recipe: Recipe, output: str | None = None) -> list[dict]:
                                                  chat_template=template) if g.chat else g.prompt]
         references = [""]
     lm = load_backbone(model_dir, m.quant, device)
+    lm.set_attn_implementation(m.attn_implementation)
     if m.adapter:
         load_adapter(lm, m.adapter)
     texts = generate(lm, tokenizer, prompts, max_new_tokens=g.max_new_tokens, stop=stop_strings(g.stop),
                      batch_size=g.batch_size, max_length=m.max_length, device=device)
     rows = [{"prompt": p, "generation": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text("".join(json.dumps(row) + "\n" for row in rows))
-        print(f"wrote {len(rows)} generations -> {output}")
+        path = write_text_atomic(output_file(output, OUTPUT_FILE), "".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} generations -> {path}")
     else:
         for row in rows:
             print(row["generation"])

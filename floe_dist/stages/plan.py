@@ -43,9 +43,9 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.config import below_one
-from floe_dist.recipe import PlanSection, Recipe
 from floe_dist.distributed.layout import Layout
 from floe_dist.flops import flops_per_token
+from floe_dist.recipe import PlanSection, Recipe
 
 GIB = 2 ** 30
 # Llama shapes (public configs); vocabulary and tying decide the 16-bit embedding share.
@@ -82,7 +82,8 @@ CPU_RUNTIME_BYTES = 536_260 * 1024
 
 
 SECTIONS = ("plan", "model", "adapter", "train", "parallel", "allocate", "campaign")
-OUTPUT = None  # printed; --output FILE also writes the plan as JSON
+OUTPUT = None  # printed; --output also writes the plan as JSON
+OUTPUT_FILE = "plan.json"
 
 
 @dataclass
@@ -205,7 +206,7 @@ def count_model(config) -> ModelCount:
 
 def expert_parameters(allocation: Allocation, shapes: dict[str, tuple[int, int]]) -> int:
     """Parameters of multi-expert modules' experts (A and B, not routers): what --ep-size splits."""
-    from floe_dist.modeling.lora_moe import count_lora_parameters
+    from floe_dist.allocation import count_lora_parameters
 
     n = 0
     for mods in allocation.layers.values():
@@ -352,7 +353,7 @@ def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
               f"({recipe.campaign.search_share:.0%} of what zero-shot evaluation and allocation leave), the final run "
               f"at most {b['train_s']:.0f} s: about {b['train_steps']:,} steps at this step time")
     if output:
-        from floe_dist.files import write_json_atomic
+        from floe_dist.files import output_file, write_json_atomic
 
-        write_json_atomic(Path(output), result)
+        print(f"-> {write_json_atomic(output_file(output, OUTPUT_FILE), result)}")
     return result

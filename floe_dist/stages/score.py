@@ -26,14 +26,13 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, ModuleAllocation
-from floe_dist.files import write_json_atomic
 from floe_dist.data import collate, encode, load_data
-from floe_dist.methods.fisher import (accumulate_fisher, default_k, refine_with_block, select_budget,
-                              select_top_k)
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
 from floe_dist.distributed.runtime import all_reduce_sum
 from floe_dist.distributed.sharded_load import load_for_layout
+from floe_dist.files import write_json_atomic
+from floe_dist.methods.fisher import accumulate_fisher, default_k, refine_with_block, select_budget, select_top_k
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
@@ -41,7 +40,6 @@ from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import module_shapes
 from floe_dist.recipe import Recipe, TrainSection, settings_of
 from floe_dist.resume import guard
-
 
 SECTIONS = ("score", "adapter", "allocate", "model", "data", "parallel")
 OUTPUT = "runs/score"
@@ -88,7 +86,7 @@ def check_before_warmup(recipe: Recipe, world_size: int) -> None:
                          f"{recipe.score.score_batch} per rank on {world_size} rank(s)")
 
 
-def scoring_batches(examples, tokenizer, batch: int, rank: int, world: int, max_length: int = 256):
+def scoring_batches(examples, tokenizer, batch: int, rank: int, world: int, max_length: int):
     """Global mini-batch i (examples [i*batch, (i+1)*batch)) is scored by rank i % world."""
     n_batches = len(examples) // batch
     n_batches -= n_batches % world  # equal work per rank: ZeRO-3 forwards are collective
@@ -131,7 +129,8 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     forward.eval()  # no dropout: the Fisher of the deterministic model
 
     examples = load_data(recipe.data, "train", tokenizer)[: min(recipe.score.samples, recipe.score.proxy_examples)]
-    batches = list(scoring_batches(examples, tokenizer, recipe.score.score_batch, info.rank, info.world_size))
+    batches = list(scoring_batches(examples, tokenizer, recipe.score.score_batch, info.rank, info.world_size,
+                                   recipe.model.max_length))
     t1 = time.time()
     local = accumulate_fisher(forward, adapters,
                               ({k_: v.to(device) for k_, v in b.items()} for b in batches),

@@ -39,8 +39,7 @@ from floe_dist.resume import guard
 from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
-from floe_dist.search.report import (base_of, candidate_costs, candidate_report, decide, plot_search,
-                                     unresolved)
+from floe_dist.search.report import base_of, candidate_costs, candidate_report, decide, plot_search, unresolved
 from floe_dist.search.trial import TrialSpec, searched_allocation
 from floe_dist.tracking import OBSERVING
 

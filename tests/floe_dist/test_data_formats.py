@@ -254,6 +254,47 @@ def test_packing_lays_examples_end_to_end_in_order_within_max_length(tokenizer):
         assert end in starts and len(packed["input_ids"][row]) + lengths[starts[end]] > 32
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_packed_example_computes_what_it_computes_alone(tokenizer, attn):
+    """Packed rows carry their examples' lengths; the batch restarts position ids at every example and the decoder
+    masks attention block-diagonally, so each answer token's log-probability is the unpacked one (and the plain
+    end-to-end packing this replaced, one causal mask over the row, was not)."""
+    import torch
+
+    from floe_dist.data import collate_labelled
+    from floe_dist.modeling.answer_lm import AnswerLM
+    from floe_dist.modeling.backbone import load_backbone
+
+    examples = [Example(f"Question {i}:" + " word" * (2 + 5 * i), (f" answer {i}",), 0) for i in range(6)]
+    rows = tokenize(examples, tokenizer, 48)
+    packed = pack(rows, 48)
+    assert len(packed) < len(rows) and max(len(lengths) for lengths in packed["lengths"]) >= 2
+    assert [sum(lengths) for lengths in packed["lengths"]] == [len(ids) for ids in packed["input_ids"]]
+    lm = load_backbone(resolve_model("tiny"))
+    lm.set_attn_implementation(attn)
+
+    def answer_logprobs(batch):  # every answer token's log-probability, in stream order
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "position_ids" in inputs:
+            inputs.pop("attention_mask")  # as AnswerLM does: the block-diagonal mask comes from the ids
+        with torch.no_grad():
+            logits = lm(**inputs).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        picked = target != -100
+        return logits.log_softmax(-1)[picked].gather(-1, target[picked].unsqueeze(-1)).squeeze(-1)
+
+    alone = collate_labelled(list(zip(rows["input_ids"], rows["labels"])), tokenizer.pad_token_id)
+    together = collate_labelled(list(zip(packed["input_ids"], packed["labels"], packed["lengths"])),
+                                tokenizer.pad_token_id)
+    assert together["position_ids"][0].tolist()[:packed["lengths"][0][0] + 1] == [
+        *range(packed["lengths"][0][0]), 0]  # the second example starts again at 0
+    torch.testing.assert_close(answer_logprobs(together), answer_logprobs(alone), rtol=0, atol=1e-5)
+    leaky = {k: v for k, v in together.items() if k != "position_ids"}  # one causal mask over each row
+    assert (answer_logprobs(leaky) - answer_logprobs(alone)).abs().max() > 1e-3
+    model = AnswerLM(lm)  # the training forward takes the packed batch as it comes
+    torch.testing.assert_close(model(**together)["ce"], model(**alone)["ce"], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,content,kwargs,message", [
     ("empty.jsonl", "", {}, "the file is empty"),
     ("broken.jsonl", '{"question": "a", "answer": "b"}\n{"question": \n', {"columns": ALPACA_COLUMNS},
@@ -268,10 +309,11 @@ def test_packing_lays_examples_end_to_end_in_order_within_max_length(tokenizer):
     ("map.jsonl", '{"text": "a"}\n', {"data_format": "text", "columns": "body=text"}, "not fields of format 'text'"),
     ("what.jsonl", '{"a": 1}\n', {}, "cannot tell the format"),
     ("x.tsv", "a\tb\n", {}, "unknown data file type"),
+    ("binary.jsonl", b"\x00\xff\xfe\x01 not text", {}, "not a UTF-8 text file"),
 ])
 def test_bad_data_fails_naming_the_file_and_row(tmp_path, tokenizer, name, content, kwargs, message):
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     with pytest.raises(ValueError, match=message) as err:
         read_file(path, tokenizer=tokenizer, **kwargs)
     assert name in str(err.value)
@@ -353,10 +395,11 @@ def test_sharegpt_and_nested_alpaca_files_train_evaluate_and_generate_from_a_rec
                            "--evaluate.max_new_tokens", "4", "--output", str(tmp_path / f"{data.stem}.eval.json")])
         result = json.loads((tmp_path / f"{data.stem}.eval.json").read_text())
         assert result["examples"] > 0 and result["loss"] > 0 and "exact_match" in result, scored.stdout
-        gen = tmp_path / f"{data.stem}.out.jsonl"
-        run_floe(["generate", "--config", str(recipe), "--adapter", str(out / "adapter"), "--input", str(data),
-                  "--limit", "2", "--max-new-tokens", "4", "--output", str(gen)])
-        assert len(gen.read_text().splitlines()) == 2
+        gen = tmp_path / f"{data.stem}.out"  # a folder, as every command's --output: generations.jsonl inside
+        proc = run_floe(["generate", "--config", str(recipe), "--adapter", str(out / "adapter"), "--input", str(data),
+                         "--limit", "2", "--max-new-tokens", "4", "--output", str(gen)])
+        assert len((gen / "generations.jsonl").read_text().splitlines()) == 2
+        assert f"-> {gen / 'generations.jsonl'}" in proc.stdout
 
 
 def test_a_named_or_file_chat_template_serves_a_tokenizer_without_one_and_a_system_prompt_opens_each_chat(

@@ -68,7 +68,7 @@ def test_a_mixture_draws_each_source_by_its_weight_seeded(files, tokenizer):
 
 
 def test_bad_mixtures_are_refused_by_name(files):
-    from floe_dist.recipe import from_dict, Recipe
+    from floe_dist.recipe import Recipe, from_dict
 
     problems = lambda data: from_dict(Recipe, {"data": data}).problems("data")  # noqa: E731
     assert problems({"sources": [{"file": "x"}]}) == [

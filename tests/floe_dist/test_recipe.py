@@ -13,10 +13,18 @@ import yaml
 import floe_dist
 import launcher
 from floe_dist.config import arg
-from floe_dist.recipe import (Recipe, field_paths, load_recipe, read_recipe, section_paths, shipped_recipes,
-                              write_recipe)
+from floe_dist.recipe import (
+    Recipe,
+    field_paths,
+    from_dict,
+    load_recipe,
+    read_recipe,
+    section_paths,
+    shipped_recipes,
+    write_recipe,
+)
 from launcher.cli import RECIPE_COMMANDS, TOOL_COMMANDS, aliases, expand_aliases
-from tests.conftest import run_floe
+from tests.conftest import run_floe, run_here
 
 # Tools with options of their own: `slurm` names the job's shape (nodes, ranks per node, GPUs) with flags whose
 # defaults come from the job's recipe (SlurmArgs.resolve_shape), not from a second declaration.
@@ -98,6 +106,64 @@ def test_dotted_overrides_change_one_setting_and_bad_ones_name_the_key():
         load_recipe("no-such-recipe")
 
 
+NATURAL = """\
+parallel: {zero: 3}
+adapter: {targets: [q_proj, v_proj]}
+search: {ranks: [4, 8, 16], lr: [2.0e-4, 3.0e-3], experts: [2, 4], allocations: [uniform, "floe:2"]}
+data:
+  columns: {instruction: question, output: answer}
+  roles: {human: user}
+  sources:
+    - {task: a.jsonl, columns: {instruction: question}}
+allocate: {hilo: {expert_schedule: [2, 4, 6, 8]}}
+train: {report_to: [tensorboard, mlflow]}
+evaluate: {stop: ["\\n", "###"], lm_eval_tasks: [hellaswag, arc_easy]}
+campaign: {budget: 900}
+"""
+COMPACT = ["--parallel.zero", "3", "--adapter.targets", "q_proj,v_proj", "--search.ranks", "4,8,16",
+           "--search.lr", "2e-4:3e-3", "--search.experts", "2,4", "--search.allocations", "uniform,floe:2",
+           "--data.columns", "instruction=question,output=answer", "--data.roles", "human=user",
+           "--data.sources", '[{"task": "a.jsonl", "columns": "instruction=question"}]',
+           "--allocate.hilo.expert_schedule", "2468", "--train.report_to", "tensorboard,mlflow",
+           "--evaluate.stop", "\\n||###", "--evaluate.lm_eval_tasks", "hellaswag,arc_easy", "--campaign.budget", "900"]
+
+
+def test_lists_ranges_and_maps_are_plain_yaml_and_the_compact_strings_still_parse(tmp_path):
+    from floe_dist.recipe import parse_recipe
+
+    (tmp_path / "natural.yaml").write_text(NATURAL)
+    natural = parse_recipe(["--config", str(tmp_path / "natural.yaml")])[0]
+    assert natural == parse_recipe(COMPACT)[0] and natural.problems() == []
+    assert (natural.search.ranks, natural.search.lr, natural.parallel.zero) == ("4,8,16", "2e-4:3e-3", "3")
+    assert natural.data.sources == [{"task": "a.jsonl", "columns": "instruction=question"}]
+    assert read_recipe(write_recipe(tmp_path, natural)) == natural  # recipe.yaml holds the compact strings
+    assert from_dict(Recipe, yaml.safe_load(NATURAL)) == natural  # as a stage's saved recipe is read back
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("train: {lr: [1.0e-3]}", "train.lr: expected one float, got [0.001]"),
+    ("search: {ranks: [a, b]}", "search.ranks: expected a list of integers >= 1"),
+    ("search: {mode: bayes}", "search.mode: expected one of 'smac', 'bo', 'random', 'grid', got bayes"),
+    ("adapter: {targets: {q: v}}", "adapter.targets: expected a list of names"),
+])
+def test_a_value_of_the_wrong_shape_names_its_setting_and_what_it_takes(tmp_path, yaml_text, message):
+    from floe_dist.recipe import parse_recipe
+
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        parse_recipe(["--config", str(tmp_path / "bad.yaml")])
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_bad_values_in_yaml_form_are_listed_by_the_recipe_check(tmp_path):
+    (tmp_path / "bad.yaml").write_text("search: {ranks: [0, 4], lr: [3.0e-3, 2.0e-4]}\n"
+                                       "data: {sources: [{task: a.jsonl, columns: [question]}]}\n")
+    found = load_recipe(str(tmp_path / "bad.yaml")).problems()
+    assert "search.ranks needs integers >= 1, got '0,4'" in found
+    assert any(p.startswith("search.lr needs 0 < LO <= HI") for p in found)
+    assert any(p.startswith("data.sources[0].columns: expected a map") for p in found)
+
+
 def test_the_resolved_recipe_reads_back_equal(tmp_path):
     recipe = load_recipe("llama3-70b-2node", ["--train.steps", "7", "--allocate.guilomo.order", "first"])
     assert read_recipe(write_recipe(tmp_path, recipe)) == recipe
@@ -164,7 +230,7 @@ def test_a_stage_run_from_a_recipe_with_a_short_flag_on_top(tmp_path):
     layers = json.loads(out.read_text())["layers"]
     module = layers["0"]["q_proj"]
     assert len(layers) == 4 and module["ranks"] == [3, 3]  # rank from the dotted key, experts from the short flag
-    proc = run_floe(["allocate", "--model", "tiny", "--adapter.rank", "0", "--output", str(out)], check=False)
+    proc = run_here(["allocate", "--model", "tiny", "--adapter.rank", "0", "--output", str(out)])
     assert proc.returncode == 2 and "adapter.rank must be >= 1" in proc.stderr
 
 
@@ -177,3 +243,12 @@ def test_the_70b_recipe_plans_and_renders_its_sbatch(tmp_path):
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert f"--config {tmp_path / 'c' / 'recipe.yaml'}" in script and "--parallel.nproc 8" in script
     assert read_recipe(tmp_path / "c" / "recipe.yaml") == load_recipe("llama3-70b-2node")
+
+
+def test_flash_attention_without_its_package_is_refused_before_any_stage():
+    import importlib.util
+
+    recipe = load_recipe("tiny", ["--model.attn_implementation", "flash_attention_2"])
+    refused = any("flash_attention_2 needs the flash-attn package" in p for p in recipe.problems())
+    assert refused == (importlib.util.find_spec("flash_attn") is None)
+    assert load_recipe("tiny", ["--model.attn_implementation", "eager"]).problems() == []

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from floe_dist.resume import guard
 from floe_dist.files import LOCK_NAME, exclusive
+from floe_dist.resume import guard
 from tests.conftest import REPO, run_floe
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from floe_dist.distributed.runtime import free_port
-
 from tests.slurm_cluster import ensure_installed
 
 

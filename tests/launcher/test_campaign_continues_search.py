@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from floe_dist.schedule import warmup_stable_decay
 from floe_dist.recipe import TrainSection, read_recipe
-from tests.conftest import read_metrics, run_floe
+from floe_dist.schedule import warmup_stable_decay
+from tests.conftest import read_metrics, run_floe, run_here
 
 
 def test_a_wsd_schedule_is_the_prefix_of_every_longer_one_and_its_cooldown_ends_above_zero():
@@ -93,7 +93,7 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
 
 def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp_path):
     out = tmp_path / "c"
-    proc = run_floe(["campaign", "--config", "tiny", "--campaign.budget", "2d", "--output", str(out)], check=False)
+    proc = run_here(["campaign", "--config", "tiny", "--campaign.budget", "2d", "--output", str(out)])
     assert proc.returncode == 2 and "campaign.budget: '2d' is not a duration; write seconds (900), 900s, 45m, 2h" \
         in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
     proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",

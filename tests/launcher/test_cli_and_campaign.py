@@ -8,19 +8,21 @@ import subprocess
 import time
 from dataclasses import replace
 
-from floe_dist.recipe import load_recipe, read_recipe
+import yaml
+
 from floe_dist.files import LOCK_NAME, exclusive
-from tests.conftest import REPO, clean_env, floe_command, run_floe
+from floe_dist.recipe import load_recipe, read_recipe
+from tests.conftest import REPO, clean_env, floe_command, run_floe, run_here
 
 
 def test_bad_train_arguments_fail_before_any_work(tmp_path):
-    proc = run_floe(["train", "--model", "tiny", "--steps", "0", "--allocation", str(tmp_path / "x.json"),
-                     "--output", str(tmp_path / "o")], check=False)
+    proc = run_here(["train", "--model", "tiny", "--steps", "0", "--allocation", str(tmp_path / "x.json"),
+                     "--output", str(tmp_path / "o")])
     assert proc.returncode == 2
     assert "train.steps must be >= 1" in proc.stderr and "x.json: file not found" in proc.stderr
     assert not (tmp_path / "o").exists()
-    proc = run_floe(["train", "--model", "tiny", "--zero", str(tmp_path / "nope.json"),
-                     "--output", str(tmp_path / "o")], check=False)
+    proc = run_here(["train", "--model", "tiny", "--zero", str(tmp_path / "nope.json"),
+                     "--output", str(tmp_path / "o")])
     assert proc.returncode == 2 and "DeepSpeed config not found" in proc.stderr
 
 
@@ -30,8 +32,8 @@ def test_a_bad_searched_allocation_fails_the_campaign_before_any_stage(tmp_path)
     out = tmp_path / "c"
     for value, message in (("floe:4", "'floe:4' needs Fisher scores: allocate.method floe"),
                            ("uniform:3", "'uniform:3' is not uniform, random, random:K, floe:K or NAME=FILE")):
-        proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--search.allocations",
-                         value, "--output", str(out)], check=False)
+        proc = run_here(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--search.allocations",
+                         value, "--output", str(out)])
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
 
@@ -135,7 +137,7 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     assert replace(trained_recipe, allocate=user.allocate, train=user.train) == user
     again = run_floe(["campaign", "--config", str(recipe), "--output", str(out)])
     assert again.stdout.count("done earlier") == 6
-    changed = run_floe(["campaign", "--config", str(recipe), "--output", str(out), "--train.steps", "5"], check=False)
+    changed = run_here(["campaign", "--config", str(recipe), "--output", str(out), "--train.steps", "5"])
     assert changed.returncode == 2 and "finished stages (train, final_eval)" in changed.stderr
     assert "train.steps (4 -> 5)" in changed.stderr
 
@@ -158,3 +160,67 @@ def test_the_default_campaign_trains_uniform_lora_moe_everywhere_and_searches_on
     assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
     summary = json.loads((out / "campaign.json").read_text())
     assert summary["method"] == "uniform" and summary["lr"] == search["lr"]
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    proc = run_here(list(argv))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_help_says_what_each_flag_is_and_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    assert cli("--version")[1].strip() == f"floe-dist {version('floe-dist')}"
+    train = cli("train", "--help")[1]
+    assert "--steps                      --train.steps" in train and "--lr                         --train.lr" in train
+    assert "--model CONFIG" not in train and "--adapter CONFIG" not in train  # no flag means two things
+    assert "--lr                         --search.lr" in cli("search", "--help")[1]
+    slurm = cli("slurm", "--help")[1]
+    assert "<class" not in slurm and "slurm: an sbatch script" in slurm and "{render,submit,hostfile}" in slurm
+    code, _, err = cli("slurm", "--action", "publish")
+    assert code == 2 and "action: expected one of 'render', 'submit', 'hostfile', got publish" in err
+
+
+def test_the_earlier_spellings_still_work_and_name_their_new_one():
+    code, out, err = cli("campaign", "--preset", "tiny", "--nproc", "1", "--steps", "3", "--no-search",
+                         "--print_config")
+    printed = yaml.safe_load(out)
+    assert code == 0 and printed["model"]["name"] == "tiny" and printed["parallel"]["nproc"] == 1
+    assert printed["train"]["steps"] == 3 and printed["search"]["enabled"] is False
+    for old, new in (("preset", "config"), ("nproc", "parallel.nproc"), ("steps", "train.steps"),
+                     ("no-search", "search.enabled false")):
+        assert f"--{old} is now --{new}" in err
+    assert yaml.safe_load(cli("campaign", "--preset", "default", "--print_config")[1])["model"]["name"] \
+        == "smollm2-135m"
+
+
+def test_print_config_prints_the_recipe_then_every_problem_it_has(tmp_path):
+    (tmp_path / "ok.yaml").write_text("parallel: {zero: 3}\nadapter: {targets: [q_proj, v_proj]}\n"
+                                      "search: {ranks: [4, 8, 16]}\ndata: {columns: {instruction: question}}\n")
+    code, out, err = cli("campaign", "--config", str(tmp_path / "ok.yaml"), "--print_config")
+    assert code == 0 and yaml.safe_load(out)["search"]["ranks"] == "4,8,16" and "error" not in err
+    (tmp_path / "broken.yaml").write_text("model: {max_length: 1}\ndata: {sources: [{weight: 2}]}\n")
+    for command in ("campaign", "train"):
+        code, out, err = cli(command, "--config", str(tmp_path / "broken.yaml"), "--print_config")
+        assert code == 2 and "max_length: 1" in out  # printed first, then judged
+        assert "data.sources[0]: needs a task" in err and "model.max_length must be >= 2" in err
+
+
+def test_a_stage_alone_starts_the_recipes_ranks_and_a_launcher_of_another_size_is_refused(tmp_path):
+    out = tmp_path / "t"
+    proc = run_floe(["train", "--config", "tiny", "--train.steps", "1", "--output", str(out)])  # tiny: nproc 2
+    assert "starting parallel.nproc = 2 ranks" in proc.stdout
+    assert json.loads((out / "train.json").read_text())["world_size"] == 2
+    proc = run_floe(["train", "--config", "tiny", "--parallel.nproc", "3", "--train.steps", "1", "--output",
+                     str(tmp_path / "u")], nproc=2, check=False)
+    assert proc.returncode != 0 and "parallel.nproc x parallel.nodes = 3 x 1 ranks, but the launcher started 2" \
+        in proc.stderr and not (tmp_path / "u" / "train_args.json").exists()
+    proc = run_floe(["train", "--config", "tiny", "--parallel.nodes", "2", "--output", str(tmp_path / "v")],
+                    check=False)
+    assert proc.returncode == 2 and "start this stage on the nodes with srun or deepspeed" in proc.stderr
+
+
+def test_inputs_that_cannot_train_are_refused_before_anything_is_written(tmp_path):
+    for flags in (["--max-length", "0"], ["--pack", "--max-length", "1"]):
+        proc = run_here(["train", "--model", "tiny", *flags, "--output", str(tmp_path / "o")])
+        assert proc.returncode == 2 and "model.max_length must be >= 2" in proc.stderr and not (tmp_path / "o").exists()

@@ -50,11 +50,11 @@ def test_split_experts_match_replicated_layer(tmp_path, nproc, ep_size):
 
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory):
-    """20 steps on 2 ranks, replicated experts (torchrun) and split experts (deepspeed launcher)."""
+    """10 steps on 2 ranks, replicated experts (torchrun) and split experts (deepspeed launcher)."""
     from floe_dist.distributed.runtime import free_port
 
     root = tmp_path_factory.mktemp("ep")
-    common = ["train", *MOE, "--steps", "20", "--checkpoint-every", "10", "--keep-checkpoints", "3"]
+    common = ["train", *MOE, "--steps", "10", "--checkpoint-every", "5", "--keep-checkpoints", "3"]
     run_floe([*common, "--ep-size", "1", "--output", str(root / "ep1")], nproc=2)
     split_cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                  str(free_port()), "--module", "launcher.cli", *common, "--ep-size", "2", "--output", str(root / "ep2")]
@@ -68,13 +68,13 @@ def _curve(run_dir: Path, key: str = "loss") -> list[float]:
 
 def test_split_experts_train_the_same_curve(ep_runs):
     replicated, split = ep_runs
-    assert len(_curve(split)) == 20
+    assert len(_curve(split)) == 10
     for key in ("loss", "balance", "grad_norm"):
         for a, b in zip(_curve(replicated, key), _curve(split, key)):
             assert abs(a - b) <= 1e-5 * abs(a), key
     assert min(_curve(split, "grad_norm")) > 1.0  # the clip (1.0 in zero3.json) acted on every step
     assert json.loads((split / "train.json").read_text())["ep_size"] == 2
-    shards = sorted(p.name for p in (split / "checkpoints" / "step_20").glob("expert_shard_*"))
+    shards = sorted(p.name for p in (split / "checkpoints" / "step_10").glob("expert_shard_*"))
     assert shards == ["expert_shard_ep00_of_02.pt", "expert_shard_ep01_of_02.pt"]
 
 
@@ -86,43 +86,43 @@ def test_split_export_equals_replicated_export(ep_runs):
 
 
 def test_split_run_resumes_from_checkpoint(ep_runs, tmp_path):
-    """Back to the step-10 checkpoint (as after a crash at step 15): steps 11-20 come out the same."""
+    """Back to the step-5 checkpoint (as after a crash at step 8): steps 6-10 come out the same."""
     split = ep_runs[1]
     resumed = tmp_path / "resumed"
-    shutil.copytree(split, resumed, ignore=shutil.ignore_patterns("step_20", "adapter", "train.json"))
-    (resumed / "checkpoints" / "latest").write_text("step_10")
+    shutil.copytree(split, resumed, ignore=shutil.ignore_patterns("step_10", "adapter", "train.json"))
+    (resumed / "checkpoints" / "latest").write_text("step_5")
     args = json.loads((split / "train_args.json").read_text())
-    flags = ["train", *MOE, "--steps", "20", "--checkpoint-every", "10", "--keep-checkpoints", "3",
+    flags = ["train", *MOE, "--steps", "10", "--checkpoint-every", "5", "--keep-checkpoints", "3",
              "--ep-size", "2", "--output", str(resumed)]
     assert args["parallel.ep_size"] == 2
     proc = run_floe(flags, nproc=2)
-    assert "resumed from" in proc.stdout and "at step 10" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 5" in proc.stdout
     original, again = _curve(split), _curve(resumed)
-    assert len(again) == 20
-    for a, b in zip(original[10:], again[10:]):
+    assert len(again) == 10
+    for a, b in zip(original[5:], again[5:]):
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
 def test_a_two_rank_checkpoint_resumes_on_four_ranks_with_another_ep_size(ep_runs, tmp_path):
     """Layout change: 2 ranks with replicated experts (micro-batch 4) -> 4 ranks, experts split in 2
-    (micro-batch 2: the global batch stays 8), from the step-10 checkpoint. The first resumed step sees
+    (micro-batch 2: the global batch stays 8), from the step-5 checkpoint. The first resumed step sees
     the same samples with the same adapter; later steps differ only by padding (the balance loss routes
     padded positions, and 4 ranks of 2 pad differently from 2 ranks of 4)."""
     replicated = ep_runs[0]
     moved = tmp_path / "moved"
-    shutil.copytree(replicated, moved, ignore=shutil.ignore_patterns("step_20", "adapter", "train.json"))
-    (moved / "checkpoints" / "latest").write_text("step_10")
-    flags = ["train", *MOE[:-2], "--micro-batch", "2", "--steps", "20", "--checkpoint-every", "10",
+    shutil.copytree(replicated, moved, ignore=shutil.ignore_patterns("step_10", "adapter", "train.json"))
+    (moved / "checkpoints" / "latest").write_text("step_5")
+    flags = ["train", *MOE[:-2], "--micro-batch", "2", "--steps", "10", "--checkpoint-every", "5",
              "--keep-checkpoints", "3", "--ep-size", "2", "--output", str(moved)]
     proc = run_floe(flags, nproc=4)
-    assert "at step 10 on another layout: 2 -> 4 ranks, ep_size 1 -> 2" in proc.stdout
+    assert "at step 5 on another layout: 2 -> 4 ranks, ep_size 1 -> 2" in proc.stdout
     original, again = read_metrics(replicated), read_metrics(moved)
-    assert [m["step"] for m in again] == list(range(1, 21))
-    assert abs(again[10]["ce"] - original[10]["ce"]) <= 1e-5 * abs(original[10]["ce"])  # step 11
+    assert [m["step"] for m in again] == list(range(1, 11))
+    assert abs(again[5]["ce"] - original[5]["ce"]) <= 1e-5 * abs(original[5]["ce"])  # step 6
     assert [m["lr"] for m in again] == [m["lr"] for m in original]  # the schedule continues
-    for a, b in zip(original[10:], again[10:]):
+    for a, b in zip(original[5:], again[5:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"])
-    assert sorted(p.name for p in (moved / "checkpoints" / "step_20").glob("expert_shard_*")) == [
+    assert sorted(p.name for p in (moved / "checkpoints" / "step_10").glob("expert_shard_*")) == [
         "expert_shard_ep00_of_02.pt", "expert_shard_ep01_of_02.pt"]
 
 

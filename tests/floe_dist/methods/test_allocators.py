@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from floe_dist.stages.allocate import ModelShape, model_shape, run
 from floe_dist.allocation import Allocation
+from floe_dist.data import load_task, tokenize, train_batch
 from floe_dist.methods import REGISTRY, get
 from floe_dist.methods.hilo import schedule
-from floe_dist.data import load_task, tokenize, train_batch
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from floe_dist.modeling.inject import inject_adapters
+from floe_dist.stages.allocate import ModelShape, model_shape, run
 from tests.conftest import recipe_for
 
 LLAMA2_7B = {n: (4096, 4096) for n in ("q_proj", "k_proj", "v_proj", "o_proj")} | \

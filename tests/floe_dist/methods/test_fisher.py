@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from floe_dist.allocation import Allocation
-from floe_dist.methods.fisher import (FisherSums, accumulate_fisher, predicted_loss_increase, refine_with_block,
-                              select_budget, select_top_k)
+from floe_dist.methods.fisher import (
+    FisherSums,
+    accumulate_fisher,
+    predicted_loss_increase,
+    refine_with_block,
+    select_budget,
+    select_top_k,
+)
 from floe_dist.modeling.inject import inject_adapters
 from tests.toys import TASK_SIGNAL_GAINS, TASK_SIGNAL_PLANTED, planted_toy, task_signal_toy, warm_and_score
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
-from tests.conftest import recipe_for
 import torch
 
 from floe_dist.allocation import Allocation
 from floe_dist.methods.flexora import LayerWeights, flexora_search, remove_weights
+from tests.conftest import recipe_for
 from tests.toys import flexora_toy, flexora_toy_search, retrained_test_mse
 
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
-from tests.conftest import recipe_for
 import torch
 from torch import nn
 
-from floe_dist.stages.allocate import model_shape, run as allocate
 from floe_dist.allocation import Allocation
-from floe_dist.methods.guilomo import (EXPERT_OFF, EXPERT_ON, RANK_OFF, ExpertMask, GuidedLoRAMoE, RankMask,
-                               finite_difference_hvp, guilomo_search)
+from floe_dist.methods.guilomo import (
+    EXPERT_OFF,
+    EXPERT_ON,
+    RANK_OFF,
+    ExpertMask,
+    GuidedLoRAMoE,
+    RankMask,
+    finite_difference_hvp,
+    guilomo_search,
+)
+from floe_dist.stages.allocate import model_shape
+from floe_dist.stages.allocate import run as allocate
+from tests.conftest import recipe_for
 
 
 def test_expert_mask_gradient_is_the_cumulative_sum_at_the_winner_only():

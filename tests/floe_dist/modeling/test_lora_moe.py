@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from floe_dist.modeling.lora_moe import LoRAMoELinear, count_active_parameters, count_lora_parameters
+from floe_dist.allocation import count_active_parameters, count_lora_parameters
+from floe_dist.modeling.lora_moe import LoRAMoELinear
 
 D_IN, D_OUT = 16, 12
 

@@ -35,7 +35,7 @@ def exported(tmp_path, quant: str, experts: int = 1):
     torch.manual_seed(0)
     inject_adapters(lm, allocation)
     with torch.no_grad():
-        for name, p in lora_state_dict(lm).items():
+        for p in lora_state_dict(lm).values():
             p.normal_(0, 0.05)
     state = {k: v.detach().clone() for k, v in lora_state_dict(lm).items()}
     return save_adapter(tmp_path / f"adapter-{quant}-{experts}", state, allocation,

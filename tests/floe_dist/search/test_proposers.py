@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -16,9 +18,9 @@ def drive(out: Path, rounds: int = 24, pending: str = "none", watch=None, model_
     """``rounds`` sequential ask/tell rounds of the real SmacProposer on a synthetic cost (best at rank 4, lr 1e-2),
     no training: [[config, budget, origin, cost], ...] in the order asked. ``watch(proposer, ledger)`` is called
     once the proposer exists."""
+    from floe_dist.recipe import SearchSection
     from floe_dist.search.ledger import Ledger
     from floe_dist.search.proposers import SmacProposer
-    from floe_dist.recipe import SearchSection
 
     out.mkdir(parents=True)
     args = SearchSection(mode="smac", brackets="sh", random_interleave=0.2, ranks="1,2,4,8,16,32", lr="1e-4:1e-1",
@@ -139,9 +141,9 @@ def test_a_free_worker_waits_for_the_result_that_lets_the_model_propose(tmp_path
     first bracket has nothing to issue (its third trial runs) and the model has 2 results, one fewer than it needs,
     so asking now would draw the next bracket's configuration at random. The proposer says to wait; once the third
     result is in, the promotion and then a model proposal follow."""
+    from floe_dist.recipe import SearchSection
     from floe_dist.search.ledger import Ledger
     from floe_dist.search.proposers import SmacProposer
-    from floe_dist.recipe import SearchSection
 
     def start(name: str):
         out = tmp_path / name
@@ -177,3 +179,16 @@ def test_a_free_worker_waits_for_the_result_that_lets_the_model_propose(tmp_path
     ledger, proposer = start("asks-anyway")  # the same search, asking at the point where the proposer waits
     up_to_the_wait(ledger, proposer)
     assert proposer.ask(ledger).origin == "random"
+
+
+def test_the_smac_patches_refuse_a_smac_they_were_not_tested_on_and_the_pin_is_that_smac(monkeypatch):
+    import importlib.metadata
+    import re
+
+    from floe_dist.search import smac_patches
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.0")
+    with pytest.raises(ImportError, match=r"supports smac 2\.4\.1; smac 2\.5\.0 is installed"):
+        smac_patches.check_version()
+    pins = re.findall(r'"smac([^"]*)"', (REPO / "pyproject.toml").read_text())
+    assert pins == [f"=={v}" for v in smac_patches.SUPPORTED]

@@ -10,7 +10,7 @@ from floe_dist.data import Example, collate, encode
 from floe_dist.evaluation import accuracy, choice_loss, choice_scores
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
-from tests.conftest import run_floe
+from tests.conftest import run_floe, run_here
 
 
 def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
@@ -62,7 +62,7 @@ def test_answer_loss_equals_cross_entropy_on_full_logits(tiny_model_dir):
 def test_evaluate_command_and_its_errors(tmp_path):
     proc = run_floe(["evaluate", "--model", "tiny", "--task", "sst2", "--limit", "8"])
     assert "sst2/test: accuracy" in proc.stdout
-    proc = run_floe(["evaluate", "--model", "tiny", "--adapter", str(tmp_path / "none")], check=False)
+    proc = run_here(["evaluate", "--model", "tiny", "--adapter", str(tmp_path / "none")])
     assert proc.returncode == 2 and "not a complete floe-dist export" in proc.stderr
-    proc = run_floe(["evaluate", "--model", str(tmp_path / "nomodel")], check=False)
+    proc = run_here(["evaluate", "--model", str(tmp_path / "nomodel")])
     assert proc.returncode == 2 and "not a known name" in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.bench_plan_published import PUBLISHED, predict
 from benchmarks.result_file import read_result
 from floe_dist.stages.plan import PlanInputs, count_model, model_config, plan
-from tests.conftest import run_floe
+from tests.conftest import run_floe, run_here
 
 
 def test_meta_device_counts_equal_the_loaded_model(tiny_model_dir):
@@ -70,7 +70,7 @@ def test_bad_plan_inputs_fail_clearly(tmp_path):
                            (["--ep-size", "2", "--zero", "2", "--router", "topk"], "runs beside ZeRO-3"),
                            (["--mfu", "2"], "plan.mfu must be in (0, 1]"),
                            (["--allocation", str(tmp_path / "missing.json")], "file not found")]:
-        proc = run_floe(["plan", "--model", "llama3-70b", "--nproc", "8", *flags], check=False)
+        proc = run_here(["plan", "--model", "llama3-70b", "--nproc", "8", *flags])
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="--quant must be one of"):
         plan(PlanInputs(quant="int3"))

@@ -102,9 +102,9 @@ def _probe_logits(model: str, adapter: Path | None, quant: str, out: Path) -> to
 def _reference_model(run_dir: Path, quant: str) -> torch.nn.Module:
     """The backbone with adapter weights consolidated from the last checkpoint by DeepSpeed's zero_to_fp32."""
     from floe_dist.allocation import Allocation
-    from floe_dist.stages.export import consolidated_lora_state
     from floe_dist.modeling.backbone import load_backbone, resolve_model
     from floe_dist.modeling.inject import inject_adapters, lora_state_dict
+    from floe_dist.stages.export import consolidated_lora_state
 
     ckpt = run_dir / "checkpoints"
     state = consolidated_lora_state(ckpt, (ckpt / "latest").read_text().strip())
