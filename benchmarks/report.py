@@ -305,6 +305,16 @@ def chat_turns(d):
               f"{d['rows'][0]['examples']} test conversations.")
 
 
+def packing(d):
+    rows = [[r["arm"], r["steps"], f"{r['trained_examples']:,}", f"{r['trained_tokens']:,}", f"{r['train_s']:.0f} s",
+             f"**{r['tokens_per_s']:.0f}**", f"{r['loss']:.3f}", pct(r["numeric_match"]), pct(r["exact_match"])]
+            for r in d["rows"]]
+    return (table(["arm", "train steps", "examples trained", "tokens trained (no padding)", "train stage wall",
+                   "tokens / s", "last-turn answer loss", "numeric match", "exact match"], rows)
+            + f"\n\nSeed {d['rows'][0]['seed']}, one run per arm; {d['conversations']} conversations; scored on the "
+              f"last turn of the first {d['rows'][0]['examples']} test conversations.")
+
+
 def lm_eval_agreement(d):
     rows = [[r["examples"], pct(r["floe_dist_accuracy"]), pct(r["lm_eval_accuracy"]), f"{r['seconds']} s"]
             for r in d["rows"]]
@@ -473,6 +483,7 @@ TABLES = {
     "compare-allocators-sst2": ("compare_allocators_sst2", compare_allocators),
     "load": ("load", backbone_load),
     "chat-turns": ("chat_turns", chat_turns),
+    "packing": ("packing", packing),
     "lm-eval-agreement": ("lm_eval_agreement", lm_eval_agreement),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),
