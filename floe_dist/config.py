@@ -58,6 +58,15 @@ def integers(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
+def number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def strings(value: Any, separator: str) -> bool:
+    """A YAML list of strings none of which holds the compact form's separator."""
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) and separator not in v for v in value)
+
+
 class Compact(str):
     """A setting people write as YAML (a list, a pair, a map or a number) or, on the command line and in older
     recipes, as one compact string; the recipe holds the compact string, so what reads it, what resumes compare
@@ -68,100 +77,70 @@ class Compact(str):
 
     @classmethod
     def parse(cls, value: Any) -> str:
-        return value if isinstance(value, str) else cls.join(value)
+        written = value if isinstance(value, str) else cls.join(value)
+        if written is None:
+            raise ValueError(f"expected {cls.accepts}, got {value!r}")
+        return written
 
-    @classmethod
-    def join(cls, value: Any) -> str:
-        raise ValueError(f"expected {cls.accepts}, got {value!r}")
+    @staticmethod
+    def join(value: Any) -> str | None:
+        """The compact string of a YAML value, or None when the value has another shape."""
+        return None
 
 
 class Names(Compact):
     accepts = "a list of names ([q_proj, v_proj]) or 'q_proj,v_proj'"
-
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "," not in v for v in value):
-            return ",".join(value)
-        return super().join(value)
+    join = staticmethod(lambda v: ",".join(v) if strings(v, ",") else None)
 
 
 class Ranks(Compact):
     accepts = "a list of integers >= 1 ([2, 4, 8]) or '2,4,8'"
-
-    @classmethod
-    def join(cls, value):
-        if integers(value):
-            return ",".join(map(str, value))
-        return super().join(value)
+    join = staticmethod(lambda v: ",".join(map(str, v)) if integers(v) else None)
 
 
 class LearningRates(Compact):
     accepts = "a range [LO, HI] searched on a log scale (or 'LO:HI'), or one value, each > 0 and LO <= HI"
 
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    @staticmethod
+    def join(value):
+        if number(value):
             return short_float(value)
-        if isinstance(value, (list, tuple)) and len(value) == 2 and \
-                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)):
             return f"{short_float(value[0])}:{short_float(value[1])}"
-        return super().join(value)
+        return None
 
 
 class Pairs(Compact):
     accepts = "a map ({instruction: question}) or 'instruction=question,...'"
-
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            return ",".join(f"{k}={v}" for k, v in value.items())
-        return super().join(value)
+    join = staticmethod(lambda v: ",".join(f"{k}={x}" for k, x in v.items())
+                        if isinstance(v, dict) and strings([*v, *v.values()], ",") else None)
 
 
 class StopStrings(Compact):
     accepts = "a list of strings ([\"\\n\", \"###\"]) or strings separated by '||'"
-
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "||" not in v for v in value):
-            return "||".join(v.replace("\n", "\\n") for v in value)  # a newline as the string form writes it
-        return super().join(value)
+    # a newline as the string form writes it
+    join = staticmethod(lambda v: "||".join(x.replace("\n", "\\n") for x in v) if strings(v, "||") else None)
 
 
 class Schedule(Compact):
     accepts = "per-group counts as a list ([2, 4, 6, 8]) or digits ('2468'), or 'uniform'"
-
-    @classmethod
-    def join(cls, value):
-        if value and integers(value) and all(1 <= v <= 9 for v in value):
-            return "".join(map(str, value))
-        return super().join(value)
+    join = staticmethod(lambda v: "".join(map(str, v)) if v and integers(v) and all(1 <= x <= 9 for x in v)
+                        else None)
 
 
 class ZeroConfig(Compact):
     accepts = "a ZeRO stage (0, 2, 3) or a DeepSpeed JSON path"
-
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        return super().join(value)
+    join = staticmethod(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else None)
 
 
 class Duration(Compact):
     accepts = DURATION_FORMS
-
-    @classmethod
-    def join(cls, value):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return f"{value:g}"
-        return super().join(value)
-
+    join = staticmethod(lambda v: f"{v:g}" if number(v) and v > 0 else None)
 
 
 def register_compact_types() -> None:
     """Let jsonargparse parse every Compact setting with its own ``parse`` (idempotent)."""
     from jsonargparse.typing import register_type
 
-    for cls in (Names, Ranks, LearningRates, Pairs, StopStrings, Schedule, ZeroConfig, Duration):
+    for cls in Compact.__subclasses__():
         register_type(cls, serializer=str, deserializer=cls.parse)

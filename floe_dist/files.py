@@ -102,9 +102,9 @@ def exclusive(folder: Path, wait: float = 3.0) -> Iterator[None]:
                 folder.rmdir()
 
 
-def exclusive_output(output: str | None, is_main: bool = True):
-    """``exclusive`` over a stage's ``--output`` folder, taken by the launch's rank 0 only (``is_main``); a file
-    output, or none: nothing to hold."""
-    if not output or Path(output).suffix or not is_main:
+def exclusive_output(folder: str | None, is_main: bool = True):
+    """``exclusive`` over a run's output folder, taken by the launch's rank 0 only (``is_main``); none (a command
+    that writes one file, or only prints): nothing to hold."""
+    if not folder or not is_main:
         return nullcontext()
-    return exclusive(Path(output))
+    return exclusive(Path(folder))

@@ -92,11 +92,8 @@ class DataSection:
 
     def __post_init__(self):
         """A source's columns and roles as YAML maps, like data.columns and data.roles, become their strings."""
-        def written(value):
-            try:
-                return Pairs.parse(value)
-            except ValueError:
-                return value  # problems() names it
+        def written(value):  # another shape stays as it is: problems() names it
+            return value if (compact := Pairs.join(value)) is None else compact
 
         self.sources = [{**s, **{k: written(s[k]) for k in ("columns", "roles") if k in s}}
                         if isinstance(s, dict) else s for s in self.sources]

@@ -275,21 +275,23 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe is not None and hasattr(options, "recipe") and options.recipe is None:
                     options.recipe = str(write_recipe(Path(options.output), recipe))  # what the job runs
                 module.run(options)
-        elif name in RANK_COMMANDS and (nproc := ranks_to_start(parsed[1].parallel)):
-            output = parsed[2]
-            with exclusive_output(output):  # held here for the ranks (FLOE_DIST_OUTPUT_HELD)
-                print(f"floe-dist {name}: starting parallel.nproc = {nproc} ranks on this machine", flush=True)
-                env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc), "FLOE_DIST_OUTPUT_HELD": str(output)}
-                return subprocess.call(local_ranks_command([name, *rest], nproc), env=env, preexec_fn=die_with_parent)
         else:
             module, recipe, output = parsed
-            held = output is not None and os.environ.get("FLOE_DIST_OUTPUT_HELD") == str(output)
-            with exclusive_output(output, discover().is_main and not held):
+            one_file = getattr(module, "OUTPUT_FILE", None)  # else --output is the run's folder
+            folder = output if output and (one_file is None or output_file(output, one_file) != Path(output)) \
+                else None
+            if name in RANK_COMMANDS and (nproc := ranks_to_start(recipe.parallel)):
+                with exclusive_output(folder):  # held here for the ranks (FLOE_DIST_OUTPUT_HELD)
+                    print(f"floe-dist {name}: starting parallel.nproc = {nproc} ranks on this machine", flush=True)
+                    env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc),
+                           "FLOE_DIST_OUTPUT_HELD": str(folder)}
+                    return subprocess.call(local_ranks_command([name, *rest], nproc), env=env,
+                                           preexec_fn=die_with_parent)
+            held = os.environ.get("FLOE_DIST_OUTPUT_HELD") == str(folder)
+            with exclusive_output(folder, discover().is_main and not held):
                 module.run(recipe, output)
-                one_file = getattr(module, "OUTPUT_FILE", None)
-                folder = output and (one_file is None or output_file(output, one_file) != Path(output))
                 if folder and discover().is_main and name != "campaign":
-                    write_recipe(Path(output), recipe)  # beside the stage's outputs; a refused run leaves nothing
+                    write_recipe(Path(folder), recipe)  # beside the stage's outputs; a refused run leaves nothing
     except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as err:
         print(f"floe-dist {name}: error: {err}", file=sys.stderr)
         return 2
