@@ -159,6 +159,7 @@ def run_one(args) -> dict:
     from floe_dist.distributed import engine as ds
     from floe_dist.distributed.runtime import device_for, init_distributed
     from floe_dist.flops import utilisation
+    from floe_dist.modeling.lora_moe import compiled_router_ran
     from floe_dist.schedule import warmup_cosine
     from floe_dist.stages.plan import count_model
 
@@ -203,7 +204,7 @@ def run_one(args) -> dict:
               "mfu": utilisation(per_token.model, tokens / step, args.peak_tflops),
               "hfu": utilisation(per_token.hardware, tokens / step, args.peak_tflops), "losses": losses,
               "build_seconds": build_seconds, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "router_compiled": compiled_router_ran()}
     if cuda:
         free, total = torch.cuda.mem_get_info()
         context = (total - free) - torch.cuda.memory_reserved()  # CUDA/NCCL context and library workspaces

@@ -237,6 +237,28 @@ def search_fidelity(d):
     return per_config + "\n\n" + chosen + "\n\n" + means
 
 
+def rank_agreement(d):
+    """Kendall's tau-b (scipy) between each short rung's ordering of the configurations and the long run's, both on
+    the validation examples: by validation cost (cross-entropy, the default objective) and by validation accuracy
+    (the error objective), against the validation accuracy after the last length. No test split is used."""
+    from statistics import mean
+
+    from scipy.stats import kendalltau
+
+    *rungs, final = d["rows"][0]["budgets"]
+
+    def tau(r, key):
+        outcome = [c[f"val_accuracy_{final}"] for c in r["configs"]]
+        ordering = [-c[key] if key.startswith("cost") else c[key] for c in r["configs"]]  # higher is better
+        return float(kendalltau(ordering, outcome).statistic)
+
+    keys = [k for b in rungs for k in (f"cost_{b}", f"val_accuracy_{b}")]
+    rows = [[r["seed"], *(f"{tau(r, k):+.2f}" for k in keys)] for r in d["rows"]]
+    rows.append(["**mean**", *(f"**{mean(tau(r, k) for r in d['rows']):+.2f}**" for k in keys)])
+    return table(["seed", *(f"tau, {'cost' if k.startswith('cost') else 'accuracy'} at {k.rsplit('_', 1)[1]} steps"
+                            for k in keys)], rows)
+
+
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
                  [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s",
@@ -474,6 +496,7 @@ TABLES = {
     "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
+    "search-fidelity-agreement": ("search_fidelity", rank_agreement),
     "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),

@@ -27,6 +27,7 @@ from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
+from floe_dist.modeling.lora_moe import compiled_router_ran
 from floe_dist.recipe import Recipe, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
@@ -307,7 +308,7 @@ class Trainer:
         summary = {"steps": t.end, "world_size": layout.world_size, "ep_size": p.ep_size,
                    "truncated_examples": self.truncated,
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
-                   "step_seconds": self.step_seconds,
+                   "step_seconds": self.step_seconds, "router": "compiled" if compiled_router_ran() else "eager",
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
                    + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
         if layout.is_main:

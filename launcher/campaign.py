@@ -8,11 +8,11 @@ Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy ->
 the score stage: warm-up and Fisher layer selection; any other registered method otherwise) -> search
 (SMAC picks rank and learning rate for the allocated layers from short parallel trials) -> train ->
 accuracy of the exported adapter. Score and train run as ``torchrun`` (or ``srun``) groups of
-``parallel.nproc`` ranks per node; search trials are single processes, as many at once as the machine
-holds. The resolved recipe is written to ``<output>/recipe.yaml`` and each stage's folder. A stage
-whose result file exists is skipped when the campaign is rerun, so an interrupted campaign continues
-where it stopped; a rerun whose recipe changed a setting that a finished stage used is refused with
-the keys that changed.
+``parallel.nproc`` ranks per node (one local rank: the stage's own process); search trials are single
+processes, as many at once as the machine holds. The resolved recipe is written to ``<output>/recipe.yaml``
+and each stage's folder. A stage whose result file exists is skipped when the campaign is rerun, so an
+interrupted campaign continues where it stopped; a rerun whose recipe changed a setting that a finished
+stage used is refused with the keys that changed.
 """
 from __future__ import annotations
 
@@ -132,7 +132,25 @@ def problems(recipe: Recipe) -> list[str]:
             searched_allocations(recipe)
         except ValueError as err:
             problems.append(str(err))
+    budget = None if recipe.campaign.problems() else recipe.campaign.budget_seconds()
+    if budget is not None and budget < smallest_budget(recipe):
+        problems.append(f"campaign.budget {recipe.campaign.budget} ({budget:.0f}s) cannot hold the smallest trial and "
+                        f"a final run: give at least {smallest_budget(recipe):.0f}s (what starting their stages "
+                        f"takes; the steps and both evaluations come on top)")
+    elif budget is not None and recipe.search.enabled and recipe.campaign.search_share == 0:
+        problems.append("campaign.search_share 0 leaves the search no time: give it a share, or search.enabled false")
     return problems
+
+
+def smallest_budget(recipe: Recipe) -> float:
+    """The least ``campaign.budget`` known to be needed before any step's speed is: a launched stage's start for
+    the scoring stage, the search's share holding one trial's start, the final run's start and first checkpoint
+    (``train_time``'s floor), and the margin ``time_left`` keeps back. Steps and evaluations come on top, measured
+    as the campaign runs (``search_time`` and ``train_time`` refuse then with the measured figures)."""
+    scoring = START_MARGIN if recipe.allocate.method == "floe" and not recipe.allocate.file else 0.0
+    share = recipe.campaign.search_share
+    search = START_MARGIN / share if recipe.search.enabled and share > 0 else 0.0
+    return START_MARGIN + scoring + max(search, 2 * START_MARGIN / (1 - share))
 
 
 def validate(recipe: Recipe) -> None:
@@ -252,10 +270,15 @@ def budgeted(recipe: Recipe, out: Path) -> Recipe:
     whose budget changed says so (the stages still to run take the new one)."""
     c, t = recipe.campaign, recipe.train
     record = out / "budget.json"
-    before = json.loads(record.read_text())["budget"] if record.is_file() else c.budget
-    if before != c.budget:
-        print(f"[campaign] campaign.budget changed from {before or 'none'} to {c.budget or 'none'}: the stages still "
-              f"to run are planned on the new one")
+    before = json.loads(record.read_text()) if record.is_file() else {"budget": c.budget}
+    if before["budget"] != c.budget:
+        spent = sum(json.loads((out / f).read_text()).get("_seconds", 0.0) for f in RESULT_FILES.values()
+                    if (out / f).is_file())
+        left = {k: f"{s - spent:.0f}s" if s else "train.steps" for k, s in
+                (("before", before.get("seconds")), ("now", c.budget_seconds()))}
+        print(f"[campaign] campaign.budget changed from {before['budget'] or 'none'} to {c.budget or 'none'}: after "
+              f"the {spent:.0f}s the finished stages took, the stages still to run get {left['now']} instead of "
+              f"{left['before']}")
     write_json_atomic(record, {"budget": c.budget, "seconds": c.budget_seconds()})
     if not c.budget or t.warmup_steps is not None:
         return recipe
@@ -271,6 +294,11 @@ def search_time(c: Campaign) -> float:
                          f"about {c.timings.get('zero_shot', 0.0):.0f}s; give at least those "
                          f"{budget - left:.0f}s plus the search's and the final run's time")
     share = c.recipe.campaign.search_share
+    if share * left < START_MARGIN:
+        raise ValueError(f"campaign.budget {c.recipe.campaign.budget} ({budget:.0f}s) leaves the search "
+                         f"{share * left:.0f}s ({share:.0%} of {left:.0f}s) after {c.spent():.0f}s of zero-shot "
+                         f"evaluation and allocation, less than a trial's start ({START_MARGIN:.0f}s); give at least "
+                         f"{budget - left + START_MARGIN / share:.0f}s plus the trials' and the final run's steps")
     print(f"[campaign] budget {budget:.0f}s: {c.spent():.0f}s spent, {share:.0%} of the {left:.0f}s left "
           f"({share * left:.0f}s) for the search, the rest for the final run")
     return share * left

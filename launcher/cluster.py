@@ -91,9 +91,12 @@ def srun_stage_command(stage_argv: list[str], nodes: int, tasks_per_node: int) -
 
 
 def local_ranks_command(stage_argv: list[str], nproc: int) -> list[str]:
-    """torchrun with nproc ranks on this machine, on a free port."""
+    """torchrun with nproc ranks on this machine, on a free port; one rank is the stage's process itself (a world of
+    one needs no rendezvous, and torchrun's agent would cost an interpreter start)."""
     from floe_dist.distributed.runtime import free_port
 
+    if nproc == 1:
+        return [sys.executable, "-m", "launcher.cli", *stage_argv]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "-m", "launcher.cli", *stage_argv]
 

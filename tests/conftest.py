@@ -14,6 +14,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLOE_DIST_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one torch.compile cache for every test process: the compiled router's kernels are built once a session (a cold
+# build is about 16 s of CPU per process), not once per run; train.json's "router" says which router ran
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ["FLOE_DIST_CACHE"]) / "inductor"))
 # Tests run tiny models and toys, whose small kernels are slower on 2 threads than on 1 (the Flexora toy
 # search took 10 s on 1 thread and 27 s on 2, measured once beside another job); 2-rank runs take a core each.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -194,8 +197,9 @@ def _teardown_process_group():
 
 
 # A 2-rank ZeRO-3 run that checkpoints every 5 steps with dropout on (its RNG must resume too): the
-# kill -9 test (test_train.py) and the Slurm requeue test (test_cluster_ops.py) interrupt it.
-RESUMABLE_RUN = ["--model", "tiny", "--steps", "40", "--micro-batch", "2", "--zero", "3", "--checkpoint-every", "5",
+# kill -9 test (test_train.py) and the Slurm requeue test (test_cluster_ops.py) interrupt it once step 6 is
+# logged (a checkpoint at 5 behind it, 18 steps before its end).
+RESUMABLE_RUN = ["--model", "tiny", "--steps", "24", "--micro-batch", "2", "--zero", "3", "--checkpoint-every", "5",
                  "--experts", "2", "--router", "topk", "--top-k", "1", "--rank", "4", "--targets", "q_proj,v_proj,up_proj",
                  "--dropout", "0.1"]
 

@@ -32,10 +32,11 @@ PRELOAD = ("torch", "numpy", "transformers", "transformers.models.llama.modeling
            "floe_dist.stages.train", "floe_dist.stages.score", "floe_dist.stages.search",
            "floe_dist.stages.evaluate", "floe_dist.stages.generate", "floe_dist.stages.allocate")
 # read when a run needs them, never at import: by floe-dist and the tests' emulations (FLOE_, TOY_), pytest, the
-# Slurm commands of the test cluster (SLURM_CONF, set once that cluster is up), and torch (its compiler exports
-# its cache folder in the test process once something compiled there): these may differ
+# Slurm commands of the test cluster (SLURM_CONF, set once that cluster is up), torch (its compiler exports
+# its cache folder in the test process once something compiled there) and W&B (read by ``wandb.init``; the server
+# never imports wandb): these may differ
 RUNTIME_VARS = ("TOY_", "FLOE_", "PYTEST_", "SLURM_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
-                "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK")
+                "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK", "WANDB_")
 
 
 def _run_child(request: dict, rank_env: dict[str, str]) -> None:
@@ -117,6 +118,8 @@ def serve() -> None:
     os.dup2(2, 1)  # what imports print goes to stderr and cannot corrupt the answers
     for module in PRELOAD:
         importlib.import_module(module)
+    if "wandb" in sys.modules:  # its variables would then be fixed at import, not runtime (RUNTIME_VARS)
+        raise RuntimeError("the forked-CLI server imported wandb: take WANDB_ out of RUNTIME_VARS")
     print(json.dumps({"ready": os.getpid()}), file=channel, flush=True)
     for line in sys.stdin:
         request = json.loads(line)

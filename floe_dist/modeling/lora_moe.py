@@ -365,6 +365,12 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)  # a graph break would bring the launches back: fail instead
 
 
+def compiled_router_ran() -> bool:
+    """Whether this process ran the compiled router (``train.json`` records it: the opt-in is an environment
+    variable, easy to set on one node and not another)."""
+    return compiled.cache_info().currsize > 0
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for t in module.parameters():
         if t.device.type != "meta":

@@ -29,7 +29,7 @@ from floe_dist.allocation import Allocation, ModuleAllocation
 from floe_dist.data import collate, encode, load_data
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
-from floe_dist.distributed.runtime import all_reduce_sum
+from floe_dist.distributed.runtime import all_reduce_sum, main_rank_first
 from floe_dist.distributed.sharded_load import load_for_layout
 from floe_dist.files import write_json_atomic
 from floe_dist.methods.fisher import accumulate_fisher, default_k, refine_with_block, select_budget, select_top_k
@@ -153,12 +153,14 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
         "seconds": {"warmup": t_warm, "score": t_score, "total": time.time() - t0},
         "trainable_parameters": allocation.trainable_parameters, "settings": settings_of(recipe, SECTIONS),
     }
-    if info.is_main:
-        write_json_atomic(out / "fisher.json", result)
-        allocation.save(out / "allocation.json")
-        plot_scores(out / "fisher.png", layers, scores.tolist(), kept, f"{recipe.score.mode} Fisher, {recipe.data.name}")
-        print(f"scored {len(layers)} layers on {sums.samples} samples ({info.world_size} rank(s)); "
-              f"selected {kept} -> {out / 'allocation.json'}")
+    with main_rank_first():  # the ranks leave together, once the files are written (no teardown beside the plot)
+        if info.is_main:
+            write_json_atomic(out / "fisher.json", result)
+            allocation.save(out / "allocation.json")
+            plot_scores(out / "fisher.png", layers, scores.tolist(), kept,
+                        f"{recipe.score.mode} Fisher, {recipe.data.name}")
+            print(f"scored {len(layers)} layers on {sums.samples} samples ({info.world_size} rank(s)); "
+                  f"selected {kept} -> {out / 'allocation.json'}")
     return result
 
 

@@ -32,15 +32,15 @@ def run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_throughput_script_trains_fused_and_eager_moe_alike(tmp_path, gpu_files_kept):
-    raw, inductor = tmp_path / "raw.json", tmp_path / "inductor"
+    raw = tmp_path / "raw.json"
     # FLOE_DIST_FUSED_ROUTER=1: the moe variant compiles its router here too, as it does on a GPU by default
     run("gpu_throughput.py", "--shapes", "tiny", "--variants", "peft-quarter,moe,moe-eager", "--steps", "2",
         "--warmup", "1", "--micro-batch", "2", "--seq-len", "32", "--output", str(raw),
-        env={"FLOE_DIST_FUSED_ROUTER": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor)})
-    assert any(inductor.rglob("*.py"))  # what torch.compile writes: the fused router did run
+        env={"FLOE_DIST_FUSED_ROUTER": "1"})
     rows = {r["variant"]: r for r in json.loads(raw.read_text())}
     assert sorted(rows) == ["moe", "moe-eager", "peft-quarter"] and not any("error" in r for r in rows.values())
     fused, eager, peft = rows["moe"], rows["moe-eager"], rows["peft-quarter"]
+    assert fused["router_compiled"] and not eager["router_compiled"]  # the fused router did run, and only there
     assert fused["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     assert fused["trainable"] == eager["trainable"] and abs(fused["trainable"] / peft["trainable"] - 1) < 0.05
     assert 0 < fused["mfu"] < fused["hfu"]  # the dense dispatch computes every expert, the model counts top-2

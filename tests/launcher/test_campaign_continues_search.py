@@ -21,16 +21,28 @@ def test_a_wsd_schedule_is_the_prefix_of_every_longer_one_and_its_cooldown_ends_
 
 
 def test_the_final_run_continues_the_winning_trial_and_equals_a_straight_run(tmp_path):
-    """Without dropout and on the split the trials train on, the campaign's final adapter (the winning line's first
-    steps, continued) equals one run of its recipe from step 0; no step of the winning line is trained twice."""
+    """The default recipe's path (allocate.method uniform, one process): no score stage; the search's one candidate
+    is the allocate stage's, so it tunes the rank and learning rate of adapters on every layer. Without dropout and
+    on the split the trials train on, the campaign's final adapter (the winning line's first steps, continued)
+    equals one run of its recipe from step 0; no step of the winning line is trained twice."""
     from safetensors.torch import load_file
 
+    from floe_dist.recipe import Recipe
+
+    assert Recipe().allocate.method == "uniform" and Recipe().search.allocations == "uniform"
     out = tmp_path / "c"
     run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
               "--parallel.zero", "0", "--adapter.dropout", "0", "--train.split", "fit", "--search.min_steps", "1",
               "--search.max_steps", "3", "--output", str(out)])
+    assert not (out / "allocate" / "fisher.json").exists()
+    assert json.loads((out / "allocate_stage.json").read_text())["layers"] == [0, 1, 2, 3]
     ledger = json.loads((out / "search" / "search.json").read_text())
     summary, trials = ledger["summary"], ledger["trials"]
+    assert set(summary["candidates"]) == {"uniform"} and summary["allocation"] == "uniform"
+    allocation = json.loads((out / "train" / "allocation.json").read_text())
+    assert sorted(map(int, allocation["layers"])) == [0, 1, 2, 3]
+    assert {r for mods in allocation["layers"].values() for m in mods.values() for r in m["ranks"]} == \
+        {summary["rank"]}
     promoted = [t for t in trials if t["budget"] == 3 and any(
         u["config"] == t["config"] and u["budget"] == 1 for u in trials)]
     assert promoted and all(t["metrics"]["resumed_from"] == 1 for t in promoted)  # continued, not restarted
@@ -46,6 +58,7 @@ def test_the_final_run_continues_the_winning_trial_and_equals_a_straight_run(tmp
     assert line_steps == [1, 2, 3] and final_steps == [4, 5, 6]  # every position of the stream once
     campaign = json.loads((out / "campaign.json").read_text())
     assert campaign["steps_reused"] == 3 and campaign["train_steps"] == 6
+    assert campaign["method"] == "uniform" and campaign["lr"] == summary["lr"]
     straight = tmp_path / "straight"
     trained = read_recipe(out / "train" / "recipe.yaml")
     assert trained.train.lr == summary["lr"] and trained.train.split == "fit"
@@ -99,15 +112,36 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
     assert "cooldown" in why_not(line, replace(final, train=replace(final.train, steps=4)), 3)
 
 
-def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp_path):
+def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp_path, capsys):
+    """An unknown unit, and a budget below the stages' starts, are refused before any stage (nothing written); a
+    budget above that floor whose search share cannot start a trial once zero-shot has been measured is refused
+    before the search; a resumed campaign whose budget changed says so."""
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from launcher.campaign import budgeted, smallest_budget
+
     out = tmp_path / "c"
     proc = run_here(["campaign", "--config", "tiny", "--campaign.budget", "2d", "--output", str(out)])
     assert proc.returncode == 2 and "campaign.budget: '2d' is not a duration; write seconds (900), 900s, 45m, 2h" \
         in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
-    proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
-                     "--parallel.zero", "0", "--campaign.budget", "3", "--output", str(out)], check=False)
-    assert proc.returncode == 2 and "campaign.budget 3 (3s) is spent before the search" in proc.stderr
-    assert "give at least" in proc.stderr and not (out / "search").exists()
-    proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
-                     "--parallel.zero", "0", "--campaign.budget", "4", "--output", str(out)], check=False)
-    assert "campaign.budget changed from 3 to 4" in proc.stdout and "zero_shot: done earlier" in proc.stdout
+    uniform = ["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
+               "--parallel.zero", "0", "--output", str(out)]
+    recipe = load_recipe("tiny", ["--allocate.method", "uniform"])
+    floor = smallest_budget(recipe)  # a trial's start in 30% of what is left, the margin kept back
+    assert floor == pytest.approx(START_MARGIN + START_MARGIN / 0.3)
+    assert smallest_budget(load_recipe("tiny")) == pytest.approx(floor + START_MARGIN)  # + the scoring stage's start
+    proc = run_here([*uniform, "--campaign.budget", "20"])
+    assert proc.returncode == 2 and "campaign.budget 20 (20s) cannot hold the smallest trial and a final run" in \
+        proc.stderr and f"give at least {floor:.0f}s" in proc.stderr and not out.exists()
+    proc = run_here([*uniform, "--campaign.budget", "20", "--print_config"])  # --print_config reports it too
+    assert proc.returncode == 2 and "cannot hold the smallest trial" in proc.stderr
+    proc = run_floe([*uniform, "--campaign.budget", str(round(floor + 0.5))], check=False)  # zero-shot takes the rest
+    assert proc.returncode == 2 and "leaves the search" in proc.stderr and "less than a trial's start" in proc.stderr
+    assert (out / "zero_shot.json").is_file() and not (out / "search").exists()
+    capsys.readouterr()
+    budgeted(replace(recipe, campaign=replace(recipe.campaign, budget="60")), out)  # a rerun with another budget
+    spent = sum(json.loads((out / f"{stage}.json").read_text())["_seconds"] for stage in ("prepare", "zero_shot"))
+    assert f"campaign.budget changed from {round(floor + 0.5)} to 60: after the {spent:.0f}s the finished stages " \
+           f"took, the stages still to run get {60 - spent:.0f}s instead of {round(floor + 0.5) - spent:.0f}s" \
+           in capsys.readouterr().out

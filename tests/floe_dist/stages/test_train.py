@@ -194,22 +194,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted_run
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "metrics.jsonl").is_file() and len(read_metrics(killed)) >= 12:
+        if (killed / "metrics.jsonl").is_file() and len(read_metrics(killed)) >= 6:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun; its ranks (own sessions) die with it: die_with_parent
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "train.json").exists()
-    assert 12 <= len(read_metrics(killed)) < 40
+    assert 6 <= len(read_metrics(killed)) < 24
 
     time.sleep(1)  # a rank that outlived its launcher would write on here
     written = len(read_metrics(killed))
     resumed = run_floe([*common, "--output", str(killed)], nproc=2)
     step = int(re.search(r"resumed from \S+ at step (\d+)", resumed.stdout)[1])
-    assert step <= written < 40  # from the killed run's last checkpoint: its ranks died with their launcher
+    assert step <= written < 24  # from the killed run's last checkpoint: its ranks died with their launcher
     straight, again = _losses(uninterrupted_run), _losses(killed)
-    assert len(again) == 40
+    assert len(again) == 24
     for a, b in zip(straight, again):
         assert abs(a - b) <= 1e-5 * abs(a)
 
@@ -363,11 +363,10 @@ def test_fused_router_trains_as_the_eager_one_on_two_zero3_ranks(tmp_path):
               "--gradient-checkpointing"]
     runs = {}
     for fused in ("0", "1"):
-        inductor = tmp_path / f"inductor{fused}"  # what torch.compile writes: proof that it ran, or did not
-        run_floe([*common, "--output", str(tmp_path / fused)], nproc=2,
-                 env={"FLOE_DIST_FUSED_ROUTER": fused, "TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+        run_floe([*common, "--output", str(tmp_path / fused)], nproc=2, env={"FLOE_DIST_FUSED_ROUTER": fused})
         runs[fused] = read_metrics(tmp_path / fused)
-        assert any(inductor.rglob("*.py")) == (fused == "1")
+        router = json.loads((tmp_path / fused / "train.json").read_text())["router"]
+        assert router == ("compiled" if fused == "1" else "eager")
     assert len(runs["0"]) == len(runs["1"]) == 3 and runs["0"][0]["balance"] > 0
     for eager, fused in zip(runs["0"], runs["1"]):
         for key in ("loss", "balance", "grad_norm"):
