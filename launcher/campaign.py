@@ -148,8 +148,8 @@ def smallest_budget(recipe: Recipe) -> float:
     (``train_time``'s floor), and the margin ``time_left`` keeps back. Steps and evaluations come on top, measured
     as the campaign runs (``search_time`` and ``train_time`` refuse then with the measured figures)."""
     scoring = START_MARGIN if recipe.allocate.method == "floe" and not recipe.allocate.file else 0.0
-    share = recipe.campaign.search_share
-    search = START_MARGIN / share if recipe.search.enabled and share > 0 else 0.0
+    share = recipe.campaign.search_share if recipe.search.enabled else 0.0  # no search: the final run gets it all
+    search = START_MARGIN / share if share > 0 else 0.0
     return START_MARGIN + scoring + max(search, 2 * START_MARGIN / (1 - share))
 
 

@@ -131,6 +131,8 @@ def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp
     floor = smallest_budget(recipe)  # a trial's start in 30% of what is left, the margin kept back
     assert floor == pytest.approx(START_MARGIN + START_MARGIN / 0.3)
     assert smallest_budget(load_recipe("tiny")) == pytest.approx(floor + START_MARGIN)  # + the scoring stage's start
+    no_search = load_recipe("tiny", ["--allocate.method", "uniform", "--search.enabled", "false"])
+    assert smallest_budget(no_search) == pytest.approx(3 * START_MARGIN)  # the final run gets all that is left
     proc = run_here([*uniform, "--campaign.budget", "20"])
     assert proc.returncode == 2 and "campaign.budget 20 (20s) cannot hold the smallest trial and a final run" in \
         proc.stderr and f"give at least {floor:.0f}s" in proc.stderr and not out.exists()
