@@ -132,11 +132,12 @@ def problems(recipe: Recipe) -> list[str]:
             searched_allocations(recipe)
         except ValueError as err:
             problems.append(str(err))
-    budget = None if recipe.campaign.problems() else recipe.campaign.budget_seconds()
-    if budget is not None and budget < smallest_budget(recipe):
+    budget = None if recipe.campaign.problems() else recipe.campaign.budget_seconds()  # search_share in [0, 1) too
+    least = smallest_budget(recipe) if budget is not None else 0.0
+    if budget is not None and budget < least:
         problems.append(f"campaign.budget {recipe.campaign.budget} ({budget:.0f}s) cannot hold the smallest trial and "
-                        f"a final run: give at least {smallest_budget(recipe):.0f}s (what starting their stages "
-                        f"takes; the steps and both evaluations come on top)")
+                        f"a final run: give at least {least:.0f}s (what starting their stages takes; the steps and "
+                        f"both evaluations come on top)")
     elif budget is not None and recipe.search.enabled and recipe.campaign.search_share == 0:
         problems.append("campaign.search_share 0 leaves the search no time: give it a share, or search.enabled false")
     return problems

@@ -114,8 +114,8 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
 
 def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp_path, capsys):
     """An unknown unit, and a budget below the stages' starts, are refused before any stage (nothing written); a
-    budget above that floor whose search share cannot start a trial once zero-shot has been measured is refused
-    before the search; a resumed campaign whose budget changed says so."""
+    budget above that floor whose search share cannot start a trial once zero-shot and allocation are measured is
+    refused before the search; a resumed campaign whose budget changed says what the stages still to run get."""
     from dataclasses import replace
 
     from floe_dist.recipe import load_recipe
@@ -138,12 +138,17 @@ def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp
         proc.stderr and f"give at least {floor:.0f}s" in proc.stderr and not out.exists()
     proc = run_here([*uniform, "--campaign.budget", "20", "--print_config"])  # --print_config reports it too
     assert proc.returncode == 2 and "cannot hold the smallest trial" in proc.stderr
-    proc = run_floe([*uniform, "--campaign.budget", str(round(floor + 0.5))], check=False)  # zero-shot takes the rest
+    # above the floor, once the earlier stages are measured (zero-shot recorded here, so that no clock decides): an
+    # evaluation of 2 s leaves the search at most 30% of 35 - 2 - 2 (kept for the final one) - 8 s, less than a
+    # trial's start (allocation's own seconds only lower it)
+    out.mkdir()
+    (out / "prepare.json").write_text(json.dumps({"_seconds": 0.0}))
+    (out / "zero_shot.json").write_text(json.dumps({"accuracy": 0.5, "_seconds": 2.0}))
+    proc = run_here([*uniform, "--campaign.budget", "35"])
     assert proc.returncode == 2 and "leaves the search" in proc.stderr and "less than a trial's start" in proc.stderr
-    assert (out / "zero_shot.json").is_file() and not (out / "search").exists()
+    assert "zero_shot: done earlier" in proc.stdout and not (out / "search").exists()
     capsys.readouterr()
     budgeted(replace(recipe, campaign=replace(recipe.campaign, budget="60")), out)  # a rerun with another budget
-    spent = sum(json.loads((out / f"{stage}.json").read_text())["_seconds"] for stage in ("prepare", "zero_shot"))
-    assert f"campaign.budget changed from {round(floor + 0.5)} to 60: after the {spent:.0f}s the finished stages " \
-           f"took, the stages still to run get {60 - spent:.0f}s instead of {round(floor + 0.5) - spent:.0f}s" \
-           in capsys.readouterr().out
+    spent = 2.0 + json.loads((out / "allocate_stage.json").read_text())["_seconds"]
+    assert f"campaign.budget changed from 35 to 60: after the {spent:.0f}s the finished stages took, the stages " \
+           f"still to run get {60 - spent:.0f}s instead of {35 - spent:.0f}s" in capsys.readouterr().out
