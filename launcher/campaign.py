@@ -7,9 +7,10 @@
 Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> allocate (for FLoE,
 the score stage: warm-up and Fisher layer selection; any other registered method otherwise) -> search
 (SMAC picks rank and learning rate for the allocated layers from short parallel trials) -> train ->
-accuracy of the exported adapter. Score and train run as ``torchrun`` (or ``srun``) groups of
-``parallel.nproc`` ranks per node (one local rank: the stage's own process); search trials are single
-processes, as many at once as the machine holds. The resolved recipe is written to ``<output>/recipe.yaml``
+accuracy of the exported adapter. Score and train run as groups of ``parallel.nproc`` ranks per node: on this
+machine forked from the campaign's zygote, which has the stack imported (floe_dist/distributed/forked_ranks.py;
+a campaign called as a function starts torchrun or one process), under Slurm as ``srun`` steps; search trials
+are single processes (forked from it too), as many at once as the machine holds. The resolved recipe is written to ``<output>/recipe.yaml``
 and each stage's folder. A stage whose result file exists is skipped when the campaign is rerun, so an
 interrupted campaign continues where it stopped; a rerun whose recipe changed a setting that a finished
 stage used is refused with the keys that changed.
@@ -98,6 +99,7 @@ class Campaign:
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
         """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job) on ``recipe``, written
         as ``<folder>/recipe.yaml``: the stage reads exactly the objects the campaign made."""
+        from floe_dist.distributed.forked_ranks import zygote
         from launcher.cluster import local_ranks_command, srun_stage_command, threads_per_rank
 
         p = self.recipe.parallel
@@ -105,10 +107,12 @@ class Campaign:
         env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(p.nproc)}
         if p.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
             env["MASTER_PORT"] = str(free_port())
-            command = srun_stage_command(argv, p.nodes, p.nproc)
-        else:
-            command = local_ranks_command(argv, p.nproc)
-        code = subprocess.call(command, env=env, preexec_fn=die_with_parent)  # a killed campaign leaves no stage
+            code = subprocess.call(srun_stage_command(argv, p.nodes, p.nproc), env=env, preexec_fn=die_with_parent)
+        elif zygote() is not None:  # forked: no interpreter start, no imports (floe_dist/distributed/forked_ranks.py)
+            print(f"[campaign] {stage}: {p.nproc} rank(s) forked from the campaign's zygote", flush=True)
+            code = zygote().launch(["-m", "launcher.cli", *argv], env, p.nproc)
+        else:  # a killed campaign leaves no stage
+            code = subprocess.call(local_ranks_command(argv, p.nproc), env=env, preexec_fn=die_with_parent)
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
                                     f"rerun the campaign to resume it")

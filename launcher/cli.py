@@ -238,7 +238,16 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def forks_locally(name: str, recipe) -> bool:
+    """Whether the command starts local processes that a zygote could fork: a campaign's stages and trials, a
+    search's trials (floe_dist/distributed/forked_ranks.py)."""
+    if name == "campaign":
+        return recipe.parallel.launcher != "srun" or not recipe.search.runner.startswith("slurm")
+    return name == "search" and not recipe.search.runner.startswith("slurm")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None  # this process has run no tensor op yet: it may fork ranks (forked_ranks.py)
     argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"floe-dist {version()}")
@@ -261,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module.main(rest)
         return 0
+    from floe_dist.distributed.forked_ranks import Zygote
     from floe_dist.distributed.runtime import die_with_parent, discover, shutdown
     from floe_dist.files import exclusive_output, output_file
     from floe_dist.recipe import write_recipe
@@ -281,12 +291,17 @@ def main(argv: list[str] | None = None) -> int:
             folder = output if output and (one_file is None or output_file(output, one_file) != Path(output)) \
                 else None
             if name in RANK_COMMANDS and (nproc := ranks_to_start(recipe.parallel)):
+                zygote = Zygote.start() if from_command_line else None
                 with exclusive_output(folder):  # held here for the ranks (FLOE_DIST_OUTPUT_HELD)
                     print(f"floe-dist {name}: starting parallel.nproc = {nproc} ranks on this machine", flush=True)
                     env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc),
                            "FLOE_DIST_OUTPUT_HELD": str(folder)}
+                    if zygote is not None:
+                        return zygote.launch(["-m", "launcher.cli", name, *rest], env, nproc)
                     return subprocess.call(local_ranks_command([name, *rest], nproc), env=env,
                                            preexec_fn=die_with_parent)
+            if from_command_line and forks_locally(name, recipe):
+                Zygote.start()  # the stages and search workers it starts are forked from it
             held = os.environ.get("FLOE_DIST_OUTPUT_HELD") == str(folder)
             with exclusive_output(folder, discover().is_main and not held):
                 module.run(recipe, output)

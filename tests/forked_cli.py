@@ -5,8 +5,9 @@ PEFT and SMAC before a tiny run's one second of work; that was most of the suite
 process imports them once (``python -m tests.forked_cli``) and forks a child per run. The child is the CLI
 process a test would have started: ``launcher.cli`` run as ``__main__`` (runpy, as ``-m`` does) with the run's
 argv, working directory, environment and thread count, stdout and stderr in files, stdin empty, and a normal
-interpreter exit (atexit handlers, exit status). The server never runs a tensor op or starts a thread, so there
-is nothing a fork could copy half-way (no OpenMP pool, no process group).
+interpreter exit (atexit handlers, exit status): floe_dist/distributed/forked_ranks.py, which also forks a
+campaign's stages. The server never runs a tensor op or starts a thread, so there is nothing a fork could copy
+half-way (no OpenMP pool, no process group).
 
 Variables that libraries read when they are imported (``HF_HUB_OFFLINE``, ``PYTHONHASHSEED``, ...) cannot change
 in a child of an imported process, so a run whose environment differs from the server's anywhere but in
@@ -17,20 +18,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import warnings
 from pathlib import Path
 
-PRELOAD = ("torch", "numpy", "transformers", "transformers.models.llama.modeling_llama", "tokenizers", "deepspeed",
-           "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.muon.muon_optimizer", "peft", "datasets",
-           "safetensors.torch", "torch.utils.tensorboard", "smac", "ConfigSpace", "matplotlib", "launcher.cli",
-           "floe_dist.stages.train", "floe_dist.stages.score", "floe_dist.stages.search",
-           "floe_dist.stages.evaluate", "floe_dist.stages.generate", "floe_dist.stages.allocate")
+from floe_dist.distributed import forked_ranks
+
+PRELOAD = (*forked_ranks.PRELOAD, "deepspeed.runtime.zero.muon.muon_optimizer", "smac", "ConfigSpace", "matplotlib",
+           "floe_dist.stages.search", "floe_dist.stages.generate", "floe_dist.stages.allocate")
 # read when a run needs them, never at import: by floe-dist and the tests' emulations (FLOE_, TOY_), pytest, the
 # Slurm commands of the test cluster (SLURM_CONF, set once that cluster is up), torch (its compiler exports
 # its cache folder in the test process once something compiled there) and W&B (read by ``wandb.init``; the server
@@ -39,81 +36,9 @@ RUNTIME_VARS = ("TOY_", "FLOE_", "PYTEST_", "SLURM_", "OMP_NUM_THREADS", "TOKENI
                 "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK", "WANDB_")
 
 
-def _run_child(request: dict, rank_env: dict[str, str]) -> None:
-    """In the forked child: become ``python ARGV`` (``-m MODULE ...`` or ``SCRIPT ...``) and exit as it would.
-    Never returns."""
-    import random
-    import runpy
-
-    import numpy as np
-    import torch
-
-    code: object = 1
-    try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_APPEND), 1)
-        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_APPEND), 2)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update({**request["env"], **rank_env})
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-        random.seed()  # a fresh process draws fresh seeds; a fork would repeat the server's
-        np.random.seed()
-        argv = request["argv"]
-        if argv[0] == "-m":  # python -m MODULE ARGS
-            sys.argv = [argv[1], *argv[2:]]
-            # runpy warns that the module was imported before (by PRELOAD): as intended, nothing more
-            warnings.filterwarnings("ignore", f"'{argv[1]}' found in sys.modules", RuntimeWarning)
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        else:  # python SCRIPT ARGS
-            sys.argv = list(argv)
-            runpy.run_path(argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    except BaseException:  # an uncaught error: the traceback and status 1, as the interpreter gives
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    raise SystemExit(code)
-
-
-def _rank_envs(nproc: int) -> list[dict[str, str]]:
-    """What torchrun gives each of nproc local ranks (its rendezvous store then lives on rank 0)."""
-    if nproc == 1:
-        return [{}]
-    from floe_dist.distributed.runtime import free_port
-
-    world = dict(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(free_port()))
-    return [dict(world, RANK=str(r), LOCAL_RANK=str(r), ROLE_RANK=str(r)) for r in range(nproc)]
-
-
-def _wait(pids: list[int], timeout: float) -> int | None:
-    """Every rank's end; when one fails the others are stopped and the status is 1, as under torchrun.
-    None: the time ran out (every rank killed)."""
-    deadline, codes = time.monotonic() + timeout, {}
-    while len(codes) < len(pids):
-        for pid in pids:
-            if pid not in codes:
-                done, raw = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(raw)
-        failed = any(c != 0 for c in codes.values())
-        if failed or time.monotonic() > deadline:
-            for pid in set(pids) - set(codes):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            if not failed:
-                return None
-            return next(iter(codes.values())) if len(pids) == 1 else 1
-        time.sleep(0.02)
-    return 0 if all(c == 0 for c in codes.values()) else 1
-
-
 def serve() -> None:
-    """Import the stack, then fork each request's ranks; answer with the run's exit status."""
+    """Import the stack, then fork each request's ranks (floe_dist/distributed/forked_ranks.py); answer with the
+    run's exit status."""
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what imports print goes to stderr and cannot corrupt the answers
     for module in PRELOAD:
@@ -121,16 +46,7 @@ def serve() -> None:
     if "wandb" in sys.modules:  # its variables would then be fixed at import, not runtime (RUNTIME_VARS)
         raise RuntimeError("the forked-CLI server imported wandb: take WANDB_ out of RUNTIME_VARS")
     print(json.dumps({"ready": os.getpid()}), file=channel, flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        pids = []
-        for rank_env in _rank_envs(request["nproc"]):
-            pid = os.fork()
-            if pid == 0:
-                channel.close()
-                _run_child(request, rank_env)
-            pids.append(pid)
-        print(json.dumps({"returncode": _wait(pids, request["timeout"])}), file=channel, flush=True)
+    forked_ranks.serve(sys.stdin, channel)
 
 
 class ForkedCli:

@@ -9,8 +9,9 @@ otherwise, with the tail of its log as the reason. Nothing is retried here: the 
 * :class:`WarmPool` — the local default: long-lived workers (floe_dist/search/worker.py) that load once and
   run trial after trial; a worker that crashed, hung or diverged is replaced by a fresh one.
 * :class:`LocalPool` — one local process (group) per trial, ``workers`` at a time, each pinned to its own CPU
-  threads or GPUs. Trials (and warm workers) die with the search (``PR_SET_PDEATHSIG``, also the ranks of torchrun/deepspeed
-  groups), so a killed search leaves no orphans.
+  threads or GPUs. Trials (and warm workers) die with the search (``PR_SET_PDEATHSIG``, also the ranks of
+  torchrun/deepspeed groups), so a killed search leaves no orphans. A one-process trial or worker is forked from
+  the command's zygote when it has one (``start_local``).
 * :class:`SlurmWorkers` — warm workers as Slurm jobs, each taking trial after trial until the search ends.
 * :class:`SlurmRunner` — one ``sbatch`` job per trial, or with ``array=True`` the trials that start
   together as one job array (slurm/search_array.sbatch, one task per trial); polled with ``squeue``
@@ -25,6 +26,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,19 @@ def _die_with_parent() -> None:
     die_with_parent()
 
 
+def start_local(argv: list[str], log: Path, env: dict[str, str]):
+    """A trial or worker process in a session of its own, output appended to ``log``: forked from this process's
+    zygote when it has one and the command is one ``python -m`` process (no interpreter start, no imports:
+    floe_dist/distributed/forked_ranks.py), else a fresh ``subprocess.Popen``."""
+    from floe_dist.distributed.forked_ranks import zygote
+
+    if zygote() is not None and argv[:2] == [sys.executable, "-m"]:
+        return zygote().popen(argv[1:], env, str(log))
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env,
+                                preexec_fn=_die_with_parent)
+
+
 def default_workers(nproc_per_trial: int, threads_per_rank: int) -> int:
     """As many concurrent trials as the machine holds: GPUs when present, else CPU cores."""
     import torch
@@ -116,9 +131,7 @@ class LocalPool:
     def submit(self, launch: Launch) -> str:
         slot = next(s for s in range(self.workers) if s not in self.running)
         launch.trial_dir.mkdir(parents=True, exist_ok=True)
-        with open(launch.trial_dir / "trial.log", "ab") as log:
-            proc = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                    env=trial_env(self._slot_env(slot)), preexec_fn=_die_with_parent)
+        proc = start_local(launch.argv, launch.trial_dir / "trial.log", trial_env(self._slot_env(slot)))
         self.running[slot] = (launch, proc, time.monotonic())
         return f"local:{slot}:pid{proc.pid}"
 
@@ -169,10 +182,8 @@ class WarmPool(LocalPool):
         hand_over(worker_dir, self.seq[slot], launch.trial_dir)  # before a fresh worker starts: it takes this one
         proc = self.procs.get(slot)
         if proc is None or proc.poll() is not None:
-            with open(worker_dir / "worker.log", "ab") as log:
-                proc = subprocess.Popen(self.worker_argv(worker_dir), stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=os.getcwd(), env=trial_env(self._slot_env(slot)),
-                                        preexec_fn=_die_with_parent)
+            proc = start_local(self.worker_argv(worker_dir), worker_dir / "worker.log",
+                               trial_env(self._slot_env(slot)))
             self.procs[slot] = proc
         self.running[slot] = (launch, proc, time.monotonic())
         return f"warm:{slot}:pid{proc.pid}"

@@ -53,9 +53,10 @@ def test_a_failed_campaign_stage_is_a_clear_error(tmp_path):
 
 
 def test_a_killed_campaign_takes_its_running_stage_with_it(tmp_path):
-    """kill -9 of the campaign alone: its stage (one rank scoring layers, here with a warm-up of 100,000 steps, started
-    without torchrun) gets SIGTERM from the kernel (``die_with_parent``) and lets go of its folder, so a rerun can
-    resume. A group of ranks under torchrun dies the same way: tests/floe_dist/stages/test_train.py kills one."""
+    """kill -9 of the campaign alone: its stage (one rank scoring layers, here with a warm-up of 100,000 steps, forked
+    from the campaign's zygote) gets SIGTERM from the kernel when the zygote goes with the campaign
+    (``die_with_parent``, both) and lets go of its folder, so a rerun can resume. A group of ranks under torchrun
+    dies the same way: tests/floe_dist/stages/test_train.py kills one."""
     out = tmp_path / "c"
     lock = out / "allocate" / LOCK_NAME
     with open(tmp_path / "campaign.log", "w") as log:
@@ -114,6 +115,7 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     search = json.loads((out / "search" / "search.json").read_text())["summary"]
     assert set(search["candidates"]) == {"floe", "uniform", "random-1"}  # the search chose the allocation too
     assert summary["searched_allocation"] == search["allocation"] and "searched allocations" in proc.stdout
+    assert "[campaign] train: 2 rank(s) forked from the campaign's zygote" in proc.stdout  # no torchrun, no imports
     winner = json.loads((out / "search" / "candidates" / f"{search['allocation']}.json").read_text())
     candidates = {p.stem: json.loads(p.read_text()) for p in (out / "allocate" / "candidates").glob("*.json")}
     assert sorted(candidates) == ["random-1", "uniform"] and len(candidates["uniform"]["layers"]) == 4
