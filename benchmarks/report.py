@@ -448,6 +448,15 @@ def lora_moe_layer(d):
 
 
 # table name -> (result file, renderer)
+def forked_stages(d):
+    labels = {"fresh": "fresh interpreters (`FLOE_DIST_FORK=0`: torchrun groups, started workers)",
+              "forked": "forked from the campaign's zygote (the default)"}
+    stages = list(d["rows"][0]["stage_seconds"])
+    return table(["local processes", "campaign wall per run", "mean", *(f"{s} (mean s)" for s in stages)],
+                 [[labels[r["arm"]], ", ".join(f"{w:.1f} s" for w in r["wall_s"]), f"**{r['mean_wall_s']:.1f} s**",
+                   *(f"{r['stage_seconds'][s]:.1f}" for s in stages)] for r in d["rows"]])
+
+
 TABLES = {
     "foundation": ("foundation", foundation),
     "campaign": ("campaign", campaign),
@@ -513,6 +522,7 @@ TABLES = {
     "gpu-throughput": ("gpu_throughput", gpu_throughput),
     "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
     "lora-moe-layer-cpu": ("lora_moe_layer_cpu", lora_moe_layer),
+    "forked-stages": ("forked_stages", forked_stages),
 }
 
 

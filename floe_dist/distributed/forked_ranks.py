@@ -168,9 +168,10 @@ class Zygote:
     @classmethod
     def start(cls) -> Zygote | None:
         """Fork it now; call only while this process has run no tensor op and started no thread. None where
-        ranks are not forked: not Linux, or a GPU machine (a CUDA or ROCm runtime that an import initialised
-        before the fork fails in the child, and no GPU run has checked it)."""
-        if not sys.platform.startswith("linux") or any(os.path.exists(d) for d in GPU_DEVICES):
+        ranks are not forked: not Linux, a GPU machine (a CUDA or ROCm runtime that an import initialised
+        before the fork fails in the child, and no GPU run has checked it), or ``FLOE_DIST_FORK=0``."""
+        if (not sys.platform.startswith("linux") or any(os.path.exists(d) for d in GPU_DEVICES)
+                or os.environ.get("FLOE_DIST_FORK") == "0"):
             return None
         to_zygote, from_zygote = os.pipe(), os.pipe()
         sys.stdout.flush()

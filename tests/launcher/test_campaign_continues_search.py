@@ -9,7 +9,7 @@ import pytest
 
 from floe_dist.recipe import TrainSection, read_recipe
 from floe_dist.schedule import warmup_stable_decay
-from launcher.campaign import START_MARGIN
+from launcher.campaign import FORKED_START_MARGIN, START_MARGIN
 from tests.conftest import read_metrics, run_floe, run_here
 
 
@@ -89,8 +89,10 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
     assert trained.train.warmup_steps == searched.train.warmup_steps == 1  # fixed before any trial: 10% of 6
     # the split, from the stage times the campaign recorded: the search gets 30% of what zero-shot and allocation
     # left (keeping back a final evaluation as long as zero-shot's and a stage's start), the final run the rest
-    took = json.loads((out / "campaign.json").read_text())["stage_seconds"]
-    left = 45 - took["prepare"] - 2 * took["zero_shot"] - took["allocate"] - START_MARGIN
+    summary = json.loads((out / "campaign.json").read_text())
+    took = summary["stage_seconds"]
+    assert summary["start_margin_seconds"] == FORKED_START_MARGIN  # its stages were forked from its zygote
+    left = 45 - took["prepare"] - 2 * took["zero_shot"] - took["allocate"] - FORKED_START_MARGIN
     assert searched.search.time_limit == pytest.approx(0.3 * left)
     assert trained.train.time_limit == pytest.approx(left - took["search"])
     fixed = json.loads((out / "train" / "steps.json").read_text())  # set when its cooldown was due
