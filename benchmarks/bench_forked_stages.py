@@ -52,8 +52,8 @@ def main() -> None:
         stages = done[0]["stage_seconds"]
         rows.append({"arm": arm, "wall_s": [r["wall_s"] for r in done], "mean_wall_s": mean(r["wall_s"] for r in done),
                      "stage_seconds": {s: mean(r["stage_seconds"][s] for r in done) for s in stages}})
-    ratio = rows[0]["mean_wall_s"] / rows[1]["mean_wall_s"]
-    print(f"forked {rows[0]['mean_wall_s']:.1f} s, fresh {rows[1]['mean_wall_s']:.1f} s: fresh/forked {ratio:.2f}x")
+    forked, fresh = rows[0]["mean_wall_s"], rows[1]["mean_wall_s"]
+    print(f"forked {forked:.1f} s, fresh {fresh:.1f} s: fresh/forked {fresh / forked:.2f}x")
     write_result("forked_stages", rows)
 
 

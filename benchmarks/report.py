@@ -503,6 +503,7 @@ TABLES = {
     "campaign-vs-peft-uniform-nosearch": ("campaign_vs_peft_uniform_nosearch", campaign_vs_peft),
     "campaign-vs-peft-hyperband": ("campaign_vs_peft_hyperband", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
