@@ -188,9 +188,14 @@ class Zygote:
                 import importlib
 
                 for module in PRELOAD:
-                    importlib.import_module(module)
+                    try:
+                        importlib.import_module(module)
+                    except ImportError:  # an optional package that is not installed: a rank that needs it says so
+                        pass
                 with os.fdopen(to_zygote[0]) as requests, os.fdopen(from_zygote[1], "w") as answers:
                     serve(requests, answers)
+            except KeyboardInterrupt:  # Ctrl-C reaches the whole foreground group: the command reports it
+                status = 130
             except BaseException:
                 import traceback
 
