@@ -10,10 +10,10 @@ the score stage: warm-up and Fisher layer selection; any other registered method
 accuracy of the exported adapter. Score and train run as groups of ``parallel.nproc`` ranks per node: on this
 machine forked from the campaign's zygote, which has the stack imported (floe_dist/distributed/forked_ranks.py;
 a campaign called as a function starts torchrun or one process), under Slurm as ``srun`` steps; search trials
-are single processes (forked from it too), as many at once as the machine holds. The resolved recipe is written to ``<output>/recipe.yaml``
-and each stage's folder. A stage whose result file exists is skipped when the campaign is rerun, so an
-interrupted campaign continues where it stopped; a rerun whose recipe changed a setting that a finished
-stage used is refused with the keys that changed.
+are single processes (forked from it too), as many at once as the machine holds. The resolved recipe is written
+to ``<output>/recipe.yaml`` and each stage's folder. A stage whose result file exists is skipped when the
+campaign is rerun, so an interrupted campaign continues where it stopped; a rerun whose recipe changed a setting
+that a finished stage used is refused with the keys that changed.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "s
               # a budget moves where training ends, not what a finished stage did: a resumed campaign takes the new one
               "campaign.budget", "campaign.search_share", *OBSERVING}
 START_MARGIN = 8.0  # seconds a launched stage takes to start its processes before its own clock runs (4 s measured)
-FORKED_START_MARGIN = 2.0  # the same for ranks forked from the campaign's zygote (under 1.7 s with loading, measured)
+FORKED_START_MARGIN = 2.0  # the same forked from the zygote (the tiny campaign's whole final run: 1.8 s, measured)
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
 
@@ -98,10 +98,11 @@ class Campaign:
         return budget - self.spent() - self.timings.get("zero_shot", 0.0) - start_margin()
 
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
-        """Run a stage as a group of ranks (torchrun here, or srun inside an sbatch job) on ``recipe``, written
-        as ``<folder>/recipe.yaml``: the stage reads exactly the objects the campaign made."""
+        """Run a stage as a group of ranks (local ranks forked from the zygote or started, ``run_local_ranks``; srun
+        inside an sbatch job) on ``recipe``, written as ``<folder>/recipe.yaml``: the stage reads exactly the
+        objects the campaign made. A killed campaign leaves no stage."""
         from floe_dist.distributed.forked_ranks import zygote
-        from launcher.cluster import local_ranks_command, srun_stage_command, threads_per_rank
+        from launcher.cluster import run_local_ranks, srun_stage_command, threads_per_rank
 
         p = self.recipe.parallel
         argv = [stage, "--config", str(write_recipe(folder, recipe)), "--output", str(folder)]
@@ -109,11 +110,10 @@ class Campaign:
         if p.launcher == "srun":  # this script runs on the allocation's first node, MASTER_ADDR
             env["MASTER_PORT"] = str(free_port())
             code = subprocess.call(srun_stage_command(argv, p.nodes, p.nproc), env=env, preexec_fn=die_with_parent)
-        elif zygote() is not None:  # forked: no interpreter start, no imports (floe_dist/distributed/forked_ranks.py)
-            print(f"[campaign] {stage}: {p.nproc} rank(s) forked from the campaign's zygote", flush=True)
-            code = zygote().launch(["-m", "launcher.cli", *argv], env, p.nproc)
-        else:  # a killed campaign leaves no stage
-            code = subprocess.call(local_ranks_command(argv, p.nproc), env=env, preexec_fn=die_with_parent)
+        else:
+            if zygote() is not None:  # no interpreter start, no imports
+                print(f"[campaign] {stage}: {p.nproc} rank(s) forked from the campaign's zygote", flush=True)
+            code = run_local_ranks(argv, p.nproc, env)
         if code != 0:
             raise ChildProcessError(f"{stage} stage failed (exit {code}, its error is printed above); "
                                     f"rerun the campaign to resume it")

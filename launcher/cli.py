@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -271,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         module.main(rest)
         return 0
     from floe_dist.distributed.forked_ranks import Zygote
-    from floe_dist.distributed.runtime import die_with_parent, discover, shutdown
+    from floe_dist.distributed.runtime import discover, shutdown
     from floe_dist.files import exclusive_output, output_file
     from floe_dist.recipe import write_recipe
-    from launcher.cluster import local_ranks_command, ranks_to_start, threads_per_rank
+    from launcher.cluster import ranks_to_start, run_local_ranks, threads_per_rank
 
     try:
         parsed = parse_command(name, rest)
@@ -291,15 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = output if output and (one_file is None or output_file(output, one_file) != Path(output)) \
                 else None
             if name in RANK_COMMANDS and (nproc := ranks_to_start(recipe.parallel)):
-                zygote = Zygote.start() if from_command_line else None
+                if from_command_line:
+                    Zygote.start()
                 with exclusive_output(folder):  # held here for the ranks (FLOE_DIST_OUTPUT_HELD)
                     print(f"floe-dist {name}: starting parallel.nproc = {nproc} ranks on this machine", flush=True)
                     env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc),
                            "FLOE_DIST_OUTPUT_HELD": str(folder)}
-                    if zygote is not None:
-                        return zygote.launch(["-m", "launcher.cli", name, *rest], env, nproc)
-                    return subprocess.call(local_ranks_command([name, *rest], nproc), env=env,
-                                           preexec_fn=die_with_parent)
+                    return run_local_ranks([name, *rest], nproc, env)
             if from_command_line and forks_locally(name, recipe):
                 Zygote.start()  # the stages and search workers it starts are forked from it
             held = os.environ.get("FLOE_DIST_OUTPUT_HELD") == str(folder)

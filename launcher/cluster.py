@@ -101,6 +101,18 @@ def local_ranks_command(stage_argv: list[str], nproc: int) -> list[str]:
             f"--master_port={free_port()}", "-m", "launcher.cli", *stage_argv]
 
 
+def run_local_ranks(stage_argv: list[str], nproc: int, env: dict[str, str]) -> int:
+    """``floe-dist STAGE_ARGV`` on nproc ranks of this machine, to completion: forked from this process's zygote
+    when it has one (floe_dist/distributed/forked_ranks.py), else ``local_ranks_command``. Either way the ranks die
+    with this process."""
+    from floe_dist.distributed.forked_ranks import zygote
+    from floe_dist.distributed.runtime import die_with_parent
+
+    if zygote() is not None:
+        return zygote().launch(["-m", "launcher.cli", *stage_argv], env, nproc)
+    return subprocess.call(local_ranks_command(stage_argv, nproc), env=env, preexec_fn=die_with_parent)
+
+
 def threads_per_rank(nproc: int) -> str:
     """OMP_NUM_THREADS for nproc ranks on this machine: its cores shared out."""
     return str(max(1, (os.cpu_count() or 1) // nproc))

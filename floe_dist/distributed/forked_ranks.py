@@ -96,7 +96,6 @@ def become(request: dict, rank_env: dict[str, str]) -> None:
 def exit_as_interpreter(code: object) -> None:
     """End this process as the interpreter ends on ``SystemExit(code)``: other threads joined, atexit handlers run,
     streams flushed, the status (a message: printed, status 1)."""
-    import atexit
     import threading
 
     if code is not None and not isinstance(code, int):
@@ -160,7 +159,8 @@ def serve(requests: IO[str], answers: IO[str]) -> None:
 
 
 class Zygote:
-    """A fork of this process that imports the stack and forks ranks on request (``launch``)."""
+    """A fork of this process that imports the stack and forks ranks on request: a launch's ranks to completion
+    (``launch``) or one process it returns at once (``popen``)."""
 
     def __init__(self, pid: int, requests: IO[str], answers: IO[str]):
         self.pid, self.requests, self.answers = pid, requests, answers
