@@ -337,6 +337,17 @@ def packing(d):
               f"last turn of the first {d['rows'][0]['examples']} test conversations.")
 
 
+def streaming(d):
+    by = {(r["form"], r["rows"], r["mode"]): r for r in d["rows"]}
+    rows = [[form, f"{n:,}", f"{by[form, n, 'whole']['above_baseline_mib']:.0f} MiB",
+             f"**{by[form, n, 'streamed']['above_baseline_mib']:.0f} MiB**",
+             f"{by[form, n, 'streamed']['first_steps_s']:.2f} s",
+             f"{by[form, n, 'streamed']['resume_at_step']:,}: {by[form, n, 'streamed']['resume_s']:.1f} s"]
+            for form, n, mode in by if mode == "whole"]
+    return table(["corpus", "rows", "read whole: peak above baseline", "streamed: peak above baseline",
+                  "streamed: 50 steps of 8 rows (rank 0 of 2)", "streamed: resume at step (read up to it)"], rows)
+
+
 def lm_eval_agreement(d):
     rows = [[r["examples"], pct(r["floe_dist_accuracy"]), pct(r["lm_eval_accuracy"]), f"{r['seconds']} s"]
             for r in d["rows"]]
@@ -517,6 +528,7 @@ TABLES = {
     "load": ("load", backbone_load),
     "chat-turns": ("chat_turns", chat_turns),
     "packing": ("packing", packing),
+    "streaming": ("streaming", streaming),
     "lm-eval-agreement": ("lm_eval_agreement", lm_eval_agreement),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),

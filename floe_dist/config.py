@@ -4,13 +4,26 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
+# What a setting means for resuming work saved under another value (floe_dist/resume.py); a setting marked with
+# none of these shapes the result, so changing it refuses a resume.
+RESUME_KINDS = {
+    "runs": "how or where the work runs, never what it computes: any resume may change it",
+    "length": "how long training or a search goes and how often it saves: a resume continues to the new end",
+    "layout": "how a global batch is split over ranks and memory: a resume through a portable checkpoint may change it",
+    "observes": "what is logged, not what is trained: any resume may change it",
+    "campaign": "read by the campaign alone: a stage run alone ignores it",
+}
 
-def arg(default: Any, help: str) -> Any:
+
+def arg(default: Any, help: str, resume: str | None = None) -> Any:
     """A dataclass field whose help text becomes the CLI's ``--help`` line (a list or dict default: a fresh copy
-    for each instance)."""
+    for each instance) and whose ``resume`` kind (RESUME_KINDS) the resume tables are derived from."""
+    if resume is not None and resume not in RESUME_KINDS:
+        raise ValueError(f"resume must be one of {sorted(RESUME_KINDS)}, got {resume!r}")
+    metadata = {"help": help, **({"resume": resume} if resume else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def comma_list(text: str) -> list[str]:

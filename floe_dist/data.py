@@ -6,8 +6,9 @@ hub access): ``sst2`` (872 examples) and ``boolq`` (3,270), multiple choice, and
 "Calculate 5 + 91 =" questions of allenai/basic_arithmetic), generative: the reference answer is the
 number, scored by exact match of what the model writes.
 
-A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder or a hub id ``owner/name``
-(its train split, where a hub is reachable), in one ``format``:
+A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder, a hub id ``owner/name`` (where
+a hub is reachable) or a hub-style folder, the last two in the recipe's ``hub_config``, ``hub_split`` (default
+train) and ``hub_revision`` (``open_source``), in one ``format``:
 
 * ``multiple_choice`` — ``prompt``, ``choices`` (list), ``label`` (index): loss on the right choice,
   accuracy by choice log-likelihood;
@@ -39,6 +40,7 @@ SST-2 that is 272 test / 600 train. Hyper-parameter search never sees the test s
 
 A mixture (``sources``: each with its own task, format, mappings and weight) splits every source so, and
 its train (fit) split is the weighted ``mix`` of theirs; its test and val splits are theirs end to end.
+With ``streaming`` the splits are positions in a stream instead (floe_dist/streaming.py).
 """
 from __future__ import annotations
 
@@ -172,31 +174,66 @@ def has_column(names: set[str], column: str) -> bool:
     return column in names or column.split(".")[0] in names
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a data file or ``save_to_disk`` folder, through ``datasets``."""
+def is_saved_dataset(path: Path) -> bool:
+    """A folder ``save_to_disk`` wrote (not a hub-style folder of data files)."""
+    return any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
+
+
+def open_source(task: str, hub: dict | None = None, streaming: bool = False):
+    """A user's data as a ``datasets`` Dataset, or an IterableDataset read lazily when ``streaming``: a data file, a
+    ``save_to_disk`` folder, a hub-style folder (data files, and a README.md listing its configs) or a hub id
+    ``owner/name``. ``hub`` holds the last two's ``hub_config``, ``hub_split`` (default train) and
+    ``hub_revision``."""
     import datasets
 
     datasets.disable_progress_bars()
-    if path.is_dir():
+    hub = {k: v for k, v in (hub or {}).items() if v not in (None, "")}
+    split = hub.get("hub_split", "train")
+    path = Path(task)
+    if path.is_dir() and is_saved_dataset(path):
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-    elif path.suffix == ".arrow":
+            data = data[split] if split in data else next(iter(data.values()))
+        return data.to_iterable_dataset() if streaming else data
+    if path.is_file() or (not path.is_dir() and path.suffix in (*READERS, ".arrow")):
+        if set(hub) - {"hub_split"} or split != "train":
+            raise ValueError(f"{path}: {', '.join(f'data.{k}' for k in hub)} apply to hub datasets and hub-style "
+                             f"folders, not to a data file")
+        return _open_file(path, streaming)
+    where = f"hub-style folder {path}" if path.is_dir() else f"hub dataset {task!r}"
+    try:
+        return datasets.load_dataset(task, name=hub.get("hub_config"), split=split, revision=hub.get("hub_revision"),
+                                     streaming=streaming, cache_dir=str(cache_dir() / "datasets"))
+    except ValueError as err:  # a config or split it lacks: datasets names the ones it has
+        said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
+        raise ValueError(f"{where}: {said} (set data.hub_config, data.hub_split)") from None
+    except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
+        raise ValueError(f"{where} could not be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
+                         f"with one, datasets.load_dataset({task!r}, split={split!r}).save_to_disk(DIR), "
+                         f"copy DIR here and pass it as the task") from None
+
+
+def _open_file(path: Path, streaming: bool):
+    import datasets
+
+    if not path.exists():
+        raise FileNotFoundError(f"task file not found: {path}")
+    if path.suffix == ".arrow":
         data = datasets.Dataset.from_file(str(path))
-    elif path.suffix in READERS:
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path}: the file is empty")
-        if path.suffix == ".jsonl":
-            _check_json_lines(path)  # datasets' own error does not say which line
-        try:
-            data = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train",
-                                         cache_dir=str(cache_dir() / "datasets"))
-        except Exception as err:  # datasets wraps parser errors in its own types
-            raise ValueError(f"{path}: cannot be read as {READERS[path.suffix]}: {err}") from None
-    else:
+        return data.to_iterable_dataset() if streaming else data
+    if path.suffix not in READERS:
         raise ValueError(f"{path}: unknown data file type {path.suffix!r} (use .json, .jsonl, .csv, .parquet, "
-                         f".arrow or a save_to_disk folder)")
-    return data.to_list()
+                         f".arrow, a save_to_disk folder or a hub-style folder)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty")
+    if path.suffix == ".jsonl" and not streaming:
+        _check_json_lines(path)  # datasets' own error does not say which line
+    try:
+        return datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", streaming=streaming,
+                                     cache_dir=str(cache_dir() / "datasets"))
+    except Exception as err:  # datasets wraps parser errors in its own types
+        raise ValueError(f"{path}: cannot be read as {READERS[path.suffix]}: {err}") from None
 
 
 def read_text(path: Path) -> str:
@@ -359,13 +396,18 @@ def _text(value, field: str) -> str:
 
 
 def read_file(path: str | Path, data_format: str = "auto", columns: str = "", tokenizer=None,
-              **reading) -> list[Example]:
-    """A data file or ``save_to_disk`` folder as Examples (``reading``: to_examples' keyword settings)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"task file not found: {path}")
+              hub: dict | None = None, **reading) -> list[Example]:
+    """A data file, a folder or a hub dataset (``open_source``) as Examples (``reading``: to_examples' keyword
+    settings)."""
     check_format(data_format, path)
-    return to_examples(read_rows(path), path, data_format, columns, tokenizer, **reading)
+    return to_examples(open_source(str(path), hub).to_list(), source_name(path), data_format, columns, tokenizer,
+                       **reading)
+
+
+def source_name(task) -> str:
+    """How errors name a source."""
+    path = Path(task)
+    return str(path) if path.exists() or path.suffix in (*READERS, ".arrow") else f"hub dataset {task}"
 
 
 def check_format(data_format: str, where) -> None:
@@ -373,27 +415,20 @@ def check_format(data_format: str, where) -> None:
         raise ValueError(f"{where}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
 
 
-def read_hub(dataset_id: str, data_format: str = "auto", columns: str = "", tokenizer=None,
-             **reading) -> list[Example]:
-    """A Hugging Face hub dataset's ``train`` split, through ``datasets`` (downloaded once into floe-dist's
-    cache, or read from it offline). Where no hub is reachable the error names the offline route."""
-    import datasets
-
-    check_format(data_format, dataset_id)
-    try:
-        rows = datasets.load_dataset(dataset_id, split="train", cache_dir=str(cache_dir() / "datasets")).to_list()
-    except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
-        raise ValueError(f"hub dataset {dataset_id!r} could not be loaded ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
-                         f"with one, datasets.load_dataset({dataset_id!r}, split='train').save_to_disk(DIR), "
-                         f"copy DIR here and pass it as the task") from None
-    return to_examples(rows, f"hub dataset {dataset_id}", data_format, columns, tokenizer, **reading)
+def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer, **reading) -> list[Example]:
+    """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named (``reading``:
+    ``row_reader``'s keyword settings)."""
+    if not rows:
+        raise ValueError(f"{where}: no examples")
+    convert = row_reader(set(rows[0]), where, data_format, columns, tokenizer, **reading)
+    return [convert(row, n) for n, row in enumerate(rows, 1)]
 
 
-def to_examples(rows: list[dict], where, data_format: str, columns: str, tokenizer, roles: str = "",
-                train_on: str = "all_assistant", chat_template: str = "", system_prompt: str = "") -> list[Example]:
-    """Rows of a file or dataset (``where`` names it in errors) as Examples, every bad row named; ``roles``,
-    ``train_on``, ``chat_template`` and ``system_prompt`` are the recipe's data settings of those names."""
+def row_reader(names: set[str], where, data_format: str, columns: str, tokenizer, roles: str = "",
+               train_on: str = "all_assistant", chat_template: str = "", system_prompt: str = ""):
+    """``(row, n) -> Example`` for rows with columns ``names``, checked once here (format, mappings, template); a
+    bad row raises naming ``where`` and its number ``n``. ``roles``, ``train_on``, ``chat_template`` and
+    ``system_prompt`` are the recipe's data settings of those names."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"{where}: train_on must be one of {TRAIN_ON}, got {train_on!r}")
     try:
@@ -402,9 +437,6 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
         template = chat_template_text(chat_template)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    if not rows:
-        raise ValueError(f"{where}: no examples")
-    names = set(rows[0])
     data_format = detect_format(names, mapping, where) if data_format == "auto" else data_format
     shown = data_format
     if data_format == "sharegpt":  # a preset of chat's mappings; the user's own entries win
@@ -418,35 +450,41 @@ def to_examples(rows: list[dict], where, data_format: str, columns: str, tokeniz
         raise ValueError(f"{where}: format {shown!r} needs a chat template; this model's tokenizer has none (set "
                          f"data.chat_template to {', '.join(CHAT_TEMPLATES)} or a Jinja file, or use format alpaca "
                          f"or text)")
-    examples = []
-    for n, row in enumerate(rows, 1):
+
+    def convert(row: dict, n: int) -> Example:
         try:
-            examples.append(to_example(row, data_format, mapping, tokenizer, role_names, train_on, template,
-                                       system_prompt))
+            return to_example(row, data_format, mapping, tokenizer, role_names, train_on, template, system_prompt)
         except (KeyError, ValueError, TypeError) as err:
             detail = f"no column {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"{where}: row {n}: {detail} (format {shown})") from None
-    return examples
+
+    return convert
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
-              test_size: float | None = None, val_size: float | None = None, **reading) -> list[Example]:
+              test_size: float | None = None, val_size: float | None = None, hub: dict | None = None,
+              **reading) -> list[Example]:
     """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
-    its names mapped by ``columns``; ``reading``: to_examples' keyword settings); ``split`` is one of SPLITS,
-    cut by ``split_examples``. Generative examples end their answer with ``tokenizer``'s EOS token (and chat
-    needs its template)."""
+    its names mapped by ``columns``; ``hub``: ``open_source``'s; ``reading``: row_reader's keyword settings);
+    ``split`` is one of SPLITS, cut by ``split_examples``. Generative examples end their answer with
+    ``tokenizer``'s EOS token (and chat needs its template)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_task(task)
     if task in TASKS:
         examples = TASKS[task](tokenizer)
-    elif Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
-        examples = read_file(task, data_format, columns, tokenizer, **reading)
-    elif task.count("/") == 1 and not task.startswith((".", "/")):
-        examples = read_hub(task, data_format, columns, tokenizer, **reading)
     else:
-        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
-                         f".parquet, .arrow), a save_to_disk folder or a hub dataset id owner/name")
+        examples = read_file(task, data_format, columns, tokenizer, hub, **reading)
     return split_examples(examples, split, test_size, val_size)
+
+
+def check_task(task: str) -> None:
+    """A task names a built-in, a path or a hub id, or is refused naming the forms."""
+    if task in TASKS or Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
+        return
+    if task.count("/") != 1 or task.startswith((".", "/")):
+        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "
+                         f".parquet, .arrow), a save_to_disk or hub-style folder or a hub dataset id owner/name")
 
 
 def size_of(size: float | None, n: int, default: float, what: str) -> int:
@@ -493,7 +531,10 @@ def mix(parts: list[list[Example]], weights: list[float], seed: int = SPLIT_SEED
 def load_data(data, split: str, tokenizer=None) -> list[Example]:
     """The examples of a recipe's ``data`` section in ``split``: its task, or its ``sources`` (test, val and
     all: every source's, end to end; train and fit: their weighted ``mix``); with ``eval_task`` that file is
-    the test split and all of the training data is train."""
+    the test split and all of the training data is train. A streamed section (``data.streaming``) is read by
+    floe_dist/streaming.py's ``load_split`` instead, never whole."""
+    if data.streaming:
+        raise ValueError("a streamed data section is read by floe_dist.streaming.load_split, not read whole")
     if data.eval_task and split == "test":
         return load_task(data.eval_task, "all", data_format=data.data_format, columns=data.columns,
                          tokenizer=tokenizer, **reading_of(data))
@@ -501,7 +542,8 @@ def load_data(data, split: str, tokenizer=None) -> list[Example]:
     parts = [load_task(s["task"], split, data_format=s.get("data_format", data.data_format),
                        columns=s.get("columns", data.columns), tokenizer=tokenizer,
                        test_size=0 if data.eval_task else data.test_size, val_size=data.val_size,
-                       **{**reading_of(data), "roles": s.get("roles", data.roles)}) for s in sources]
+                       hub=hub_of(data, s), **{**reading_of(data), "roles": s.get("roles", data.roles)})
+             for s in sources]
     if len(parts) == 1:
         return parts[0]
     if split in ("train", "fit"):
@@ -509,14 +551,22 @@ def load_data(data, split: str, tokenizer=None) -> list[Example]:
     return [e for part in parts for e in part]
 
 
+HUB_KEYS = ("hub_config", "hub_split", "hub_revision")
+
+
+def hub_of(data, source: dict | None = None) -> dict:
+    """A source's hub config, split and revision: its own, else the data section's."""
+    return {k: (source or {}).get(k, getattr(data, k)) for k in HUB_KEYS}
+
+
 def data_key(data, split: str) -> tuple:
     """What a recipe data section's examples of ``split`` depend on: a key for caching them."""
-    return (data.task, split, data.data_format, data.columns, *reading_of(data).values(),
-            json.dumps(data.sources, sort_keys=True), data.eval_task, data.test_size, data.val_size)
+    return (data.task, split, data.data_format, data.columns, *reading_of(data).values(), *hub_of(data).values(),
+            data.streaming, json.dumps(data.sources, sort_keys=True), data.eval_task, data.test_size, data.val_size)
 
 
 def reading_of(data) -> dict:
-    """A recipe data section's settings that shape how rows become Examples (to_examples' keywords)."""
+    """A recipe data section's settings that shape how rows become Examples (row_reader's keywords)."""
     return {"roles": data.roles, "train_on": data.train_on, "chat_template": data.chat_template,
             "system_prompt": data.system_prompt}
 
@@ -545,6 +595,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return Hasher.hash(tokenizer)
 
 
+def token_rows(ids: list[list[int]], trained: list[bool], max_length: int) -> list[tuple[list, list, bool]]:
+    """One example's training rows from its pieces' token ids, as (input_ids, labels, cut): labels are -100 but on
+    trained pieces; the last (trained) piece keeps its start and what precedes it is cut from the left; plain text
+    longer than ``max_length`` becomes chunks of ``max_length`` tokens, every token trained, nothing cut."""
+    head = [t for piece in ids[:-1] for t in piece]  # everything before the last (trained) piece
+    if not head and len(ids[-1]) > max_length:
+        return [(chunk, chunk, False) for chunk in (ids[-1][at:at + max_length]
+                                                    for at in range(0, len(ids[-1]), max_length))]
+    head_labels = [t if flag else -100 for piece, flag in zip(ids[:-1], trained) for t in piece]
+    answer = ids[-1][:max_length]
+    keep = max_length - len(answer)
+    return [((head[-keep:] if keep > 0 else []) + answer, (head_labels[-keep:] if keep > 0 else []) + answer,
+             len(head) + len(ids[-1]) > max_length)]
+
+
+def pieces_of(example: Example) -> list[tuple[str, bool]]:
+    """An example's training text as (piece, trained) pairs."""
+    return list(example.segments) or [(example.prompt, False), (example.choices[example.label], True)]
+
+
 def tokenize(examples: list[Example], tokenizer, max_length: int):
     """Every example as ``input_ids`` and ``labels`` (-100 but on the answer, or on every trained segment;
     cut as ``encode`` cuts: the last answer keeps its start, what precedes it is cut from the left; plain text
@@ -555,7 +625,7 @@ def tokenize(examples: list[Example], tokenizer, max_length: int):
     import datasets
 
     digest = hashlib.sha256(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), max_length]).encode())
-    pieces = [list(ex.segments) or [(ex.prompt, False), (ex.choices[ex.label], True)] for ex in examples]
+    pieces = [pieces_of(ex) for ex in examples]
     for piece in pieces:
         digest.update(json.dumps(piece).encode())
     key = digest.hexdigest()[:32]
@@ -568,22 +638,10 @@ def tokenize(examples: list[Example], tokenizer, max_length: int):
         flat = tokenizer([t for texts in batch["texts"] for t in texts], add_special_tokens=False).input_ids
         out, at = {"input_ids": [], "labels": [], "cut": []}, 0
         for texts, trained in zip(batch["texts"], batch["trained"]):
-            ids = flat[at:at + len(texts)]
+            for row in token_rows(flat[at:at + len(texts)], trained, max_length):
+                for column, value in zip(out, row):
+                    out[column].append(value)
             at += len(texts)
-            head = [t for piece in ids[:-1] for t in piece]  # everything before the last (trained) piece
-            head_labels = [t if flag else -100 for piece, flag in zip(ids[:-1], trained) for t in piece]
-            if not head and len(ids[-1]) > max_length:  # plain text: chunks of max_length, every token trained
-                for at_chunk in range(0, len(ids[-1]), max_length):
-                    chunk = ids[-1][at_chunk:at_chunk + max_length]
-                    out["input_ids"].append(chunk)
-                    out["labels"].append(chunk)
-                    out["cut"].append(False)
-                continue
-            answer = ids[-1][:max_length]  # the last answer keeps its start; the rest is cut from the left
-            keep = max_length - len(answer)
-            out["input_ids"].append((head[-keep:] if keep > 0 else []) + answer)
-            out["labels"].append((head_labels[-keep:] if keep > 0 else []) + answer)
-            out["cut"].append(len(head) + len(ids[-1]) > max_length)
         return out
 
     return source.map(encode_batch, batched=True, remove_columns=["texts", "trained"], new_fingerprint=key,
@@ -657,8 +715,10 @@ def train_batch(data, *, step: int, micro: int, rank: int, world: int, micro_bat
     Because a batch depends on nothing else, a resumed run sees exactly the batches it would have
     seen, and N ranks of micro-batch b see the same samples as one rank of micro-batch N*b.
     """
-    n = len(data)
     first = step * micro_batch * accumulation * world + (micro * world + rank) * micro_batch
+    if hasattr(data, "rows_at"):  # a stream (floe_dist.streaming.RowStream): these positions in its own order
+        return collate_labelled(data.rows_at(first, micro_batch), pad_id)
+    n = len(data)
     rows = []
     for pos in range(first, first + micro_batch):
         epoch, offset = divmod(pos, n)

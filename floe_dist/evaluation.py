@@ -12,11 +12,13 @@ last number). Runs in one process on the exported adapter, so evaluation also pr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
 from floe_dist.data import Example, collate, encode
+from floe_dist.distributed.sharded_eval import SINGLE, Ranks
 from floe_dist.generation import generate, numeric_answer, score_generations, stop_strings
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
@@ -24,16 +26,25 @@ from floe_dist.recipe import EvaluateSection, Recipe
 from floe_dist.resources import Resources
 
 
+def dummy_forward(model, tokenizer, device) -> Callable[[], object]:
+    """One forward of a two-token sequence: a partitioned rank's step with no work left (sharded_eval.Ranks)."""
+    batch = collate([([tokenizer.pad_token_id] * 2, 1)], tokenizer.pad_token_id)
+    return lambda: model(**{k: v.to(device) for k, v in batch.items()})
+
+
 @torch.no_grad()
 def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                  device: torch.device, progress: bool = True, share_prompts: bool = True) -> list[list[float]]:
+                  device: torch.device, progress: bool = True, share_prompts: bool = True,
+                  ranks: Ranks = SINGLE) -> list[list[float]]:
     """Summed log-probability of every choice of every example: the prompt runs once per example and its
     KV cache serves every choice (``AnswerLM.choice_logprobs``); an example whose prompt must be cut to fit
-    ``max_length``, or has none (or every example, ``share_prompts=False``), is scored pair by pair, each
-    prompt + choice a sequence of its own, as ``encode`` cuts it."""
+    ``max_length``, or has none (or every example, ``share_prompts=False``, or a partitioned model), is scored
+    pair by pair, each prompt + choice a sequence of its own, as ``encode`` cuts it. ``ranks`` keeps a
+    partitioned model's forwards in step with the other ranks' (these examples are this rank's share)."""
     tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
     shared, pairs = [], []
+    share_prompts = share_prompts and not ranks.partitioned
     for i, ex in enumerate(examples):
         prompt, answers = tokens(ex.prompt) if ex.prompt else [], [tokens(c) for c in ex.choices]
         if share_prompts and prompt and len(prompt) + max(len(a) for a in answers) <= max_length:
@@ -48,8 +59,7 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
             for (i, _, _), s in zip(chunk, got):
                 scores[i] = s
             bar.update(len(chunk))
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+        for chunk in ranks.chunks(pairs, batch_size, dummy_forward(model, tokenizer, device)):
             batch = collate([encode(tokenizer, examples[i].prompt, examples[i].choices[c], max_length)
                              for i, c in chunk], tokenizer.pad_token_id)
             out = model(**{k: v.to(device) for k, v in batch.items()})
@@ -70,13 +80,14 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
 
 @torch.no_grad()
 def answer_nll(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-               device: torch.device) -> tuple[float, int]:
+               device: torch.device, ranks: Ranks = SINGLE) -> tuple[float, int]:
     """Summed negative log-likelihood of the answer tokens, and their count (``model`` in eval mode: an
-    ``AnswerLM`` or a DeepSpeed engine around one; a training run sums each rank's share)."""
+    ``AnswerLM`` or a DeepSpeed engine around one; a training run sums each rank's share; ``ranks``: see
+    ``choice_scores``)."""
     total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length)
-                         for e in examples[start:start + batch_size]], tokenizer.pad_token_id)
+    for chunk in ranks.chunks(examples, batch_size, dummy_forward(model, tokenizer, device)):
+        batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length) for e in chunk],
+                        tokenizer.pad_token_id)
         out = model(**{k: v.to(device) for k, v in batch.items()})
         total -= out["seq_logprob"].sum().item()
         tokens += int((batch["labels"][:, 1:] != -100).sum())
@@ -84,9 +95,10 @@ def answer_nll(model: AnswerLM, tokenizer, examples: list[Example], batch_size: 
 
 
 def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                device: torch.device) -> float:
-    """Mean negative log-likelihood per answer token (its exp is the perplexity)."""
-    total, tokens = answer_nll(model.eval(), tokenizer, examples, batch_size, max_length, device)
+                device: torch.device, ranks: Ranks = SINGLE) -> float:
+    """Mean negative log-likelihood per answer token (its exp is the perplexity), over every rank's share."""
+    total, tokens = ranks.total(*answer_nll(model.eval(), tokenizer, examples, batch_size, max_length, device,
+                                            ranks))
     return total / max(tokens, 1)
 
 
@@ -101,33 +113,46 @@ def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
     return sum(choice_losses(scores, examples)) / len(examples)
 
 
-def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bool = False) -> dict:
-    """Load the backbone (and ``model.adapter``) in one process and score it on ``evaluate.split``."""
+def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bool = False,
+             on_ranks: bool = False) -> dict:
+    """Load the backbone (and ``model.adapter``) and score it on ``evaluate.split``: in this process, or
+    ``on_ranks``, together with every rank of the job, each scoring its share (floe_dist/distributed/sharded_eval.py:
+    partitioned under ZeRO-3 as training is)."""
+    from floe_dist.distributed.sharded_eval import backbone_on_ranks, full_bytes, held_bytes
     from floe_dist.modeling.export import export_meta, load_adapter
 
-    recipe.validate("evaluate", "model", "data")
-    m, start = recipe.model, time.time()
+    recipe.validate("evaluate", "model", "data", "parallel")
+    m, e, start = recipe.model, recipe.evaluate, time.time()
     if m.adapter:
         meta = export_meta(m.adapter)  # fail early on a bad folder, before loading a model
         if meta.get("quant", "none") != m.quant:
             print(f"note: adapter was trained with quant={meta.get('quant')}, evaluating with {m.quant}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resources = resources or Resources()
     model_dir = resolve_model(m.name)
     tokenizer = resources.tokenizer(model_dir)
-    lm = resources.eval_backbone(model_dir, m.quant, device)
-    lm.set_attn_implementation(m.attn_implementation)
-    if m.adapter:
-        load_adapter(lm, m.adapter)
-    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example)
-    e = recipe.evaluate
+    if on_ranks:
+        if e.lm_eval_task_list:
+            raise ValueError("evaluate.lm_eval_tasks runs in one process: evaluate on one rank for them")
+        lm, ranks, device = backbone_on_ranks(recipe, model_dir)
+    else:
+        ranks, device = SINGLE, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        lm = resources.eval_backbone(model_dir, m.quant, device)
+        lm.set_attn_implementation(m.attn_implementation)
+        if m.adapter:
+            load_adapter(lm, m.adapter)
+    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks)
+    result.update(ranks=ranks.world, partitioned=ranks.partitioned, model_bytes=full_bytes(lm),
+                  rank_model_bytes=max(ranks.gather([held_bytes(lm)])))
     if e.lm_eval_task_list:
         result["lm_eval"] = lm_eval_results(lm, tokenizer, e)
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
             if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
-    print(f"{recipe.data.name}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on {result['examples']} "
-          f"examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}, {result['seconds']:.0f}s)")
+    if ranks.rank == 0:
+        on = f", {ranks.world} ranks" + (" (ZeRO-3)" if ranks.partitioned else "") if ranks.world > 1 else ""
+        print(f"{recipe.data.name}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on "
+              f"{result['examples']} examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}{on}, "
+              f"{result['seconds']:.0f}s)")
     return result
 
 
@@ -143,41 +168,47 @@ def lm_eval_results(lm, tokenizer, settings: EvaluateSection) -> dict:
 
 
 def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: Resources | None = None,
-                per_example: bool = False) -> dict:
+                per_example: bool = False, ranks: Ranks = SINGLE) -> dict:
     """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading.
     ``per_example`` adds each choice example's loss and 0/1 error, in order (a search compares two trials
-    example by example, so it can tell a margin from the noise of a small validation set)."""
+    example by example, so it can tell a margin from the noise of a small validation set). With ``ranks`` each
+    rank scores its share and every rank returns the whole result."""
     d, e, max_length = recipe.data, recipe.evaluate, recipe.model.max_length
     resources = resources or Resources()
     examples = resources.examples(d, e.split, tokenizer)[: e.limit]
+    mine = ranks.share(examples)
     model = AnswerLM(lm)
     model.reset_activity()
     result = {"task": d.name, "split": e.split, "examples": len(examples), "adapter": recipe.model.adapter}
     if all(x.generative for x in examples):
-        result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device))
+        result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device, ranks))
     else:
-        scores = choice_scores(model, tokenizer, examples, e.batch_size, max_length, device)
+        scores = ranks.gather(choice_scores(model, tokenizer, mine, e.batch_size, max_length, device,
+                                            progress=ranks.rank == 0, ranks=ranks))
         result.update(accuracy=accuracy(scores, examples), choice_loss=choice_loss(scores, examples))
         result["loss"] = result["choice_loss"]
         if per_example:
             result["example_losses"] = choice_losses(scores, examples)
             result["example_errors"] = choice_errors(scores, examples)
-    result["active_parameters_per_token"] = model.active_parameters_per_token()  # 0 without adapters
+    # each rank's own tokens; averaged over ranks (their shares differ by at most one example)
+    result["active_parameters_per_token"] = ranks.total(model.active_parameters_per_token())[0] / ranks.world
     return result
 
 
-def evaluate_generative(settings: EvaluateSection, max_length: int, model: AnswerLM, lm, tokenizer, examples: list[Example],
-                        device) -> dict:
-    """Loss and perplexity on every example; generation scores on those with a prompt (not plain text)."""
+def evaluate_generative(settings: EvaluateSection, max_length: int, model: AnswerLM, lm, tokenizer,
+                        examples: list[Example], device, ranks: Ranks = SINGLE) -> dict:
+    """Loss and perplexity on every example; generation scores on those with a prompt (not plain text); with
+    ``ranks``, each rank works on its share of both."""
     import math
 
-    loss = answer_loss(model, tokenizer, examples, settings.batch_size, max_length, device)
+    loss = answer_loss(model, tokenizer, ranks.share(examples), settings.batch_size, max_length, device, ranks)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0}
     prompted = [e for e in examples if e.prompt]
     if prompted:
-        texts = generate(lm, tokenizer, [e.prompt for e in prompted], max_new_tokens=settings.max_new_tokens,
-                         stop=stop_strings(settings.stop), batch_size=settings.batch_size, max_length=max_length,
-                         device=device)
+        texts = ranks.gather(generate(lm, tokenizer, [e.prompt for e in ranks.share(prompted)],
+                                      max_new_tokens=settings.max_new_tokens, stop=stop_strings(settings.stop),
+                                      batch_size=settings.batch_size, max_length=max_length, device=device,
+                                      ranks=ranks))
         scores = score_generations(texts, [e.reference for e in prompted])
         result.update(scores, accuracy=scores["exact_match"],
                       samples=[{"prompt": e.prompt[-200:], "generation": t, "reference": e.reference}

@@ -15,15 +15,17 @@ _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
-             max_length: int, device) -> list[str]:
-    """What ``lm`` writes after each prompt (greedy, left-padded batches), cut at the first stop string."""
+             max_length: int, device, ranks=None) -> list[str]:
+    """What ``lm`` writes after each prompt (greedy, left-padded batches), cut at the first stop string. With
+    partitioned ``ranks`` (floe_dist/distributed/sharded_eval.py) these prompts are this rank's share, and every
+    rank runs as many batches and token steps as the busiest (transformers' ``synced_gpus``)."""
     from tqdm import tqdm
 
+    partitioned = ranks is not None and ranks.partitioned
     lm.eval()
     keep = max(1, max_length - max_new_tokens)  # prompts cut from the left, as in training
-    texts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        ids = [tokenizer(p, add_special_tokens=False).input_ids[-keep:] for p in prompts[start:start + batch_size]]
+
+    def write(ids: list[list[int]]) -> torch.Tensor:
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -33,8 +35,16 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: li
         out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
                           max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id, use_cache=True, temperature=None, top_p=None,
-                          top_k=None)
-        for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True):
+                          top_k=None, **({"synced_gpus": True} if partitioned else {}))
+        return out[:, width:]
+
+    texts = []
+    batches = (ranks.chunks(prompts, batch_size, lambda: write([[tokenizer.pad_token_id]])) if ranks else
+               (prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)))
+    for chunk in tqdm(batches, total=-(-len(prompts) // batch_size), desc="generate", leave=False,
+                      disable=bool(ranks and ranks.rank)):
+        ids = [tokenizer(p, add_special_tokens=False).input_ids[-keep:] for p in chunk]
+        for text in tokenizer.batch_decode(write(ids), skip_special_tokens=True):
             text = text.lstrip()  # a leading newline is not the end of an answer
             for s in stop:
                 text = text.split(s)[0]

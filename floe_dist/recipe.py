@@ -50,9 +50,9 @@ class ModelSection:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = arg(
         "sdpa", "attention kernel: torch's SDPA, eager, or FlashAttention 2 (the flash-attn package, GPUs)")
     shape: str | None = arg(None, "plan only: a built-in architecture (llama3-70b, ...) for when the checkpoint "
-                                  "is not on this machine")
+                                  "is not on this machine", resume="runs")
     adapter: str | None = arg(None, "evaluate, generate: an adapter export folder written by train; none = the "
-                                    "base model")
+                                    "base model", resume="runs")
 
     def problems(self) -> list[str]:
         found = []
@@ -64,13 +64,22 @@ class ModelSection:
         return found
 
 
-SOURCE_KEYS = ("task", "weight", "data_format", "columns", "roles")
+SOURCE_KEYS = ("task", "weight", "data_format", "columns", "roles", "hub_config", "hub_split", "hub_revision")
 
 
 @dataclass
 class DataSection:
     """data: the task adapted to"""
-    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), or a data file/folder (see data_format)")
+    task: str = arg("sst2", "sst2, boolq, arithmetic (generative), a data file, a save_to_disk or hub-style folder, "
+                            "or a hub dataset owner/name (see data_format)")
+    hub_config: str | None = arg(None, "a hub dataset's (or hub-style folder's) configuration, e.g. main for "
+                                       "openai/gsm8k")
+    hub_split: str = arg("train", "the split of a hub dataset (or hub-style folder) read as the task, e.g. "
+                                  "train_sft; floe-dist cuts its own test/val splits from it")
+    hub_revision: str | None = arg(None, "a hub dataset's revision: a branch, tag or commit")
+    streaming: bool = arg(False, "read the training data as a stream, never whole (corpora that do not fit a "
+                                 "rank's memory): test_size and val_size are then counts of the stream's first "
+                                 "examples, read in the source's order")
     data_format: Literal["auto", "multiple_choice", "alpaca", "chat", "sharegpt", "text"] = arg(
         "auto", "a data file's format (sharegpt: chat with conversations of from/value and human/gpt roles)")
     columns: Pairs = arg("", "a data file's field names: FIELD=COLUMN,... (e.g. instruction=question,output=answer; "
@@ -83,7 +92,8 @@ class DataSection:
     pack: bool = arg(False, "pack several examples into each max_length row (fewer, fuller rows; training only)")
     max_train_examples: int | None = arg(None, "use only the first N training examples")
     sources: list[dict[str, Any]] = arg([], "a mixture instead of task: a list of {task, weight, data_format, "
-                                            "columns, roles} (weight: share of the training examples)")
+                                            "columns, roles, hub_config, hub_split, hub_revision} (weight: share "
+                                            "of the training examples)")
     eval_task: str | None = arg(None, "a separate evaluation file (read like task): it is the test split, and "
                                       "all of task is training data")
     test_size: float | None = arg(None, "test examples per source: a fraction (< 1) or a count (default 5/16)")
@@ -120,6 +130,13 @@ class DataSection:
                 found.append(f"data.{name} must be a fraction in [0, 1) or a whole count, got {size}")
         if self.eval_task and self.test_size:
             found.append("give data.eval_task or data.test_size, not both")
+        if self.streaming:
+            if self.sources or self.pack:
+                found.append("data.streaming reads one task, unpacked: it takes neither data.sources nor data.pack")
+            if not self.eval_task and (self.test_size is None or self.test_size < 1):
+                found.append("data.streaming needs data.test_size as a count of examples (the first N of the "
+                             "stream are the test split; its length is not known before it is read) or "
+                             "data.eval_task (a separate test file)")
         return found
 
     @property
@@ -240,7 +257,7 @@ class AllocateSection:
 @dataclass
 class SearchSection:
     """search: SMAC picks the rank and learning rate from short parallel trials"""
-    enabled: bool = arg(True, "campaign: false trains the allocation as it is, at train.lr")
+    enabled: bool = arg(True, "campaign: false trains the allocation as it is, at train.lr", resume="campaign")
     mode: Literal["smac", "bo", "random", "grid"] = arg(
         "smac", "smac (multi-fidelity BO over steps), bo (every trial at max_steps), random (smac's fidelities and "
                 "halving, random configurations) or grid (every point at max_steps, to compare against)")
@@ -262,7 +279,8 @@ class SearchSection:
     top_ks: Ranks = arg("", "experts-per-token choices of top-k routers, e.g. 1,2; empty keeps the allocation's")
     allocations: Names = arg("uniform", "campaign: let the search also choose the allocation: the allocate stage's "
                                       "and these, comma-separated: uniform (every layer), random (as many "
-                                      "layers, seeded), floe:K (Fisher top-K; allocate.method floe) or NAME=FILE")
+                                      "layers, seeded), floe:K (Fisher top-K; allocate.method floe) or NAME=FILE",
+                               resume="campaign")
     candidates: Pairs = arg("", "search run alone: allocations to choose among, NAME=FILE,... (the campaign makes "
                               "them from search.allocations); empty: allocate.file")
     min_steps: int = arg(8, "smallest trial budget in optimizer steps (smac, random)")
@@ -271,8 +289,10 @@ class SearchSection:
     brackets: Literal["hyperband", "sh"] = arg(
         "hyperband", "hyperband (with the default budgets: 3 configurations at 8 steps, the best promoted to 24, "
                      "then 2 proposed straight at 24) or sh (successive halving)")
-    max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)")
-    max_compute: float = arg(4.0, "stop issuing trials before their steps pass this many max_steps trials")
+    max_trials: int = arg(40, "stop issuing trials after this many (a bracket starts only if all of it fits)",
+                          resume="length")
+    max_compute: float = arg(4.0, "stop issuing trials before their steps pass this many max_steps trials",
+                             resume="length")
     initial_configs: int = arg(3, "random configurations before the surrogate model takes over")
     grid_lr_points: int = arg(3, "grid mode: learning rates tried, log-spaced over lr")
     objective: Literal["loss", "error"] = arg("loss", "loss (validation choice cross-entropy) or error "
@@ -289,22 +309,22 @@ class SearchSection:
     trial_seed: int = arg(0, "seed of every trial's training (the same for all: a deterministic objective)")
     runner: Literal["local", "slurm", "slurm-array"] = arg(
         "local", "local (worker processes), slurm (a job per trial) or slurm-array (trials that start together "
-                 "as one job array)")
+                 "as one job array)", resume="runs")
     trial_workers: Literal["auto", "warm", "cold"] = arg(
         "auto", "warm (workers load once, run trial after trial), cold (a process or job per trial) or auto "
-                "(warm locally, a job per trial on Slurm)")
-    workers: int | None = arg(None, "concurrent trials; default: as many as the machine holds")
+                "(warm locally, a job per trial on Slurm)", resume="runs")
+    workers: int | None = arg(None, "concurrent trials; default: as many as the machine holds", resume="runs")
     trial_nproc: int = arg(1, "ranks per trial")
     trial_launcher: Literal["torchrun", "deepspeed"] = arg("torchrun", "torchrun or deepspeed (trials of more "
                                                                        "than one rank)")
-    trial_threads: int = arg(1, "CPU threads per trial rank (local runner)")
-    trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout")
+    trial_threads: int = arg(1, "CPU threads per trial rank (local runner)", resume="runs")
+    trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout", resume="runs")
     time_limit: float | None = arg(None, "seconds the search may take: no trial (or bracket) starts that would not end "
                                          "by then at the trials' measured speed (the campaign sets it from "
-                                         "campaign.budget); none: max_compute alone")
+                                         "campaign.budget); none: max_compute alone", resume="length")
     trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
                                                       "run_trial(trial_dir, resources) on warm workers")
-    sbatch_args: str = arg("", "slurm runners: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'")
+    sbatch_args: str = arg("", "slurm runners: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'", resume="runs")
 
     def rank_choices(self) -> list[int]:
         return int_list(self.ranks, "search.ranks")
@@ -384,9 +404,9 @@ def int_list(text: str, key: str) -> list[int]:
 @dataclass
 class TrainSection:
     """train: the final training of the chosen adapter"""
-    steps: int = arg(400, "optimizer steps")
-    micro_batch: int = arg(4, "examples per rank per micro-step")
-    accumulation: int = arg(1, "micro-steps per optimizer step")
+    steps: int = arg(400, "optimizer steps", resume="length")
+    micro_batch: int = arg(4, "examples per rank per micro-step", resume="layout")
+    accumulation: int = arg(1, "micro-steps per optimizer step", resume="layout")
     lr: float = arg(1e-3, "peak learning rate after a linear warm-up (the campaign uses the search's choice)")
     warmup_ratio: float = arg(0.02, "share of steps used for learning-rate warm-up (the default: 8 of 400 steps, so that "
                                     "the search's shortest trials, the final run's first steps, reach the peak rate)")
@@ -398,24 +418,25 @@ class TrainSection:
                "(cosine decay to a tenth over all steps)")
     decay_ratio: float = arg(0.2, "wsd: share of the steps in the final cooldown")
     until: int | None = arg(None, "stop after this step, as the prefix of a run of train.steps steps (search trials "
-                                  "do; none = train.steps)")
+                                  "do; none = train.steps)", resume="length")
     time_limit: float | None = arg(None, "seconds this run may take from its start: after a few measured steps it sets "
                                          "its steps to what fits, the cooldown ending at the limit (the campaign "
-                                         "sets it from campaign.budget); none: train.steps")
+                                         "sets it from campaign.budget); none: train.steps", resume="length")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")
     split: Literal["train", "fit"] = arg("train", "training split: train, or fit (train minus the search's "
                                                   "validation quarter)")
     seed: int = arg(0, "seed for adapter init, data order and dropout")
-    checkpoint_every: int = arg(20, "save a resumable checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = arg(2, "checkpoints kept on disk")
+    checkpoint_every: int = arg(20, "save a resumable checkpoint every N steps (0 = only at the end)", resume="length")
+    keep_checkpoints: int = arg(2, "checkpoints kept on disk", resume="length")
     gradient_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory")
     capacity_factor: float = arg(0.0, "expert capacity as a multiple of an even share (0 = never drop)")
     eval_every: int = arg(0, "log the loss on held-out examples every N steps and at the end (0 = never): the "
-                             "val split when train.split is fit, else test")
-    eval_examples: int = arg(64, "held-out examples in each of those evaluations")
+                             "val split when train.split is fit, else test", resume="observes")
+    eval_examples: int = arg(64, "held-out examples in each of those evaluations", resume="observes")
     report_to: Names = arg("tensorboard", "where metrics go besides metrics.jsonl, comma-separated: tensorboard, wandb, "
-                                        "mlflow, or none (wandb and mlflow need the floe-dist[track] extra)")
+                                        "mlflow, or none (wandb and mlflow need the floe-dist[track] extra)",
+                           resume="observes")
 
     def problems(self) -> list[str]:
         found = below_one(self, ("steps", "micro_batch", "accumulation", "keep_checkpoints"), "train")
@@ -473,7 +494,7 @@ class EvaluateSection:
     """evaluate: accuracy (generative tasks: exact match) and loss of the base model or an adapter"""
     split: Literal["test", "train", "all", "fit", "val"] = arg("test", "test, train, all, or the search's parts "
                                                                        "of train: fit, val")
-    batch_size: int = arg(32, "examples per forward pass")
+    batch_size: int = arg(32, "examples per forward pass", resume="runs")
     limit: int | None = arg(None, "evaluate only the first N examples of the split")
     max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
     stop: StopStrings = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")
@@ -560,15 +581,15 @@ class CampaignSection:
 class ParallelSection:
     """parallel: ranks, nodes and how they start"""
     nproc: int = arg(1, "ranks per node for score and train (local processes, or GPUs per node): as many as pay "
-                        "on the machine (one on a small CPU box, every GPU on a GPU node)")
-    nodes: int = arg(1, "nodes (more than 1 needs launcher srun, inside an sbatch job)")
+                        "on the machine (one on a small CPU box, every GPU on a GPU node)", resume="runs")
+    nodes: int = arg(1, "nodes (more than 1 needs launcher srun, inside an sbatch job)", resume="runs")
     launcher: Literal["local", "srun"] = arg("local", "local (torchrun on this machine) or srun (inside an sbatch "
-                                                      "job; slurm/)")
+                                                      "job; slurm/)", resume="runs")
     zero: ZeroConfig = arg("0", "DeepSpeed config for score and train: 0, 2, 3 (zero_configs/) or a JSON path; 3 "
-                         "partitions a backbone too big for one device")
+                         "partitions a backbone too big for one device", resume="layout")
     ep_size: int = arg(1, "expert parallelism: ranks that split every MoE module's experts (divides the world "
-                          "size; 1 = every rank holds every expert)")
-    gpus_per_node: int = arg(0, "GPUs per node to request from Slurm (0 on CPU clusters)")
+                          "size; 1 = every rank holds every expert)", resume="layout")
+    gpus_per_node: int = arg(0, "GPUs per node to request from Slurm (0 on CPU clusters)", resume="runs")
 
     def problems(self) -> list[str]:
         return below_one(self, ("nproc", "nodes", "ep_size"), "parallel")
@@ -625,6 +646,11 @@ def choices() -> dict[str, tuple]:
         found.update({f"{prefix}.{f.name}": get_args(hints[f.name]) for f in fields(section)
                       if not is_section(f) and get_origin(hints[f.name]) is Literal})
     return found
+
+
+def marked(*kinds: str) -> set[str]:
+    """The settings whose field is marked with one of these resume kinds (config.RESUME_KINDS)."""
+    return {key for key, f in field_paths(Recipe).items() if f.metadata.get("resume") in kinds}
 
 
 def settings_of(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, Any]:

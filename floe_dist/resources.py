@@ -36,16 +36,21 @@ class Resources:
 
     def examples(self, data, split: str, tokenizer) -> list:
         """The examples of a recipe's ``data`` section in ``split``."""
-        from floe_dist.data import data_key, load_data
+        from floe_dist.data import data_key
+        from floe_dist.streaming import load_split
 
         return self.get(("examples", *data_key(data, split), tokenizer.name_or_path),
-                        lambda: load_data(data, split, tokenizer))
+                        lambda: load_split(data, split, tokenizer))
 
     def tokenized(self, key: tuple, examples: list, tokenizer, max_length: int, pack: bool) -> tuple:
-        """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk) and how many
-        examples ``max_length`` cuts."""
+        """The training rows of ``examples`` (named by ``key``; ``data.tokenize``, cached on disk; a stream's are
+        tokenised as they are read) and how many examples ``max_length`` cuts."""
         from floe_dist.data import pack as pack_rows
         from floe_dist.data import tokenize
+        from floe_dist.streaming import ExampleStream, RowStream
+
+        if isinstance(examples, ExampleStream):  # read as training goes; what it cuts is not counted ahead
+            return RowStream(examples, tokenizer, max_length), 0
 
         def make():
             rows = tokenize(examples, tokenizer, max_length)

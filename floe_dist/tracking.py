@@ -18,7 +18,6 @@ from pathlib import Path
 from floe_dist.files import write_json_atomic
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-OBSERVING = {"train.report_to", "train.eval_every", "train.eval_examples"}  # what is logged, not what is trained
 
 
 class TensorBoard:

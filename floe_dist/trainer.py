@@ -28,22 +28,21 @@ from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
 from floe_dist.modeling.lora_moe import compiled_router_ran
-from floe_dist.recipe import Recipe, settings_of
+from floe_dist.recipe import Recipe, marked, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
-from floe_dist.tracking import OBSERVING, MetricsLog
+from floe_dist.tracking import MetricsLog
 
 SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's result depends on, with its allocation
-# What only says how a run starts (a checkpoint's world size is checked against it directly), or reads nothing here.
-HOW_TO_RUN = {"model.adapter", "model.shape", "parallel.nproc", "parallel.nodes", "parallel.launcher",
-              "parallel.gpus_per_node"}
-# How long it runs: a wsd run's steps move only its cooldown, so a resume may change them (a trial's prefix continues)
-RESUME_MAY_CHANGE = HOW_TO_RUN | {"train.steps", "train.until", "train.time_limit", "train.checkpoint_every",
-                                  "train.keep_checkpoints", *OBSERVING}
+# Marked on the recipe's fields (config.RESUME_KINDS): what only says how a run starts (a checkpoint's world size is
+# checked against it directly), how long it runs (a wsd run's steps move only its cooldown, so a trial's prefix
+# continues), and what it logs.
+HOW_TO_RUN = marked("runs")
+RESUME_MAY_CHANGE = marked("runs", "length", "observes")
 PROBE_STEPS = 5  # steps a time-limited cosine run measures before it sets its length (wsd: until its cooldown)
 STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
-LAYOUT_KEYS = {"train.micro_batch", "train.accumulation", "parallel.ep_size", "parallel.zero"}  # portable checkpoints
+LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
 
 
 def run_settings(recipe: Recipe) -> dict:

@@ -27,9 +27,8 @@ from pathlib import Path
 
 from floe_dist.distributed.runtime import die_with_parent, free_port
 from floe_dist.files import write_json_atomic
-from floe_dist.recipe import Recipe, read_recipe, write_recipe
+from floe_dist.recipe import Recipe, marked, read_recipe, write_recipe
 from floe_dist.resume import changed_settings, describe
-from floe_dist.tracking import OBSERVING
 
 # Settings each finished stage's result depends on (prefixes of the recipe's dotted keys) ...
 EVALUATION = ("evaluate.limit", "evaluate.max_new_tokens", "evaluate.stop", "evaluate.lm_eval")
@@ -38,11 +37,10 @@ DEPENDS["allocate"] = ("model.", "data.", "adapter.", "score.", "allocate.", "pa
 DEPENDS["search"] = DEPENDS["allocate"] + ("search.",)
 DEPENDS["train"] = DEPENDS["search"] + ("train.", "parallel.nproc", "parallel.nodes")
 DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
-# ... except those that say only how to run.
-HOW_TO_RUN = {"parallel.launcher", "parallel.gpus_per_node", "search.runner", "search.workers", "search.trial_timeout",
-              "search.trial_threads", "search.trial_workers", "search.sbatch_args", "evaluate.batch_size",
-              # a budget moves where training ends, not what a finished stage did: a resumed campaign takes the new one
-              "campaign.budget", "campaign.search_share", *OBSERVING}
+# ... except those that say only how to run (but the world size: it sets the final run's global batch) or what is
+# logged, and the budget: it moves where training ends, not what a finished stage did (a resumed campaign takes it).
+HOW_TO_RUN = (marked("runs", "observes") - {"parallel.nproc", "parallel.nodes"}) | {"campaign.budget",
+                                                                                   "campaign.search_share"}
 START_MARGIN = 8.0  # seconds a launched stage takes to start its processes before its own clock runs (4 s measured)
 FORKED_START_MARGIN = 2.0  # the same forked from the zygote (the tiny campaign's whole final run: 1.8 s, measured)
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
@@ -250,7 +248,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     write_recipe(c.out, recipe)
     recipe = c.recipe = budgeted(recipe, c.out)
     c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
-    zero_shot = c.step("zero_shot", lambda: evaluate(recipe))
+    zero_shot = c.step("zero_shot", lambda: evaluate(replace(recipe, model=replace(recipe.model, adapter=None))))
     allocation, lr = allocate_stage(c), recipe.train.lr
     if recipe.search.enabled:
         chosen = replace(recipe.allocate, file=allocation)

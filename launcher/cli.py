@@ -48,7 +48,7 @@ TOOL_COMMANDS = {
 PASSTHROUGH = {"lm-eval": ("floe_dist.lm_eval_model", "lm-evaluation-harness's own CLI with the floe-dist model "
                                                       "(--model floe-dist --model_args adapter=DIR)")}
 # Stages that run on the recipe's ranks: alone, they start parallel.nproc local ranks as the campaign does.
-RANK_COMMANDS = ("train", "score")
+RANK_COMMANDS = ("train", "score", "evaluate", "generate")
 SHORTCUTS = {"model": "model.name", "allocation": "allocate.file", "adapter": "model.adapter"}
 # Spellings of the release before the one settings tree: command -> {old flag: what it is now}. Each still works,
 # with a warning that names the new spelling, until the next release (CHANGELOG.md lists them).

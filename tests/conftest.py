@@ -184,6 +184,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def assert_resumes_exactly(recipe: Path, tmp_path: Path) -> Path:
+    """Train ``recipe`` (checkpoint_every 3) for 6 steps, and again from a copy as a crash after step 5 would leave
+    it (its step-3 checkpoint last): the resumed run must log the same losses. Returns the whole run's folder."""
+    import shutil
+
+    import pytest
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_floe(["train", "--config", str(recipe), "--steps", "6", "--output", str(whole)])
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_6")
+    (resumed / "checkpoints" / "latest").write_text("step_3")
+    shutil.rmtree(resumed / "adapter")
+    proc = run_floe(["train", "--config", str(recipe), "--steps", "6", "--output", str(resumed)])
+    assert "at step 3" in proc.stdout
+    assert [m["loss"] for m in read_metrics(resumed)] == pytest.approx([m["loss"] for m in read_metrics(whole)],
+                                                                       rel=1e-6)
+    return whole
+
+
 @pytest.fixture(autouse=True)
 def _teardown_process_group():
     saved = dict(os.environ)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from floe_dist.data import Example, load_data, tokenize, train_batch
+from floe_dist.data import Example, tokenize, train_batch
+from floe_dist.streaming import load_split
 
 
 def load_for_search(recipe, hold_out: int, device="cpu"):
@@ -15,7 +16,12 @@ def load_for_search(recipe, hold_out: int, device="cpu"):
     d = recipe.data
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
-    examples = load_data(d, "train", tokenizer)
+    examples = load_split(d, "train", tokenizer)
+    if d.streaming:  # these allocators hold their examples in memory
+        if d.max_train_examples is None:
+            raise ValueError("allocate.method flexora and guilomo hold their training examples in memory: with "
+                             "data.streaming, set data.max_train_examples to how many of the stream they read")
+        examples = examples[: d.max_train_examples]
     if len(examples) <= hold_out:
         raise ValueError(f"holding out {hold_out} examples leaves none to train on ({len(examples)} in all)")
     train, held = (examples[:-hold_out], examples[-hold_out:]) if hold_out else (examples, [])

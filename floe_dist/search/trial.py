@@ -80,13 +80,18 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     layout, lm, tokenizer = trainer.layout, trainer.lm, trainer.tokenizer
     trainer.engine.destroy()
     del trainer
-    if not layout.is_main:
-        return None
     eval_start = time.time()
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
         scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True)
-    else:  # partitioned: the export on a whole backbone (kept by a warm worker)
+    elif layout.world_size == 1:  # partitioned on one rank: the export on a whole backbone (kept by a warm worker)
         scored = evaluate(recipe, resources=resources, per_example=True)
+    else:  # the export on the trial's ranks, each scoring its share (partitioned under ZeRO-3, as it trained)
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written the export
+        scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True)
+    if not layout.is_main:
+        return None
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
     per_example = scored.get("example_losses" if spec.objective == "loss" else "example_errors")
     return {"cost": cost, "val_loss": scored["loss"], "val_accuracy": scored["accuracy"],

@@ -19,18 +19,20 @@ import torch
 from floe_dist.files import output_file, write_text_atomic
 from floe_dist.recipe import Recipe
 
-SECTIONS = ("generate", "model", "data")
+SECTIONS = ("generate", "model", "data", "parallel")  # parallel: on several ranks (distributed/sharded_eval.py)
 OUTPUT = None  # printed; --output writes JSON lines instead
 OUTPUT_FILE = "generations.jsonl"
 
 
 def run(recipe: Recipe, output: str | None = None) -> list[dict]:
     from floe_dist.data import chat_template_text, load_task, reading_of
+    from floe_dist.distributed.runtime import discover
+    from floe_dist.distributed.sharded_eval import SINGLE, backbone_on_ranks
     from floe_dist.generation import generate, stop_strings
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
     from floe_dist.modeling.export import export_meta, load_adapter
 
-    recipe.validate("generate", "model", "data")
+    recipe.validate(*SECTIONS)
     m, d, g = recipe.model, recipe.data, recipe.generate
     if g.prompt is None and g.input is None:
         raise ValueError("give generate.prompt (--prompt) or generate.input (--input)")
@@ -55,13 +57,20 @@ def run(recipe: Recipe, output: str | None = None) -> list[dict]:
         prompts = [tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
                                                  chat_template=template) if g.chat else g.prompt]
         references = [""]
-    lm = load_backbone(model_dir, m.quant, device)
-    lm.set_attn_implementation(m.attn_implementation)
-    if m.adapter:
-        load_adapter(lm, m.adapter)
-    texts = generate(lm, tokenizer, prompts, max_new_tokens=g.max_new_tokens, stop=stop_strings(g.stop),
-                     batch_size=g.batch_size, max_length=m.max_length, device=device)
+    if discover().world_size > 1:
+        lm, ranks, device = backbone_on_ranks(recipe, model_dir)
+    else:
+        ranks = SINGLE
+        lm = load_backbone(model_dir, m.quant, device)
+        lm.set_attn_implementation(m.attn_implementation)
+        if m.adapter:
+            load_adapter(lm, m.adapter)
+    texts = ranks.gather(generate(lm, tokenizer, ranks.share(prompts), max_new_tokens=g.max_new_tokens,
+                                  stop=stop_strings(g.stop), batch_size=g.batch_size, max_length=m.max_length,
+                                  device=device, ranks=ranks))
     rows = [{"prompt": p, "generation": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
+    if ranks.rank:
+        return rows  # rank 0 writes them
     if output:
         path = write_text_atomic(output_file(output, OUTPUT_FILE), "".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} generations -> {path}")

@@ -279,6 +279,12 @@ def plan(args: PlanInputs) -> dict:
                   "working": count.largest * (w16 + (0 if gpu else 2)) if partitioned_load or args.offload else 0.0,
                   "runtime": runtime}
     load = factor * sum(load_terms.values())
+    # evaluation on the same ranks and partitioning (distributed/sharded_eval.py): no gradients, optimizer state
+    # or stored activations; one layer's working activations and, generating, a KV cache over the sequence
+    eval_terms = {"base": base, "adapters": trainable * (2 if gpu else 4) / shard, "layer": per_layer,
+                  "kv_cache": 2 * L * b * s * count.shapes.get("k_proj", (h, h))[1] * act,  # keys and values (GQA)
+                  "logits": 10 * b * count.vocab * (act / 2), "gather": gather, "runtime": runtime}
+    evaluation = factor * sum(eval_terms.values())
 
     tokens = b * s * n * args.accumulation
     per_token = flops_per_token(decoder_linear=count.linear, head=count.vocab * h, layers=L, hidden=h, seq_len=s,
@@ -290,6 +296,7 @@ def plan(args: PlanInputs) -> dict:
                                            "quantized_linear": count.linear, "other": count.other},
             "world_size": n, "trainable_parameters": trainable, "split_expert_parameters": experts,
             "bytes": terms, "total_bytes": total, "load_bytes": load, "load_terms": load_terms,
+            "eval_bytes": evaluation, "eval_terms": eval_terms,
             "limit": "loading" if load > total else "training", "fits": fits, "tokens_per_step": tokens,
             "flops_per_token": {"model": per_token.model, "hardware": per_token.hardware},
             "seconds_per_step": seconds, "advice": [] if fits else advice(args, terms, max(total, load))}
@@ -342,6 +349,7 @@ def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
           f"(load: base {load['base'] / GIB:.2f} + largest module whole {load['working'] / GIB:.2f} GiB) -> "
           + (f"{result['limit']} is the limit, " if result["limit"] == "loading" else "")
           + ("fits" if result["fits"] else f"DOES NOT FIT in {args.gpu_memory:g} GiB"))
+    print(f"  evaluation and generation on the same ranks: {result['eval_bytes'] / GIB:.2f} GiB {where.split(' (')[0]}")
     print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
     for tip in result["advice"]:
         print(f"  to fit: {tip}")

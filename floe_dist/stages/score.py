@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from floe_dist.allocation import Allocation, ModuleAllocation
-from floe_dist.data import collate, encode, load_data
+from floe_dist.data import collate, encode
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
 from floe_dist.distributed.runtime import all_reduce_sum, main_rank_first
@@ -40,6 +40,7 @@ from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import module_shapes
 from floe_dist.recipe import Recipe, TrainSection, settings_of
 from floe_dist.resume import guard
+from floe_dist.streaming import load_split
 
 SECTIONS = ("score", "adapter", "allocate", "model", "data", "parallel")
 OUTPUT = "runs/score"
@@ -128,7 +129,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
         forward = model  # ZeRO-0/1/2 keep full parameters on every rank: gradients need no engine
     forward.eval()  # no dropout: the Fisher of the deterministic model
 
-    examples = load_data(recipe.data, "train", tokenizer)[: min(recipe.score.samples, recipe.score.proxy_examples)]
+    examples = load_split(recipe.data, "train", tokenizer)[: min(recipe.score.samples, recipe.score.proxy_examples)]
     batches = list(scoring_batches(examples, tokenizer, recipe.score.score_batch, info.rank, info.world_size,
                                    recipe.model.max_length))
     t1 = time.time()

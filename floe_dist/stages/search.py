@@ -34,25 +34,20 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic
-from floe_dist.recipe import Recipe, settings_of
+from floe_dist.recipe import Recipe, marked, settings_of
 from floe_dist.resume import guard
 from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
 from floe_dist.search.report import base_of, candidate_costs, candidate_report, decide, plot_search, unresolved
 from floe_dist.search.trial import TrialSpec, searched_allocation
-from floe_dist.tracking import OBSERVING
 
-SECTIONS = ("search", "allocate", "model", "data", "evaluate", "train")  # train: trials are the final run's start
+SECTIONS = ("search", "allocate", "adapter", "model", "data", "evaluate", "train")  # train: trials are the final run's start
 OUTPUT = "runs/search"
-# Settings that say how the search runs, or that only the campaign reads: a resume may change them.
-RESUME_MAY_CHANGE = {f"search.{k}" for k in ("max_trials", "max_compute", "workers", "trial_timeout", "runner",
-                                             "sbatch_args", "trial_threads", "trial_workers", "enabled",
-                                             "allocations", "time_limit")} | {"model.adapter", "model.shape",
-                                                                              "evaluate.batch_size"}
-# What of train a trial does not read (its own lr, split, end and seed; logging)
-RESUME_MAY_CHANGE |= {f"train.{k}" for k in ("lr", "split", "until", "time_limit", "checkpoint_every",
-                                             "keep_checkpoints", "seed")} | OBSERVING
+# A resume may change how the search runs and how long, what it logs, what only the campaign reads, and what of
+# train a trial sets itself (its lr, split and seed); not train.steps, whose share sets the trials' warm-up.
+RESUME_MAY_CHANGE = (marked("runs", "length", "observes", "campaign") - {"train.steps"}) | {
+    "train.lr", "train.split", "train.seed"}
 
 
 def base_allocations(recipe: Recipe, shape) -> dict[str, Allocation]:
@@ -110,7 +105,8 @@ def trial_batch(recipe: Recipe) -> dict:
 def trial_recipe(recipe: Recipe, trial: Trial, line_dir: Path) -> Recipe:
     """What a trial runs: the first ``budget`` steps of the final run (the recipe's train settings and schedule over
     train.steps, the trial's learning rate and seed) on the fit split, scored on val (search.val_limit). It trains in
-    its line's folder, which every trial of one configuration shares: a promotion continues the line's checkpoint."""
+    its line's folder, which every trial of one configuration shares: a promotion continues the line's checkpoint.
+    A trial runs no lm-eval tasks: they are the final evaluation's."""
     s = recipe.search
     train = replace(recipe.train, split="fit", until=int(trial.budget), lr=float(trial.config["lr"]),
                     seed=int(trial.seed), checkpoint_every=0, keep_checkpoints=1, eval_every=0, report_to="none",
@@ -118,7 +114,7 @@ def trial_recipe(recipe: Recipe, trial: Trial, line_dir: Path) -> Recipe:
     return replace(recipe, train=train, allocate=replace(recipe.allocate, file=str(line_dir / "allocation.json")),
                    parallel=replace(recipe.parallel, zero=s.zero, ep_size=1, nproc=s.trial_nproc, nodes=1),
                    model=replace(recipe.model, adapter=str(line_dir / "train" / "adapter")),
-                   evaluate=replace(recipe.evaluate, split="val", limit=s.val_limit))
+                   evaluate=replace(recipe.evaluate, split="val", limit=s.val_limit, lm_eval_tasks=""))
 
 
 def trial_spec(recipe: Recipe, trial: Trial, out: Path, base_file: Path, ledger: Ledger) -> TrialSpec:

@@ -3,7 +3,6 @@ examples each split holds, and a mixture that trains, resumes exactly and evalua
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 
 from floe_dist.data import load_data
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
-from tests.conftest import read_metrics, recipe_for, run_floe
+from tests.conftest import assert_resumes_exactly, recipe_for, run_floe
 from tests.floe_dist.test_data_formats import alpaca_rows, sharegpt_rows, write_jsonl
 
 
@@ -72,7 +71,8 @@ def test_bad_mixtures_are_refused_by_name(files):
 
     problems = lambda data: from_dict(Recipe, {"data": data}).problems("data")  # noqa: E731
     assert problems({"sources": [{"file": "x"}]}) == [
-        "data.sources[0]: needs a task; its keys are task, weight, data_format, columns, roles (not ['file'])"]
+        "data.sources[0]: needs a task; its keys are task, weight, data_format, columns, roles, hub_config, "
+        "hub_split, hub_revision (not ['file'])"]
     assert problems({"sources": [{"task": "x", "weight": 0}]}) == ["data.sources[0]: weight must be > 0, got 0"]
     assert problems({"task": "boolq", "sources": [{"task": "x"}]}) == ["give data.task or data.sources, not both"]
     assert problems({"test_size": 2.5}) == ["data.test_size must be a fraction in [0, 1) or a whole count, got 2.5"]
@@ -82,16 +82,7 @@ def test_a_two_source_mixture_trains_resumes_exactly_and_evaluates_from_a_recipe
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"name": "tiny"}, "data": mixture(*files),
                                       "train": {"micro_batch": 2, "checkpoint_every": 3}}))
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    run_floe(["train", "--config", str(recipe), "--steps", "6", "--output", str(whole)])
-    shutil.copytree(whole, resumed)  # the run as a crash after step 5 would leave it: its step-3 checkpoint last
-    shutil.rmtree(resumed / "checkpoints" / "step_6")
-    (resumed / "checkpoints" / "latest").write_text("step_3")
-    shutil.rmtree(resumed / "adapter")
-    proc = run_floe(["train", "--config", str(recipe), "--steps", "6", "--output", str(resumed)])
-    assert "at step 3" in proc.stdout
-    assert [m["loss"] for m in read_metrics(resumed)] == pytest.approx([m["loss"] for m in read_metrics(whole)],
-                                                                       rel=1e-6)
+    whole = assert_resumes_exactly(recipe, tmp_path)
     assert json.loads((whole / "adapter" / "export.json").read_text())["task"].count("+") == 1
     run_floe(["evaluate", "--config", str(recipe), "--adapter", str(whole / "adapter"), "--max-new-tokens", "2",
               "--output", str(tmp_path / "eval.json")])

@@ -133,3 +133,13 @@ def test_plan_shows_how_a_campaign_budget_splits(tmp_path):
         0.7 * 86400)
     assert result["budget"]["train_steps"] == int(0.7 * 86400 / result["seconds_per_step"])
     assert "campaign.budget 24h (86400 s): the search at most 25920 s" in proc.stdout
+
+
+def test_evaluation_memory_follows_the_training_partitioning():
+    """A bf16 70B backbone (140 GB) fits no 80 GB GPU whole, so evaluating it takes the job's ranks: evaluation
+    holds the same partition of it as training (distributed/sharded_eval.py), without gradients or optimizer."""
+    whole = plan(PlanInputs(model="llama3-70b", gpus_per_node=1, quant="bf16", gpu_memory=80))
+    spread = plan(PlanInputs(model="llama3-70b", nodes=2, gpus_per_node=8, quant="bf16", gpu_memory=80))
+    assert whole["eval_terms"]["base"] == whole["bytes"]["base"] > 80 * 2**30
+    assert spread["eval_terms"]["base"] == spread["bytes"]["base"] == whole["bytes"]["base"] / 16
+    assert spread["eval_bytes"] < spread["total_bytes"] and spread["eval_bytes"] < 80 * 2**30

@@ -1,0 +1,48 @@
+"""Evaluation and generation on several ranks: a backbone partitioned over 2 ranks (ZeRO-3, each holding about
+half of it: under a cap the whole backbone exceeds) scores and writes what one process holding it whole does."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_floe
+from tests.floe_dist.test_data_formats import ALPACA_COLUMNS, alpaca_rows, write_jsonl
+
+ON_TWO_RANKS = ["--parallel.nproc", "2", "--parallel.zero", "3"]
+
+
+def evaluated(tmp_path, name: str, args: list[str]) -> dict:
+    out = tmp_path / f"{name}.json"
+    run_floe(["evaluate", *args, "--output", str(out)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("task, limit", [("sst2", 9), ("arithmetic", 7)])  # odd counts: one rank has one more
+def test_two_ranks_holding_half_the_backbone_evaluate_what_one_process_does(uninterrupted_run, tmp_path, task, limit):
+    args = ["--model", "tiny", "--adapter", str(uninterrupted_run / "adapter"), "--task", task, "--evaluate.limit",
+            str(limit), "--evaluate.batch_size", "2", "--evaluate.max_new_tokens", "4"]
+    one = evaluated(tmp_path, "one", args)
+    two = evaluated(tmp_path, "two", [*args, *ON_TWO_RANKS])
+    cap = 0.55 * one["model_bytes"]  # what a rank may hold: the whole backbone (and adapter) exceeds it
+    assert (one["ranks"], one["partitioned"], two["ranks"], two["partitioned"]) == (1, False, 2, True)
+    assert two["model_bytes"] == one["model_bytes"] == one["rank_model_bytes"] > cap >= two["rank_model_bytes"]
+    assert two["examples"] == one["examples"] == limit
+    assert two["accuracy"] == one["accuracy"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    if task == "arithmetic":  # greedy generations, word for word
+        assert two["samples"] == one["samples"] and two["generated"] == one["generated"] == limit
+    data_parallel = evaluated(tmp_path, "dp", [*args, "--parallel.nproc", "2", "--parallel.zero", "0"])
+    assert (data_parallel["partitioned"], data_parallel["rank_model_bytes"]) == (False, one["model_bytes"])
+    assert data_parallel["accuracy"] == one["accuracy"]
+    assert data_parallel["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_two_ranks_holding_half_the_backbone_generate_what_one_process_does(uninterrupted_run, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", alpaca_rows(5))
+    args = ["generate", "--model", "tiny", "--adapter", str(uninterrupted_run / "adapter"), "--input", str(prompts),
+            "--columns", ALPACA_COLUMNS, "--generate.max_new_tokens", "5", "--generate.batch_size", "2"]
+    run_floe([*args, "--output", str(tmp_path / "one.jsonl")])
+    run_floe([*args, *ON_TWO_RANKS, "--output", str(tmp_path / "two.jsonl")])
+    one, two = ((tmp_path / f"{n}.jsonl").read_text().splitlines() for n in ("one", "two"))
+    assert len(one) == 5 and two == one

@@ -1,0 +1,146 @@
+"""Hub datasets with their config, split and revision (offline, on a hub-style folder the test writes), and
+training data read as a stream: its splits, the rows each rank reads, and a streamed run that resumes exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from floe_dist.data import load_task, pieces_of, token_rows, train_batch
+from floe_dist.modeling.backbone import load_tokenizer, resolve_model
+from floe_dist.recipe import Recipe, from_dict
+from floe_dist.streaming import ExampleStream, RowStream, load_split
+from tests.conftest import assert_resumes_exactly, recipe_for
+from tests.floe_dist.test_data_formats import ALPACA_COLUMNS, alpaca_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model("tiny"))
+
+
+def hub_folder(root, configs: dict[str, dict[str, list[dict]]]):
+    """A hub-style dataset repository: data files per config and split, listed in its README.md card."""
+    card = ["---", "configs:"]
+    for config, splits in configs.items():
+        card += [f"- config_name: {config}", "  data_files:"]
+        (root / config).mkdir(parents=True)
+        for split, rows in splits.items():
+            write_jsonl(root / config / f"{split}.jsonl", rows)
+            card += [f"  - split: {split}", f"    path: {config}/{split}.jsonl"]
+    (root / "README.md").write_text("\n".join([*card, "---", ""]))
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path):
+    rows = alpaca_rows(40)
+    return hub_folder(tmp_path / "owner-gsm", {"main": {"train": rows[:30], "test": rows[30:]},
+                                               "socratic": {"train": rows[:5]}})
+
+
+def test_a_hub_style_dataset_is_read_in_its_config_and_split_and_what_it_lacks_is_named(repo, tokenizer):
+    read = lambda **hub: load_task(str(repo), "all", columns=ALPACA_COLUMNS, tokenizer=tokenizer,  # noqa: E731
+                                   hub=hub)
+    assert len(read(hub_config="main")) == 30  # the train split by default
+    test = read(hub_config="main", hub_split="test")
+    assert [e.reference for e in test] == [r["answer"] for r in alpaca_rows(40)[30:]]
+    assert len(read(hub_config="socratic")) == 5
+    with pytest.raises(ValueError, match=r"BuilderConfig 'nope' not found\. Available: \['main', 'socratic'\]"):
+        read(hub_config="nope")
+    with pytest.raises(ValueError, match=r"Unknown split \"validation\"\. Should be one of \['train', 'test'\]"):
+        read(hub_config="main", hub_split="validation")
+    with pytest.raises(ValueError, match=r"Config name is missing.*\['main', 'socratic'\]"):
+        read()
+    file = write_jsonl(repo.parent / "plain.jsonl", alpaca_rows(4))
+    with pytest.raises(ValueError, match="data.hub_config apply to hub datasets and hub-style folders, not to a"):
+        load_task(str(file), "all", hub={"hub_config": "main"})
+
+
+def test_a_recipe_takes_the_hub_settings_for_its_task_and_for_each_source(repo, tokenizer):
+    data = recipe_for("train", task=str(repo), columns=ALPACA_COLUMNS, data__hub_config="main",
+                      data__hub_split="test").data
+    assert len(load_split(data, "all", tokenizer)) == 10
+    mixed = recipe_for("train", columns=ALPACA_COLUMNS, data__sources=[
+        {"task": str(repo), "hub_config": "main", "hub_split": "test"},
+        {"task": str(repo), "hub_config": "socratic"}]).data
+    assert len(load_split(mixed, "all", tokenizer)) == 15
+
+
+def streamed(path, **data):
+    return recipe_for("train", task=str(path), columns=ALPACA_COLUMNS, data__streaming=True, **data).data
+
+
+def test_streamed_splits_are_positions_in_the_stream(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(40))
+    whole = load_task(str(path), "all", columns=ALPACA_COLUMNS, tokenizer=tokenizer)  # in the file's order
+    data = streamed(path, data__test_size=8, data__val_size=6)
+    assert load_split(data, "test", tokenizer) == whole[:8]
+    assert load_split(data, "val", tokenizer) == whole[8:14]
+    fit, train = load_split(data, "fit", tokenizer), load_split(data, "train", tokenizer)
+    assert isinstance(fit, ExampleStream) and list(fit) == whole[14:]
+    assert list(train) == whole[8:] and train[:3] == whole[8:11]
+    with pytest.raises(ValueError, match="data.val_size must be a count of examples"):
+        load_split(streamed(path, data__test_size=8), "val", tokenizer)
+    with pytest.raises(ValueError, match="the built-in task 'sst2' fits in memory"):
+        load_split(recipe_for("train", data__streaming=True, data__test_size=8).data, "train", tokenizer)
+
+
+def test_a_row_stream_reads_the_rows_train_batch_would_address_and_ranks_split_them(tmp_path, tokenizer):
+    rows = alpaca_rows(9) + [{"question": "Say it.", "context": "", "answer": " ".join(["word"] * 30)}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = streamed(path, data__test_size=0, data__data_format="alpaca")
+    examples = load_split(data, "train", tokenizer)
+    want = [row[:2] for e in examples
+            for row in token_rows(tokenizer([t for t, _ in pieces_of(e)], add_special_tokens=False).input_ids,
+                                  [f for _, f in pieces_of(e)], 16)]
+    stream = RowStream(examples, tokenizer, max_length=16)
+    n = len(want)
+    assert n == 10 and len(want[-1][0]) == 16  # every alpaca example is one row of <= 16 tokens
+    assert stream.rows_at(3, 4) == want[3:7]
+    assert stream.rows_at(n - 2, 5) == want[n - 2:] + want[:3]  # on into the next epoch
+    assert stream.epoch_rows == n
+    assert stream.rows_at(1, 2) == want[1:3]  # an earlier row: read again from the start
+    assert stream.rows_at(2 * n + 5, 1) == want[5:6]
+
+    one = lambda step, rank, world, micro: train_batch(  # noqa: E731
+        RowStream(examples, tokenizer, 16), step=step, micro=0, rank=rank, world=world, micro_batch=micro,
+        accumulation=1, seed=0, pad_id=tokenizer.pad_token_id)["input_ids"]
+    unpadded = lambda batch: [row[row != tokenizer.pad_token_id].tolist() for row in batch]  # noqa: E731
+    for step in range(3):  # 2 ranks of micro-batch 2 read what one rank of micro-batch 4 reads
+        assert unpadded(one(step, 0, 2, 2)) + unpadded(one(step, 1, 2, 2)) == unpadded(one(step, 0, 1, 4))
+        rows = [want[(4 * step + i) % n][0] for i in range(4)]
+        assert unpadded(one(step, 0, 1, 4)) == [[t for t in ids if t != tokenizer.pad_token_id] for ids in rows]
+
+
+def test_plain_text_longer_than_a_row_is_chunked_as_in_memory(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(["word"] * n)} for n in (3, 40, 5)])
+    data = recipe_for("train", task=str(path), data__streaming=True, data__test_size=0).data
+    stream = RowStream(load_split(data, "train", tokenizer), tokenizer, max_length=16)
+    ids = [tokenizer(" ".join(["word"] * n) + tokenizer.eos_token, add_special_tokens=False).input_ids
+           for n in (3, 40, 5)]
+    want = [ids[0], ids[1][:16], ids[1][16:32], ids[1][32:], ids[2]]
+    assert [r[0] for r in stream.rows_at(0, 5)] == want and [r[1] for r in stream.rows_at(0, 5)] == want
+
+
+def test_streaming_settings_that_cannot_work_are_refused_by_the_recipe():
+    problems = lambda data: from_dict(Recipe, {"data": data}).problems("data")  # noqa: E731
+    need = ("data.streaming needs data.test_size as a count of examples (the first N of the stream are the test "
+            "split; its length is not known before it is read) or data.eval_task (a separate test file)")
+    assert problems({"task": "c.jsonl", "streaming": True}) == [need]
+    assert problems({"task": "c.jsonl", "streaming": True, "test_size": 0.1}) == [need]
+    assert problems({"task": "c.jsonl", "streaming": True, "test_size": 10}) == []
+    assert problems({"task": "c.jsonl", "streaming": True, "eval_task": "e.jsonl"}) == []
+    assert problems({"streaming": True, "test_size": 10, "sources": [{"task": "a.jsonl"}]}) == [
+        "data.streaming reads one task, unpacked: it takes neither data.sources nor data.pack"]
+
+
+def test_a_streamed_run_trains_and_resumes_at_the_exact_example(repo, tmp_path):
+    recipe = tmp_path / "stream.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "tiny"}, "train": {"micro_batch": 2, "checkpoint_every": 3},
+        "data": {"task": str(repo), "hub_config": "main", "columns": ALPACA_COLUMNS, "streaming": True,
+                 "test_size": 4}}))
+    whole = assert_resumes_exactly(recipe, tmp_path)
+    assert json.loads((whole / "train.json").read_text())["steps"] == 6
