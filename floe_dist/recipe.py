@@ -495,6 +495,10 @@ class EvaluateSection:
     split: Literal["test", "train", "all", "fit", "val"] = arg("test", "test, train, all, or the search's parts "
                                                                        "of train: fit, val")
     batch_size: int = arg(32, "examples per forward pass", resume="runs")
+    ranks: Literal["auto", "one", "all"] = arg(
+        "auto", "campaign: evaluate in its process on one device (one), on the job's ranks as training holds the "
+                "backbone (all), or all when ZeRO-3 training spreads a backbone that does not fit one device (auto)",
+        resume="runs")
     limit: int | None = arg(None, "evaluate only the first N examples of the split")
     max_new_tokens: int = arg(32, "generative tasks: tokens generated per example at most")
     stop: StopStrings = arg("\\n", "generative tasks: stop at any of these strings, separated by '||' (\\n = newline)")

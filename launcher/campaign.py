@@ -238,7 +238,6 @@ def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
 
 
 def run(recipe: Recipe, output: str = OUTPUT) -> dict:
-    from floe_dist.evaluation import evaluate
     from floe_dist.modeling.backbone import resolve_model
     from floe_dist.stages.search import run as search
 
@@ -248,7 +247,8 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     write_recipe(c.out, recipe)
     recipe = c.recipe = budgeted(recipe, c.out)
     c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
-    zero_shot = c.step("zero_shot", lambda: evaluate(replace(recipe, model=replace(recipe.model, adapter=None))))
+    zero_shot = c.step("zero_shot", lambda: evaluation(c, replace(recipe, model=replace(recipe.model, adapter=None)),
+                                                      "zero_shot"))
     allocation, lr = allocate_stage(c), recipe.train.lr
     if recipe.search.enabled:
         chosen = replace(recipe.allocate, file=allocation)
@@ -271,8 +271,48 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
         trained_recipe = replace(trained_recipe, train=replace(trained_recipe.train, time_limit=train_time(c)))
     trained = c.step("train", lambda: train_stage(c, trained_recipe))
     adapter = replace(recipe.model, adapter=str(c.out / "train" / "adapter"))
-    final = c.step("final_eval", lambda: evaluate(replace(recipe, model=adapter)))
+    final = c.step("final_eval", lambda: evaluation(c, replace(recipe, model=adapter), "final_eval"))
     return summarise(c, allocation, lr, zero_shot, trained, final)
+
+
+def evaluation(c: Campaign, recipe: Recipe, name: str) -> dict:
+    """An evaluation of the campaign: in its own process, or launched on the job's ranks (``evaluate.ranks``; auto:
+    when ZeRO-3 training spreads a backbone that does not fit one device) as the ``evaluate`` stage, each rank
+    scoring its share of the examples (floe_dist/distributed/sharded_eval.py)."""
+    from floe_dist.evaluation import evaluate
+
+    p, choice = recipe.parallel, recipe.evaluate.ranks
+    on_ranks = choice == "all" or (choice == "auto" and zero_stage_of(p.zero) == 3 and p.nproc * p.nodes > 1
+                                   and not fits_one_device(recipe.model))
+    if not on_ranks:
+        return evaluate(recipe)
+    return c.launch("evaluate", recipe, c.out / name, "evaluate.json")
+
+
+def zero_stage_of(zero: str) -> int:
+    from floe_dist.distributed.engine import zero_config_path
+    from floe_dist.distributed.layout import zero_stage
+
+    return zero_stage(json.loads(zero_config_path(zero).read_text()))
+
+
+def fits_one_device(model) -> bool:
+    """Whether the backbone's weights (their files' size, a quarter of it in NF4) take at most 80% of one GPU's
+    memory, or of this machine's available memory without one."""
+    import torch
+
+    from floe_dist.modeling.backbone import resolve_model
+
+    stored = sum(f.stat().st_size for f in Path(resolve_model(model.name)).glob("*.safetensors"))
+    need = stored / 4 if model.quant == "nf4" else stored
+    if torch.cuda.is_available():
+        return need <= 0.8 * torch.cuda.get_device_properties(0).total_memory
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():  # not Linux: no way to tell, so the campaign's own process
+        return True
+    available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                     if line.startswith("MemAvailable"))
+    return need <= 0.8 * available
 
 
 def budgeted(recipe: Recipe, out: Path) -> Recipe:

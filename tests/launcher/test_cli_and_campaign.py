@@ -89,7 +89,7 @@ score: {{warmup_steps: 2, proxy_examples: 32, samples: 32, micro_batch: 2}}
 search: {{ranks: "2,4", lr: "1e-3:1e-2", min_steps: 1, max_steps: 3, max_compute: 2.0, val_limit: 16, micro_batch: 2,
           allocations: "uniform,random"}}
 train: {{steps: 4, micro_batch: 2}}
-evaluate: {{limit: 24}}
+evaluate: {{limit: 24, ranks: all}}
 parallel: {{nproc: 2, zero: "3"}}
 """
 
@@ -126,7 +126,10 @@ def test_a_users_recipe_runs_end_to_end_resumes_and_names_changed_keys(tmp_path)
     assert {r for mods in trained["layers"].values() for m in mods.values() for r in m["ranks"]} == {search["rank"]}
     train_args = json.loads((out / "train" / "train_args.json").read_text())
     assert train_args["train.lr"] == search["lr"] == summary["lr"] and train_args["train.steps"] == 4
-    assert json.loads((out / "final_eval.json").read_text())["examples"] == 24
+    for evaluation in ("zero_shot", "final_eval"):  # on the 2 ranks, each holding half the backbone (ZeRO-3)
+        scored = json.loads((out / f"{evaluation}.json").read_text())
+        assert (scored["examples"], scored["ranks"], scored["partitioned"]) == (24, 2, True)
+    assert "[campaign] evaluate: 2 rank(s) forked from the campaign's zygote" in proc.stdout
     assert "final accuracy" in proc.stdout
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
     user = load_recipe(str(recipe))
