@@ -41,17 +41,19 @@ from benchmarks.result_file import write_result  # noqa: E402
 LORA = {"targets": "q_proj,v_proj", "experts": 1, "rank": 8, "alpha": 16.0, "dropout": 0.05, "lr": 1e-3}
 
 
-def lora_recipe(recipe, seed: int):
-    """The recipe with plain LoRA r=8 on q,v of every layer (no allocation file), at lr 1e-3 and ``seed``."""
-    a = LORA
+def lora_recipe(recipe, seed: int, lora: dict = LORA):
+    """The recipe with plain LoRA (``lora``: r=8 on q,v of every layer at lr 1e-3) and no allocation file, at
+    ``seed``."""
+    a = lora
     adapter = replace(recipe.adapter, targets=a["targets"], experts=a["experts"], rank=a["rank"], alpha=a["alpha"],
                       dropout=a["dropout"], router="topk", top_k=1, top_p=0.0)
     return replace(recipe, adapter=adapter, train=replace(recipe.train, lr=a["lr"], seed=seed),
                    allocate=replace(recipe.allocate, file=None))
 
 
-def peft_lora(recipe, seed: int) -> dict:
-    """PEFT LoRA r=8 on q,v of every layer for the recipe's steps, evaluated like the campaign."""
+def peft_lora(recipe, seed: int, lora: dict = LORA) -> dict:
+    """PEFT LoRA (``lora``: r=8 on q,v of every layer at lr 1e-3) for the recipe's steps, evaluated like the
+    campaign."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.optim.lr_scheduler import LambdaLR
@@ -65,18 +67,18 @@ def peft_lora(recipe, seed: int) -> dict:
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
-    r = lora_recipe(recipe, seed)
+    r = lora_recipe(recipe, seed, lora)
     model_dir = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_dir)
-    lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
-                                                            lora_dropout=LORA["dropout"],
-                                                            target_modules=LORA["targets"].split(",")))
+    lm = get_peft_model(load_backbone(model_dir), LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
+                                                            lora_dropout=lora["dropout"],
+                                                            target_modules=lora["targets"].split(",")))
     model = AnswerLM(lm.base_model.model)
     train = load_data(r.data, r.train.split, tokenizer)[: r.data.max_train_examples]
     rows = tokenize(train, tokenizer, r.model.max_length)
     batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
     params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LORA["lr"], weight_decay=r.train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lora["lr"], weight_decay=r.train.weight_decay)
     schedule = LambdaLR(opt, warmup_cosine(r.train.steps, max(1, round(r.train.warmup_ratio * r.train.steps))))
     model.train()
     for step in range(r.train.steps):

@@ -337,6 +337,29 @@ def packing(d):
               f"last turn of the first {d['rows'][0]['examples']} test conversations.")
 
 
+def peft_grid(d):
+    from statistics import mean
+
+    seeds = sorted({r["seed"] for r in d["rows"]})
+    points = sorted({(r["rank"], r["lr"]) for r in d["rows"]})
+    at = {(r["seed"], r["rank"], r["lr"]): r for r in d["rows"]}
+    complete = [pt for pt in points if all((s, *pt) in at for s in seeds)]
+    rows = [[f"PEFT r={rank}, lr {lr:.0e}", " / ".join(pct(at[s, rank, lr]["accuracy"]) for s in seeds),
+             mean_std_pct([at[s, rank, lr]["accuracy"] for s in seeds]),
+             f"{mean(at[s, rank, lr]['wall_s'] for s in seeds):.0f} s"] for rank, lr in complete]
+    best = max(complete, key=lambda pt: mean(at[(s, *pt)]["accuracy"] for s in seeds))
+    campaign = {s: next(r for r in d["rows"] if r["seed"] == s) for s in seeds}
+    rows.append([f"**grid's best on the test split (oracle): r={best[0]}, lr {best[1]:.0e}**", "",
+                 f"**{mean_std_pct([at[(s, *best)]['accuracy'] for s in seeds])}**", ""])
+    rows.append(["**the campaign given 350 s (its final run of these steps)**",
+                 " / ".join(pct(campaign[s]["campaign_accuracy"]) for s in seeds),
+                 f"**{mean_std_pct([campaign[s]['campaign_accuracy'] for s in seeds])}**",
+                 f"{mean(campaign[s]['campaign_wall_s'] for s in seeds):.0f} s"])
+    steps = ", ".join(f"seed {s}: {at[(s, *complete[0])]['train_steps']}" for s in seeds)
+    return (table(["arm", "score per seed", "mean ± std", "wall (mean)"], rows)
+            + f"\n\nSteps per seed (the campaign's final run): {steps}. Seeds: {', '.join(map(str, seeds))}.")
+
+
 def streaming(d):
     by = {(r["form"], r["rows"], r["mode"]): r for r in d["rows"]}
     rows = [[form, f"{n:,}", f"{by[form, n, 'whole']['above_baseline_mib']:.0f} MiB",
@@ -529,6 +552,7 @@ TABLES = {
     "chat-turns": ("chat_turns", chat_turns),
     "packing": ("packing", packing),
     "streaming": ("streaming", streaming),
+    "peft-grid": ("peft_grid", peft_grid),
     "lm-eval-agreement": ("lm_eval_agreement", lm_eval_agreement),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),

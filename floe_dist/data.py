@@ -196,9 +196,10 @@ def open_source(task: str, hub: dict | None = None, streaming: bool = False):
             data = data[split] if split in data else next(iter(data.values()))
         return data.to_iterable_dataset() if streaming else data
     if path.is_file() or (not path.is_dir() and path.suffix in (*READERS, ".arrow")):
-        if set(hub) - {"hub_split"} or split != "train":
-            raise ValueError(f"{path}: {', '.join(f'data.{k}' for k in hub)} apply to hub datasets and hub-style "
-                             f"folders, not to a data file")
+        given = [f"data.{k}" for k, v in hub.items() if (k, v) != ("hub_split", "train")]
+        if given:
+            raise ValueError(f"{path}: {', '.join(given)} apply to hub datasets and hub-style folders, not to a data "
+                             f"file")
         return _open_file(path, streaming)
     where = f"hub-style folder {path}" if path.is_dir() else f"hub dataset {task!r}"
     try:

@@ -10,8 +10,8 @@ Rows are addressed as ``train_batch`` addresses the in-memory ones: optimizer st
 [s*G, (s+1)*G) of an endless sequence of epochs, rank r micro-step m the block of ``micro_batch`` rows at
 ``(m * world + r) * micro_batch`` within it. So N ranks of micro-batch b train on what one rank of micro-batch
 N*b trains on, and a resumed run reads exactly the rows it would have read: it reads the stream up to its
-step again (without tokenising what it skips), which costs reading, not memory. Unlike the in-memory path the
-order is the source's own, the same every epoch: shuffle a corpus before streaming it.
+step again (each row read and made an Example, but not tokenised), which costs time, not memory. Unlike the
+in-memory path the order is the source's own, the same every epoch: shuffle a corpus before streaming it.
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ from floe_dist.search.proposers import GridProposer, SmacProposer
 from floe_dist.search.report import base_of, candidate_costs, candidate_report, decide, plot_search, unresolved
 from floe_dist.search.trial import TrialSpec, searched_allocation
 
-SECTIONS = ("search", "allocate", "adapter", "model", "data", "evaluate", "train")  # train: trials are the final run's start
+# adapter: the allocation trials scale without allocate.file; train: trials are the final run's start
+SECTIONS = ("search", "allocate", "adapter", "model", "data", "evaluate", "train")
 OUTPUT = "runs/search"
 # A resume may change how the search runs and how long, what it logs, what only the campaign reads, and what of
 # train a trial sets itself (its lr, split and seed); not train.steps, whose share sets the trials' warm-up.
