@@ -195,7 +195,7 @@ def open_source(task: str, hub: dict | None = None, streaming: bool = False):
         if isinstance(data, datasets.DatasetDict):
             data = data[split] if split in data else next(iter(data.values()))
         return data.to_iterable_dataset() if streaming else data
-    if path.is_file() or (not path.is_dir() and path.suffix in (*READERS, ".arrow")):
+    if path.is_file() or (not path.is_dir() and names_a_file(task)):
         given = [f"data.{k}" for k, v in hub.items() if (k, v) != ("hub_split", "train")]
         if given:
             raise ValueError(f"{path}: {', '.join(given)} apply to hub datasets and hub-style folders, not to a data "
@@ -405,10 +405,14 @@ def read_file(path: str | Path, data_format: str = "auto", columns: str = "", to
                        **reading)
 
 
+def names_a_file(task) -> bool:
+    """A task that is a path here, or names a data file by its suffix (even a missing one: its error says so)."""
+    return Path(task).exists() or Path(task).suffix in (*READERS, ".arrow")
+
+
 def source_name(task) -> str:
     """How errors name a source."""
-    path = Path(task)
-    return str(path) if path.exists() or path.suffix in (*READERS, ".arrow") else f"hub dataset {task}"
+    return str(Path(task)) if names_a_file(task) else f"hub dataset {task}"
 
 
 def check_format(data_format: str, where) -> None:
@@ -481,7 +485,7 @@ def load_task(task: str, split: str, *, data_format: str = "auto", columns: str 
 
 def check_task(task: str) -> None:
     """A task names a built-in, a path or a hub id, or is refused naming the forms."""
-    if task in TASKS or Path(task).exists() or Path(task).suffix in (*READERS, ".arrow"):
+    if task in TASKS or names_a_file(task):
         return
     if task.count("/") != 1 or task.startswith((".", "/")):
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}, a data file (.json, .jsonl, .csv, "

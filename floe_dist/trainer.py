@@ -310,14 +310,15 @@ class Trainer:
                    "step_seconds": self.step_seconds, "router": "compiled" if compiled_router_ran() else "eager",
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
                    + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
-        if layout.is_main:
-            save_adapter(self.out / "adapter", state, self.allocation,
-                         {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.end})
-            summary["final_loss"] = log.last.get("loss") if log.last else None
-            write_json_atomic(self.out / "train.json", summary)
-            log.close()
-            print(f"trained {trainable:,} adapter parameters for {t.end} steps "
-                  f"on {layout.world_size} rank(s) in {summary['seconds']:.0f}s -> {self.out / 'adapter'}")
+        with main_rank_first():  # every rank returns once the adapter is written (a trial's ranks then evaluate it)
+            if layout.is_main:
+                save_adapter(self.out / "adapter", state, self.allocation,
+                             {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.end})
+                summary["final_loss"] = log.last.get("loss") if log.last else None
+                write_json_atomic(self.out / "train.json", summary)
+                log.close()
+                print(f"trained {trainable:,} adapter parameters for {t.end} steps "
+                      f"on {layout.world_size} rank(s) in {summary['seconds']:.0f}s -> {self.out / 'adapter'}")
         return summary
 
 

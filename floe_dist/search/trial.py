@@ -85,10 +85,7 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
         scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True)
     elif layout.world_size == 1:  # partitioned on one rank: the export on a whole backbone (kept by a warm worker)
         scored = evaluate(recipe, resources=resources, per_example=True)
-    else:  # the export on the trial's ranks, each scoring its share (partitioned under ZeRO-3, as it trained)
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 has written the export
+    else:  # the export (written before fit returned) on the trial's ranks, each scoring its share (ZeRO-3 as trained)
         scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True)
     if not layout.is_main:
         return None
