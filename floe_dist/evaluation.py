@@ -131,8 +131,6 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     model_dir = resolve_model(m.name)
     tokenizer = resources.tokenizer(model_dir)
     if on_ranks:
-        if e.lm_eval_task_list:
-            raise ValueError("evaluate.lm_eval_tasks runs in one process: evaluate on one rank for them")
         lm, ranks, device = backbone_on_ranks(recipe, model_dir)
     else:
         ranks, device = SINGLE, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +142,7 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     result.update(ranks=ranks.world, partitioned=ranks.partitioned, model_bytes=full_bytes(lm),
                   rank_model_bytes=max(ranks.gather([held_bytes(lm)])))
     if e.lm_eval_task_list:
-        result["lm_eval"] = lm_eval_results(lm, tokenizer, e)
+        result["lm_eval"] = lm_eval_results(lm, tokenizer, e, ranks)
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
             if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
@@ -156,12 +154,13 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
     return result
 
 
-def lm_eval_results(lm, tokenizer, settings: EvaluateSection) -> dict:
-    """lm-evaluation-harness's scores of the loaded model on ``evaluate.lm_eval_tasks``, printed a line each."""
+def lm_eval_results(lm, tokenizer, settings: EvaluateSection, ranks: Ranks = SINGLE) -> dict:
+    """lm-evaluation-harness's scores of the loaded model on ``evaluate.lm_eval_tasks`` (on ``ranks``), printed a
+    line each."""
     from floe_dist.lm_eval_model import harness_results  # lm-eval's presence: EvaluateSection.problems
     results = harness_results(lm, tokenizer, settings.lm_eval_task_list, settings.lm_eval_include, settings.limit,
-                              settings.batch_size)
-    for task, metrics in results.items():
+                              settings.batch_size, ranks)
+    for task, metrics in results.items() if ranks.rank == 0 else ():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
         print(f"lm-eval {task}: {shown}")
     return results

@@ -96,9 +96,8 @@ class DataSection:
                                             "of the training examples)")
     eval_task: str | None = arg(None, "a separate evaluation file (read like task): it is the test split, and "
                                       "all of task is training data")
-    test_size: float | None = arg(None, "test examples per source: a fraction (< 1) or a count (default 5/16)")
-    val_size: float | None = arg(None, "the search's validation part of the training split: a fraction (< 1) or "
-                                       "a count (default 1/4)")
+    test_size: float = arg(5 / 16, "test examples per source: a fraction (< 1) or a count")
+    val_size: float = arg(1 / 4, "the search's validation part of the training split: a fraction (< 1) or a count")
 
     def __post_init__(self):
         """A source's columns and roles as YAML maps, like data.columns and data.roles, become their strings."""
@@ -126,14 +125,14 @@ class DataSection:
             found.append("give data.task or data.sources, not both")
         for name in ("test_size", "val_size"):
             size = getattr(self, name)
-            if size is not None and (size < 0 or (size >= 1 and size != int(size))):
+            if size < 0 or (size >= 1 and size != int(size)):
                 found.append(f"data.{name} must be a fraction in [0, 1) or a whole count, got {size}")
-        if self.eval_task and self.test_size:
+        if self.eval_task and self.test_size not in (0, DataSection.test_size):
             found.append("give data.eval_task or data.test_size, not both")
         if self.streaming:
             if self.sources or self.pack:
                 found.append("data.streaming reads one task, unpacked: it takes neither data.sources nor data.pack")
-            if not self.eval_task and (self.test_size is None or self.test_size < 1):
+            if not self.eval_task and self.test_size < 1:
                 found.append("data.streaming needs data.test_size as a count of examples (the first N of the "
                              "stream are the test split; its length is not known before it is read) or "
                              "data.eval_task (a separate test file)")

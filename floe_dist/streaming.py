@@ -24,15 +24,13 @@ from floe_dist.data import (
     Example,
     check_format,
     check_task,
-    hub_of,
     load_data,
-    open_source,
     pieces_of,
     reading_of,
     row_reader,
-    source_name,
     token_rows,
 )
+from floe_dist.sources import hub_of, open_source, source_name
 
 
 class ExampleStream:

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     "floe_dist.config", "floe_dist.schedule", "floe_dist.files", "floe_dist.assets", "floe_dist.flops",
     "floe_dist.tracking", "floe_dist.recipe", "floe_dist.resume",       # settings, files, logs
-    "floe_dist.generation", "floe_dist.allocation", "floe_dist.modeling", "floe_dist.data", "floe_dist.streaming",
+    "floe_dist.generation", "floe_dist.allocation", "floe_dist.modeling", "floe_dist.sources", "floe_dist.data",
+    "floe_dist.streaming",
     "floe_dist.distributed", "floe_dist.resources", "floe_dist.lm_eval_model",  # models, data, ranks
     "floe_dist.evaluation", "floe_dist.methods", "floe_dist.trainer", "floe_dist.search",  # engines, allocators
     "floe_dist.stages",                                                  # one run(recipe, output) per stage

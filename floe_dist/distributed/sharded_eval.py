@@ -51,21 +51,38 @@ class Ranks:
     def chunks(self, items: list, size: int, dummy: Callable[[], object]) -> Iterator[list]:
         """``items`` in chunks of ``size``; partitioned, every rank takes as many steps as the busiest one,
         calling ``dummy`` (one small forward) for each step it has no chunk for."""
-        starts = range(0, len(items), size)
-        if not self.partitioned:
-            yield from (items[s:s + size] for s in starts)
-            return
+        for start in range(0, len(items), size):
+            self.step()
+            yield items[start:start + size]
+        self.drain(dummy)
+
+    def step(self) -> None:
+        """Partitioned: before each forward, tell the other ranks this one has work (``drain`` counts on it)."""
+        if self.partitioned:
+            self._busiest(1)
+
+    def drain(self, dummy: Callable[[], object]) -> None:
+        """Partitioned: once this rank's forwards are done, run ``dummy`` in step with each forward another rank
+        still announces (``step``), until no rank has work left."""
+        while self.partitioned and self._busiest(0):
+            dummy()
+
+    def _busiest(self, busy: int) -> int:
         import torch.distributed as dist
 
-        for start in itertools.chain(starts, itertools.repeat(None)):
-            busy = torch.tensor([start is not None], dtype=torch.int64)
-            dist.all_reduce(busy, op=dist.ReduceOp.MAX)
-            if not busy.item():
-                return
-            if start is None:
-                dummy()
-            else:
-                yield items[start:start + size]
+        flag = torch.tensor([busy], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 SINGLE = Ranks()

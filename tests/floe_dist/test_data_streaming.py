@@ -2,7 +2,9 @@
 training data read as a stream: its splits, the rows each rank reads, and a streamed run that resumes exactly."""
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -144,3 +146,59 @@ def test_a_streamed_run_trains_and_resumes_at_the_exact_example(repo, tmp_path):
                  "test_size": 4}}))
     whole = assert_resumes_exactly(recipe, tmp_path)
     assert json.loads((whole / "train.json").read_text())["steps"] == 6
+
+
+def git(*args, cwd):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_a_git_clone_of_a_dataset_is_read_at_the_revision_asked_for(repo, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOE_DIST_CACHE", str(tmp_path / "cache"))
+    read = lambda **hub: [e.reference for e in load_task(  # noqa: E731
+        str(repo), "all", columns=ALPACA_COLUMNS, tokenizer=tokenizer, hub={"hub_config": "main", **hub})]
+    first = read()
+    git("init", "--quiet", "-b", "main", cwd=repo)
+    git("add", ".", cwd=repo)
+    git("commit", "--quiet", "-m", "v1", cwd=repo)
+    git("tag", "v1", cwd=repo)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    write_jsonl(repo / "main" / "train.jsonl", alpaca_rows(40)[:12])
+    git("commit", "--quiet", "-am", "fewer rows", cwd=repo)
+    assert read() == first[:12]  # the clone as it is checked out
+    assert read(hub_revision="v1") == first == read(hub_revision=commit[:10])
+    assert read(hub_revision="main") == first[:12]
+    with pytest.raises(ValueError, match=r"no revision 'v9'; its branches and tags: main, v1 \(or a commit\)"):
+        read(hub_revision="v9")
+    # hub repositories keep data files in git LFS: the clone's fetched object stands in for the pointer
+    test_file = (repo / "main" / "test.jsonl").read_bytes()
+    oid = hashlib.sha256(test_file).hexdigest()
+    (repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4]).mkdir(parents=True)
+    (repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid).write_bytes(test_file)
+    for tag, stored in (("lfs", oid), ("unfetched", "0" * 64)):
+        (repo / "main" / "test.jsonl").write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{stored}\n"
+                                                  f"size {len(test_file)}\n")
+        git("commit", "--quiet", "-am", tag, cwd=repo)
+        git("tag", tag, cwd=repo)
+    assert read(hub_revision="lfs", hub_split="test") == [r["answer"] for r in alpaca_rows(40)[30:]]
+    with pytest.raises(ValueError, match=r"main/test.jsonl is stored with git LFS and the clone has not fetched it at "
+                                         r"'unfetched': git -C .* lfs fetch origin unfetched"):
+        read(hub_revision="unfetched", hub_split="test")
+    plain = hub_folder(tmp_path / "plain", {"main": {"train": alpaca_rows(3)}})
+    with pytest.raises(ValueError, match="data.hub_revision 'v1' needs a git clone of the dataset repository"):
+        load_task(str(plain), "all", hub={"hub_config": "main", "hub_revision": "v1"})
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_names_those_cached_here(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("FLOE_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, as a machine without a hub does
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "cache" / "datasets" / "allenai___ai2_arc" / "ARC-Easy").mkdir(parents=True)
+    (tmp_path / "hub" / "datasets--openai--gsm8k" / "snapshots").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"hub dataset 'someone/missing' could not be loaded \(ConnectionError: .*\)\. "
+                                         r"Hub datasets cached here: allenai/ai2_arc, openai/gsm8k\. Without"):
+        load_task("someone/missing", "all")

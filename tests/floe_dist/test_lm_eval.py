@@ -33,14 +33,17 @@ TASKS = {
                     "metric_list": [{"metric": "word_perplexity"}]},
     "toy_generate": {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{choices[label]}}",
                      "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
-                     "metric_list": [{"metric": "exact_match"}]},
+                     "metric_list": [{"metric": "exact_match"}, {"metric": "chrf"}]},  # chrF: text, scored
 }
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
+def write_tasks(folder):
     """A JSONL of multiple-choice rows (floe-dist's format) and lm-eval task YAMLs over it."""
-    folder = tmp_path_factory.mktemp("lm_eval_tasks")
     rows = [{"prompt": f"Review: {text}\nSentiment:", "choices": [" negative", " positive"], "label": label}
             for text, label in REVIEWS]
     (folder / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

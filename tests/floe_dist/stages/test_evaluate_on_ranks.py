@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import run_floe
 from tests.floe_dist.test_data_formats import ALPACA_COLUMNS, alpaca_rows, write_jsonl
+from tests.floe_dist.test_lm_eval import TASKS, write_tasks
 
 ON_TWO_RANKS = ["--parallel.nproc", "2", "--parallel.zero", "3"]
 
@@ -46,3 +47,20 @@ def test_two_ranks_holding_half_the_backbone_generate_what_one_process_does(unin
     run_floe([*args, *ON_TWO_RANKS, "--output", str(tmp_path / "two.jsonl")])
     one, two = ((tmp_path / f"{n}.jsonl").read_text().splitlines() for n in ("one", "two"))
     assert len(one) == 5 and two == one
+
+
+def test_lm_eval_tasks_on_two_ranks_holding_half_the_backbone_score_what_one_process_does(uninterrupted_run,
+                                                                                           tmp_path):
+    """lm-eval's choice, rolling and generation requests (9 documents: one rank has one more) on 2 ZeRO-3 ranks."""
+    args = ["--model", "tiny", "--adapter", str(uninterrupted_run / "adapter"), "--task", "sst2", "--evaluate.limit",
+            "9", "--evaluate.batch_size", "2", "--evaluate.lm_eval_tasks", ",".join(TASKS),
+            "--evaluate.lm_eval_include", str(write_tasks(tmp_path))]
+    one = evaluated(tmp_path, "one", args)["lm_eval"]
+    two = evaluated(tmp_path, "two", [*args, *ON_TWO_RANKS])
+    assert (two["ranks"], two["partitioned"]) == (2, True) and set(one) == set(TASKS)
+    assert one["toy_generate"]["chrf,none"] > 0  # the generated text scores, so equal scores compare text
+    for task, metrics in one.items():
+        assert two["lm_eval"][task]["sample_len"] == metrics["sample_len"] == 9
+        for name, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in name:
+                assert two["lm_eval"][task][name] == pytest.approx(value, rel=1e-5), (task, name)
