@@ -10,7 +10,9 @@ validation examples) over rank {4, 16} x lr {3e-4, 9.5e-4, 3e-3} (3 log-spaced p
 schedule, ``train.steps`` = ``--final``): at each rung (8 and 24 steps, where the campaign's search decides) and at
 ``--final`` steps, the whole run with its cooldown. Each final adapter is then scored on the first ``--outcome``
 examples of the validation split (exact numeric match of the generated answer, as the campaign scores the test
-split). No test example is used. Result: benchmarks/results/rank_agreement.json, one row per seed, written as each
+split). For comparison, each rung is also run as a whole run of its own length, its cooldown included ("cooled"):
+what a trial scored after a decay would rank (the issue's decayed scoring branch, approximated by a run that
+decays within the same steps). No test example is used. Result: benchmarks/results/rank_agreement.json, one row per seed, written as each
 seed finishes; BENCHMARKS.md gives Kendall's tau-b between each rung's ordering and the outcome's, and what picking
 each rung's best would have cost.
 """
@@ -36,7 +38,8 @@ def cli(*argv: str) -> None:
 
 
 def grid(config: str, allocation: Path, steps: int, final: int, seed: int, out: Path) -> dict[tuple, dict]:
-    """The grid's trials at ``steps``, each the first ``steps`` of a ``final``-step run: {(rank, lr): trial}."""
+    """The grid's trials at ``steps``, each the first ``steps`` of a ``final``-step run (``final`` = ``steps``: a
+    whole run of its own, cooldown included): {(rank, lr): trial}."""
     cli("search", "--config", config, "--mode", "grid", "--candidates", f"uniform={allocation}", "--ranks", "4,16",
         "--lr", "3e-4:3e-3", "--grid-lr-points", "3", "--max-steps", str(steps), "--train.steps", str(final),
         "--train.warmup_steps", "8", "--seed", str(seed), "--trial-seed", str(seed), "--output", str(out))
@@ -63,6 +66,8 @@ def one_seed(config: str, seed: int, rungs: list[int], final: int, limit: int) -
         cli("allocate", "--config", config, "--method", "uniform", "--output", str(out / "uniform.json"))
         per_budget = {steps: grid(config, out / "uniform.json", steps, final, seed, out / f"grid-{steps}")
                       for steps in [*rungs, final]}
+        cooled = {steps: grid(config, out / "uniform.json", steps, steps, seed, out / f"cooled-{steps}")
+                  for steps in rungs}
         configs = []
         for key, last in per_budget[final].items():
             scored = outcome(config, last["adapter"], limit, out / f"outcome-{key[0]}-{key[1]}.json")
@@ -71,6 +76,9 @@ def one_seed(config: str, seed: int, rungs: list[int], final: int, limit: int) -
             for steps, trials in per_budget.items():
                 row[f"cost_{steps}"] = trials[key]["cost"]
                 row[f"{'trial_' if steps == final else ''}val_accuracy_{steps}"] = trials[key]["val_accuracy"]
+            for steps, trials in cooled.items():
+                row[f"cooled_cost_{steps}"] = trials[key]["cost"]
+                row[f"cooled_val_accuracy_{steps}"] = trials[key]["val_accuracy"]
             configs.append(row)
     return {"seed": seed, "recipe": config, "budgets": [*rungs, final], "outcome_examples": limit,
             "configs": configs, "wall_s": time.time() - start}

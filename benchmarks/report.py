@@ -259,6 +259,54 @@ def rank_agreement(d):
                             for k in keys)], rows)
 
 
+def prefix_agreement(d):
+    """bench_rank_agreement.py: Kendall's tau-b (scipy) between each rung's ordering of the six configurations and
+    the final runs' validation accuracy, per objective (validation cost or accuracy on the trials' examples) and
+    trial kind (the final run's prefix, or a whole run of the rung's length with its cooldown); what each rung's
+    pick scores after the final run against the best configuration; and the configurations' means."""
+    from statistics import mean
+
+    from scipy.stats import kendalltau
+
+    *rungs, final = d["rows"][0]["budgets"]
+    outcome = f"val_accuracy_{final}"
+    kinds = [(f"{kind}{what}_{b}", f"{'cooled' if kind else 'prefix'} {what.replace('val_', '')}, {b} steps")
+             for b in rungs for kind in ("", "cooled_") for what in ("cost", "val_accuracy")]
+    kinds.append((f"cost_{final}", f"trials' own cost after {final} steps"))
+
+    def score(c, key):  # higher is better
+        return -c[key] if "cost" in key else c[key]
+
+    def tau(r, key):
+        return float(kendalltau([score(c, key) for c in r["configs"]], [c[outcome] for c in r["configs"]]).statistic)
+
+    def regret(r, key):  # the pick's outcome below the best outcome, in points (first of the ties)
+        pick = max(r["configs"], key=lambda c: score(c, key))
+        return 100 * (max(c[outcome] for c in r["configs"]) - pick[outcome])
+
+    rows = [[r["seed"], *(f"{tau(r, k):+.2f}" for k, _ in kinds)] for r in d["rows"]]
+    rows.append(["**mean**", *(f"**{mean(tau(r, k) for r in d['rows']):+.2f}**" for k, _ in kinds)])
+    agreement = table(["seed", *(f"tau, {label}" for _, label in kinds)], rows)
+    rows = [[r["seed"], *(f"{regret(r, k):.1f}" for k, _ in kinds)] for r in d["rows"]]
+    rows.append(["**mean**", *(f"**{mean(regret(r, k) for r in d['rows']):.1f}**" for k, _ in kinds)])
+    picks = table(["seed", *(f"points lost, picking by {label}" for _, label in kinds)], rows)
+
+    def name(c):
+        return f"r={c['rank']}, lr {c['lr']:.1e}"
+
+    names = list(dict.fromkeys(name(c) for c in d["rows"][0]["configs"]))
+
+    def over_seeds(n, key):
+        return [c[key] for r in d["rows"] for c in r["configs"] if name(c) == n]
+
+    means = table(["configuration", *(f"cost, {b} steps (prefix / cooled)" for b in rungs),
+                   f"validation accuracy after {final} steps ({d['rows'][0]['outcome_examples']} examples), "
+                   "mean ± std"],
+                  [[n, *(f"{mean(over_seeds(n, f'cost_{b}')):.4f} / {mean(over_seeds(n, f'cooled_cost_{b}')):.4f}"
+                         for b in rungs), mean_std_pct(over_seeds(n, outcome))] for n in names])
+    return agreement + "\n\n" + picks + "\n\n" + means
+
+
 def expert_parallel(d):
     step = table(["micro-batch", "ep1 step", "ep2 step", "ratio ep2/ep1 (goal ≤ 1.3)", "max loss difference"],
                  [[f"{r['micro_batch']}{dagger(r)}", f"{r['ep1_step_s']:.3f} s", f"{r['ep2_step_s']:.3f} s",
@@ -538,9 +586,11 @@ TABLES = {
     "campaign-vs-peft-hyperband": ("campaign_vs_peft_hyperband", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
+    "rank-agreement": ("rank_agreement", prefix_agreement),
     "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),

@@ -62,12 +62,13 @@ def open_source(task: str, hub: dict | None = None, streaming: bool = False):
         said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
         raise ValueError(f"{where}: {said} (set data.hub_config, data.hub_split)") from None
     except Exception as err:  # datasets raises ConnectionError, DatasetNotFoundError, ... by situation
-        cached = cached_hub_datasets()
-        raise ValueError(f"{where} could not be loaded ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}). Hub datasets cached here: "
-                         f"{', '.join(cached) if cached else 'none'}. Without a reachable hub: git clone the dataset "
-                         f"repository, or on a machine with one datasets.load_dataset({task!r}, split={split!r})"
-                         f".save_to_disk(DIR); copy it here and pass it as the task") from None
+        said = f"{where} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if path.is_dir():
+            raise ValueError(said) from None
+        cached = ", ".join(cached_hub_datasets()) or "none"
+        raise ValueError(f"{said}. Hub datasets cached here: {cached}. Without a reachable hub: git clone the "
+                         f"dataset repository, or on a machine with one datasets.load_dataset({task!r}, "
+                         f"split={split!r}).save_to_disk(DIR); copy it here and pass it as the task") from None
 
 
 def _open_file(path: Path, streaming: bool):
