@@ -49,18 +49,19 @@ def test_two_ranks_holding_half_the_backbone_generate_what_one_process_does(unin
     assert len(one) == 5 and two == one
 
 
-def test_lm_eval_tasks_on_two_ranks_holding_half_the_backbone_score_what_one_process_does(uninterrupted_run,
-                                                                                           tmp_path):
-    """lm-eval's choice, rolling and generation requests (9 documents: one rank has one more) on 2 ZeRO-3 ranks."""
+def test_lm_eval_tasks_on_two_ranks_score_what_one_process_does(uninterrupted_run, tmp_path):
+    """lm-eval's choice, rolling and generation requests (9 documents: one rank has one more) on 2 ranks, ZeRO-3
+    (partitioned, forwards kept in step) and ZeRO-0 (each rank holding the backbone whole)."""
     args = ["--model", "tiny", "--adapter", str(uninterrupted_run / "adapter"), "--task", "sst2", "--evaluate.limit",
             "9", "--evaluate.batch_size", "2", "--evaluate.lm_eval_tasks", ",".join(TASKS),
             "--evaluate.lm_eval_include", str(write_tasks(tmp_path))]
     one = evaluated(tmp_path, "one", args)["lm_eval"]
-    two = evaluated(tmp_path, "two", [*args, *ON_TWO_RANKS])
-    assert (two["ranks"], two["partitioned"]) == (2, True) and set(one) == set(TASKS)
-    assert one["toy_generate"]["chrf,none"] > 0  # the generated text scores, so equal scores compare text
-    for task, metrics in one.items():
-        assert two["lm_eval"][task]["sample_len"] == metrics["sample_len"] == 9
-        for name, value in metrics.items():
-            if isinstance(value, float) and "stderr" not in name:
-                assert two["lm_eval"][task][name] == pytest.approx(value, rel=1e-5), (task, name)
+    assert set(one) == set(TASKS) and one["toy_generate"]["chrf,none"] > 0  # scores the text: equal scores compare it
+    for layout, partitioned in ((ON_TWO_RANKS, True), (["--parallel.nproc", "2", "--parallel.zero", "0"], False)):
+        two = evaluated(tmp_path, f"two-{partitioned}", [*args, *layout])
+        assert (two["ranks"], two["partitioned"]) == (2, partitioned)
+        for task, metrics in one.items():
+            assert two["lm_eval"][task]["sample_len"] == metrics["sample_len"] == 9
+            for name, value in metrics.items():
+                if isinstance(value, float) and "stderr" not in name:
+                    assert two["lm_eval"][task][name] == pytest.approx(value, rel=1e-5), (task, name, partitioned)
