@@ -100,12 +100,15 @@ class DataSection:
     val_size: float = arg(1 / 4, "the search's validation part of the training split: a fraction (< 1) or a count")
 
     def __post_init__(self):
-        """A source's columns and roles as YAML maps, like data.columns and data.roles, become their strings."""
+        """A source's columns and roles as YAML maps, like data.columns and data.roles, become their strings; a null
+        test_size or val_size (what recipes saved before they had defaults say) is the default."""
         def written(value):  # another shape stays as it is: problems() names it
             return value if (compact := Pairs.join(value)) is None else compact
 
         self.sources = [{**s, **{k: written(s[k]) for k in ("columns", "roles") if k in s}}
                         if isinstance(s, dict) else s for s in self.sources]
+        self.test_size = DataSection.test_size if self.test_size is None else self.test_size
+        self.val_size = DataSection.val_size if self.val_size is None else self.val_size
 
     def problems(self) -> list[str]:
         found = []

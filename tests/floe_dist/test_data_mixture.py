@@ -76,6 +76,7 @@ def test_bad_mixtures_are_refused_by_name(files):
     assert problems({"sources": [{"task": "x", "weight": 0}]}) == ["data.sources[0]: weight must be > 0, got 0"]
     assert problems({"task": "boolq", "sources": [{"task": "x"}]}) == ["give data.task or data.sources, not both"]
     assert problems({"test_size": 2.5}) == ["data.test_size must be a fraction in [0, 1) or a whole count, got 2.5"]
+    assert problems({"test_size": None, "val_size": None}) == []  # recipes saved before the shares were defaults
 
 
 def test_a_two_source_mixture_trains_resumes_exactly_and_evaluates_from_a_recipe(files, tmp_path):
