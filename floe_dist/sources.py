@@ -154,8 +154,13 @@ def at_revision(clone: Path, revision: str) -> Path:
                      ("-C", str(partial), "checkout", "--quiet", commit)):
             done = git(*step, cwd=None)
             if done.returncode:
+                shutil.rmtree(partial, ignore_errors=True)
                 raise ValueError(f"{clone}: checking out {revision!r} failed: {done.stderr.strip()}")
-        lfs_objects(partial, clone, revision)
+        try:
+            lfs_objects(partial, clone, revision)
+        except ValueError:
+            shutil.rmtree(partial)  # no half-made checkout left in the cache
+            raise
         try:
             partial.rename(checkout)  # whole or not at all
         except OSError:  # another rank checked out the same commit first

@@ -184,6 +184,8 @@ def test_a_git_clone_of_a_dataset_is_read_at_the_revision_asked_for(repo, tokeni
     with pytest.raises(ValueError, match=r"main/test.jsonl is stored with git LFS and the clone has not fetched it at "
                                          r"'unfetched': git -C .* lfs fetch origin unfetched"):
         read(hub_revision="unfetched", hub_split="test")
+    checkouts = [d.name for d in (tmp_path / "cache" / "datasets" / "revisions").iterdir()]
+    assert len(checkouts) == 3 and not any("." in name for name in checkouts)  # v1, main, lfs: none half-made
     plain = hub_folder(tmp_path / "plain", {"main": {"train": alpaca_rows(3)}})
     with pytest.raises(ValueError, match="data.hub_revision 'v1' needs a git clone of the dataset repository"):
         load_task(str(plain), "all", hub={"hub_config": "main", "hub_revision": "v1"})
