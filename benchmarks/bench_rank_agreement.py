@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_search_fidelity import cli  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
-
-
-def cli(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", "launcher.cli", *argv], cwd=REPO, check=True)
 
 
 def grid(config: str, allocation: Path, steps: int, final: int, seed: int, out: Path) -> dict[tuple, dict]:

@@ -40,8 +40,14 @@ def open_source(task: str, hub: dict | None = None, streaming: bool = False):
     split = hub.get("hub_split", "train")
     path = Path(task)
     if path.is_dir() and is_saved_dataset(path):
+        given = [f"data.{k}" for k in ("hub_config", "hub_revision") if k in hub]
+        if given:
+            raise ValueError(f"{path}: {', '.join(given)} apply to hub datasets and hub-style folders, not to a "
+                             f"save_to_disk folder")
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
+            if split not in data and split != "train":  # train, the default, falls back to the first split
+                raise ValueError(f"{path}: no split {split!r}; it has {', '.join(data)} (set data.hub_split)")
             data = data[split] if split in data else next(iter(data.values()))
         return data.to_iterable_dataset() if streaming else data
     if path.is_file() or (not path.is_dir() and names_a_file(task)):

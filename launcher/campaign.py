@@ -279,26 +279,22 @@ def evaluation(c: Campaign, recipe: Recipe, name: str) -> dict:
     """An evaluation of the campaign: in its own process, or launched on the job's ranks (``evaluate.ranks``; auto:
     when ZeRO-3 training spreads a backbone that does not fit one device) as the ``evaluate`` stage, each rank
     scoring its share of the examples (floe_dist/distributed/sharded_eval.py)."""
+    from floe_dist.distributed.engine import read_config
+    from floe_dist.distributed.layout import zero_stage
     from floe_dist.evaluation import evaluate
 
     p, choice = recipe.parallel, recipe.evaluate.ranks
-    on_ranks = choice == "all" or (choice == "auto" and zero_stage_of(p.zero) == 3 and p.nproc * p.nodes > 1
-                                   and not fits_one_device(recipe.model))
+    on_ranks = choice == "all" or (choice == "auto" and zero_stage(read_config(p.zero)) == 3
+                                   and p.nproc * p.nodes > 1 and not fits_one_device(recipe.model))
     if not on_ranks:
         return evaluate(recipe)
     return c.launch("evaluate", recipe, c.out / name, "evaluate.json")
 
 
-def zero_stage_of(zero: str) -> int:
-    from floe_dist.distributed.engine import zero_config_path
-    from floe_dist.distributed.layout import zero_stage
-
-    return zero_stage(json.loads(zero_config_path(zero).read_text()))
-
-
 def fits_one_device(model) -> bool:
     """Whether the backbone's weights (their files' size, a quarter of it in NF4) take at most 80% of one GPU's
     memory, or of this machine's available memory without one."""
+    import psutil
     import torch
 
     from floe_dist.modeling.backbone import resolve_model
@@ -307,12 +303,7 @@ def fits_one_device(model) -> bool:
     need = stored / 4 if model.quant == "nf4" else stored
     if torch.cuda.is_available():
         return need <= 0.8 * torch.cuda.get_device_properties(0).total_memory
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():  # not Linux: no way to tell, so the campaign's own process
-        return True
-    available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
-                     if line.startswith("MemAvailable"))
-    return need <= 0.8 * available
+    return need <= 0.8 * psutil.virtual_memory().available
 
 
 def budgeted(recipe: Recipe, out: Path) -> Recipe:

@@ -6,7 +6,6 @@ JSON is the user's to tune.
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,18 @@ def zero_config_path(stage_or_path: str | int) -> Path:
     return path
 
 
-def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: int, world_size: int,
-                 lr: float, weight_decay: float) -> dict[str, Any]:
+def read_config(stage_or_path: str | int) -> dict[str, Any]:
+    """The DeepSpeed config that ``parallel.zero`` names, as written (its "auto" values unfilled)."""
     path = zero_config_path(stage_or_path)
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
-    cfg = copy.deepcopy(cfg)
+
+
+def build_config(stage_or_path: str | int, *, micro_batch: int, accumulation: int, world_size: int,
+                 lr: float, weight_decay: float) -> dict[str, Any]:
+    cfg = read_config(stage_or_path)
 
     def fill(section: dict, key: str, value: Any) -> None:
         if section.get(key, "auto") == "auto":

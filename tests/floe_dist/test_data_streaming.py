@@ -58,6 +58,19 @@ def test_a_hub_style_dataset_is_read_in_its_config_and_split_and_what_it_lacks_i
     file = write_jsonl(repo.parent / "plain.jsonl", alpaca_rows(4))
     with pytest.raises(ValueError, match="data.hub_config apply to hub datasets and hub-style folders, not to a"):
         load_task(str(file), "all", hub={"hub_config": "main"})
+    import datasets
+
+    saved = repo.parent / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(alpaca_rows(6)),
+                          "test": datasets.Dataset.from_list(alpaca_rows(2))}).save_to_disk(str(saved))
+    read_saved = lambda **hub: load_task(str(saved), "all", columns=ALPACA_COLUMNS, tokenizer=tokenizer,  # noqa: E731
+                                         hub=hub)
+    assert (len(read_saved()), len(read_saved(hub_split="test"))) == (6, 2)
+    with pytest.raises(ValueError, match=r"saved: no split 'validation'; it has train, test \(set data.hub_split\)"):
+        read_saved(hub_split="validation")
+    with pytest.raises(ValueError, match="data.hub_revision apply to hub datasets and hub-style folders, not to a "
+                                         "save_to_disk folder"):
+        read_saved(hub_revision="v1")
 
 
 def test_a_recipe_takes_the_hub_settings_for_its_task_and_for_each_source(repo, tokenizer):
