@@ -59,18 +59,17 @@ class Resources:
         return self.get(("tokenized", *key, max_length, pack), make)
 
     def backbone(self, model_dir: Path, quant: str, layout, ds_config: dict):
-        """The frozen backbone for training on ``layout``, without adapters; frozen linears pin no weight."""
+        """The frozen backbone for training on ``layout``, without adapters; under ZeRO-3 its frozen linears pin no
+        gathered weight (elsewhere every weight is resident anyway, and plain autograd is the faster backward)."""
         from floe_dist.distributed.sharded_load import load_for_layout
         from floe_dist.modeling.frozen_linear import release_frozen_weights
 
-        def load():
-            lm = load_for_layout(model_dir, quant, layout, ds_config)  # ZeRO-3: partitioned as it loads
-            release_frozen_weights(lm)  # backward does not pin gathered weights
-            return lm
-
         if layout.zero_stage == 3:
-            return load()
-        return self._clean(self.get(("train-backbone", str(model_dir), quant, str(layout.torch_device)), load))
+            lm = load_for_layout(model_dir, quant, layout, ds_config)  # partitioned as it loads
+            release_frozen_weights(lm)
+            return lm
+        return self._clean(self.get(("train-backbone", str(model_dir), quant, str(layout.torch_device)),
+                                    lambda: load_for_layout(model_dir, quant, layout, ds_config)))
 
     def eval_backbone(self, model_dir: Path, quant: str, device: torch.device):
         """The whole backbone on one device, for evaluation (no adapters)."""

@@ -8,6 +8,8 @@ DeepSpeed's own remedy (``memory_efficient_linear``) covers ``F.linear`` only an
 for a weight gradient a frozen weight never has. Here a frozen linear's backward keeps the module (ZeRO-3
 releases its weight after forward and gathers it again before the module's backward, as for any
 module) and computes the input gradient only: ``grad @ W``, with NF4 weights dequantized.
+Only ZeRO-3 needs it (floe_dist/resources.py): without partitioning every weight is resident anyway, and a step
+through plain autograd is faster (BENCHMARKS.md, "The training step against PEFT's").
 """
 from __future__ import annotations
 

@@ -116,8 +116,10 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     tokenizer = load_tokenizer(model_dir)
     config = ds.build_config(recipe.parallel.zero, micro_batch=recipe.score.score_batch, accumulation=1, world_size=info.world_size,
                              lr=1e-9, weight_decay=0.0)
-    lm = load_for_layout(model_dir, recipe.model.quant, Layout.current(1, config), config)
-    release_frozen_weights(lm)  # the Fisher backward does not pin gathered weights
+    layout = Layout.current(1, config)
+    lm = load_for_layout(model_dir, recipe.model.quant, layout, config)
+    if layout.zero_stage == 3:
+        release_frozen_weights(lm)  # the Fisher backward does not pin gathered weights
     load_adapter(lm, export)
     model = AnswerLM(lm)
     adapters = model.adapters_by_layer
