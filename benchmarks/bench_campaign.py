@@ -1,11 +1,15 @@
-"""The default campaign end to end, timed per stage: what README's first command does, from an empty folder.
+"""The default campaign end to end, timed per stage: what README's first command does, from an empty folder; with
+``--repeats``, the same recipe and seed run again, to see whether it makes the same choice.
 
     python benchmarks/bench_campaign.py                   # recipes/smollm2-sst2.yaml: SmolLM2-135M on SST-2
     python benchmarks/bench_campaign.py --config tiny
+    python benchmarks/bench_campaign.py --repeats 2 --result campaign_sst2_budget600 --override --campaign.budget 600
 
-Writes benchmarks/results/campaign.json (one row per run: accuracies, trainable parameters, the chosen
-rank and learning rate, seconds per stage). The model conversion cache is kept between runs (its
-``prepare`` time is then close to 0 s).
+Writes benchmarks/results/campaign.json, or ``--result`` (one row per run: accuracies, trainable parameters, the
+chosen allocation, rank and learning rate, seconds per stage, wall time from the command's start to its end; with a
+search, its trials, the steps they continued from promoted trials' checkpoints, the final run's steps continued
+from the winning trial, and each trial's worker, steps and seconds). The model conversion cache is kept between
+runs (its ``prepare`` time is then close to 0 s).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,28 +27,52 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 
 
-def run_campaign(recipe: str) -> dict:
+def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
-        subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--config", recipe, "--output", str(out)],
-                       cwd=REPO, check=True)
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "launcher.cli", "campaign", "--config", recipe, "--output", str(out),
+                        *overrides], cwd=REPO, check=True)
+        wall = time.time() - start
         summary = json.loads((out / "campaign.json").read_text())
         allocation = json.loads(Path(summary["allocation"]).read_text())
+        searched = out / "search" / "search.json"
+        ledger = json.loads(searched.read_text()) if searched.is_file() else None
     layers = sorted(int(layer) for layer in allocation["layers"])
     ranks = sorted({max(m["ranks"]) for mods in allocation["layers"].values() for m in mods.values()})
-    return {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
-            "layers": layers, "expert_ranks": ranks, "lr": summary["lr"],
-            "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
-            "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"]}
+    row = {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
+           "layers": layers, "expert_ranks": ranks, "lr": summary["lr"],
+           "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
+           "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"],
+           "wall_s": wall, "budget_s": summary.get("budget_seconds"), "train_steps": summary.get("train_steps"),
+           "steps_reused": summary.get("steps_reused")}
+    if ledger:
+        search = ledger["summary"]
+        row["search"] = {k: search.get(k) for k in ("allocation", "rank", "lr", "trials", "trained_steps",
+                                                    "steps_reused", "not_separated")}
+        row["search"]["incumbent"] = {k: search["incumbent"][k] for k in ("id", "config", "budget", "cost")}
+        # where each worker's time went: per trial, its worker, budget, wall, training and validation seconds
+        row["search"]["trials_run"] = [
+            {"id": t["id"], "worker": t["worker"].split(":pid")[0], "steps": t["budget"], "seconds": t["seconds"],
+             "train_seconds": t["metrics"].get("train_seconds"), "eval_seconds": t["metrics"].get("eval_seconds")}
+            for t in ledger["trials"]]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="smollm2-sst2", help="recipe: a file or a shipped name (recipes/)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the same recipe and seed, one after another")
+    parser.add_argument("--result", help="benchmarks/results/NAME.json (default: campaign, or campaign_RECIPE)")
+    parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
+                        help="last: recipe settings, as --section.key value pairs")
     args = parser.parse_args()
-    row = run_campaign(args.config)
-    print(json.dumps(row, indent=1))
-    write_result("campaign" if args.config == "smollm2-sst2" else f"campaign_{Path(args.config).stem}", [row])
+    rows = []
+    for run in range(args.repeats):
+        rows.append({"run": run, **run_campaign(args.config, args.override)})
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    name = args.result or ("campaign" if args.config == "smollm2-sst2" else f"campaign_{Path(args.config).stem}")
+    write_result(name, rows, overrides=args.override)
 
 
 if __name__ == "__main__":

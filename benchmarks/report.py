@@ -88,6 +88,33 @@ def campaign(d):
     return table(["campaign", "allocation", "trainable params", "zero-shot", "final", "wall time (per stage, s)"], rows)
 
 
+def campaign_repeat(d):
+    """Runs of one recipe and seed: the budget spent, the choice made, the steps carried over."""
+    rows = []
+    for r in d["rows"]:
+        s = r["search"]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+        rows.append([r["run"], f"{r['wall_s']:.0f} s of {r['budget_s']:.0f} s ({stages})",
+                     f"{s['allocation']}, r={s['rank']}, lr {s['lr']:.3e}",
+                     f"{s['trials']} ({s['trained_steps']} steps trained, {s['steps_reused']} continued from promoted "
+                     f"trials' checkpoints)", busy(s["trials_run"], r["stage_seconds"]["search"]),
+                     f"{r['train_steps']} (the first {r['steps_reused']} the winning trial's)",
+                     f"**{pct(r['final_accuracy'])}**"])
+    return table(["run", "wall (per stage, s)", "choice", "search trials", "each worker's trials: seconds (steps)",
+                  "final run's steps", "test accuracy"], rows)
+
+
+def busy(trials: list[dict], search_s: float) -> str:
+    """Per worker, its trials' wall seconds and steps in order, and what of the search stage's time they filled."""
+    out = []
+    for worker in sorted({t["worker"] for t in trials}):
+        mine = [t for t in trials if t["worker"] == worker]
+        spent = sum(t["seconds"] for t in mine)
+        runs = " + ".join(f"{t['seconds']:.0f} ({t['steps']})" for t in mine)
+        out.append(f"{worker}: {runs} = {spent:.0f} s, {spent / search_s:.0%} of the search's {search_s:.0f} s")
+    return "; ".join(out)
+
+
 def floe_layers(d):
     rows = [[r["arm"], mean_std(r), seeds(r["per_seed"]), f"{r['trainable']:,}"] for r in d["rows"]]
     n = len(d["rows"][0]["per_seed"])
@@ -529,7 +556,13 @@ def lora_moe_layer(d):
                   "balance loss in floe-dist's backward"], rows)
 
 
-# table name -> (result file, renderer)
+def train_step(d):
+    return table(["arm (q_proj + v_proj, every layer)", "trainable parameters",
+                  "seconds per step (mean ± std of rounds)", "per round", "vs PEFT's loop"],
+                 [[r["arm"], f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f} ± {r['spread']:.3f}",
+                   ", ".join(f"{s:.3f}" for s in r["per_round"]), f"**{r['vs_peft']:.3f}×**"] for r in d["rows"]])
+
+
 def forked_stages(d):
     labels = {"fresh": "fresh interpreters (`FLOE_DIST_FORK=0`: torchrun groups, started workers)",
               "forked": "forked from the campaign's zygote (the default)"}
@@ -539,6 +572,7 @@ def forked_stages(d):
                    *(f"{r['stage_seconds'][s]:.1f}" for s in stages)] for r in d["rows"]])
 
 
+# table name -> (result file, renderer)
 TABLES = {
     "foundation": ("foundation", foundation),
     "campaign": ("campaign", campaign),
@@ -588,6 +622,8 @@ TABLES = {
     "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
+    "campaign-vs-peft-chat-budget": ("campaign_vs_peft_chat_budget", campaign_vs_peft),
+    "campaign-vs-peft-chat-budget-probe5": ("campaign_vs_peft_chat_budget_probe5", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
     "rank-agreement": ("rank_agreement", prefix_agreement),
@@ -610,6 +646,8 @@ TABLES = {
     "lora-moe-layer": ("lora_moe_layer", lora_moe_layer),
     "lora-moe-layer-cpu": ("lora_moe_layer_cpu", lora_moe_layer),
     "forked-stages": ("forked_stages", forked_stages),
+    "train-step": ("train_step", train_step),
+    "campaign-repeat-sst2": ("campaign_sst2_budget600", campaign_repeat),
 }
 
 
@@ -633,7 +671,8 @@ def unmarked_tables(text: str) -> list[str]:
 
 PLOT = REPO / "docs" / "results.png"
 PLOTTED = {"SST-2, 500 s budget (accuracy)": "campaign_vs_peft_sst2_budget",
-           "arithmetic, 350 s budget (numeric match)": "campaign_vs_peft_arithmetic_budget"}
+           "arithmetic, 350 s budget (numeric match)": "campaign_vs_peft_arithmetic_budget",
+           "chat, 300 s budget (numeric match)": "campaign_vs_peft_chat_budget"}
 
 
 def plot_results(path: Path = PLOT) -> Path:
@@ -643,7 +682,7 @@ def plot_results(path: Path = PLOT) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(8, 3))
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(11, 3))
     for ax, (title, name) in zip(axes, PLOTTED.items()):
         rows = load(name)["rows"]
         seeds = [r["seed"] for r in rows]

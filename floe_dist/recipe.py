@@ -421,8 +421,8 @@ class TrainSection:
     decay_ratio: float = arg(0.2, "wsd: share of the steps in the final cooldown")
     until: int | None = arg(None, "stop after this step, as the prefix of a run of train.steps steps (search trials "
                                   "do; none = train.steps)", resume="length")
-    time_limit: float | None = arg(None, "seconds this run may take from its start: after a few measured steps it sets "
-                                         "its steps to what fits, the cooldown ending at the limit (the campaign "
+    time_limit: float | None = arg(None, "seconds this run may take from its start: it measures its steps and sets "
+                                         "their number to what fits, the cooldown ending at the limit (the campaign "
                                          "sets it from campaign.budget); none: train.steps", resume="length")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")

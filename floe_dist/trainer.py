@@ -39,7 +39,8 @@ SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's res
 # continues), and what it logs.
 HOW_TO_RUN = marked("runs")
 RESUME_MAY_CHANGE = marked("runs", "length", "observes")
-PROBE_STEPS = 5  # steps a time-limited cosine run measures before it sets its length (wsd: until its cooldown)
+PROBE_STEPS = 5  # the least steps a time-limited cosine run measures before it sets its length (``speed_known``)
+PROBE_SHARE = 0.1  # ... and the least share of its time limit (batches of uneven lengths take uneven times)
 STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
@@ -235,8 +236,8 @@ class Trainer:
 
     def fit_to_time(self, step: int, seconds_per_step: float) -> None:
         """A time-limited run's length from its measured speed: as many steps as end within train.time_limit of its
-        start. A wsd run keeps measuring and sets it when the cooldown it implies is due; a cosine run after
-        PROBE_STEPS. Rank 0's measure holds on every rank."""
+        start. A wsd run keeps measuring and sets it when the cooldown it implies is due; a cosine run once its speed
+        is known (``speed_known``). Rank 0's measure holds on every rank."""
         t = self.recipe.train
         left = self.t0 + t.time_limit - time.time()
         steps = step + max(1, int(0.97 * left / seconds_per_step))  # 3%: checkpoints and the export
@@ -258,6 +259,17 @@ class Trainer:
                                                       "time_limit": t.time_limit})
             print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
 
+    def speed_known(self, measured: int, seconds: float) -> bool:
+        """Whether a time-limited run has measured its speed long enough to set its length (``fit_to_time``). wsd: after
+        one step, since it measures on until its cooldown is due. cosine: past its warm-up (whose steps do not depend
+        on the length), PROBE_STEPS steps and a tenth of its time: five steps of chat conversations of uneven lengths
+        set one 51 s short of its 240 s. Until then it trains at the peak rate, within about 2% of the
+        cosine's."""
+        t = self.recipe.train
+        if t.schedule == "wsd":
+            return measured >= 1
+        return measured >= max(PROBE_STEPS, t.warmup) and seconds >= PROBE_SHARE * t.time_limit
+
     def fit(self) -> dict:
         t, m, d, p = self.sections
         start_step = self.resume()
@@ -272,8 +284,9 @@ class Trainer:
         step, probe_start = start_step, time.perf_counter()
         while step < t.end:
             measured = step - start_step - 1  # steps since the first (which pays for warming caches up)
-            if self.fixed_steps is None and t.time_limit and measured >= (1 if t.schedule == "wsd" else PROBE_STEPS):
-                self.fit_to_time(step, (time.perf_counter() - probe_start) / measured)
+            probed = time.perf_counter() - probe_start
+            if self.fixed_steps is None and t.time_limit and self.speed_known(measured, probed):
+                self.fit_to_time(step, probed / measured)
                 t = self.recipe.train
                 pbar.total = None if self.fixed_steps is None else t.end
             step_start = time.perf_counter()

@@ -45,3 +45,16 @@ def test_no_frozen_weight_is_saved_for_backward():
     adapter_grads("none", False, before), adapter_grads("none", True, after)
     assert weights & set(before)  # plain autograd saves frozen weights (their transposed views) ...
     assert not weights & set(after)  # ... the released linears save none
+
+
+@pytest.mark.parametrize("zero_stage, released", [(0, False), (2, False), (3, True)])
+def test_only_a_zero3_training_backbone_takes_the_released_backward(zero_stage, released):
+    """ZeRO-3 gathers weights that autograd must not pin; every other layout holds them anyway and keeps plain
+    autograd, the faster backward (BENCHMARKS.md, "The training step against PEFT's")."""
+    from floe_dist.distributed.layout import Layout
+    from floe_dist.resources import Resources
+
+    lm = Resources().backbone(resolve_model("tiny"), "none", Layout(zero_stage=zero_stage), {})
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 7 + 1
+    assert [("forward" in vars(m)) for m in linears] == [released] * len(linears)  # an instance forward: released

@@ -371,3 +371,24 @@ def test_fused_router_trains_as_the_eager_one_on_two_zero3_ranks(tmp_path):
     for eager, fused in zip(runs["0"], runs["1"]):
         for key in ("loss", "balance", "grad_norm"):
             assert abs(fused[key] - eager[key]) <= 1e-5 * abs(eager[key])
+
+
+@pytest.mark.parametrize("schedule, measured, seconds, known", [
+    ("wsd", 1, 0.5, True),  # wsd measures on until its cooldown is due: it may try from the first step
+    ("cosine", 6, 30.0, False),  # still in its warm-up (8 steps)
+    ("cosine", 9, 5.0, False),  # past it, but less than a tenth of its 100 s measured
+    ("cosine", 9, 10.0, True),
+])
+def test_a_time_limited_cosine_run_measures_past_its_warmup_and_a_tenth_of_its_time(schedule, measured, seconds,
+                                                                                   known):
+    """A cosine run's steps after its warm-up depend on its length, so it is set once: from enough of the run that
+    uneven batches average out (five steps of chat conversations set one 51 s short of its 240 s)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from floe_dist.recipe import load_recipe
+    from floe_dist.trainer import Trainer
+
+    recipe = load_recipe("tiny", [])
+    recipe = replace(recipe, train=replace(recipe.train, schedule=schedule, warmup_steps=8, time_limit=100.0))
+    assert Trainer.speed_known(SimpleNamespace(recipe=recipe), measured, seconds) is known
