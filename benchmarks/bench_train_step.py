@@ -1,7 +1,7 @@
 """Where the training step's time goes against PEFT's: the same LoRA through PEFT's loop and through floe-dist's
 trainer, and the recipe's LoRA-MoE, side by side in one process.
 
-    python benchmarks/bench_train_step.py                       # smollm2-arithmetic, 5 rounds of 20 steps (~3 min)
+    python benchmarks/bench_train_step.py --rounds 8            # smollm2-arithmetic, 8 rounds of 20 steps (~4 min)
 
 Arms, each built once, then timed in alternating blocks of ``--steps`` optimizer steps (``--rounds`` blocks each,
 the block order rotated every round), on the same batches (``train_batch``, the recipe's global batch), every core:
@@ -18,7 +18,9 @@ Result: benchmarks/results/train_step.json (one row per arm: seconds per step, m
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,8 +69,9 @@ def trainer_arm(recipe, release: bool = False):
     from floe_dist.modeling.frozen_linear import release_frozen_weights
     from floe_dist.trainer import Trainer
 
-    trainer = Trainer(replace(recipe, train=replace(recipe.train, steps=10 ** 6, checkpoint_every=0)),
-                      tempfile.mkdtemp(prefix="train_step_"))
+    out = tempfile.mkdtemp(prefix="train_step_")  # the run's settings files; nothing is saved there
+    atexit.register(shutil.rmtree, out, True)
+    trainer = Trainer(replace(recipe, train=replace(recipe.train, steps=10 ** 6, checkpoint_every=0)), out)
     if release:
         release_frozen_weights(trainer.lm)  # the base linears inside the adapters are frozen nn.Linear too
     return trainer.step, trainer.allocation.trainable_parameters
