@@ -4,7 +4,8 @@ trainer, and the recipe's LoRA-MoE, side by side in one process.
     python benchmarks/bench_train_step.py --rounds 8            # smollm2-arithmetic, 8 rounds of 20 steps (~4 min)
 
 Arms, each built once, then timed in alternating blocks of ``--steps`` optimizer steps (``--rounds`` blocks each,
-the block order rotated every round), on the same batches (``train_batch``, the recipe's global batch), every core:
+the block order rotated every round), on the same batches (``train_batch``, the recipe's micro-batch in one
+process), every core:
 - ``peft``: PEFT LoRA (``get_peft_model``, r=8, alpha 16, dropout 0.05 on q_proj, v_proj of every layer), AdamW
   at 1e-3, forward, backward and ``opt.step()`` with nothing else (bench_campaign_vs_peft.py's loop).
 - ``floe-dist lora``: the same adapter through ``Trainer.step`` (the DeepSpeed engine at ZeRO-0: gradient clipping,

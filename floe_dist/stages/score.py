@@ -30,15 +30,14 @@ from floe_dist.data import collate, encode
 from floe_dist.distributed import engine as ds
 from floe_dist.distributed.layout import Layout, zero_stage
 from floe_dist.distributed.runtime import all_reduce_sum, main_rank_first
-from floe_dist.distributed.sharded_load import load_for_layout
 from floe_dist.files import write_json_atomic
 from floe_dist.methods.fisher import accumulate_fisher, default_k, refine_with_block, select_budget, select_top_k
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
-from floe_dist.modeling.frozen_linear import release_frozen_weights
 from floe_dist.modeling.inject import module_shapes
 from floe_dist.recipe import Recipe, TrainSection, settings_of
+from floe_dist.resources import Resources
 from floe_dist.resume import guard
 from floe_dist.streaming import load_split
 
@@ -116,10 +115,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     tokenizer = load_tokenizer(model_dir)
     config = ds.build_config(recipe.parallel.zero, micro_batch=recipe.score.score_batch, accumulation=1, world_size=info.world_size,
                              lr=1e-9, weight_decay=0.0)
-    layout = Layout.current(1, config)
-    lm = load_for_layout(model_dir, recipe.model.quant, layout, config)
-    if layout.zero_stage == 3:
-        release_frozen_weights(lm)  # the Fisher backward does not pin gathered weights
+    lm = Resources().backbone(model_dir, recipe.model.quant, Layout.current(1, config), config)  # as training loads it
     load_adapter(lm, export)
     model = AnswerLM(lm)
     adapters = model.adapters_by_layer
