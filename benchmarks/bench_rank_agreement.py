@@ -38,7 +38,8 @@ def grid(config: str, allocation: Path, steps: int, final: int, seed: int, out: 
     whole run of its own, cooldown included): {(rank, lr): trial}."""
     cli("search", "--config", config, "--mode", "grid", "--candidates", f"uniform={allocation}", "--ranks", "4,16",
         "--lr", "3e-4:3e-3", "--grid-lr-points", "3", "--max-steps", str(steps), "--train.steps", str(final),
-        "--train.warmup_steps", "8", "--seed", str(seed), "--trial-seed", str(seed), "--output", str(out))
+        "--train.warmup_steps", "8", "--trial-accuracy", "true", "--seed", str(seed), "--trial-seed", str(seed),
+        "--output", str(out))
     trials = {}
     for t in json.loads((out / "search.json").read_text())["trials"]:
         assert t["status"] == "success", t

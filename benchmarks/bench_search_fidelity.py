@@ -38,7 +38,8 @@ def grid(config: str, candidates: str, ranks: str, lr: float, steps: int, seed: 
     """One grid search at ``steps``: every candidate x rank, the recipe's trial settings; its trials."""
     start = time.time()
     cli("search", "--config", config, "--mode", "grid", "--candidates", candidates, "--ranks", ranks,
-        "--lr", str(lr), "--max-steps", str(steps), "--seed", str(seed), "--trial-seed", str(seed),
+        "--lr", str(lr), "--max-steps", str(steps), "--trial-accuracy", "true", "--seed", str(seed),
+        "--trial-seed", str(seed),
         "--output", str(out))
     ledger = json.loads((out / "search.json").read_text())
     trials = []

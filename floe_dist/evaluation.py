@@ -79,27 +79,26 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
 
 
 @torch.no_grad()
-def answer_nll(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-               device: torch.device, ranks: Ranks = SINGLE) -> tuple[float, int]:
-    """Summed negative log-likelihood of the answer tokens, and their count (``model`` in eval mode: an
-    ``AnswerLM`` or a DeepSpeed engine around one; a training run sums each rank's share; ``ranks``: see
-    ``choice_scores``)."""
-    total, tokens = 0.0, 0
+def answer_nlls(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                device: torch.device, ranks: Ranks = SINGLE) -> list[tuple[float, int]]:
+    """Each example's summed negative log-likelihood of its answer tokens, and their count, in order (``model`` in
+    eval mode: an ``AnswerLM`` or a DeepSpeed engine around one; ``ranks``: see ``choice_scores``)."""
+    pairs = []
     for chunk in ranks.chunks(examples, batch_size, dummy_forward(model, tokenizer, device)):
         batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length) for e in chunk],
                         tokenizer.pad_token_id)
         out = model(**{k: v.to(device) for k, v in batch.items()})
-        total -= out["seq_logprob"].sum().item()
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-    return total, tokens
+        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        pairs += zip((-out["seq_logprob"]).tolist(), counts)
+    return pairs
 
 
-def answer_loss(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                device: torch.device, ranks: Ranks = SINGLE) -> float:
-    """Mean negative log-likelihood per answer token (its exp is the perplexity), over every rank's share."""
-    total, tokens = ranks.total(*answer_nll(model.eval(), tokenizer, examples, batch_size, max_length, device,
-                                            ranks))
-    return total / max(tokens, 1)
+def answer_nll(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+               device: torch.device, ranks: Ranks = SINGLE) -> tuple[float, int]:
+    """``answer_nlls`` summed: the answer tokens' negative log-likelihood and their count (a training run sums
+    each rank's share)."""
+    pairs = answer_nlls(model, tokenizer, examples, batch_size, max_length, device, ranks)
+    return sum(nll for nll, _ in pairs), sum(n for _, n in pairs)
 
 
 def choice_losses(scores: list[list[float]], examples: list[Example]) -> list[float]:
@@ -114,7 +113,7 @@ def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
 
 
 def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bool = False,
-             on_ranks: bool = False) -> dict:
+             on_ranks: bool = False, generations: bool = True) -> dict:
     """Load the backbone (and ``model.adapter``) and score it on ``evaluate.split``: in this process, or
     ``on_ranks``, together with every rank of the job, each scoring its share (floe_dist/distributed/sharded_eval.py:
     partitioned under ZeRO-3 as training is)."""
@@ -138,14 +137,15 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
         lm.set_attn_implementation(m.attn_implementation)
         if m.adapter:
             load_adapter(lm, m.adapter)
-    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks)
+    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks, generations)
     result.update(ranks=ranks.world, partitioned=ranks.partitioned, model_bytes=full_bytes(lm),
                   rank_model_bytes=max(ranks.gather([held_bytes(lm)])))
     if e.lm_eval_task_list:
         result["lm_eval"] = lm_eval_results(lm, tokenizer, e, ranks)
     result["seconds"] = time.time() - start
     what = (f"exact match {result['exact_match']:.4f}, numeric {result['numeric_match']:.4f}"
-            if "exact_match" in result else f"accuracy {result['accuracy']:.4f}")
+            if "exact_match" in result else "no generations" if result["accuracy"] is None
+            else f"accuracy {result['accuracy']:.4f}")
     if ranks.rank == 0:
         on = f", {ranks.world} ranks" + (" (ZeRO-3)" if ranks.partitioned else "") if ranks.world > 1 else ""
         print(f"{recipe.data.name}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on "
@@ -167,11 +167,12 @@ def lm_eval_results(lm, tokenizer, settings: EvaluateSection, ranks: Ranks = SIN
 
 
 def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: Resources | None = None,
-                per_example: bool = False, ranks: Ranks = SINGLE) -> dict:
+                per_example: bool = False, ranks: Ranks = SINGLE, generations: bool = True) -> dict:
     """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading.
-    ``per_example`` adds each choice example's loss and 0/1 error, in order (a search compares two trials
-    example by example, so it can tell a margin from the noise of a small validation set). With ``ranks`` each
-    rank scores its share and every rank returns the whole result."""
+    ``per_example`` adds each example's loss (and a choice example's 0/1 error), in order (a search compares two
+    trials example by example, so it can tell a margin from the noise of a small validation set); without
+    ``generations`` a generative task is scored by its loss alone (accuracy None). With ``ranks`` each rank scores
+    its share and every rank returns the whole result."""
     d, e, max_length = recipe.data, recipe.evaluate, recipe.model.max_length
     resources = resources or Resources()
     examples = resources.examples(d, e.split, tokenizer)[: e.limit]
@@ -180,7 +181,8 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
     model.reset_activity()
     result = {"task": d.name, "split": e.split, "examples": len(examples), "adapter": recipe.model.adapter}
     if all(x.generative for x in examples):
-        result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device, ranks))
+        result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device, ranks, per_example,
+                                          generations))
     else:
         scores = ranks.gather(choice_scores(model, tokenizer, mine, e.batch_size, max_length, device,
                                             progress=ranks.rank == 0, ranks=ranks))
@@ -195,13 +197,23 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
 
 
 def evaluate_generative(settings: EvaluateSection, max_length: int, model: AnswerLM, lm, tokenizer,
-                        examples: list[Example], device, ranks: Ranks = SINGLE) -> dict:
-    """Loss and perplexity on every example; generation scores on those with a prompt (not plain text); with
-    ``ranks``, each rank works on its share of both."""
+                        examples: list[Example], device, ranks: Ranks = SINGLE, per_example: bool = False,
+                        generations: bool = True) -> dict:
+    """Loss and perplexity on every example (``per_example``: each example's share of the loss, in order);
+    generation scores on those with a prompt (not plain text) unless ``generations`` is off (a search trial whose
+    objective is the loss: generating took two thirds of a trial's validation); with ``ranks``, each rank works on
+    its share of both."""
     import math
 
-    loss = answer_loss(model, tokenizer, ranks.share(examples), settings.batch_size, max_length, device, ranks)
-    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0}
+    pairs = ranks.gather(answer_nlls(model.eval(), tokenizer, ranks.share(examples), settings.batch_size,
+                                     max_length, device, ranks))
+    tokens = max(sum(n for _, n in pairs), 1)
+    loss = sum(nll for nll, _ in pairs) / tokens
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": 0.0 if generations else None}
+    if per_example:  # their mean is the loss: token-weighted, as the loss is
+        result["example_losses"] = [nll * len(pairs) / tokens for nll, _ in pairs]
+    if not generations:
+        return result
     prompted = [e for e in examples if e.prompt]
     if prompted:
         texts = ranks.gather(generate(lm, tokenizer, [e.prompt for e in ranks.share(prompted)],

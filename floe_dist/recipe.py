@@ -307,6 +307,9 @@ class SearchSection:
                                         "batch (so that a trial is the start of the final run and continues into it)")
     zero: ZeroConfig = arg("0", "trial training: DeepSpeed config (0, 2, 3 or a JSON path)")
     val_limit: int | None = arg(100, "score trials on the first N validation examples only")
+    trial_accuracy: bool = arg(False, "generative tasks with objective loss: also generate each trial's answers to "
+                                      "record its validation accuracy (two thirds of a trial's validation time; "
+                                      "multiple-choice tasks record it at no cost)")
     seed: int = arg(0, "seed of SMAC's sampling")
     trial_seed: int = arg(0, "seed of every trial's training (the same for all: a deterministic objective)")
     runner: Literal["local", "slurm", "slurm-array"] = arg(

@@ -9,8 +9,9 @@ budget in optimizer steps, the seed, and the recipe it runs: floe_dist/stages/se
 *line* folder, which every trial of one configuration shares: a promoted trial, or a re-issued one, continues the
 line's checkpoint instead of starting over; and, last, in the trial folder, ``result.json`` with ``cost``: the mean
 choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
-(``objective: error``), and on a multiple-choice task ``example_costs``, each validation example's share of it, in
-order, so that two trials can be compared example by example. The test split is never read.
+(``objective: error``), and ``example_costs``, each validation example's share of it, in order, so that two trials
+can be compared example by example. A generative task's trial generates no answer unless its objective is the error
+(or ``search.trial_accuracy``): its ``val_accuracy`` is then None. The test split is never read.
 """
 from __future__ import annotations
 
@@ -81,12 +82,14 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     trainer.engine.destroy()
     del trainer
     eval_start = time.time()
+    generations = spec.objective == "error" or recipe.search.trial_accuracy  # the loss needs no generated answer
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
-        scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True)
+        scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True,
+                             generations=generations)
     elif layout.world_size == 1:  # partitioned on one rank: the export on a whole backbone (kept by a warm worker)
-        scored = evaluate(recipe, resources=resources, per_example=True)
+        scored = evaluate(recipe, resources=resources, per_example=True, generations=generations)
     else:  # the export (written before fit returned) on the trial's ranks, each scoring its share (ZeRO-3 as trained)
-        scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True)
+        scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True, generations=generations)
     if not layout.is_main:
         return None
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]

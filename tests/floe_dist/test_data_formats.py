@@ -353,6 +353,27 @@ def test_arithmetic_is_a_generative_built_in_task_with_numeric_references(tokeni
     assert test[0].prompt.startswith("Calculate ") and test[0].choices[0].endswith(tokenizer.eos_token)
 
 
+def test_a_generative_task_scored_without_generations_keeps_its_loss_and_each_examples_share(tokenizer,
+                                                                                              monkeypatch):
+    """What a search trial with the loss objective asks for: the loss generation-free scoring gives is the full
+    evaluation's, its per-example shares average to it (paired comparisons), and nothing is generated."""
+    import torch
+
+    from floe_dist import evaluation
+    from floe_dist.modeling.backbone import load_backbone
+
+    recipe = recipe_for("evaluate", model="tiny", task="arithmetic", limit=6, max_new_tokens=2, batch_size=4)
+    lm = load_backbone(resolve_model("tiny")).eval()
+    full = evaluation.evaluate_lm(recipe, lm, tokenizer, torch.device("cpu"), per_example=True)
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: pytest.fail("generated without being asked"))
+    lean = evaluation.evaluate_lm(recipe, lm, tokenizer, torch.device("cpu"), per_example=True, generations=False)
+    assert lean["loss"] == pytest.approx(full["loss"], rel=1e-6) and "exact_match" in full
+    assert lean["accuracy"] is None and "exact_match" not in lean
+    shares = lean["example_losses"]
+    assert len(shares) == 6 and sum(shares) / 6 == pytest.approx(lean["loss"]) and len(set(shares)) > 1
+    assert shares == pytest.approx(full["example_losses"], rel=1e-6)
+
+
 def test_a_users_alpaca_and_chat_files_train_evaluate_and_generate(tmp_path):
     from floe_dist.stages import evaluate, generate, train
 

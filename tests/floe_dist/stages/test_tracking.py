@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from floe_dist.data import load_data
-from floe_dist.evaluation import answer_loss
+from floe_dist.evaluation import answer_nll
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
 from floe_dist.modeling.export import load_adapter
@@ -36,7 +36,8 @@ def test_held_out_loss_and_trackers_continue_the_same_runs_on_resume(tmp_path):
     recipe = recipe_for("train", model="tiny")
     held_out = load_data(recipe.data, "test", tok)[:6]
     lm = load_adapter(load_backbone(resolve_model("tiny")), out / "adapter").eval()
-    expected = answer_loss(AnswerLM(lm), tok, held_out, 4, recipe.model.max_length, torch.device("cpu"))
+    nll, tokens = answer_nll(AnswerLM(lm), tok, held_out, 4, recipe.model.max_length, torch.device("cpu"))
+    expected = nll / tokens
     assert metrics[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics[-1]["eval_loss"] != pytest.approx(metrics[3]["eval_loss"], rel=1e-6)  # training moved it
     # W&B: an offline run per start, both under the one id; MLflow: one run holding all eight steps
