@@ -37,6 +37,7 @@ class TrialSpec:
     objective: str  # loss | error
     recipe: dict = field(default_factory=dict)  # the Recipe it trains (train, ...) and scores (evaluate, ...) with
     line: str = ""  # the training folder all trials of this configuration continue (empty: the trial's own)
+    generations: bool = True  # generate the validation answers of a generative task (the error objective needs them)
 
     def save(self, trial_dir: Path) -> Path:
         return write_json_atomic(trial_dir / "trial.json", asdict(self))
@@ -82,7 +83,7 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     trainer.engine.destroy()
     del trainer
     eval_start = time.time()
-    generations = spec.objective == "error" or recipe.search.trial_accuracy  # the loss needs no generated answer
+    generations = spec.generations
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
         scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True,
                              generations=generations)

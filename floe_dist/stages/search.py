@@ -120,8 +120,10 @@ def trial_recipe(recipe: Recipe, trial: Trial, line_dir: Path) -> Recipe:
 
 def trial_spec(recipe: Recipe, trial: Trial, out: Path, base_file: Path, ledger: Ledger) -> TrialSpec:
     line_dir = line_folder(out, ledger, trial)
-    return TrialSpec(trial.id, trial.config, trial.budget, trial.seed, str(base_file), recipe.search.objective,
-                     asdict(trial_recipe(recipe, trial, line_dir)), line=str(line_dir))
+    s = recipe.search
+    return TrialSpec(trial.id, trial.config, trial.budget, trial.seed, str(base_file), s.objective,
+                     asdict(trial_recipe(recipe, trial, line_dir)), line=str(line_dir),
+                     generations=s.trial_accuracy or s.objective == "error")  # the loss needs no generated answer
 
 
 def line_folder(out: Path, ledger: Ledger, trial: Trial) -> Path:
