@@ -620,6 +620,7 @@ TABLES = {
     "campaign-vs-peft-hyperband": ("campaign_vs_peft_hyperband", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-lean": ("campaign_vs_peft_arithmetic_lean", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-3x": ("campaign_vs_peft_arithmetic_3x", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
