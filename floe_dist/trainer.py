@@ -42,7 +42,7 @@ RESUME_MAY_CHANGE = marked("runs", "length", "observes")
 PROBE_STEPS = 5  # the least steps a time-limited cosine run measures before it sets its length (``speed_known``)
 PROBE_SHARE = 0.1  # ... and the least share of its time limit (batches of uneven lengths take uneven times)
 EXPERT_LOAD_EVERY = 10  # steps between expert-load records (and the first and last): 112 scalars a step on a 30-layer
-# model took 7.5 ms of TensorBoard writing, 2% of a CPU step and more of a GPU one, and a device sync per layer
+# model took 7.5 ms of TensorBoard writing, 2% of a CPU step, and a device-to-host copy per layer
 STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
@@ -205,15 +205,6 @@ class Trainer:
         return {"loss": loss, "ce": ce, "balance": balance, "lr": lr, "dropped_picks": dropped,
                 "grad_norm": float(engine.get_global_grad_norm() or grad_norm or 0.0)}
 
-    def expert_load(self) -> dict[int, list[float]]:
-        """Per layer, each expert's share of the last forward's routing weight, in one device-to-host copy."""
-        loads = self.model.expert_load()
-        if not loads:
-            return {}
-        rows = torch.stack(list(loads.values())).tolist() if len({v.shape for v in loads.values()}) == 1 \
-            else [v.tolist() for v in loads.values()]
-        return dict(zip(loads, rows))
-
     def held_out_loss(self) -> float:
         """Mean negative log-likelihood per answer token on the held-out examples (evaluation's ``answer_nll``),
         each rank an equal share, so every rank runs the same forwards, as ZeRO-3 and expert parallelism need;
@@ -303,8 +294,8 @@ class Trainer:
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start
-            expert_load = self.expert_load() if step == start_step or (step + 1) % EXPERT_LOAD_EVERY == 0 \
-                or step + 1 == t.end else {}
+            logged = step == start_step or (step + 1) % EXPERT_LOAD_EVERY == 0 or step + 1 == t.end
+            expert_load = {k: v.tolist() for k, v in self.model.expert_load().items()} if logged else {}
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.end):
                 metrics["eval_loss"] = self.held_out_loss()
             if log:

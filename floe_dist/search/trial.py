@@ -83,14 +83,13 @@ def run_trial(trial_dir: Path, resources: Resources) -> dict | None:
     trainer.engine.destroy()
     del trainer
     eval_start = time.time()
-    generations = spec.generations
     if layout.world_size == 1 and layout.zero_stage < 3:  # the trained modules as they are
         scored = evaluate_lm(recipe, lm, tokenizer, layout.torch_device, resources, per_example=True,
-                             generations=generations)
+                             generations=spec.generations)
     elif layout.world_size == 1:  # partitioned on one rank: the export on a whole backbone (kept by a warm worker)
-        scored = evaluate(recipe, resources=resources, per_example=True, generations=generations)
+        scored = evaluate(recipe, resources=resources, per_example=True, generations=spec.generations)
     else:  # the export (written before fit returned) on the trial's ranks, each scoring its share (ZeRO-3 as trained)
-        scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True, generations=generations)
+        scored = evaluate(recipe, resources=resources, per_example=True, on_ranks=True, generations=spec.generations)
     if not layout.is_main:
         return None
     cost = scored["loss"] if spec.objective == "loss" else 1.0 - scored["accuracy"]
