@@ -16,8 +16,10 @@ planned a step count from a 5-step probe instead), and is scored like the campai
 log-likelihood accuracy on a multiple-choice test split, the generated number on a numeric generative one such as
 ``smollm2-arithmetic``). Not the same work: the comparison is at equal wall time, which is the point. Result:
 benchmarks/results/campaign_vs_peft.json (one row per seed, written as each seed finishes; the table's mean and
-spread are over the rows). The row also carries the campaign search's overhead share: 1 - the trials' training-step
-and validation seconds / (workers x the search stage's wall time).
+spread are over the rows). With ``--peft-packed``, (3): the same PEFT LoRA on packed rows (``data.pack``'s layout,
+several examples a row), given the same wall time, to show what packing alone gives a PEFT user. The row also
+carries the campaign search's overhead share: 1 - the trials' training-step and validation seconds / (workers x the
+search stage's wall time).
 """
 from __future__ import annotations
 
@@ -65,13 +67,14 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}
 
 
-def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
-    """PEFT LoRA r=8 on q,v of every layer, as many steps as fit in ``budget_s`` including its evaluation."""
+def peft_lora(recipe, seed: int, budget_s: float, eval_s: float, packed: bool = False) -> dict:
+    """PEFT LoRA r=8 on q,v of every layer, as many steps as fit in ``budget_s`` including its evaluation;
+    ``packed``: on the rows ``data.pack`` lays out (several examples each), the campaign's own when it packs."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from benchmarks.bench_task_arms import lora_recipe
-    from floe_dist.data import load_data, tokenize, train_batch
+    from floe_dist.data import load_data, pack, tokenize, train_batch
     from floe_dist.evaluation import evaluate_lm
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
@@ -88,6 +91,8 @@ def peft_lora(recipe, seed: int, budget_s: float, eval_s: float) -> dict:
     model = AnswerLM(lm.base_model.model)
     train = load_data(r.data, r.train.split, tokenizer)[: r.data.max_train_examples]
     rows = tokenize(train, tokenizer, r.model.max_length)
+    if packed:
+        rows = pack(rows, r.model.max_length)
     batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes  # global batch
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
@@ -126,6 +131,9 @@ def main() -> None:
     parser.add_argument("--config", default="smollm2-sst2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--result", default="campaign_vs_peft", help="benchmarks/results/NAME.json")
+    parser.add_argument("--peft-packed", action="store_true",
+                        help="also PEFT LoRA on packed rows (data.pack's), given the same wall time: where a packing "
+                             "recipe's gain comes from")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
                         help="last: recipe settings for the campaign, as --section.key value pairs")
     ns = parser.parse_args()
@@ -135,8 +143,13 @@ def main() -> None:
         ours = campaign(ns.config, seed, ns.override)
         theirs = peft_lora(recipe, seed, ours["wall_s"], ours["stage_seconds"]["final_eval"])
         rows.append({"seed": seed, "recipe": ns.config, "campaign": ours, "peft": theirs})
+        if ns.peft_packed:
+            rows[-1]["peft_packed"] = peft_lora(recipe, seed, ours["wall_s"], ours["stage_seconds"]["final_eval"],
+                                                packed=True)
+        packed = rows[-1].get("peft_packed")
         print(f"seed {seed}: campaign {ours['accuracy']:.4f} in {ours['wall_s']:.0f}s ({ours['train_steps']} final "
-              f"steps); PEFT LoRA {theirs['accuracy']:.4f} in {theirs['wall_s']:.0f}s ({theirs['train_steps']} steps)",
+              f"steps); PEFT LoRA {theirs['accuracy']:.4f} in {theirs['wall_s']:.0f}s ({theirs['train_steps']} steps)"
+              + (f"; on packed rows {packed['accuracy']:.4f} ({packed['train_steps']} steps)" if packed else ""),
               flush=True)
         write_result(ns.result, rows[-1:], merge_key="seed", overrides=ns.override)
     acc = {arm: [r[arm]["accuracy"] for r in rows] for arm in ("campaign", "peft")}

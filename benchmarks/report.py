@@ -201,6 +201,7 @@ def mean_std_pct(values) -> str:
 
 
 def campaign_vs_peft(d):
+    packed = "peft_packed" in d["rows"][0]  # bench_campaign_vs_peft.py --peft-packed
     rows = []
     for r in d["rows"]:
         c, p = r["campaign"], r["peft"]
@@ -208,7 +209,9 @@ def campaign_vs_peft(d):
         rows.append([r["seed"], f"{100 * c['accuracy']:.1f}%", f"{c['wall_s']:.0f} s",
                      f"{choice}, r={c['rank']}, lr {c['lr']:.1e}, {c['train_steps']} steps",
                      f"{c['trainable_parameters']:,}", f"{100 * p['accuracy']:.1f}%", f"{p['wall_s']:.0f} s",
-                     f"{p['train_steps']}", f"{p['trainable_parameters']:,}"])
+                     f"{p['train_steps']}", f"{p['trainable_parameters']:,}"]
+                    + ([f"{100 * r['peft_packed']['accuracy']:.1f}%", f"{r['peft_packed']['train_steps']}"]
+                       if packed else []))
     if len(d["rows"]) > 1:
         from statistics import mean
 
@@ -218,7 +221,8 @@ def campaign_vs_peft(d):
         rows.append(["**mean ± std**", f"**{mean_std_pct(over_seeds('campaign', 'accuracy'))}**",
                      f"{mean(over_seeds('campaign', 'wall_s')):.0f} s", "", "",
                      f"**{mean_std_pct(over_seeds('peft', 'accuracy'))}**",
-                     f"{mean(over_seeds('peft', 'wall_s')):.0f} s", "", ""])
+                     f"{mean(over_seeds('peft', 'wall_s')):.0f} s", "", ""]
+                    + ([f"**{mean_std_pct(over_seeds('peft_packed', 'accuracy'))}**", ""] if packed else []))
     reused = "steps_reused" in d["rows"][0]["campaign"]  # recorded since the final run continues the search's
     stages = table(["seed", "seconds per stage", "search: trials, overhead share, top-budget origins"
                     + (", final steps continued from the search" if reused else ""),
@@ -231,7 +235,26 @@ def campaign_vs_peft(d):
                      ", ".join(f"{n} {'–' if c['best_cost'] is None else format(c['best_cost'], '.4f')}"
                                for n, c in (r["campaign"]["candidates"] or {}).items())] for r in d["rows"]])
     return table(["seed", "campaign accuracy", "campaign wall", "campaign's choice", "campaign params",
-                  "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"], rows) + "\n\n" + stages
+                  "PEFT LoRA accuracy", "PEFT wall", "PEFT steps", "PEFT params"]
+                 + (["PEFT LoRA on packed rows", "its steps"] if packed else []), rows) + "\n\n" + stages
+
+
+def adapter_targets(d):
+    """Per arm and seed: the budgeted campaign's validation accuracy, its choice and final steps; then each arm's
+    mean over its seeds."""
+    from statistics import mean
+
+    arms = list(dict.fromkeys(r["targets"] for r in d["rows"]))
+    per_run = [[r["targets"], r["seed"], f"{100 * r['campaign']['accuracy']:.1f}%",
+                f"r={r['campaign']['rank']}, lr {r['campaign']['lr']:.1e}", str(r["campaign"]["train_steps"]),
+                f"{r['campaign']['stage_seconds']['train'] / max(1, r['campaign']['train_steps']):.2f} s",
+                f"{r['campaign']['trainable_parameters']:,}", f"{r['campaign']['wall_s']:.0f} s"]
+               for arm in arms for r in d["rows"] if r["targets"] == arm]
+    of = {arm: [r["campaign"] for r in d["rows"] if r["targets"] == arm] for arm in arms}
+    means = [[f"**{arm}**", "mean", f"**{mean_std_pct([c['accuracy'] for c in runs])}**", "",
+              f"{mean(c['train_steps'] for c in runs):.0f}", "", "", ""] for arm, runs in of.items()]
+    return table(["arm", "seed", "validation accuracy", "search's choice", "final steps",
+                  "train stage seconds per final step", "adapter params", "campaign wall"], per_run + means)
 
 
 def search_fidelity(d):
@@ -610,6 +633,7 @@ TABLES = {
     "tokenize": ("tokenize", tokenize_rows),
     "nf4-cpu-path": ("nf4_cpu_path", nf4_cpu_path),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
+    "adapter-targets": ("adapter_targets", adapter_targets),
     "campaign-vs-peft-rungs": ("campaign_vs_peft_rungs", campaign_vs_peft),
     "campaign-vs-peft-now": ("campaign_vs_peft_now", campaign_vs_peft),
     "campaign-vs-peft-arithmetic": ("campaign_vs_peft_arithmetic", campaign_vs_peft),
@@ -621,6 +645,7 @@ TABLES = {
     "campaign-vs-peft-arithmetic-budget": ("campaign_vs_peft_arithmetic_budget", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-lean": ("campaign_vs_peft_arithmetic_lean", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-3x": ("campaign_vs_peft_arithmetic_3x", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-packed": ("campaign_vs_peft_arithmetic_packed", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
@@ -673,8 +698,9 @@ def unmarked_tables(text: str) -> list[str]:
 
 PLOT = REPO / "docs" / "results.png"
 PLOTTED = {"SST-2, 500 s budget (accuracy)": "campaign_vs_peft_sst2_budget",
-           "arithmetic, 350 s budget (numeric match)": "campaign_vs_peft_arithmetic_lean",
+           "arithmetic, 350 s budget (numeric match)": "campaign_vs_peft_arithmetic_packed",
            "chat, 300 s budget (numeric match)": "campaign_vs_peft_chat_budget"}
+ARMS = {"campaign": "floe-dist campaign", "peft": "PEFT LoRA", "peft_packed": "PEFT LoRA, packed rows"}
 
 
 def plot_results(path: Path = PLOT) -> Path:
@@ -688,14 +714,18 @@ def plot_results(path: Path = PLOT) -> Path:
     for ax, (title, name) in zip(axes, PLOTTED.items()):
         rows = load(name)["rows"]
         seeds = [r["seed"] for r in rows]
-        for offset, arm, label in ((-0.2, "campaign", "floe-dist campaign"), (0.2, "peft", "PEFT LoRA")):
-            ax.bar([s + offset for s in seeds], [100 * r[arm]["accuracy"] for r in rows], width=0.4, label=label)
-        low = min(100 * r[arm]["accuracy"] for r in rows for arm in ("campaign", "peft"))
+        arms = [arm for arm in ARMS if arm in rows[0]]
+        width = 0.8 / len(arms)
+        for i, arm in enumerate(arms):
+            ax.bar([s + (i - (len(arms) - 1) / 2) * width for s in seeds], [100 * r[arm]["accuracy"] for r in rows],
+                   width=width, label=ARMS[arm], color=f"C{i}")
+        low = min(100 * r[arm]["accuracy"] for r in rows for arm in arms)
         ax.set_ylim(max(0, low - 10), None)
         ax.set_xticks(seeds, [f"seed {s}" for s in seeds])
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("%")
-    axes[0].legend(fontsize=8, loc="lower right")
+    for ax in axes:  # each panel names the arms it has
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("equal wall time, 3 seeds (BENCHMARKS.md)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

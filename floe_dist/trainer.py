@@ -44,6 +44,8 @@ PROBE_SHARE = 0.1  # ... and the least share of its time limit (batches of uneve
 EXPERT_LOAD_EVERY = 10  # steps between expert-load records (and the first and last): 112 scalars a step on a 30-layer
 # model took 7.5 ms of TensorBoard writing, 2% of a CPU step, and a device-to-host copy per layer
 STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
+RECHECK_EVERY = 10  # steps between a time-limited run's checks, once its length is set, that it still ends in time
+# (at its mean speed since the length was set: a span that takes in the checkpoints saved every train.checkpoint_every)
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
 
@@ -236,17 +238,36 @@ class Trainer:
         save_checkpoint(self.engine, self.ckpt_dir, step, self.recipe.train.keep_checkpoints, self.layout.is_main,
                         self.experts)
 
+    def steps_in_time(self, step: int, seconds_per_step: float) -> int:
+        """How many steps end within train.time_limit of the run's start at this speed (3% kept for checkpoints and
+        the export); rank 0's measure, on every rank."""
+        left = self.t0 + self.recipe.train.time_limit - time.time()
+        steps = step + max(1, int(0.97 * left / seconds_per_step))
+        return int(all_reduce_sum(torch.tensor([steps if self.layout.is_main else 0],
+                                               device=self.layout.torch_device)).item())
+
     def fit_to_time(self, step: int, seconds_per_step: float) -> None:
         """A time-limited run's length from its measured speed: as many steps as end within train.time_limit of its
         start. A wsd run keeps measuring and sets it when the cooldown it implies is due; a cosine run once its speed
-        is known (``speed_known``). Rank 0's measure holds on every rank."""
+        is known (``speed_known``)."""
         t = self.recipe.train
-        left = self.t0 + t.time_limit - time.time()
-        steps = step + max(1, int(0.97 * left / seconds_per_step))  # 3%: checkpoints and the export
-        steps = int(all_reduce_sum(torch.tensor([steps if self.layout.is_main else 0],
-                                                device=self.layout.torch_device)).item())
+        steps = self.steps_in_time(step, seconds_per_step)
         if t.schedule == "wsd" and steps - t.decay_steps(steps) > step:
             return  # still in the stable phase: measure on
+        self.set_length(step, steps, seconds_per_step)
+
+    def shorten_to_time(self, step: int, seconds_per_step: float) -> None:
+        """After its length is set, a run whose steps have slowed ends sooner rather than past its time limit (a
+        machine that slowed after the length was set overran a 290 s run by 5-9 s). Only ever shorter: a later end
+        in the schedule's decay lowers every rate left, so the rate never rises again."""
+        steps = self.steps_in_time(step, seconds_per_step)
+        if steps < self.recipe.train.steps:
+            self.set_length(step, steps, seconds_per_step)
+
+    def set_length(self, step: int, steps: int, seconds_per_step: float) -> None:
+        """The run ends after ``steps``: its schedule's decay is redrawn to end there (``STEPS_FILE`` keeps it across
+        a resume, with the step the length was first set at and each shortening)."""
+        t, was_set = self.recipe.train, self.fixed_steps is not None
         self.recipe = replace(self.recipe, train=replace(t, steps=steps))
         self.sections = (self.recipe.train, *self.sections[1:])
         if self.scheduler is not None:  # the JSON may name a DeepSpeed scheduler of its own
@@ -256,10 +277,16 @@ class Trainer:
                 group["lr"] = base * factor(scheduler.last_epoch)  # this step's rate too (last_epoch == step)
         self.fixed_steps = steps
         if self.layout.is_main:
-            write_json_atomic(self.out / STEPS_FILE, {"steps": steps, "set_at_step": step,
-                                                      "seconds_per_step": seconds_per_step,
-                                                      "time_limit": t.time_limit})
-            print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
+            if was_set:
+                record = json.loads((self.out / STEPS_FILE).read_text())
+                record["shortened"] = [*record.get("shortened", []), {"at_step": step, "from": t.steps,
+                                                                      "seconds_per_step": seconds_per_step}]
+                print(f"time limit {t.time_limit:.0f}s: now {seconds_per_step:.3f}s a step, so {steps} steps in all "
+                      f"(not {t.steps})")
+            else:
+                record = {"set_at_step": step, "seconds_per_step": seconds_per_step, "time_limit": t.time_limit}
+                print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
+            write_json_atomic(self.out / STEPS_FILE, {**record, "steps": steps})
 
     def speed_known(self, measured: int, seconds: float) -> bool:
         """Whether a time-limited run has measured its speed long enough to set its length (``fit_to_time``). wsd: after
@@ -284,11 +311,17 @@ class Trainer:
                     total=None if t.end == UNSET else t.end)
         self.step_seconds = 0.0  # time in optimizer steps only (a search trial's overhead is the rest)
         step, probe_start = start_step, time.perf_counter()
+        since_set = None  # (step, time) from which a set length's speed is measured again
         while step < t.end:
             measured = step - start_step - 1  # steps since the first (which pays for warming caches up)
             probed = time.perf_counter() - probe_start
             if self.fixed_steps is None and t.time_limit and self.speed_known(measured, probed):
                 self.fit_to_time(step, probed / measured)
+            elif self.fixed_steps is not None and t.time_limit and measured > 0:
+                since_set = since_set or (step, time.perf_counter())
+                if step > since_set[0] and (step - since_set[0]) % RECHECK_EVERY == 0:
+                    self.shorten_to_time(step, (time.perf_counter() - since_set[1]) / (step - since_set[0]))
+            if t is not self.recipe.train:
                 t = self.recipe.train
                 pbar.total = None if self.fixed_steps is None else t.end
             step_start = time.perf_counter()

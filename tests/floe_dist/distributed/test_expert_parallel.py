@@ -81,8 +81,11 @@ def test_split_experts_train_the_same_curve(ep_runs):
 def test_split_export_equals_replicated_export(ep_runs):
     replicated, split = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in ep_runs)
     assert sorted(replicated) == sorted(split)
+    # Adam normalises each element's step, so where an element's gradient is near zero the ranks' different
+    # summation orders reach its weight at the step's scale: 1.7e-6 on one of 2048 elements on an AMD EPYC (none on
+    # the Intel Xeons this passed on). 1e-5 is 1% of one step at lr 1e-3; the loss curves above agree to 1e-5.
     for key in replicated:
-        torch.testing.assert_close(split[key], replicated[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split[key], replicated[key], rtol=1e-5, atol=1e-5)
 
 
 def test_split_run_resumes_from_checkpoint(ep_runs, tmp_path):

@@ -392,3 +392,32 @@ def test_a_time_limited_cosine_run_measures_past_its_warmup_and_a_tenth_of_its_t
     recipe = load_recipe("tiny", [])
     recipe = replace(recipe, train=replace(recipe.train, schedule=schedule, warmup_steps=8, time_limit=100.0))
     assert Trainer.speed_known(SimpleNamespace(recipe=recipe), measured, seconds) is known
+
+
+def test_a_time_limited_run_whose_steps_slow_down_shortens_its_cooldown(tmp_path, monkeypatch):
+    """A wsd run sets its length from its speed when its cooldown is due; steps that then slow down (a machine
+    that got busier overran a 290 s run by 5-9 s) make it end sooner, never later: its length only shrinks, and its
+    rate keeps falling at every step of the redrawn cooldown, down to the run's last step."""
+    from floe_dist import trainer as trainer_module
+    from floe_dist.trainer import STEPS_FILE, Trainer
+
+    monkeypatch.setattr(trainer_module, "RECHECK_EVERY", 2)
+    recipe = recipe_for("train", model="tiny", steps=8, zero="0", micro_batch=2, checkpoint_every=0,
+                        train__time_limit=5.0, train__warmup_steps=1, train__report_to="none")
+    trainer = Trainer(recipe, str(tmp_path))
+    step = trainer.step
+
+    def busier_once_set(i):  # 20 ms a step while the run measures, 60 ms once its length is set
+        time.sleep(0.02 if trainer.fixed_steps is None else 0.06)
+        return step(i)
+
+    trainer.step = busier_once_set
+    trainer.fit()
+    fixed = json.loads((tmp_path / STEPS_FILE).read_text())
+    shortened = fixed["shortened"]
+    assert shortened and fixed["steps"] < shortened[0]["from"]  # the first length, set at 20 ms a step
+    assert all(a["from"] > b["from"] for a, b in zip(shortened, shortened[1:]))  # only ever shorter
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, fixed["steps"] + 1))
+    lrs = [m["lr"] for m in metrics]
+    assert all(a > b for a, b in zip(lrs[fixed["set_at_step"] - 1:], lrs[fixed["set_at_step"]:])) and lrs[-1] > 0
