@@ -258,8 +258,8 @@ class Trainer:
 
     def shorten_to_time(self, step: int, seconds_per_step: float) -> None:
         """After its length is set, a run whose steps have slowed ends sooner rather than past its time limit (a
-        machine that slowed after the length was set overran a 290 s run by 5-9 s). Only ever shorter: a later end
-        in the schedule's decay lowers every rate left, so the rate never rises again."""
+        machine that slowed after the length was set overran a 290 s run by 5-9 s). Only ever shorter: an earlier end
+        puts every step left further into the schedule's decay, so the rate never rises again."""
         steps = self.steps_in_time(step, seconds_per_step)
         if steps < self.recipe.train.steps:
             self.set_length(step, steps, seconds_per_step)
