@@ -244,15 +244,15 @@ def adapter_targets(d):
     mean over its seeds."""
     from statistics import mean
 
-    arms = list(dict.fromkeys(r["targets"] for r in d["rows"]))
-    per_run = [[r["targets"], r["seed"], f"{100 * r['campaign']['accuracy']:.1f}%",
-                f"r={r['campaign']['rank']}, lr {r['campaign']['lr']:.1e}", str(r["campaign"]["train_steps"]),
-                f"{r['campaign']['stage_seconds']['train'] / max(1, r['campaign']['train_steps']):.2f} s",
-                f"{r['campaign']['trainable_parameters']:,}", f"{r['campaign']['wall_s']:.0f} s"]
-               for arm in arms for r in d["rows"] if r["targets"] == arm]
-    of = {arm: [r["campaign"] for r in d["rows"] if r["targets"] == arm] for arm in arms}
-    means = [[f"**{arm}**", "mean", f"**{mean_std_pct([c['accuracy'] for c in runs])}**", "",
-              f"{mean(c['train_steps'] for c in runs):.0f}", "", "", ""] for arm, runs in of.items()]
+    of: dict[str, list[dict]] = {}  # arm ("targets" in the rows) -> its rows, in the file's order of arms
+    for r in d["rows"]:
+        of.setdefault(r["targets"], []).append(r)
+    per_run = [[arm, r["seed"], f"{100 * c['accuracy']:.1f}%", f"r={c['rank']}, lr {c['lr']:.1e}",
+                str(c["train_steps"]), f"{c['stage_seconds']['train'] / max(1, c['train_steps']):.2f} s",
+                f"{c['trainable_parameters']:,}", f"{c['wall_s']:.0f} s"]
+               for arm, rows in of.items() for r in rows for c in [r["campaign"]]]
+    means = [[f"**{arm}**", "mean", f"**{mean_std_pct([r['campaign']['accuracy'] for r in rows])}**", "",
+              f"{mean(r['campaign']['train_steps'] for r in rows):.0f}", "", "", ""] for arm, rows in of.items()]
     return table(["arm", "seed", "validation accuracy", "search's choice", "final steps",
                   "train stage seconds per final step", "adapter params", "campaign wall"], per_run + means)
 
