@@ -4,12 +4,15 @@
     python benchmarks/bench_campaign.py                   # recipes/smollm2-sst2.yaml: SmolLM2-135M on SST-2
     python benchmarks/bench_campaign.py --config tiny
     python benchmarks/bench_campaign.py --repeats 2 --result campaign_sst2_budget600 --override --campaign.budget 600
+    python benchmarks/bench_campaign.py --arms campaign.zero_shot=first campaign.zero_shot=spare --repeats 2 ...
 
 Writes benchmarks/results/campaign.json, or ``--result`` (one row per run: accuracies, trainable parameters, the
 chosen allocation, rank and learning rate, seconds per stage, wall time from the command's start to its end; with a
-search, its trials, the steps they continued from promoted trials' checkpoints, the final run's steps continued
-from the winning trial, and each trial's worker, steps and seconds). The model conversion cache is kept between
-runs (its ``prepare`` time is then close to 0 s).
+search, its trials, the steps they continued from promoted trials' checkpoints, the final run's steps continued from
+the winning trial, and each trial's worker, steps and seconds, and the spare work's: the zero-shot evaluation). The
+model conversion cache is kept between runs (its ``prepare`` time is then close to 0 s). With ``--arms KEY=VALUE
+...``, each repeat runs every arm (the setting added to the overrides) one after the other, in turn, so that a slow
+spell of the machine falls on both.
 """
 from __future__ import annotations
 
@@ -55,7 +58,9 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
         row["search"]["trials_run"] = [
             {"id": t["id"], "worker": t["worker"].split(":pid")[0], "steps": t["budget"], "seconds": t["seconds"],
              "train_seconds": t["metrics"].get("train_seconds"), "eval_seconds": t["metrics"].get("eval_seconds")}
-            for t in ledger["trials"]]
+            for t in ledger["trials"]] + [  # and the spare work a worker took when it had no trial (the zero-shot)
+            {"spare": w["name"], "worker": w["worker"].split(":pid")[0], "seconds": w["seconds"], "status": w["status"]}
+            for w in search.get("spare_work", [])]
     return row
 
 
@@ -63,14 +68,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="smollm2-sst2", help="recipe: a file or a shipped name (recipes/)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of the same recipe and seed, one after another")
+    parser.add_argument("--arms", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings compared: each repeat runs every arm in turn (a row's 'arm')")
     parser.add_argument("--result", help="benchmarks/results/NAME.json (default: campaign, or campaign_RECIPE)")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[],
                         help="last: recipe settings, as --section.key value pairs")
     args = parser.parse_args()
     rows = []
     for run in range(args.repeats):
-        rows.append({"run": run, **run_campaign(args.config, args.override)})
-        print(json.dumps(rows[-1], indent=1), flush=True)
+        for arm in args.arms or [None]:
+            setting = ["--" + arm.split("=", 1)[0], arm.split("=", 1)[1]] if arm else []
+            rows.append({"run": run, **({"arm": arm} if arm else {}), **run_campaign(args.config,
+                                                                                  args.override + setting)})
+            print(json.dumps(rows[-1], indent=1), flush=True)
     name = args.result or ("campaign" if args.config == "smollm2-sst2" else f"campaign_{Path(args.config).stem}")
     write_result(name, rows, overrides=args.override)
 

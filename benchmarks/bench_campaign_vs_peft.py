@@ -18,8 +18,8 @@ log-likelihood accuracy on a multiple-choice test split, the generated number on
 benchmarks/results/campaign_vs_peft.json (one row per seed, written as each seed finishes; the table's mean and
 spread are over the rows). With ``--peft-packed``, (3): the same PEFT LoRA on packed rows (``data.pack``'s layout,
 several examples a row), given the same wall time, to show what packing alone gives a PEFT user. The row also
-carries the campaign search's overhead share: 1 - the trials' training-step and validation seconds / (workers x the
-search stage's wall time).
+carries the campaign search's overhead share: 1 - the trials' training-step and validation seconds and the spare
+work's (the zero-shot evaluation, when a worker ran it) / (workers x the search stage's wall time).
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
         layers = json.loads(Path(summary["allocation"]).read_text())["layers"]
         module = next(iter(next(iter(layers.values())).values()))  # the rank trained, searched or not
     useful = sum(t["metrics"].get("train_seconds", 0) + t["metrics"].get("eval_seconds", 0) for t in trials)
+    useful += sum(w["seconds"] for w in search.get("spare_work", []) if w["status"] == "success")  # the zero-shot
     slots = len({t["worker"].split(":pid")[0] for t in trials}) or 1
     return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
@@ -63,7 +64,7 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "candidates": search.get("candidates"),
             "search_trials": len(trials), "steps_reused": summary.get("steps_reused", 0),
             "budget_s": summary.get("budget_seconds"), "not_separated": search.get("not_separated"),
-            # 1 - in-trial training and validation seconds / (workers x the search stage's wall time)
+            # 1 - in-trial training and validation, and spare work, seconds / (workers x the search stage's wall time)
             "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}
 
 

@@ -94,23 +94,34 @@ def campaign_repeat(d):
     for r in d["rows"]:
         s = r["search"]
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
-        rows.append([r["run"], f"{r['wall_s']:.0f} s of {r['budget_s']:.0f} s ({stages})",
+        rows.append([r["run"] if "arm" not in r else f"{r['run']}: {r['arm']}",
+                     f"{r['wall_s']:.0f} s of {r['budget_s']:.0f} s ({stages})",
                      f"{s['allocation']}, r={s['rank']}, lr {s['lr']:.3e}",
                      f"{s['trials']} ({s['trained_steps']} steps trained, {s['steps_reused']} continued from promoted "
                      f"trials' checkpoints)", busy(s["trials_run"], r["stage_seconds"]["search"]),
+                     f"{overhead_share(s['trials_run'], r['stage_seconds']['search']):.0%}",
                      f"{r['train_steps']} (the first {r['steps_reused']} the winning trial's)",
                      f"**{pct(r['final_accuracy'])}**"])
     return table(["run", "wall (per stage, s)", "choice", "search trials", "each worker's trials: seconds (steps)",
-                  "final run's steps", "test accuracy"], rows)
+                  "search overhead share", "final run's steps", "test accuracy"], rows)
+
+
+def overhead_share(trials: list[dict], search_s: float) -> float:
+    """1 - the trials' training and validation seconds, and the spare work's, / (workers x the search's wall time)."""
+    useful = sum((t.get("train_seconds") or 0) + (t.get("eval_seconds") or 0) for t in trials if "spare" not in t)
+    useful += sum(t["seconds"] for t in trials if "spare" in t and t["status"] == "success")
+    return 1 - useful / (len({t["worker"] for t in trials}) * search_s)
 
 
 def busy(trials: list[dict], search_s: float) -> str:
-    """Per worker, its trials' wall seconds and steps in order, and what of the search stage's time they filled."""
+    """Per worker, its trials' wall seconds and steps in order (then its spare work's), and what of the search stage's
+    time they filled."""
     out = []
     for worker in sorted({t["worker"] for t in trials}):
         mine = [t for t in trials if t["worker"] == worker]
         spent = sum(t["seconds"] for t in mine)
-        runs = " + ".join(f"{t['seconds']:.0f} ({t['steps']})" for t in mine)
+        runs = " + ".join(f"{t['seconds']:.0f} ({t['steps']})" if "spare" not in t else
+                          f"{t['seconds']:.0f} ({t['spare'].removeprefix('the ')})" for t in mine)
         out.append(f"{worker}: {runs} = {spent:.0f} s, {spent / search_s:.0%} of the search's {search_s:.0f} s")
     return "; ".join(out)
 
@@ -646,6 +657,7 @@ TABLES = {
     "campaign-vs-peft-arithmetic-lean": ("campaign_vs_peft_arithmetic_lean", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-3x": ("campaign_vs_peft_arithmetic_3x", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-packed": ("campaign_vs_peft_arithmetic_packed", campaign_vs_peft),
+    "campaign-vs-peft-arithmetic-packed-3x": ("campaign_vs_peft_arithmetic_packed_3x", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-fresh": ("campaign_vs_peft_arithmetic_budget_fresh", campaign_vs_peft),
     "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
@@ -675,6 +687,8 @@ TABLES = {
     "forked-stages": ("forked_stages", forked_stages),
     "train-step": ("train_step", train_step),
     "campaign-repeat-sst2": ("campaign_sst2_budget600", campaign_repeat),
+    "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),
+    "campaign-spare-zero-shot-arithmetic": ("campaign_arithmetic_spare_zero_shot", campaign_repeat),
 }
 
 

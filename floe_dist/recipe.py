@@ -572,6 +572,10 @@ class CampaignSection:
                           "the rest, its steps set from its measured speed (train.steps then sets only the warm-up); "
                           "empty: train.steps")
     search_share: float = arg(0.3, "with budget: the search's share of the time zero-shot and allocation leave")
+    zero_shot: Literal["spare", "first"] = arg(
+        "spare", "when the zero-shot evaluation runs: spare (on a search worker that has no trial to run, where the "
+                 "search runs one-process trials on several local workers; first otherwise) or first (alone, before "
+                 "allocation and search)", resume="runs")
 
     def budget_seconds(self) -> float | None:
         return duration_seconds(self.budget, "campaign.budget") if self.budget.strip() else None

@@ -4,16 +4,17 @@
     floe-dist campaign --config tiny                     # FLoE's path on a tiny random Llama, about a minute
     floe-dist campaign --config my.yaml --train.lr 1e-4 --output runs/mine
 
-Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> allocate (for FLoE,
-the score stage: warm-up and Fisher layer selection; any other registered method otherwise) -> search
-(SMAC picks rank and learning rate for the allocated layers from short parallel trials) -> train ->
-accuracy of the exported adapter. Score and train run as groups of ``parallel.nproc`` ranks per node: on this
-machine forked from the campaign's zygote, which has the stack imported (floe_dist/distributed/forked_ranks.py;
-a campaign called as a function starts torchrun or one process), under Slurm as ``srun`` steps; search trials
-are single processes (forked from it too), as many at once as the machine holds. The resolved recipe is written
-to ``<output>/recipe.yaml`` and each stage's folder. A stage whose result file exists is skipped when the
-campaign is rerun, so an interrupted campaign continues where it stopped; a rerun whose recipe changed a setting
-that a finished stage used is refused with the keys that changed.
+Stages: prepare the model (GGUF -> safetensors, cached) -> zero-shot accuracy -> allocate (for FLoE, the score
+stage: warm-up and Fisher layer selection; any other registered method otherwise) -> search (SMAC picks rank and
+learning rate for the allocated layers from short parallel trials) -> train -> accuracy of the exported adapter.
+With a local search on several workers the zero-shot evaluation is the search's spare work instead: a worker that
+has no trial to run while others train runs it (floe_dist/search/spare_work.py). Score and train run as groups of
+``parallel.nproc`` ranks per node: on this machine forked from the campaign's zygote, which has the stack imported
+(floe_dist/distributed/forked_ranks.py; a campaign called as a function starts torchrun or one process), under Slurm
+as ``srun`` steps; search trials are single processes (forked from it too), as many at once as the machine holds.
+The resolved recipe is written to ``<output>/recipe.yaml`` and each stage's folder. A stage whose result file exists
+is skipped when the campaign is rerun, so an interrupted campaign continues where it stopped; a rerun whose recipe
+changed a setting that a finished stage used is refused with the keys that changed.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class Campaign:
     def __init__(self, recipe: Recipe, output: str):
         self.recipe, self.out = recipe, Path(output)
         self.timings: dict[str, float] = {}
+        self.eval_reserve = 0.0  # seconds kept back for the final evaluation: the zero-shot one's, once it ran
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
         result_file = self.out / RESULT_FILES[name]
@@ -91,9 +93,30 @@ class Campaign:
 
     def time_left(self) -> float:
         """What ``campaign.budget`` leaves after the finished stages, keeping back the final evaluation (as long as
-        the zero-shot one took) and a stage's start."""
+        the zero-shot one took; nothing before it ran, as when the search runs it) and a stage's start."""
         budget = self.recipe.campaign.budget_seconds()
-        return budget - self.spent() - self.timings.get("zero_shot", 0.0) - start_margin()
+        return budget - self.spent() - self.eval_reserve - start_margin()
+
+    def zero_shot(self, recipe: Recipe) -> dict:
+        """The zero-shot evaluation: the search's spare work's result when a worker ran it, else run here. Its
+        duration, on this process's threads, is what ``time_left`` keeps back for the final evaluation."""
+        import torch
+
+        from floe_dist.search.spare_work import evaluation_result
+
+        def run() -> dict:
+            result = evaluation_result(self.out / "zero_shot", recipe)
+            if result is None:
+                return evaluation(self, recipe, "zero_shot")
+            # it ran on a search worker of result["threads"] threads, in its spare time
+            print(f"[campaign] zero_shot: a search worker ran it while it had no trial to run ({result['seconds']:.0f}s"
+                  f" on {result['threads']} thread(s))")
+            cpu_share = 1.0 if torch.cuda.is_available() else min(1.0, result["threads"] / torch.get_num_threads())
+            return {**result, "on_search_worker": True, "reserve_seconds": result["seconds"] * cpu_share}
+
+        result = self.step("zero_shot", run)
+        self.eval_reserve = result.get("reserve_seconds", result["_seconds"])
+        return result
 
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
         """Run a stage as a group of ranks (local ranks forked from the zygote or started, ``run_local_ranks``; srun
@@ -239,6 +262,7 @@ def search_candidates(c: Campaign, selected: str) -> dict[str, str]:
 
 def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     from floe_dist.modeling.backbone import resolve_model
+    from floe_dist.search.spare_work import evaluation_job
     from floe_dist.stages.search import run as search
 
     validate(recipe)
@@ -247,8 +271,9 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     write_recipe(c.out, recipe)
     recipe = c.recipe = budgeted(recipe, c.out)
     c.step("prepare", lambda: {"model_dir": str(resolve_model(recipe.model.name))})
-    zero_shot = c.step("zero_shot", lambda: evaluation(c, replace(recipe, model=replace(recipe.model, adapter=None)),
-                                                      "zero_shot"))
+    base = replace(recipe, model=replace(recipe.model, adapter=None))
+    spare = zero_shot_on_search_worker(c, base)
+    zero_shot = None if spare else c.zero_shot(base)
     allocation, lr = allocate_stage(c), recipe.train.lr
     if recipe.search.enabled:
         chosen = replace(recipe.allocate, file=allocation)
@@ -260,11 +285,13 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
         if recipe.campaign.budget:
             searched = replace(searched, search=replace(searched.search, time_limit=search_time(c)))
         write_recipe(c.out / "search", searched)
-        found = c.step("search", lambda: search(searched, str(c.out / "search")))
+        jobs = [evaluation_job("the zero-shot evaluation", c.out / "zero_shot", base)] if spare else []
+        found = c.step("search", lambda: search(searched, str(c.out / "search"), jobs))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
         print(f"[campaign] search chose allocation {found.get('allocation')}, rank {found['rank']}, learning rate "
               f"{lr:.2e} (proposed by: {found.get('incumbent_origin') or 'unknown'}; top-budget origins "
               f"{found.get('top_budget_origins')})")
+    zero_shot = zero_shot or c.zero_shot(base)
     trained_recipe = replace(recipe, allocate=replace(recipe.allocate, file=allocation),
                              train=replace(recipe.train, lr=lr))
     if recipe.campaign.budget and not (c.out / RESULT_FILES["train"]).is_file():
@@ -279,28 +306,48 @@ def evaluation(c: Campaign, recipe: Recipe, name: str) -> dict:
     """An evaluation of the campaign: in its own process, or launched on the job's ranks (``evaluate.ranks``; auto:
     when ZeRO-3 training spreads a backbone that does not fit one device) as the ``evaluate`` stage, each rank
     scoring its share of the examples (floe_dist/distributed/sharded_eval.py)."""
-    from floe_dist.distributed.engine import read_config
-    from floe_dist.distributed.layout import zero_stage
     from floe_dist.evaluation import evaluate
 
-    p, choice = recipe.parallel, recipe.evaluate.ranks
-    on_ranks = choice == "all" or (choice == "auto" and zero_stage(read_config(p.zero)) == 3
-                                   and p.nproc * p.nodes > 1 and not fits_one_device(recipe.model))
-    if not on_ranks:
+    if not on_ranks(recipe):
         return evaluate(recipe)
     return c.launch("evaluate", recipe, c.out / name, "evaluate.json")
 
 
-def fits_one_device(model) -> bool:
-    """Whether the backbone's weights (their files' size, a quarter of it in NF4) take at most 80% of one GPU's
-    memory, or of this machine's available memory without one."""
+def on_ranks(recipe: Recipe) -> bool:
+    """Whether an evaluation runs on the job's ranks rather than in one process (``evaluation``)."""
+    from floe_dist.distributed.engine import read_config
+    from floe_dist.distributed.layout import zero_stage
+
+    p, choice = recipe.parallel, recipe.evaluate.ranks
+    return choice == "all" or (choice == "auto" and zero_stage(read_config(p.zero)) == 3
+                               and p.nproc * p.nodes > 1 and not fits_one_device(recipe.model))
+
+
+def zero_shot_on_search_worker(c: Campaign, recipe: Recipe) -> bool:
+    """Whether the zero-shot evaluation (of ``recipe``) is the search's spare work (``campaign.zero_shot spare``): a
+    local search on several workers of one process each, an evaluation in one process whose backbone fits beside a
+    worker's own, and neither stage finished (a resumed campaign whose search is done runs it here)."""
+    from floe_dist.search.runners import default_workers
+
+    s = recipe.search
+    if recipe.campaign.zero_shot != "spare" or not s.enabled or s.runner != "local" or s.trial_nproc != 1 \
+            or on_ranks(recipe):
+        return False
+    if (s.workers or default_workers(s.trial_nproc, s.trial_threads)) < 2 or not fits_one_device(recipe.model, 2):
+        return False
+    return not any((c.out / RESULT_FILES[stage]).is_file() for stage in ("zero_shot", "search"))
+
+
+def fits_one_device(model, copies: int = 1) -> bool:
+    """Whether ``copies`` of the backbone's weights (their files' size, a quarter of it in NF4) take at most 80% of
+    one GPU's memory, or of this machine's available memory without one."""
     import psutil
     import torch
 
     from floe_dist.modeling.backbone import resolve_model
 
     stored = sum(f.stat().st_size for f in Path(resolve_model(model.name)).glob("*.safetensors"))
-    need = stored / 4 if model.quant == "nf4" else stored
+    need = copies * (stored / 4 if model.quant == "nf4" else stored)
     if torch.cuda.is_available():
         return need <= 0.8 * torch.cuda.get_device_properties(0).total_memory
     return need <= 0.8 * psutil.virtual_memory().available
@@ -333,7 +380,7 @@ def search_time(c: Campaign) -> float:
     if left <= 0:
         raise ValueError(f"campaign.budget {c.recipe.campaign.budget} ({budget:.0f}s) is spent before the search: "
                          f"zero-shot evaluation and allocation took {c.spent():.0f}s and the final evaluation needs "
-                         f"about {c.timings.get('zero_shot', 0.0):.0f}s; give at least those "
+                         f"about {c.eval_reserve:.0f}s; give at least those "
                          f"{budget - left:.0f}s plus the search's and the final run's time")
     share = c.recipe.campaign.search_share
     if share * left < START_MARGIN:

@@ -7,7 +7,8 @@ search loses and repeats no finished trial.
 Results reach a proposer that learns (SMAC) in trial order, and trial k is proposed once the results of
 trials 0 .. k - workers have reached it and no others: what it knows at each proposal does not depend on which
 trial happened to finish first, so the same recipe and seed make the same choices whatever the workers' timing.
-A worker waits when the trial it would need is still running.
+A worker that has no trial to run while others train takes the spare work it was given (the campaign's zero-shot
+evaluation: floe_dist/search/spare_work.py), else it waits.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from floe_dist.search.ledger import FINISHED, Ledger, Trial
 from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool, default_workers
+from floe_dist.search.spare_work import SpareJob
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
@@ -43,7 +45,8 @@ def launch_argv(args: SearchSection, module: str, *module_args: str) -> list[str
 
 
 class SearchLoop:
-    def __init__(self, args: SearchSection, out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec]):
+    def __init__(self, args: SearchSection, out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec],
+                 spare: list[SpareJob] = ()):
         self.args, self.out, self.ledger, self.proposer, self.spec = args, out, ledger, proposer, spec
         worker_argv = lambda worker_dir: launch_argv(args, "floe_dist.search.worker", str(worker_dir),  # noqa: E731
                                                      "--trial-module", args.trial_module)
@@ -59,6 +62,32 @@ class SearchLoop:
         self.by_id = {t.id: t for t in ledger.trials}
         self.slots = self.runner.free_slots  # the workers: trials running at once
         self.pbar = None
+        local = isinstance(self.runner, LocalPool) and args.trial_nproc == 1  # WarmPool is one too
+        self.spare = [job for job in spare if not job.result.is_file()] if local else []
+        self.spare_running: dict[int, SpareJob] = {}  # by launch id: -1, -2, ...
+        self.spare_done: list[dict] = []  # what became of each job: name, worker, status, seconds
+
+    def spare_launch(self, batch: list) -> Launch | None:
+        """Spare work for a free worker that has no trial to run, while a trial runs (otherwise the search is over
+        and the campaign runs it itself, on all its threads)."""
+        trials_running = len(self.runner.running) - len(self.spare_running) + sum(t is not None for t, _ in batch)
+        if not self.spare or not trials_running:
+            return None
+        job = self.spare.pop(0)
+        launch_id = -1 - len(self.spare_running) - len(self.spare_done)
+        self.spare_running[launch_id] = job
+        return Launch(launch_id, launch_argv(self.args, job.module, str(job.folder)), job.folder,
+                      self.args.trial_timeout, module=job.module)
+
+    def spare_finished(self, outcome: Outcome) -> None:
+        job = self.spare_running.pop(outcome.trial_id)
+        self.spare_done.append({"name": job.name, "worker": outcome.worker, "status": outcome.status,
+                                "seconds": outcome.seconds})
+        if outcome.status == "success":
+            tqdm.write(f"[search] {job.name} ran on {outcome.worker} while it had no trial ({outcome.seconds:.0f}s)")
+        else:
+            print(f"[search] {job.name} on {outcome.worker} {outcome.status}: {outcome.reason} (the campaign runs "
+                  f"it itself)", file=sys.stderr)
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.out / "trials" / f"{trial.id:04d}"
@@ -78,10 +107,11 @@ class SearchLoop:
         self.spec(trial).save(trial_dir)
         return job
 
-    def submit(self, batch: list[tuple[Trial, Launch]]) -> None:
-        """Submit trials that start together (one job array with --runner slurm-array)."""
+    def submit(self, batch: list[tuple[Trial | None, Launch]]) -> None:
+        """Submit trials (and spare work: no trial) that start together (one job array with --runner slurm-array)."""
         for (trial, _), worker in zip(batch, self.runner.submit_all([job for _, job in batch])):
-            trial.worker, trial.attempts, trial.status = worker, trial.attempts + 1, "running"
+            if trial is not None:
+                trial.worker, trial.attempts, trial.status = worker, trial.attempts + 1, "running"
         if batch:
             self.ledger.save()
 
@@ -165,11 +195,15 @@ class SearchLoop:
                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} full trials [{elapsed}{postfix}]")
         try:
             while True:
-                batch: list[tuple[Trial, Launch]] = []
+                batch: list[tuple[Trial | None, Launch]] = []
                 while self.runner.free_slots - len(batch) > 0:
                     trial = self.next_trial(pending)
                     if trial is None:
-                        break
+                        spare = self.spare_launch(batch)
+                        if spare is None:
+                            break
+                        batch.append((None, spare))
+                        continue
                     job = self.prepare(trial)
                     if job is not None:
                         batch.append((trial, job))
@@ -179,7 +213,7 @@ class SearchLoop:
                         continue
                     break
                 for outcome in self.runner.wait():
-                    self.record(outcome)
+                    self.spare_finished(outcome) if outcome.trial_id < 0 else self.record(outcome)
         finally:
             self.runner.shutdown()
             self.pbar.close()

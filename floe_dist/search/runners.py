@@ -44,6 +44,7 @@ class Launch:
     argv: list[str]
     trial_dir: Path
     timeout: float  # seconds
+    module: str = ""  # warm workers: the module that runs it, when not the trial module (spare work)
 
 
 @dataclass
@@ -179,7 +180,8 @@ class WarmPool(LocalPool):
         worker_dir = self.root / f"worker-{slot}"
         launch.trial_dir.mkdir(parents=True, exist_ok=True)
         self.seq[slot] = self.seq.get(slot, 0) + 1
-        hand_over(worker_dir, self.seq[slot], launch.trial_dir)  # before a fresh worker starts: it takes this one
+        # before a fresh worker starts: it takes this one
+        hand_over(worker_dir, self.seq[slot], launch.trial_dir, module=launch.module)
         proc = self.procs.get(slot)
         if proc is None or proc.poll() is not None:
             proc = start_local(self.worker_argv(worker_dir), worker_dir / "worker.log",
@@ -289,7 +291,7 @@ def _warm_outcome(launch: Launch, start: float, worker: str, exit_code: int | No
     worker gone under it (``exit_code`` set: crashed), or past its time limit (``stop``, then a timeout)."""
     seconds = time.monotonic() - start
     if (launch.trial_dir / "result.json").is_file():
-        if not _finite_cost(launch.trial_dir / "result.json"):
+        if launch.trial_id >= 0 and not _finite_cost(launch.trial_dir / "result.json"):  # spare work has no cost
             stop()
         return Outcome(launch.trial_id, "success", seconds, worker)
     if exit_code is not None:

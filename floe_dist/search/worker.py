@@ -5,7 +5,8 @@
 
 The search writes ``WORKER_DIR/task.json`` (``{"seq": n, "trial_dir": ...}``, atomically, before it starts the
 worker). Every rank polls it (no collective while idle, so an idle group never hits a communication timeout),
-runs each new ``seq`` once through ``MODULE.run_trial(trial_dir, resources)`` with its output appended to
+runs each new ``seq`` once through ``MODULE.run_trial(trial_dir, resources)`` (the task's ``module`` when it names
+one: spare work, floe_dist/search/spare_work.py) with its output appended to
 ``<trial_dir>/trial.log``, and rank 0 writes ``<trial_dir>/result.json`` last: the search's sign of success.
 The resources (tokenizer, tokenised data, backbone; floe_dist/resources.py) are kept between trials, which
 is the point: process start, imports and loading are paid once per worker instead of once per trial.
@@ -39,11 +40,11 @@ def read_task(worker_dir: Path) -> dict | None:
         return None
 
 
-def hand_over(worker_dir: Path, seq: int, trial_dir: Path, job: str | None = None) -> None:
+def hand_over(worker_dir: Path, seq: int, trial_dir: Path, job: str | None = None, module: str = "") -> None:
     """The search's side: give the worker its next trial (with ``job``: only the Slurm job of that id takes it,
-    not a cancelled predecessor that has not died yet)."""
+    not a cancelled predecessor that has not died yet; with ``module``: run by that module instead of the trial's)."""
     worker_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(worker_dir / TASK, {"seq": seq, "trial_dir": str(trial_dir), "job": job})
+    write_json_atomic(worker_dir / TASK, {"seq": seq, "trial_dir": str(trial_dir), "job": job, "module": module})
 
 
 @contextmanager
@@ -70,7 +71,6 @@ def output_to(log: Path):
 def serve(worker_dir: Path, trial_module: str, poll_seconds: float = 0.05) -> int:
     from floe_dist.resources import Resources
 
-    run_trial = importlib.import_module(trial_module).run_trial
     resources = Resources(keep=True)  # the process group, once set up by the first trial, is kept too
     done = -1
     while True:
@@ -84,13 +84,13 @@ def serve(worker_dir: Path, trial_module: str, poll_seconds: float = 0.05) -> in
             print(f"[worker {os.getpid()}] trial {trial_dir.name} (task {done}, warm: {len(resources.kept)} kept)",
                   flush=True)
             try:
-                result = run_trial(trial_dir, resources)
+                result = importlib.import_module(task.get("module") or trial_module).run_trial(trial_dir, resources)
             except BaseException:
                 traceback.print_exc()
                 return 1
         if result is not None:
             write_json_atomic(trial_dir / "result.json", result)  # last: its presence means success
-            if not math.isfinite(float(result.get("cost", math.nan))):
+            if not task.get("module") and not math.isfinite(float(result.get("cost", math.nan))):  # spare: no cost
                 return 1  # a diverged trial may have left non-finite state behind: start fresh
         gc.collect()
 

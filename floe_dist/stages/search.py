@@ -40,6 +40,7 @@ from floe_dist.search.ledger import Ledger, Trial
 from floe_dist.search.loop import SearchLoop
 from floe_dist.search.proposers import GridProposer, SmacProposer
 from floe_dist.search.report import base_of, candidate_costs, candidate_report, decide, plot_search, unresolved
+from floe_dist.search.spare_work import SpareJob
 from floe_dist.search.trial import TrialSpec, searched_allocation
 
 # adapter: the allocation trials scale without allocate.file; train: trials are the final run's start
@@ -62,7 +63,8 @@ def base_allocations(recipe: Recipe, shape) -> dict[str, Allocation]:
     return {"given": build_allocation(recipe, shape.num_layers)}
 
 
-def run(recipe: Recipe, output: str = OUTPUT) -> dict:
+def run(recipe: Recipe, output: str = OUTPUT, spare: list[SpareJob] = ()) -> dict:
+    """The search; ``spare``: work for a worker that has no trial to run (the campaign's zero-shot evaluation)."""
     from floe_dist.stages.allocate import model_shape
 
     recipe.validate(*SECTIONS)
@@ -86,9 +88,10 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     ledger = Ledger(out / "search.json", args)
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
     names = list(bases)
-    SearchLoop(args, out, ledger, proposer,
-               lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger)).run()
-    return finish(args, out, ledger, bases, shape, time.time() - start)
+    loop = SearchLoop(args, out, ledger, proposer,
+                      lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger), spare)
+    loop.run()
+    return finish(args, out, ledger, bases, shape, time.time() - start, loop.spare_done)
 
 
 def trial_batch(recipe: Recipe) -> dict:
@@ -132,7 +135,8 @@ def line_folder(out: Path, ledger: Ledger, trial: Trial) -> Path:
     return (out / "lines" / f"{first:04d}").resolve()
 
 
-def finish(args,  out: Path, ledger: Ledger, bases: dict[str, Allocation], shape, seconds: float) -> dict:
+def finish(args, out: Path, ledger: Ledger, bases: dict[str, Allocation], shape, seconds: float,
+           spare_done: list[dict] = ()) -> dict:
     lowest = ledger.incumbent()
     if lowest is None:
         reasons = "\n  - ".join(f"trial {t.id}: {t.status}: {t.reason}" for t in ledger.finished()[-5:])
@@ -164,7 +168,7 @@ def finish(args,  out: Path, ledger: Ledger, bases: dict[str, Allocation], shape
                "trial_seconds": sum(t.seconds or 0.0 for t in finished), "wall_seconds": seconds,
                "lr": best.config["lr"], "rank": best.config["rank"], "incumbent_origin": best.origin,
                "top_budget_origins": ledger.top_budget_origins(), "allocation": won, "candidates": per_candidate,
-               "trainable_parameters": chosen.trainable_parameters}
+               "trainable_parameters": chosen.trainable_parameters, "spare_work": list(spare_done)}
     ledger.extra = {"summary": summary}
     ledger.save()
     plot_search(ledger, out / "search.png", args.max_steps)

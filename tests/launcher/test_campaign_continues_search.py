@@ -76,25 +76,35 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
     from floe_dist.recipe import load_recipe
     from floe_dist.search.handoff import why_not
 
-    """... and the budget: the search is given its share of what zero-shot and allocation left, the final run the
-    rest, and the final run sets its length from its own speed (more steps than the recipe's nominal 6)."""
+    """... and the budget: the search is given its share of what allocation left, the final run the rest less the
+    final evaluation's time, and the final run sets its length from its own speed (more steps than the recipe's
+    nominal 6). The search's one trial leaves its second worker free: that worker runs the zero-shot evaluation,
+    which scores what the base model scores alone."""
     out = tmp_path / "c"
     proc = run_floe(["campaign", "--config", "tiny", "--allocate.method", "uniform", "--parallel.nproc", "1",
                      "--parallel.zero", "0", "--search.micro_batch", "1", "--search.max_compute", "1",
-                     "--search.min_steps", "3", "--campaign.budget", "45s", "--output", str(out)])
+                     "--search.min_steps", "3", "--search.workers", "2", "--campaign.budget", "45s",
+                     "--output", str(out)])
     handoff = json.loads((out / "train" / "handoff.json").read_text())
     assert handoff["step"] == 0 and "global batch (1) is not the final run's (2)" in handoff["reason"]
     assert "train starts from step 0" in proc.stdout and read_metrics(out / "train")[0]["step"] == 1
     searched, trained = (read_recipe(out / stage / "recipe.yaml") for stage in ("search", "train"))
     assert trained.train.warmup_steps == searched.train.warmup_steps == 1  # fixed before any trial: 10% of 6
-    # the split, from the stage times the campaign recorded: the search gets 30% of what zero-shot and allocation
-    # left (keeping back a final evaluation as long as zero-shot's and a stage's start), the final run the rest
+    # the split, from the stage times the campaign recorded: the search gets 30% of what allocation left (and a
+    # stage's start), the final run the rest, less a final evaluation as long as the zero-shot one took
     summary = json.loads((out / "campaign.json").read_text())
-    took = summary["stage_seconds"]
+    took, zero_shot = summary["stage_seconds"], json.loads((out / "zero_shot.json").read_text())
     assert summary["start_margin_seconds"] == FORKED_START_MARGIN  # its stages were forked from its zygote
-    left = 45 - took["prepare"] - 2 * took["zero_shot"] - took["allocate"] - FORKED_START_MARGIN
+    (spare,) = json.loads((out / "search" / "search.json").read_text())["summary"]["spare_work"]
+    assert zero_shot["on_search_worker"] and spare["status"] == "success" and spare["worker"].startswith("warm:1:")
+    assert zero_shot["threads"] == 1 and zero_shot["reserve_seconds"] == zero_shot["seconds"]  # as many as here
+    left = 45 - took["prepare"] - took["allocate"] - FORKED_START_MARGIN
     assert searched.search.time_limit == pytest.approx(0.3 * left)
-    assert trained.train.time_limit == pytest.approx(left - took["search"])
+    assert trained.train.time_limit == pytest.approx(left - took["search"] - took["zero_shot"] - zero_shot["seconds"])
+    run_floe(["evaluate", "--config", str(out / "zero_shot" / "recipe.yaml"), "--output", str(tmp_path / "alone")])
+    alone = json.loads((tmp_path / "alone" / "evaluate.json").read_text())
+    assert (alone["accuracy"], alone["examples"]) == (zero_shot["accuracy"], zero_shot["examples"])
+    assert alone["loss"] == pytest.approx(zero_shot["loss"], abs=1e-6)
     fixed = json.loads((out / "train" / "steps.json").read_text())  # set when its cooldown was due
     steps, cooldown_start = fixed["steps"], fixed["set_at_step"]
     metrics = read_metrics(out / "train")

@@ -1,0 +1,79 @@
+"""Work a search worker takes when it would otherwise wait: the campaign's zero-shot evaluation.
+
+A search on several workers has moments when a worker has no trial to run while others train: a rung's promotion
+waits for the rung's last trial, the model's next configuration for the results it must know (loop.py), and the
+last trials of the search leave workers with nothing to take. The campaign hands the search work that depends on
+nothing the search decides (the base model's zero-shot evaluation, which it ran alone before the search), and such
+a worker runs it in that time; the campaign reads its result afterwards. It is offered only where no trial can be
+issued and a trial is running, so it takes no trial's place: at most it delays a trial that becomes issuable while
+it runs. Local workers only (a Slurm worker may sit in another allocation), one process a trial.
+
+    python -m floe_dist.search.spare_work JOB_DIR     # on a cold worker; a warm one calls run_trial
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from floe_dist.files import write_json_atomic
+
+MODULE = "floe_dist.search.spare_work"
+
+
+@dataclass
+class SpareJob:
+    name: str
+    folder: Path  # holds what the job reads (recipe.yaml here); result.json once it succeeded
+    module: str = MODULE  # run_trial(folder, resources) -> the result, as a trial module's
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.json"
+
+
+def evaluation_job(name: str, folder: Path, recipe) -> SpareJob:
+    """``recipe``'s evaluation (floe_dist/evaluation.py ``evaluate``) as spare work in ``folder``; a result left there
+    by another recipe's is removed."""
+    from floe_dist.recipe import write_recipe
+
+    if evaluation_result(folder, recipe) is None:
+        (folder / "result.json").unlink(missing_ok=True)
+    write_recipe(folder, recipe)
+    return SpareJob(name, folder)
+
+
+def evaluation_result(folder: Path, recipe) -> dict | None:
+    """The result of ``recipe``'s evaluation run as spare work in ``folder``, None unless it ran."""
+    from floe_dist.recipe import dump_recipe
+
+    saved, result = folder / "recipe.yaml", folder / "result.json"
+    if result.is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe):
+        return json.loads(result.read_text())
+    return None
+
+
+def run_trial(job_dir: Path, resources=None) -> dict:
+    """The evaluation of ``JOB_DIR/recipe.yaml``, with the threads it ran on (the campaign scales its duration to
+    its own threads when it keeps time back for the final evaluation). Its backbone is its own, not a warm worker's
+    kept one: the worker's later trials do not carry a second copy."""
+    import torch
+
+    from floe_dist.evaluation import evaluate
+    from floe_dist.recipe import read_recipe
+
+    result = evaluate(read_recipe(job_dir / "recipe.yaml"))
+    return {**result, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not (Path(argv[0]) / "recipe.yaml").is_file():
+        print(f"usage: python -m {MODULE} JOB_DIR (a folder holding recipe.yaml)", file=sys.stderr)
+        return 2
+    write_json_atomic(Path(argv[0]) / "result.json", run_trial(Path(argv[0])))  # last: its presence means success
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
