@@ -6,7 +6,10 @@ last trials of the search leave workers with nothing to take. The campaign hands
 nothing the search decides (the base model's zero-shot evaluation, which it ran alone before the search), and such
 a worker runs it in that time; the campaign reads its result afterwards. It is offered only where no trial can be
 issued and a trial is running, so it takes no trial's place: at most it delays a trial that becomes issuable while
-it runs. Local workers only (a Slurm worker may sit in another allocation), one process a trial.
+it runs. It is offered however short the wait would have been: on the arithmetic recipe, whose trials finish in
+pairs, it took a worker that would have waited 0.4 s and the search ran 17 s longer (BENCHMARKS.md, "The zero-shot
+evaluation as the search's spare work"). Local workers only (a Slurm worker may sit in another allocation), one
+process a trial.
 
     python -m floe_dist.search.spare_work JOB_DIR     # on a cold worker; a warm one calls run_trial
 """
