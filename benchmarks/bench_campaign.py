@@ -30,6 +30,23 @@ sys.path.insert(0, str(REPO))
 from benchmarks.result_file import write_result  # noqa: E402
 
 
+def worker_time(trials: list[dict], spare_work: list[dict]) -> list[dict]:
+    """Where each search worker's time went: per trial (a ledger's), its worker, budget, wall, training and validation
+    seconds; then the spare work a worker took when it had no trial (the zero-shot evaluation)."""
+    return [{"id": t["id"], "worker": t["worker"].split(":pid")[0], "steps": t["budget"], "seconds": t["seconds"],
+             "train_seconds": t["metrics"].get("train_seconds"), "eval_seconds": t["metrics"].get("eval_seconds")}
+            for t in trials] + [
+        {"spare": w["name"], "worker": w["worker"].split(":pid")[0], "seconds": w["seconds"], "status": w["status"]}
+        for w in spare_work]
+
+
+def overhead_share(runs: list[dict], search_s: float) -> float:
+    """1 - the trials' training and validation seconds, and the spare work's, / (workers x the search's wall time)."""
+    useful = sum((t.get("train_seconds") or 0) + (t.get("eval_seconds") or 0) for t in runs if "spare" not in t)
+    useful += sum(t["seconds"] for t in runs if "spare" in t and t["status"] == "success")
+    return 1 - useful / ((len({t["worker"] for t in runs}) or 1) * search_s)
+
+
 def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
@@ -54,13 +71,7 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
         row["search"] = {k: search.get(k) for k in ("allocation", "rank", "lr", "trials", "trained_steps",
                                                     "steps_reused", "not_separated")}
         row["search"]["incumbent"] = {k: search["incumbent"][k] for k in ("id", "config", "budget", "cost")}
-        # where each worker's time went: per trial, its worker, budget, wall, training and validation seconds
-        row["search"]["trials_run"] = [
-            {"id": t["id"], "worker": t["worker"].split(":pid")[0], "steps": t["budget"], "seconds": t["seconds"],
-             "train_seconds": t["metrics"].get("train_seconds"), "eval_seconds": t["metrics"].get("eval_seconds")}
-            for t in ledger["trials"]] + [  # and the spare work a worker took when it had no trial (the zero-shot)
-            {"spare": w["name"], "worker": w["worker"].split(":pid")[0], "seconds": w["seconds"], "status": w["status"]}
-            for w in search.get("spare_work", [])]
+        row["search"]["trials_run"] = worker_time(ledger["trials"], search.get("spare_work", []))
     return row
 
 

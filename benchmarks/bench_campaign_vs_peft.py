@@ -36,6 +36,7 @@ from statistics import mean, stdev
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_campaign import overhead_share, worker_time  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
 
@@ -53,9 +54,6 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
         trials = json.loads((out / "search" / "search.json").read_text())["trials"] if search else []
         layers = json.loads(Path(summary["allocation"]).read_text())["layers"]
         module = next(iter(next(iter(layers.values())).values()))  # the rank trained, searched or not
-    useful = sum(t["metrics"].get("train_seconds", 0) + t["metrics"].get("eval_seconds", 0) for t in trials)
-    useful += sum(w["seconds"] for w in search.get("spare_work", []) if w["status"] == "success")  # the zero-shot
-    slots = len({t["worker"].split(":pid")[0] for t in trials}) or 1
     return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
             "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
@@ -64,8 +62,8 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "candidates": search.get("candidates"),
             "search_trials": len(trials), "steps_reused": summary.get("steps_reused", 0),
             "budget_s": summary.get("budget_seconds"), "not_separated": search.get("not_separated"),
-            # 1 - in-trial training and validation, and spare work, seconds / (workers x the search stage's wall time)
-            "search_overhead_share": 1 - useful / (slots * search["_seconds"]) if search else None}
+            "search_overhead_share": overhead_share(worker_time(trials, search.get("spare_work", [])),
+                                                    search["_seconds"]) if search else None}
 
 
 def peft_lora(recipe, seed: int, budget_s: float, eval_s: float, packed: bool = False) -> dict:

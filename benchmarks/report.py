@@ -22,6 +22,9 @@ RESULTS = REPO / "benchmarks" / "results"
 BENCHMARKS = REPO / "BENCHMARKS.md"
 DOCUMENTS = [BENCHMARKS, REPO / "docs" / "history.md"]
 BLOCK = re.compile(r"<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_campaign import overhead_share  # noqa: E402  (one definition, the script's)
 
 
 def load(name: str) -> dict:
@@ -99,18 +102,11 @@ def campaign_repeat(d):
                      f"{s['allocation']}, r={s['rank']}, lr {s['lr']:.3e}",
                      f"{s['trials']} ({s['trained_steps']} steps trained, {s['steps_reused']} continued from promoted "
                      f"trials' checkpoints)", busy(s["trials_run"], r["stage_seconds"]["search"]),
-                     f"{overhead_share(s['trials_run'], r['stage_seconds']['search']):.0%}",
+                     f"{overhead_share(s['trials_run'], r['stage_seconds']['search']):.0%}",  # bench_campaign.py's
                      f"{r['train_steps']} (the first {r['steps_reused']} the winning trial's)",
                      f"**{pct(r['final_accuracy'])}**"])
     return table(["run", "wall (per stage, s)", "choice", "search trials", "each worker's trials: seconds (steps)",
                   "search overhead share", "final run's steps", "test accuracy"], rows)
-
-
-def overhead_share(trials: list[dict], search_s: float) -> float:
-    """1 - the trials' training and validation seconds, and the spare work's, / (workers x the search's wall time)."""
-    useful = sum((t.get("train_seconds") or 0) + (t.get("eval_seconds") or 0) for t in trials if "spare" not in t)
-    useful += sum(t["seconds"] for t in trials if "spare" in t and t["status"] == "success")
-    return 1 - useful / (len({t["worker"] for t in trials}) * search_s)
 
 
 def busy(trials: list[dict], search_s: float) -> str:

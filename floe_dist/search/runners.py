@@ -291,7 +291,7 @@ def _warm_outcome(launch: Launch, start: float, worker: str, exit_code: int | No
     worker gone under it (``exit_code`` set: crashed), or past its time limit (``stop``, then a timeout)."""
     seconds = time.monotonic() - start
     if (launch.trial_dir / "result.json").is_file():
-        if launch.trial_id >= 0 and not _finite_cost(launch.trial_dir / "result.json"):  # spare work has no cost
+        if not launch.module and not _finite_cost(launch.trial_dir / "result.json"):  # spare work has no cost
             stop()
         return Outcome(launch.trial_id, "success", seconds, worker)
     if exit_code is not None:
