@@ -658,6 +658,8 @@ TABLES = {
     "campaign-vs-peft-arithmetic-budget-halving": ("campaign_vs_peft_arithmetic_budget_halving", campaign_vs_peft),
     "campaign-vs-peft-sst2-budget": ("campaign_vs_peft_sst2_budget", campaign_vs_peft),
     "campaign-vs-peft-chat-budget": ("campaign_vs_peft_chat_budget", campaign_vs_peft),
+    "campaign-vs-peft-chat-3x": ("campaign_vs_peft_chat_3x", campaign_vs_peft),
+    "campaign-vs-peft-sst2-spare": ("campaign_vs_peft_sst2_spare", campaign_vs_peft),
     "campaign-vs-peft-chat-budget-probe5": ("campaign_vs_peft_chat_budget_probe5", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
@@ -707,7 +709,7 @@ def unmarked_tables(text: str) -> list[str]:
 
 
 PLOT = REPO / "docs" / "results.png"
-PLOTTED = {"SST-2, 500 s budget (accuracy)": "campaign_vs_peft_sst2_budget",
+PLOTTED = {"SST-2, 500 s budget (accuracy)": "campaign_vs_peft_sst2_spare",
            "arithmetic, 350 s budget (numeric match)": "campaign_vs_peft_arithmetic_packed",
            "chat, 300 s budget (numeric match)": "campaign_vs_peft_chat_budget"}
 ARMS = {"campaign": "floe-dist campaign", "peft": "PEFT LoRA", "peft_packed": "PEFT LoRA, packed rows"}

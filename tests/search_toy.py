@@ -10,8 +10,9 @@ r=2 and >= 0.0446 for r=8).
 
 Fault injection for the failure tests: ``TOY_CRASH_RANK=r`` makes rank-r trials raise,
 ``TOY_HANG_RANK=r`` makes them sleep past any time limit, ``TOY_NAN_RANK=r`` makes them cost NaN,
-``TOY_DELAY=s`` makes every trial take ``s`` seconds longer, ``TOY_DELAY_RANK=r:s`` rank-r trials, ``TOY_WORSE_ALLOCATION=NAME`` adds 0.05 to the
-cost of trials on the search candidate NAME, ``TOY_BEST_TOP_K=k`` adds 0.01 to trials whose searched top_k is
+``TOY_DELAY=s`` makes every trial take ``s`` seconds longer, ``TOY_DELAY_RANK=r:s`` rank-r trials,
+``TOY_DELAY_TRIAL=i:s`` trial i, ``TOY_WORSE_ALLOCATION=NAME`` adds 0.05 to the cost of trials on the search
+candidate NAME, ``TOY_BEST_TOP_K=k`` adds 0.01 to trials whose searched top_k is
 not k. Every start appends to ``starts.log``.
 """
 from __future__ import annotations
@@ -74,6 +75,9 @@ def run_trial(trial_dir: Path, resources=None) -> dict:
     time.sleep(float(os.environ.get("TOY_DELAY", 0)))
     slow_rank, _, seconds = os.environ.get("TOY_DELAY_RANK", "").partition(":")
     if slow_rank == str(rank):
+        time.sleep(float(seconds))
+    slow_trial, _, seconds = os.environ.get("TOY_DELAY_TRIAL", "").partition(":")
+    if slow_trial and int(slow_trial) == int(trial_dir.name):
         time.sleep(float(seconds))
     if str(rank) == os.environ.get("TOY_NAN_RANK"):
         return {"cost": float("nan")}

@@ -8,7 +8,7 @@ Results reach a proposer that learns (SMAC) in trial order, and trial k is propo
 trials 0 .. k - workers have reached it and no others: what it knows at each proposal does not depend on which
 trial happened to finish first, so the same recipe and seed make the same choices whatever the workers' timing.
 A worker that has no trial to run while others train takes the spare work it was given (the campaign's zero-shot
-evaluation: floe_dist/search/spare_work.py), else it waits.
+evaluation: floe_dist/search/spare_work.py) once it has waited its grace, else it waits.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from floe_dist.search.ledger import FINISHED, Ledger, Trial
 from floe_dist.search.runners import Launch, LocalPool, Outcome, SlurmRunner, SlurmWorkers, WarmPool, default_workers
-from floe_dist.search.spare_work import SpareJob
+from floe_dist.search.spare_work import GRACE, SpareJob
 from floe_dist.search.trial import TrialSpec
 
 if TYPE_CHECKING:
@@ -66,18 +66,36 @@ class SearchLoop:
         self.spare = [job for job in spare if not job.result.is_file()] if local else []
         self.spare_running: dict[int, SpareJob] = {}  # by launch id: -1, -2, ...
         self.spare_done: list[dict] = []  # what became of each job: name, worker, status, seconds
+        self.idle_since: float | None = None  # when a worker found no trial and spare work was left for it
 
     def spare_launch(self, batch: list) -> Launch | None:
         """Spare work for a free worker that has no trial to run, while a trial runs (otherwise the search is over
-        and the campaign runs it itself, on all its threads)."""
+        and the campaign runs it itself, on all its threads), once the worker has waited its grace (spare_work.py)."""
         trials_running = len(self.runner.running) - len(self.spare_running) + sum(t is not None for t, _ in batch)
         if not self.spare or not trials_running:
             return None
+        self.idle_since = self.idle_since or time.monotonic()
+        if time.monotonic() < self.spare_due():
+            return None
+        self.idle_since = None
         job = self.spare.pop(0)
         launch_id = -1 - len(self.spare_running) - len(self.spare_done)
         self.spare_running[launch_id] = job
         return Launch(launch_id, launch_argv(self.args, job.module, str(job.folder)), job.folder,
                       self.args.trial_timeout, module=job.module)
+
+    def spare_due(self) -> float:
+        """When the waiting worker may take spare work: ``GRACE`` of the finished trials' mean seconds after it began
+        to wait, at once before any trial has finished."""
+        seconds = [t.seconds for t in self.ledger.finished() if t.seconds]
+        return self.idle_since + (GRACE * sum(seconds) / len(seconds) if seconds else 0.0)
+
+    def wait(self) -> list[Outcome]:
+        """The outcomes of the trials (and spare work) that ended; with a worker waiting out its grace, none
+        once the grace is over, so that the worker may take the spare work."""
+        if self.idle_since is None or not self.spare:
+            return self.runner.wait()
+        return self.runner.wait(until=self.spare_due())
 
     def spare_finished(self, outcome: Outcome) -> None:
         job = self.spare_running.pop(outcome.trial_id)
@@ -204,6 +222,7 @@ class SearchLoop:
                             break
                         batch.append((None, spare))
                         continue
+                    self.idle_since = None  # the worker that waited has a trial
                     job = self.prepare(trial)
                     if job is not None:
                         batch.append((trial, job))
@@ -212,7 +231,7 @@ class SearchLoop:
                     if self.tell_next():  # a finished trial the proposer has not heard of: it may propose again
                         continue
                     break
-                for outcome in self.runner.wait():
+                for outcome in self.wait():
                     self.spare_finished(outcome) if outcome.trial_id < 0 else self.record(outcome)
         finally:
             self.runner.shutdown()

@@ -139,8 +139,9 @@ class LocalPool:
     def submit_all(self, launches: list[Launch]) -> list[str]:
         return [self.submit(launch) for launch in launches]
 
-    def wait(self, poll_seconds: float = 0.1) -> list[Outcome]:
-        """Block until at least one trial ends; return every trial that ended."""
+    def wait(self, poll_seconds: float = 0.1, until: float | None = None) -> list[Outcome]:
+        """Block until at least one trial ends, or ``until`` (``time.monotonic()``) passes; return every trial that
+        ended."""
         while True:
             done = []
             for slot, (launch, proc, start) in list(self.running.items()):
@@ -152,7 +153,7 @@ class LocalPool:
                     del self.running[slot]
                     done.append(_outcome(launch, code, timed_out, time.monotonic() - start,
                                          f"local:{slot}:pid{proc.pid}"))
-            if done or not self.running:
+            if done or not self.running or (until is not None and time.monotonic() >= until):
                 return done
             time.sleep(poll_seconds)
 
@@ -190,7 +191,7 @@ class WarmPool(LocalPool):
         self.running[slot] = (launch, proc, time.monotonic())
         return f"warm:{slot}:pid{proc.pid}"
 
-    def wait(self, poll_seconds: float = 0.05) -> list[Outcome]:
+    def wait(self, poll_seconds: float = 0.05, until: float | None = None) -> list[Outcome]:
         while True:
             done = []
             for slot, (launch, proc, start) in list(self.running.items()):
@@ -200,7 +201,7 @@ class WarmPool(LocalPool):
                 if outcome:
                     done.append(outcome)
                     del self.running[slot]
-            if done or not self.running:
+            if done or not self.running or (until is not None and time.monotonic() >= until):
                 return done
             time.sleep(poll_seconds)
 

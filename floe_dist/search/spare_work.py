@@ -6,10 +6,11 @@ last trials of the search leave workers with nothing to take. The campaign hands
 nothing the search decides (the base model's zero-shot evaluation, which it ran alone before the search), and such
 a worker runs it in that time; the campaign reads its result afterwards. It is offered only where no trial can be
 issued and a trial is running, so it takes no trial's place: at most it delays a trial that becomes issuable while
-it runs. It is offered however short the wait would have been: on the arithmetic recipe, whose trials finish in
-pairs, it took a worker that would have waited 0.4 s and the search ran 17 s longer (BENCHMARKS.md, "The zero-shot
-evaluation as the search's spare work"). Local workers only (a Slurm worker may sit in another allocation), one
-process a trial.
+it runs. A worker takes it only once it has waited ``GRACE`` of a finished trial's mean seconds: offered however
+short the wait, on the arithmetic recipe, whose trials finish in pairs, it took a worker that would have waited
+0.4 s and the search ran 17 s longer (BENCHMARKS.md, "The zero-shot evaluation as the search's spare work"). Before
+any trial has finished there is no grace: the wait lasts until one does. Local workers only (a Slurm worker may sit
+in another allocation), one process a trial.
 
     python -m floe_dist.search.spare_work JOB_DIR     # on a cold worker; a warm one calls run_trial
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from floe_dist.files import write_json_atomic
 
 MODULE = "floe_dist.search.spare_work"
+GRACE = 0.25  # of a finished trial's mean seconds: a shorter wait is not worth a job that runs 25-40 s (zero-shot)
 
 
 @dataclass

@@ -3,16 +3,15 @@
     python -m floe_dist.search.trial runs/search/trials/0007            # one process
     torchrun --nproc_per_node 2 -m floe_dist.search.trial runs/search/trials/0007
 
-The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the
-budget in optimizer steps, the seed, and the recipe it runs: floe_dist/stages/search.py ``trial_recipe``). The trial writes ``allocation.json``
-(the searched rank applied to the selected layers) and ``train/`` (a normal training run, resumable) in its
-*line* folder, which every trial of one configuration shares: a promoted trial, or a re-issued one, continues the
-line's checkpoint instead of starting over; and, last, in the trial folder, ``result.json`` with ``cost``: the mean
-choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``) or ``1 - accuracy``
-(``objective: error``), and ``example_costs``, each validation example's share of it, in order, so that two trials
-can be compared example by example. A generative task's trial generates no answer unless its objective is the error
-(or ``search.trial_accuracy``): its ``val_accuracy`` is then None. The test split is never read.
-"""
+The trial folder holds ``trial.json`` (written by ``floe-dist search``: the sampled config, the budget in optimizer
+steps, the seed, and the recipe it runs: floe_dist/stages/search.py ``trial_recipe``). The trial writes
+``allocation.json`` (the searched rank applied to the selected layers) and ``train/`` (a normal training run,
+resumable) in its *line* folder, which every trial of one configuration shares: a promoted trial, or a re-issued one,
+continues the line's checkpoint instead of starting over; and, last, in the trial folder, ``result.json`` with
+``cost``: the mean choice cross-entropy (generative tasks: answer loss) on the validation split (``objective: loss``)
+or ``1 - accuracy`` (``objective: error``), and ``example_costs``, each validation example's share of it, in order, so
+that two trials can be compared example by example. A generative task's trial generates no answer unless its objective
+is the error (or ``search.trial_accuracy``): its ``val_accuracy`` is then None. The test split is never read."""
 from __future__ import annotations
 
 import json

@@ -29,10 +29,22 @@ def test_a_worker_with_no_trial_to_run_takes_the_spare_work(tmp_path):
     assert done["worker"] == f"warm:1:pid{json.loads(job.result.read_text())['pid']}"  # that worker's process
 
 
+def test_a_worker_whose_wait_is_short_takes_no_spare_work(tmp_path, monkeypatch):
+    """Two 4 s trials for two workers, the first 0.4 s longer: the worker that finishes first waits less than its
+    grace (a quarter of a trial), so the spare work is left to the campaign, as after any search."""
+    monkeypatch.setenv("TOY_DELAY", "4")
+    monkeypatch.setenv("TOY_DELAY_TRIAL", "0:0.4")
+    job = SpareJob("toy work", tmp_path / "job", "tests.spare_toy")
+    ledger = search(tmp_path / "search", [job], max_trials=2)
+    assert [t["status"] for t in ledger["trials"]] == ["success", "success"]
+    assert ledger["summary"]["spare_work"] == [] and not job.result.exists()
+
+
 def test_failed_spare_work_costs_the_search_nothing(tmp_path, monkeypatch):
-    """Three trials for two workers (0.5 s each): when the second finishes, the third is running and none is left,
-    so that worker takes the spare work, which fails; the search's trials and choice are those of one without."""
-    monkeypatch.setenv("TOY_DELAY", "0.5")
+    """Three trials for two workers (2 s each): when the second finishes, the third is running and none is left,
+    so that worker takes the spare work after its grace, and it fails; the search's trials and choice are those of
+    one without."""
+    monkeypatch.setenv("TOY_DELAY", "2")
     plain = search(tmp_path / "plain", max_trials=3)
     monkeypatch.setenv("SPARE_FAIL", "1")
     job = SpareJob("toy work", tmp_path / "job", "tests.spare_toy")
