@@ -687,6 +687,7 @@ TABLES = {
     "campaign-repeat-sst2": ("campaign_sst2_budget600", campaign_repeat),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),
     "campaign-spare-zero-shot-arithmetic": ("campaign_arithmetic_spare_zero_shot", campaign_repeat),
+    "campaign-spare-grace-arithmetic": ("campaign_arithmetic_spare_grace", campaign_repeat),
 }
 
 
