@@ -93,7 +93,7 @@ class SearchLoop:
     def wait(self) -> list[Outcome]:
         """The outcomes of the trials (and spare work) that ended; with a worker waiting out its grace, none
         once the grace is over, so that the worker may take the spare work."""
-        if self.idle_since is None or not self.spare:
+        if self.idle_since is None:  # set only while spare work is left (spare_launch)
             return self.runner.wait()
         return self.runner.wait(until=self.spare_due())
 
