@@ -58,6 +58,9 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
         allocation = json.loads(Path(summary["allocation"]).read_text())
         searched = out / "search" / "search.json"
         ledger = json.loads(searched.read_text()) if searched.is_file() else None
+        length = out / "train" / "steps.json"  # a time-limited final run's length: when it was set, and each move
+        final_length = json.loads(length.read_text()) if length.is_file() else None
+        closing = json.loads((out / "train" / "train.json").read_text()).get("closing_seconds")  # after its last step
     layers = sorted(int(layer) for layer in allocation["layers"])
     ranks = sorted({max(m["ranks"]) for mods in allocation["layers"].values() for m in mods.values()})
     row = {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
@@ -65,7 +68,8 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
            "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
            "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"],
            "wall_s": wall, "budget_s": summary.get("budget_seconds"), "train_steps": summary.get("train_steps"),
-           "steps_reused": summary.get("steps_reused")}
+           "steps_reused": summary.get("steps_reused"), "final_length": final_length,
+           "closing_seconds": closing}
     if ledger:
         search = ledger["summary"]
         row["search"] = {k: search.get(k) for k in ("allocation", "rank", "lr", "trials", "trained_steps",

@@ -2,15 +2,15 @@
 campaign's own final steps, against the campaign.
 
     python benchmarks/bench_peft_grid.py        # arithmetic, seeds 0 1 2, steps from the 350 s campaigns (~80 min)
+    python benchmarks/bench_peft_grid.py --campaign campaign_vs_peft_arithmetic_packed --result peft_grid_packed
 
 Per seed, PEFT LoRA through PEFT itself (``bench_task_arms.peft_lora``: q_proj and v_proj of every layer, alpha 16,
-dropout 0.05, AdamW with 10% warm-up and cosine decay to a tenth, the recipe's global batch and batches, one
-process with every core, scored by the campaign's own evaluation on the test split) at each of lr 3e-4, 1e-3,
-3e-3 x r 8, 16, for as many steps as that seed's campaign trained its final run in
-``benchmarks/results/campaign_vs_peft_arithmetic_budget.json`` (the campaign given 350 s; its accuracy and wall
-time are read from that file, not rerun). The grid's best is chosen on the test split it is scored on: an
-oracle, the most a grid can give. Writes benchmarks/results/peft_grid.json, a row per seed and grid point as
-each finishes.
+dropout 0.05, AdamW with 10% warm-up and cosine decay to a tenth, the recipe's global batch and batches (packed rows
+where the recipe packs), one process with every core, scored by the campaign's own evaluation on the test split) at
+each of lr 3e-4, 1e-3, 3e-3 x r 8, 16, for as many steps as that seed's campaign trained its final run in
+``--campaign``'s rows (benchmarks/results/NAME.json; by default the campaign given 350 s on one question a row; its
+accuracy and wall time are read from that file, not rerun). The grid's best is chosen on the test split it is scored on: an oracle, the
+most a grid can give. Writes benchmarks/results/RESULT.json, a row per seed and grid point as each finishes.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--campaign", default="campaign_vs_peft_arithmetic_budget",
                         help="benchmarks/results/NAME.json: the campaign rows whose final steps the grid trains")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--result", default="peft_grid", help="benchmarks/results/NAME.json")
     ns = parser.parse_args()
     campaigns = {r["seed"]: r["campaign"] for r in json.loads((RESULTS / f"{ns.campaign}.json").read_text())["rows"]}
     recipe = load_recipe(ns.config)
@@ -50,7 +51,7 @@ def main() -> None:
                          "campaign_accuracy": campaigns[seed]["accuracy"], "campaign_wall_s": campaigns[seed]["wall_s"],
                          **result})
             print(json.dumps(rows[-1]), flush=True)
-            write_result("peft_grid", rows)
+            write_result(ns.result, rows)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def peft_lora(recipe, seed: int, lora: dict = LORA) -> dict:
     from peft import LoraConfig, get_peft_model
     from torch.optim.lr_scheduler import LambdaLR
 
-    from floe_dist.data import load_data, tokenize, train_batch
+    from floe_dist.data import load_data, pack, tokenize, train_batch
     from floe_dist.evaluation import evaluate_lm
     from floe_dist.modeling.answer_lm import AnswerLM
     from floe_dist.modeling.backbone import load_backbone, load_tokenizer, resolve_model
@@ -76,6 +76,8 @@ def peft_lora(recipe, seed: int, lora: dict = LORA) -> dict:
     model = AnswerLM(lm.base_model.model)
     train = load_data(r.data, r.train.split, tokenizer)[: r.data.max_train_examples]
     rows = tokenize(train, tokenizer, r.model.max_length)
+    if r.data.pack:  # the rows the campaign's training reads when its recipe packs
+        rows = pack(rows, r.model.max_length)
     batch = r.train.micro_batch * r.train.accumulation * recipe.parallel.nproc * recipe.parallel.nodes
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lora["lr"], weight_decay=r.train.weight_decay)

@@ -109,6 +109,22 @@ def campaign_repeat(d):
                   "search overhead share", "final run's steps", "test accuracy"], rows)
 
 
+def campaign_length(d):
+    """Budgeted campaigns' final runs: the length set from their speed and each move of its end since."""
+    rows = []
+    for r in d["rows"]:
+        length = r["final_length"]
+        moves = "; ".join(f"step {m['at_step']}: {m['from']} → {m['steps']} ({m['seconds_per_step']:.2f} s a step)"
+                          for m in length.get("retimed", [])) or "none"
+        rows.append([r.get("arm", r["run"]), f"{r['wall_s']:.0f} s of {r['budget_s']:.0f} s",
+                     f"{length['time_limit']:.0f} s", f"{r['stage_seconds']['train']:.0f} s",
+                     f"{length['steps'] if 'retimed' not in length else length['retimed'][0]['from']} at step "
+                     f"{length['set_at_step']} ({length['seconds_per_step']:.2f} s a step)", moves,
+                     f"{r['train_steps']}", f"{r['closing_seconds']:.1f} s", f"**{pct(r['final_accuracy'])}**"])
+    return table(["run", "campaign wall", "final run's time limit", "train stage", "length first set",
+                  "moves of its end", "final steps", "after the last step (checkpoint, export)", "test score"], rows)
+
+
 def busy(trials: list[dict], search_s: float) -> str:
     """Per worker, its trials' wall seconds and steps in order (then its spare work's), and what of the search stage's
     time they filled."""
@@ -456,7 +472,7 @@ def peft_grid(d):
     campaign = {s: next(r for r in d["rows"] if r["seed"] == s) for s in seeds}
     rows.append([f"**grid's best on the test split (oracle): r={best[0]}, lr {best[1]:.0e}**", "",
                  f"**{mean_std_pct([at[(s, *best)]['accuracy'] for s in seeds])}**", ""])
-    rows.append(["**the campaign given 350 s (its final run of these steps)**",
+    rows.append([f"**the campaign (`{d['rows'][0]['campaign_file']}`: its final run of these steps)**",
                  " / ".join(pct(campaign[s]["campaign_accuracy"]) for s in seeds),
                  f"**{mean_std_pct([campaign[s]['campaign_accuracy'] for s in seeds])}**",
                  f"{mean(campaign[s]['campaign_wall_s'] for s in seeds):.0f} s"])
@@ -676,6 +692,7 @@ TABLES = {
     "packing": ("packing", packing),
     "streaming": ("streaming", streaming),
     "peft-grid": ("peft_grid", peft_grid),
+    "peft-grid-packed": ("peft_grid_packed", peft_grid),
     "lm-eval-agreement": ("lm_eval_agreement", lm_eval_agreement),
     "planted-c6": ("planted_toys", planted_c6),
     "planted-c7": ("planted_toys", planted_c7),
@@ -685,6 +702,7 @@ TABLES = {
     "forked-stages": ("forked_stages", forked_stages),
     "train-step": ("train_step", train_step),
     "campaign-repeat-sst2": ("campaign_sst2_budget600", campaign_repeat),
+    "campaign-length-chat": ("campaign_chat_retimed", campaign_length),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),
     "campaign-spare-zero-shot-arithmetic": ("campaign_arithmetic_spare_zero_shot", campaign_repeat),
     "campaign-spare-grace-arithmetic": ("campaign_arithmetic_spare_grace", campaign_repeat),

@@ -30,6 +30,24 @@ def warmup_stable_decay(total_steps: int, warmup_steps: int, decay_steps: int):
     return factor
 
 
+def retimed(factor, length: int, retimings: list[tuple[int, int]]):
+    """The multiplier of a run of ``length`` steps whose end moved to ``steps`` at step ``at``, for each
+    ``(at, steps)`` in order: the curve's rest, from step ``at`` to its end, is stretched or squeezed onto the new steps
+    left, so the rate goes on from that step's and keeps falling towards where the curve ended (a move at the last
+    step too). A redraw at the new length would instead raise the rate of a longer run at the step it moved."""
+    for at, steps in retimings:
+        factor, length = _moved_end(factor, at, length, steps), steps
+    return factor
+
+
+def _moved_end(factor, at: int, end: int, new_end: int):
+    scale = (end - at) / (new_end - at)
+
+    def moved(step: int) -> float:
+        return factor(step) if step <= at else factor(at + (step - at) * scale)
+    return moved
+
+
 def schedule(name: str, total_steps: int, warmup_steps: int, decay_steps: int):
     """The lr multiplier of ``train.schedule``."""
     if name == "wsd":

@@ -31,6 +31,7 @@ from floe_dist.modeling.lora_moe import compiled_router_ran
 from floe_dist.recipe import Recipe, marked, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
+from floe_dist.schedule import retimed
 from floe_dist.tracking import MetricsLog
 
 SECTIONS = ("train", "adapter", "model", "data", "parallel")  # what a run's result depends on, with its allocation
@@ -46,6 +47,10 @@ EXPERT_LOAD_EVERY = 10  # steps between expert-load records (and the first and l
 STEPS_FILE = "steps.json"  # a time-limited run's length, once set: a resumed run keeps it
 RECHECK_EVERY = 10  # steps between a time-limited run's checks, once its length is set, that it still ends in time
 # (at its mean speed since the length was set: a span that takes in the checkpoints saved every train.checkpoint_every)
+KEEP_FOR_SAVES = 0.03  # of the time left at each check of a time-limited run's length: checkpoints, the export ...
+KEEP_AT_END = 0.01  # ... and at least this share of its limit, for the last checkpoint and the export after the last
+# check (``closing_seconds`` in train.json is what they took)
+RETIME_TOLERANCE = 0.02  # the share of its steps left by which a set length's end may miss its time limit unmoved
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
 
@@ -70,9 +75,13 @@ class Trainer:
         with its train, model, data and parallel settings."""
         self.t0, self.out = time.time(), Path(output)
         self.fixed_steps = None  # a time-limited run's length, once set (``fit_to_time``)
+        self.retimings = []  # (step, new length) for each later move of its end (``retime_to_time``)
+        self.first_steps = None  # ... and the length first set
         if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
             fixed = json.loads((self.out / STEPS_FILE).read_text()) if (self.out / STEPS_FILE).is_file() else {}
             self.fixed_steps = fixed.get("steps")
+            self.retimings = [(r["at_step"], r["steps"]) for r in fixed.get("retimed", [])]
+            self.first_steps = fixed["retimed"][0]["from"] if self.retimings else self.fixed_steps
             recipe = replace(recipe, train=replace(recipe.train, warmup_steps=recipe.train.warmup,
                                                    steps=self.fixed_steps or UNSET))
         self.recipe = recipe
@@ -135,7 +144,7 @@ class Trainer:
         if layout.is_main:
             self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
             write_json_atomic(self.out / "train_args.json", run_settings(self.recipe))
-        self.engine, self.scheduler = ds.initialize(self.model, config, t.lr_factor())
+        self.engine, self.scheduler = ds.initialize(self.model, config, self.lr_factor())
         if self.experts:
             self.experts.attach(self.engine, config)
 
@@ -239,10 +248,12 @@ class Trainer:
                         self.experts)
 
     def steps_in_time(self, step: int, seconds_per_step: float) -> int:
-        """How many steps end within train.time_limit of the run's start at this speed (3% kept for checkpoints and
-        the export); rank 0's measure, on every rank."""
-        left = self.t0 + self.recipe.train.time_limit - time.time()
-        steps = step + max(1, int(0.97 * left / seconds_per_step))
+        """How many steps end within train.time_limit of the run's start at this speed, keeping KEEP_FOR_SAVES of the
+        time left and at least KEEP_AT_END of the limit for checkpoints and the export; rank 0's measure, on every
+        rank."""
+        limit = self.recipe.train.time_limit
+        left = self.t0 + limit - time.time()
+        steps = step + max(1, int((left - max(KEEP_FOR_SAVES * left, KEEP_AT_END * limit)) / seconds_per_step))
         return int(all_reduce_sum(torch.tensor([steps if self.layout.is_main else 0],
                                                device=self.layout.torch_device)).item())
 
@@ -256,37 +267,49 @@ class Trainer:
             return  # still in the stable phase: measure on
         self.set_length(step, steps, seconds_per_step)
 
-    def shorten_to_time(self, step: int, seconds_per_step: float) -> None:
-        """After its length is set, a run whose steps have slowed ends sooner rather than past its time limit (a
-        machine that slowed after the length was set overran a 290 s run by 5-9 s). Only ever shorter: an earlier end
-        puts every step left further into the schedule's decay, so the rate never rises again."""
-        steps = self.steps_in_time(step, seconds_per_step)
-        if steps < self.recipe.train.steps:
+    def retime_to_time(self, step: int, seconds_per_step: float) -> None:
+        """After its length is set, a run whose steps have slowed or sped up by more than RETIME_TOLERANCE of its steps
+        left (and a step) moves its end to fill its time limit: a machine that slowed overran a 290 s run by 5-9 s,
+        and steps that sped up after they were measured ended 900 s chat campaigns 17-61 s early. The schedule's rest
+        is stretched or squeezed from this step's rate (``schedule.retimed``), so the rate never rises."""
+        steps, now = self.steps_in_time(step, seconds_per_step), self.recipe.train.steps
+        if abs(steps - now) > max(1, RETIME_TOLERANCE * (now - step)):  # a smaller miss: what steps_in_time keeps
             self.set_length(step, steps, seconds_per_step)
 
+    def lr_factor(self):
+        """The rate multiplier of this run's schedule: train.steps', or the length first set and each move since."""
+        t = self.recipe.train
+        if not self.retimings:
+            return t.lr_factor()
+        return retimed(t.lr_factor(self.first_steps), self.first_steps, self.retimings)
+
     def set_length(self, step: int, steps: int, seconds_per_step: float) -> None:
-        """The run ends after ``steps``: its schedule's decay is redrawn to end there (``STEPS_FILE`` keeps it across
-        a resume, with the step the length was first set at and each shortening)."""
+        """The run ends after ``steps``: first its schedule's decay is drawn to end there, later the rest of it is
+        moved there (``STEPS_FILE`` keeps the length, the step it was first set at and each move, for a resume)."""
         t, was_set = self.recipe.train, self.fixed_steps is not None
+        record = json.loads((self.out / STEPS_FILE).read_text()) if was_set and self.layout.is_main else {}
+        if was_set:
+            self.retimings = [*self.retimings, (step, steps)]
+            record["retimed"] = [*record.get("retimed", []), {"at_step": step, "from": t.steps, "steps": steps,
+                                                              "seconds_per_step": seconds_per_step}]
+        else:
+            self.first_steps = steps
         self.recipe = replace(self.recipe, train=replace(t, steps=steps))
         self.sections = (self.recipe.train, *self.sections[1:])
-        if self.scheduler is not None:  # the JSON may name a DeepSpeed scheduler of its own
-            factor, scheduler = self.recipe.train.lr_factor(), self.scheduler
-            scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
-            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * factor(scheduler.last_epoch)  # this step's rate too (last_epoch == step)
-        self.fixed_steps = steps
         if self.layout.is_main:
             if was_set:
-                record = json.loads((self.out / STEPS_FILE).read_text())
-                record["shortened"] = [*record.get("shortened", []), {"at_step": step, "from": t.steps,
-                                                                      "seconds_per_step": seconds_per_step}]
                 print(f"time limit {t.time_limit:.0f}s: now {seconds_per_step:.3f}s a step, so {steps} steps in all "
                       f"(not {t.steps})")
             else:
                 record = {"set_at_step": step, "seconds_per_step": seconds_per_step, "time_limit": t.time_limit}
                 print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
             write_json_atomic(self.out / STEPS_FILE, {**record, "steps": steps})
+        if self.scheduler is not None:  # the JSON may name a DeepSpeed scheduler of its own
+            factor, scheduler = self.lr_factor(), self.scheduler
+            scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor(scheduler.last_epoch)  # this step's rate too (last_epoch == step)
+        self.fixed_steps = steps
 
     def speed_known(self, measured: int, seconds: float) -> bool:
         """Whether a time-limited run has measured its speed long enough to set its length (``fit_to_time``). wsd: after
@@ -320,13 +343,14 @@ class Trainer:
             elif self.fixed_steps is not None and t.time_limit and measured > 0:
                 since_set = since_set or (step, time.perf_counter())
                 if step > since_set[0] and (step - since_set[0]) % RECHECK_EVERY == 0:
-                    self.shorten_to_time(step, (time.perf_counter() - since_set[1]) / (step - since_set[0]))
+                    self.retime_to_time(step, (time.perf_counter() - since_set[1]) / (step - since_set[0]))
             if t is not self.recipe.train:
                 t = self.recipe.train
                 pbar.total = None if self.fixed_steps is None else t.end
             step_start = time.perf_counter()
             metrics = self.step(step)
             self.step_seconds += time.perf_counter() - step_start
+            self.last_step_end = time.perf_counter()
             logged = step == start_step or (step + 1) % EXPERT_LOAD_EVERY == 0 or step + 1 == t.end
             expert_load = {k: v.tolist() for k, v in self.model.expert_load().items()} if logged else {}
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.end):
@@ -364,6 +388,8 @@ class Trainer:
                 save_adapter(self.out / "adapter", state, self.allocation,
                              {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.end})
                 summary["final_loss"] = log.last.get("loss") if log.last else None
+                if start_step < t.end:  # the last checkpoint and the export, after the last step
+                    summary["closing_seconds"] = time.perf_counter() - self.last_step_end
                 write_json_atomic(self.out / "train.json", summary)
                 log.close()
                 print(f"trained {trainable:,} adapter parameters for {t.end} steps "

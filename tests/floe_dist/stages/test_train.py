@@ -394,30 +394,50 @@ def test_a_time_limited_cosine_run_measures_past_its_warmup_and_a_tenth_of_its_t
     assert Trainer.speed_known(SimpleNamespace(recipe=recipe), measured, seconds) is known
 
 
-def test_a_time_limited_run_whose_steps_slow_down_shortens_its_cooldown(tmp_path, monkeypatch):
+@pytest.mark.parametrize("before, after", [(0.02, 0.06), (0.06, 0.0)])  # slower, then faster once set
+def test_a_time_limited_run_moves_its_end_when_its_steps_slow_down_or_speed_up(tmp_path, monkeypatch, before, after):
     """A wsd run sets its length from its speed when its cooldown is due; steps that then slow down (a machine
-    that got busier overran a 290 s run by 5-9 s) make it end sooner, never later: its length only shrinks, and its
-    rate keeps falling at every step of the redrawn cooldown, down to the run's last step."""
+    that got busier overran a 290 s run by 5-9 s) make it end sooner, steps that speed up (900 s chat campaigns ended
+    17-61 s early) later. Either way its rate goes on from the step it moved at and keeps falling at every step, down
+    to the run's last; a resume rebuilds the same rates from steps.json."""
     from floe_dist import trainer as trainer_module
     from floe_dist.trainer import STEPS_FILE, Trainer
 
     monkeypatch.setattr(trainer_module, "RECHECK_EVERY", 2)
     recipe = recipe_for("train", model="tiny", steps=8, zero="0", micro_batch=2, checkpoint_every=0,
-                        train__time_limit=5.0, train__warmup_steps=1, train__report_to="none")
+                        train__time_limit=4.0, train__warmup_steps=1, train__report_to="none")
     trainer = Trainer(recipe, str(tmp_path))
     step = trainer.step
 
-    def busier_once_set(i):  # 20 ms a step while the run measures, 60 ms once its length is set
-        time.sleep(0.02 if trainer.fixed_steps is None else 0.06)
+    def paced(i):
+        time.sleep(before if trainer.fixed_steps is None else after)
         return step(i)
 
-    trainer.step = busier_once_set
+    trainer.step = paced
+    trainer.t0 = time.time()  # the limit from the first step: a busy machine's setup would leave it no time
     trainer.fit()
     fixed = json.loads((tmp_path / STEPS_FILE).read_text())
-    shortened = fixed["shortened"]
-    assert shortened and fixed["steps"] < shortened[0]["from"]  # the first length, set at 20 ms a step
-    assert all(a["from"] > b["from"] for a, b in zip(shortened, shortened[1:]))  # only ever shorter
+    moves = fixed["retimed"]
+    assert moves and fixed["steps"] == moves[-1]["steps"] and moves[0]["from"] == trainer.first_steps
+    first_move = moves[0]["steps"] < moves[0]["from"] if after > before else moves[0]["steps"] > moves[0]["from"]
+    assert first_move and all(a["steps"] == b["from"] for a, b in zip(moves, moves[1:]))
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, fixed["steps"] + 1))
     lrs = [m["lr"] for m in metrics]
     assert all(a > b for a, b in zip(lrs[fixed["set_at_step"] - 1:], lrs[fixed["set_at_step"]:])) and lrs[-1] > 0
+    resumed = Trainer(recipe, str(tmp_path)).lr_factor()
+    assert [recipe.train.lr * resumed(i) for i in range(fixed["steps"])] == pytest.approx(lrs, rel=1e-6)
+
+
+def test_a_moved_end_stretches_or_squeezes_the_rest_of_the_schedule():
+    """Moving a cosine run's end at step 50 (of 100) to 80, then at 60 to 130, then at its last step to 140: the rate
+    at each move is the one the step had, every later step's is lower than the one before, and the curve ends where
+    the first length's did."""
+    from floe_dist.schedule import retimed, warmup_cosine
+
+    base = warmup_cosine(100, 10)
+    moved = retimed(base, 100, [(50, 80), (60, 130), (129, 140)])
+    assert [moved(s) for s in range(51)] == [base(s) for s in range(51)]
+    rates = [moved(s) for s in range(50, 140)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert moved(60) == retimed(base, 100, [(50, 80)])(60) and moved(140) == pytest.approx(base(100)) == 0.1
