@@ -52,8 +52,8 @@ def lora_recipe(recipe, seed: int, lora: dict = LORA):
 
 
 def peft_lora(recipe, seed: int, lora: dict = LORA) -> dict:
-    """PEFT LoRA (``lora``: r=8 on q,v of every layer at lr 1e-3) for the recipe's steps, evaluated like the
-    campaign."""
+    """PEFT LoRA (``lora``: r=8 on q,v of every layer at lr 1e-3) for the recipe's steps, on its rows (packed where
+    it packs, as floe-dist's training reads them), evaluated like the campaign."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.optim.lr_scheduler import LambdaLR
