@@ -47,6 +47,14 @@ def overhead_share(runs: list[dict], search_s: float) -> float:
     return 1 - useful / ((len({t["worker"] for t in runs}) or 1) * search_s)
 
 
+def final_run_timing(train_dir: Path) -> dict:
+    """A budgeted final run's length (steps.json: when it was set, and each move of its end) and the seconds its last
+    checkpoint and export took after its last step."""
+    length = train_dir / "steps.json"
+    return {"final_length": json.loads(length.read_text()) if length.is_file() else None,
+            "closing_seconds": json.loads((train_dir / "train.json").read_text()).get("closing_seconds")}
+
+
 def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
@@ -58,9 +66,7 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
         allocation = json.loads(Path(summary["allocation"]).read_text())
         searched = out / "search" / "search.json"
         ledger = json.loads(searched.read_text()) if searched.is_file() else None
-        length = out / "train" / "steps.json"  # a time-limited final run's length: when it was set, and each move
-        final_length = json.loads(length.read_text()) if length.is_file() else None
-        closing = json.loads((out / "train" / "train.json").read_text()).get("closing_seconds")  # after its last step
+        timing = final_run_timing(out / "train")
     layers = sorted(int(layer) for layer in allocation["layers"])
     ranks = sorted({max(m["ranks"]) for mods in allocation["layers"].values() for m in mods.values()})
     row = {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
@@ -68,8 +74,7 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
            "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
            "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"],
            "wall_s": wall, "budget_s": summary.get("budget_seconds"), "train_steps": summary.get("train_steps"),
-           "steps_reused": summary.get("steps_reused"), "final_length": final_length,
-           "closing_seconds": closing}
+           "steps_reused": summary.get("steps_reused"), **timing}
     if ledger:
         search = ledger["summary"]
         row["search"] = {k: search.get(k) for k in ("allocation", "rank", "lr", "trials", "trained_steps",

@@ -36,7 +36,7 @@ from statistics import mean, stdev
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_campaign import overhead_share, worker_time  # noqa: E402
+from benchmarks.bench_campaign import final_run_timing, overhead_share, worker_time  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
 
@@ -54,8 +54,7 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
         trials = json.loads((out / "search" / "search.json").read_text())["trials"] if search else []
         layers = json.loads(Path(summary["allocation"]).read_text())["layers"]
         module = next(iter(next(iter(layers.values())).values()))  # the rank trained, searched or not
-        length = out / "train" / "steps.json"  # a time-limited final run's length: when it was set, and each move
-        final_length = json.loads(length.read_text()) if length.is_file() else None
+        timing = final_run_timing(out / "train")
     return {"wall_s": wall, "accuracy": summary["final_accuracy"], "zero_shot": summary["zero_shot_accuracy"],
             "trainable_parameters": summary["trainable_parameters"], "train_steps": steps,
             "stage_seconds": summary["stage_seconds"], "searched_allocation": search.get("allocation"),
@@ -64,7 +63,7 @@ def campaign(recipe: str, seed: int, overrides: list[str] = ()) -> dict:
             "candidates": search.get("candidates"),
             "search_trials": len(trials), "steps_reused": summary.get("steps_reused", 0),
             "budget_s": summary.get("budget_seconds"), "not_separated": search.get("not_separated"),
-            "final_length": final_length,
+            **timing,
             "search_overhead_share": overhead_share(worker_time(trials, search.get("spare_work", [])),
                                                     search["_seconds"]) if search else None}
 

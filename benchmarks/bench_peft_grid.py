@@ -9,8 +9,9 @@ dropout 0.05, AdamW with 10% warm-up and cosine decay to a tenth, the recipe's g
 where the recipe packs), one process with every core, scored by the campaign's own evaluation on the test split) at
 each of lr 3e-4, 1e-3, 3e-3 x r 8, 16, for as many steps as that seed's campaign trained its final run in
 ``--campaign``'s rows (benchmarks/results/NAME.json; by default the campaign given 350 s on one question a row; its
-accuracy and wall time are read from that file, not rerun). The grid's best is chosen on the test split it is scored on: an oracle, the
-most a grid can give. Writes benchmarks/results/RESULT.json, a row per seed and grid point as each finishes.
+accuracy and wall time are read from that file, not rerun). The grid's best is chosen on the test split it is scored
+on: an oracle, the most a grid can give. Writes benchmarks/results/RESULT.json, a row per seed and grid point as
+each finishes.
 """
 from __future__ import annotations
 

@@ -75,13 +75,11 @@ class Trainer:
         with its train, model, data and parallel settings."""
         self.t0, self.out = time.time(), Path(output)
         self.fixed_steps = None  # a time-limited run's length, once set (``fit_to_time``)
-        self.retimings = []  # (step, new length) for each later move of its end (``retime_to_time``)
-        self.first_steps = None  # ... and the length first set
+        self.length_record = {}  # what STEPS_FILE holds: the length first set, when, and each move of it since
         if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
-            fixed = json.loads((self.out / STEPS_FILE).read_text()) if (self.out / STEPS_FILE).is_file() else {}
-            self.fixed_steps = fixed.get("steps")
-            self.retimings = [(r["at_step"], r["steps"]) for r in fixed.get("retimed", [])]
-            self.first_steps = fixed["retimed"][0]["from"] if self.retimings else self.fixed_steps
+            if (self.out / STEPS_FILE).is_file():
+                self.length_record = json.loads((self.out / STEPS_FILE).read_text())
+            self.fixed_steps = self.length_record.get("steps")
             recipe = replace(recipe, train=replace(recipe.train, warmup_steps=recipe.train.warmup,
                                                    steps=self.fixed_steps or UNSET))
         self.recipe = recipe
@@ -278,22 +276,22 @@ class Trainer:
 
     def lr_factor(self):
         """The rate multiplier of this run's schedule: train.steps', or the length first set and each move since."""
-        t = self.recipe.train
-        if not self.retimings:
+        t, moves = self.recipe.train, self.length_record.get("retimed", [])
+        if not moves:
             return t.lr_factor()
-        return retimed(t.lr_factor(self.first_steps), self.first_steps, self.retimings)
+        first = moves[0]["from"]
+        return retimed(t.lr_factor(first), first, [(m["at_step"], m["steps"]) for m in moves])
 
     def set_length(self, step: int, steps: int, seconds_per_step: float) -> None:
         """The run ends after ``steps``: first its schedule's decay is drawn to end there, later the rest of it is
         moved there (``STEPS_FILE`` keeps the length, the step it was first set at and each move, for a resume)."""
         t, was_set = self.recipe.train, self.fixed_steps is not None
-        record = json.loads((self.out / STEPS_FILE).read_text()) if was_set and self.layout.is_main else {}
         if was_set:
-            self.retimings = [*self.retimings, (step, steps)]
-            record["retimed"] = [*record.get("retimed", []), {"at_step": step, "from": t.steps, "steps": steps,
-                                                              "seconds_per_step": seconds_per_step}]
+            record = {**self.length_record, "retimed": [*self.length_record.get("retimed", []), {
+                "at_step": step, "from": t.steps, "steps": steps, "seconds_per_step": seconds_per_step}]}
         else:
-            self.first_steps = steps
+            record = {"set_at_step": step, "seconds_per_step": seconds_per_step, "time_limit": t.time_limit}
+        self.length_record = {**record, "steps": steps}
         self.recipe = replace(self.recipe, train=replace(t, steps=steps))
         self.sections = (self.recipe.train, *self.sections[1:])
         if self.layout.is_main:
@@ -301,9 +299,8 @@ class Trainer:
                 print(f"time limit {t.time_limit:.0f}s: now {seconds_per_step:.3f}s a step, so {steps} steps in all "
                       f"(not {t.steps})")
             else:
-                record = {"set_at_step": step, "seconds_per_step": seconds_per_step, "time_limit": t.time_limit}
                 print(f"time limit {t.time_limit:.0f}s: {seconds_per_step:.3f}s a step, so {steps} steps in all")
-            write_json_atomic(self.out / STEPS_FILE, {**record, "steps": steps})
+            write_json_atomic(self.out / STEPS_FILE, self.length_record)
         if self.scheduler is not None:  # the JSON may name a DeepSpeed scheduler of its own
             factor, scheduler = self.lr_factor(), self.scheduler
             scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
