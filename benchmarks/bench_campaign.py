@@ -48,11 +48,11 @@ def overhead_share(runs: list[dict], search_s: float) -> float:
 
 
 def final_run_timing(train_dir: Path) -> dict:
-    """A budgeted final run's length (steps.json: when it was set, and each move of its end) and the seconds its last
-    checkpoint and export took after its last step."""
-    length = train_dir / "steps.json"
+    """A budgeted final run's length (steps.json: when it was set, and each move of its end), the seconds its last
+    checkpoint and export took after its last step, and its slowest checkpoint save."""
+    length, summary = train_dir / "steps.json", json.loads((train_dir / "train.json").read_text())
     return {"final_length": json.loads(length.read_text()) if length.is_file() else None,
-            "closing_seconds": json.loads((train_dir / "train.json").read_text()).get("closing_seconds")}
+            **{key: summary.get(key) for key in ("closing_seconds", "longest_save_seconds")}}
 
 
 def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:

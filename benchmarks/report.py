@@ -676,6 +676,7 @@ TABLES = {
     "campaign-vs-peft-chat-budget": ("campaign_vs_peft_chat_budget", campaign_vs_peft),
     "campaign-vs-peft-chat-3x": ("campaign_vs_peft_chat_3x", campaign_vs_peft),
     "campaign-vs-peft-sst2-spare": ("campaign_vs_peft_sst2_spare", campaign_vs_peft),
+    "campaign-vs-peft-sst2-3x": ("campaign_vs_peft_sst2_3x", campaign_vs_peft),
     "campaign-vs-peft-chat-budget-probe5": ("campaign_vs_peft_chat_budget_probe5", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),

@@ -75,6 +75,7 @@ class Trainer:
         with its train, model, data and parallel settings."""
         self.t0, self.out = time.time(), Path(output)
         self.fixed_steps = None  # a time-limited run's length, once set (``fit_to_time``)
+        self.longest_save = 0.0  # seconds of this run's slowest checkpoint save (``longest_save_seconds``)
         self.length_record = {}  # what STEPS_FILE holds: the length first set, when, and each move of it since
         if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
             if (self.out / STEPS_FILE).is_file():
@@ -359,7 +360,9 @@ class Trainer:
                           expert_load=expert_load)
                 pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.end:
+                save_start = time.perf_counter()
                 self.save(step + 1)
+                self.longest_save = max(self.longest_save, time.perf_counter() - save_start)
             if step == start_step:
                 probe_start = time.perf_counter()
             step += 1
@@ -385,8 +388,10 @@ class Trainer:
                 save_adapter(self.out / "adapter", state, self.allocation,
                              {"base_model": m.name, "quant": m.quant, "task": d.name, "step": t.end})
                 summary["final_loss"] = log.last.get("loss") if log.last else None
-                if start_step < t.end:  # the last checkpoint and the export, after the last step
+                if start_step < t.end:  # what followed the last step (its checkpoint, the export), and the slowest
+                    # save: what a reserve for them could be sized from, rather than KEEP_AT_END's share of the limit
                     summary["closing_seconds"] = time.perf_counter() - self.last_step_end
+                    summary["longest_save_seconds"] = self.longest_save
                 write_json_atomic(self.out / "train.json", summary)
                 log.close()
                 print(f"trained {trainable:,} adapter parameters for {t.end} steps "

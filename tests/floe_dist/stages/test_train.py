@@ -416,6 +416,7 @@ def test_a_time_limited_run_moves_its_end_when_its_steps_slow_down_or_speed_up(t
     trainer.step = paced
     trainer.t0 = time.time()  # the limit from the first step: a busy machine's setup would leave it no time
     trainer.fit()
+    assert json.loads((tmp_path / "train.json").read_text())["longest_save_seconds"] > 0  # the end's save, timed
     fixed = json.loads((tmp_path / STEPS_FILE).read_text())
     moves = fixed["retimed"]
     assert moves and fixed["steps"] == moves[-1]["steps"]
