@@ -74,13 +74,11 @@ class Trainer:
         """Train ``recipe``'s adapter (``allocate.file``, else the adapter section on every layer) into ``output``,
         with its train, model, data and parallel settings."""
         self.t0, self.out = time.time(), Path(output)
-        self.fixed_steps = None  # a time-limited run's length, once set (``fit_to_time``)
         self.longest_save = 0.0  # seconds of this run's slowest checkpoint save (``longest_save_seconds``)
         self.length_record = {}  # what STEPS_FILE holds: the length first set, when, and each move of it since
         if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
             if (self.out / STEPS_FILE).is_file():
                 self.length_record = json.loads((self.out / STEPS_FILE).read_text())
-            self.fixed_steps = self.length_record.get("steps")
             recipe = replace(recipe, train=replace(recipe.train, warmup_steps=recipe.train.warmup,
                                                    steps=self.fixed_steps or UNSET))
         self.recipe = recipe
@@ -275,6 +273,11 @@ class Trainer:
         if abs(steps - now) > max(1, RETIME_TOLERANCE * (now - step)):  # a smaller miss: what steps_in_time keeps
             self.set_length(step, steps, seconds_per_step)
 
+    @property
+    def fixed_steps(self) -> int | None:
+        """A time-limited run's length, once set (``fit_to_time``; a resumed run's from STEPS_FILE)."""
+        return self.length_record.get("steps")
+
     def lr_factor(self):
         """The rate multiplier of this run's schedule: train.steps', or the length first set and each move since."""
         t, moves = self.recipe.train, self.length_record.get("retimed", [])
@@ -307,7 +310,6 @@ class Trainer:
             scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base * factor(scheduler.last_epoch)  # this step's rate too (last_epoch == step)
-        self.fixed_steps = steps
 
     def speed_known(self, measured: int, seconds: float) -> bool:
         """Whether a time-limited run has measured its speed long enough to set its length (``fit_to_time``). wsd: after
