@@ -102,7 +102,8 @@ def main() -> None:
                                                                                   args.override + setting)})
             print(json.dumps(rows[-1], indent=1), flush=True)
     name = args.result or ("campaign" if args.config == "smollm2-sst2" else f"campaign_{Path(args.config).stem}")
-    write_result(name, rows, overrides=args.override)
+    # arms measured in separate runs fill one table: a rerun replaces its own arms' rows and keeps the others
+    write_result(name, rows, merge_key="arm" if args.arms else None, overrides=args.override)
 
 
 if __name__ == "__main__":

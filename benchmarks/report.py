@@ -373,7 +373,7 @@ def prefix_agreement(d):
         return [c[key] for r in d["rows"] for c in r["configs"] if name(c) == n]
 
     means = table(["configuration", *(f"cost, {b} steps (prefix / cooled)" for b in rungs),
-                   f"validation accuracy after {final} steps ({d['rows'][0]['outcome_examples']} examples), "
+                   f"validation accuracy after {final} steps ({d['rows'][0]['configs'][0]['outcome_examples']} examples), "
                    "mean ± std"],
                   [[n, *(f"{mean(over_seeds(n, f'cost_{b}')):.4f} / {mean(over_seeds(n, f'cooled_cost_{b}')):.4f}"
                          for b in rungs), mean_std_pct(over_seeds(n, outcome))] for n in names])
@@ -681,6 +681,7 @@ TABLES = {
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
     "rank-agreement": ("rank_agreement", prefix_agreement),
+    "rank-agreement-sst2": ("rank_agreement_sst2", prefix_agreement),
     "search-fidelity-100": ("search_fidelity_100", search_fidelity),
     "task-arms-arithmetic": ("task_arms", task_arms("smollm2-arithmetic")),
     "task-arms-sst2": ("task_arms", task_arms("smollm2-sst2")),
