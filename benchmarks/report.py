@@ -372,9 +372,9 @@ def prefix_agreement(d):
     def over_seeds(n, key):
         return [c[key] for r in d["rows"] for c in r["configs"] if name(c) == n]
 
+    scored = d["rows"][0]["configs"][0]["outcome_examples"]  # what the split holds, at most the limit asked for
     means = table(["configuration", *(f"cost, {b} steps (prefix / cooled)" for b in rungs),
-                   f"validation accuracy after {final} steps ({d['rows'][0]['configs'][0]['outcome_examples']} examples), "
-                   "mean ± std"],
+                   f"validation accuracy after {final} steps ({scored} examples), mean ± std"],
                   [[n, *(f"{mean(over_seeds(n, f'cost_{b}')):.4f} / {mean(over_seeds(n, f'cooled_cost_{b}')):.4f}"
                          for b in rungs), mean_std_pct(over_seeds(n, outcome))] for n in names])
     return agreement + "\n\n" + picks + "\n\n" + means
