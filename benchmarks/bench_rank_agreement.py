@@ -5,18 +5,19 @@
 
 Per seed, side by side in one run: ``floe-dist allocate --method uniform`` (the allocation the campaign chose in
 every seed of its arithmetic comparison), then the search's own trials in grid mode (warm workers, the recipe's
-trial settings: fit split, its batch, scored by the answer loss and the generated number on the first ``val_limit``
-validation examples) over rank {4, 16} x lr {3e-4, 9.5e-4, 3e-3} (3 log-spaced points), each a prefix of one
-``--final``-step run (warm-up of 8 steps, then constant, the 1-sqrt cooldown over its last 20%: the recipe's wsd
-schedule, ``train.steps`` = ``--final``): at each rung (8 and 24: the halving the arithmetic recipe searched with)
-and at ``--final`` steps, the whole run with its cooldown. Each final adapter is then scored on the first
-``--outcome`` examples of the validation split (exact numeric match of the generated answer, or the chosen option on
-a multiple-choice task, as the campaign scores the test split; a split smaller than ``--outcome`` is scored whole:
-SST-2's 150). For comparison, each rung is also run as a whole run of its own length, its cooldown included
-("cooled"): what a trial scored after a decay would rank (the issue's decayed scoring branch, approximated by a run
-that decays within the same steps). No test example is used. Result: benchmarks/results/rank_agreement.json, one row
-per seed, written as each seed finishes; BENCHMARKS.md gives Kendall's tau-b between each rung's ordering and the
-outcome's, and what picking each rung's best would have cost.
+trial settings: fit split, its batch, scored by the answer loss and the generated number, or the choice
+cross-entropy and accuracy on a multiple-choice task, on the first ``val_limit`` validation examples) over rank {4,
+16} x lr {3e-4, 9.5e-4, 3e-3} (3 log-spaced points), each a prefix of one ``--final``-step run (warm-up of 8 steps,
+then constant, the 1-sqrt cooldown over its last 20%: the recipe's wsd schedule, ``train.steps`` = ``--final``): at
+each rung (8 and 24: the halving the arithmetic recipe searched with) and at ``--final`` steps, the whole run with
+its cooldown. Each final adapter is then scored on the first ``--outcome`` examples of the validation split (exact
+numeric match of the generated answer, or the chosen option on a multiple-choice task, as the campaign scores the
+test split; a split smaller than ``--outcome`` is scored whole: SST-2's 150). For comparison, each rung is also run
+as a whole run of its own length, its cooldown included ("cooled"): what a trial scored after a decay would rank
+(the issue's decayed scoring branch, approximated by a run that decays within the same steps). No test example is
+used. Result: benchmarks/results/rank_agreement.json (or ``--result``), one row per seed, written as each seed
+finishes; BENCHMARKS.md gives Kendall's tau-b between each rung's ordering and the outcome's, and what picking each
+rung's best would have cost.
 """
 from __future__ import annotations
 
