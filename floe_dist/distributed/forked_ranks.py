@@ -136,10 +136,12 @@ def serve(requests: IO[str], answers: IO[str]) -> None:
     """Answer each request (a JSON line) until ``requests`` ends. ``run`` (the default): fork its ranks (argv,
     env, cwd, nproc, timeout, optionally stdout/stderr files) and answer with the launch's status; ``start``: fork
     one process in a session of its own and answer with its pid at once; ``poll``: a started process's status
-    (None while it runs)."""
+    (None while it runs); ``ready``: at once (it is read only once the stack is imported)."""
     for line in requests:
         request = json.loads(line)
-        if request.get("op") == "poll":
+        if request.get("op") == "ready":
+            answer = {"ready": True}
+        elif request.get("op") == "poll":
             done, raw = os.waitpid(request["pid"], os.WNOHANG)
             answer = {"returncode": os.waitstatus_to_exitcode(raw) if done else None}
         else:
@@ -232,6 +234,10 @@ class Zygote:
             raise ChildProcessError(f"the process that forks this run's ranks (pid {self.pid}) died; rerun to "
                                     f"resume")
         return json.loads(line)
+
+    def ready(self) -> bool:
+        """Once it has imported the stack (PRELOAD): a launch's ranks then start at once."""
+        return self.ask({"op": "ready"})["ready"]
 
     def launch(self, argv: list[str], env: dict[str, str], nproc: int, timeout: float | None = None) -> int | None:
         """``python ARGV`` on nproc local ranks, to completion: its status (None: past ``timeout``, killed)."""

@@ -100,7 +100,8 @@ def test_a_final_run_the_line_cannot_continue_starts_from_step_0_and_says_why(tm
     assert zero_shot["threads"] == 1 and zero_shot["reserve_seconds"] == zero_shot["seconds"]  # as many as here
     left = 45 - took["prepare"] - took["allocate"] - FORKED_START_MARGIN
     assert searched.search.time_limit == pytest.approx(0.3 * left)
-    assert trained.train.time_limit == pytest.approx(left - took["search"] - took["zero_shot"] - zero_shot["seconds"])
+    assert trained.train.time_limit == pytest.approx(left - took["search"] - took["zero_shot"] - zero_shot["seconds"]
+                                                     - took["imports"])  # the wait for the zygote, before the limit
     run_floe(["evaluate", "--config", str(out / "zero_shot" / "recipe.yaml"), "--output", str(tmp_path / "alone")])
     alone = json.loads((tmp_path / "alone" / "evaluate.json").read_text())
     assert (alone["accuracy"], alone["examples"]) == (zero_shot["accuracy"], zero_shot["examples"])
@@ -165,3 +166,27 @@ def test_a_budget_in_an_unknown_unit_or_too_small_is_refused_with_what_works(tmp
     spent = 2.0 + json.loads((out / "allocate_stage.json").read_text())["_seconds"]
     assert f"campaign.budget changed from 35 to 60: after the {spent:.0f}s the finished stages took, the stages " \
            f"still to run get {60 - spent:.0f}s instead of {35 - spent:.0f}s" in capsys.readouterr().out
+
+
+def test_the_final_runs_limit_counts_the_wait_for_the_zygote_as_spent(tmp_path, monkeypatch):
+    """A campaign resumed at its final run forks that run's ranks first: the zygote may still be importing the
+    stack, a wait that came out of the final run's limit. ``train_time`` waits for it first and counts it."""
+    import time
+    from dataclasses import replace
+
+    import floe_dist.distributed.forked_ranks as forked_ranks
+    from floe_dist.recipe import load_recipe
+    from launcher.campaign import Campaign, train_time
+
+    class StillImporting:
+        def ready(self) -> bool:
+            time.sleep(0.3)
+            return True
+
+    monkeypatch.setattr(forked_ranks, "_ZYGOTE", [StillImporting()])
+    recipe = load_recipe("tiny")
+    c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="90")), str(tmp_path))
+    c.timings = {"allocate": 7.0, "search": 3.0}  # the finished stages, as a resumed campaign reads them
+    left = train_time(c)
+    assert c.timings["imports"] >= 0.3
+    assert left == pytest.approx(90 - 10.0 - c.timings["imports"] - FORKED_START_MARGIN)

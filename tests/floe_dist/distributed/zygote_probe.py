@@ -17,7 +17,7 @@ from floe_dist.distributed.forked_ranks import Zygote
 out = Path(sys.argv[1])
 zygote = Zygote.start()
 env = dict(os.environ)
-found = {"version": zygote.launch(["-m", "launcher.cli", "--version"], env, 1),
+found = {"ready": zygote.ready(), "version": zygote.launch(["-m", "launcher.cli", "--version"], env, 1),
          "refused": zygote.launch(["-m", "launcher.cli", "train", "--model", "tiny", "--zero", "7", "--output",
                                    str(out / "refused")], env, 1),
          "one_rank_of_two_fails": zygote.launch(["-c", "import os, sys; sys.exit(int(os.environ['RANK']))"], env, 2),
