@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +60,33 @@ def _trials(rungs: list[tuple[int, int]]) -> int:
     return sum(count for count, _ in rungs)
 
 
+def _trained(rungs: list[tuple[int, int]], below: int = 0) -> int:
+    """Steps a bracket's rungs train: a promotion continues its configuration's checkpoint from the rung below
+    (``below``: the steps of the rung under the first one given)."""
+    trained = 0
+    for count, steps in rungs:
+        trained, below = trained + count * (steps - below), steps
+    return trained
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a search may issue in all: budget steps (``max_compute`` full trials) and trials; with a time limit,
+    also the workers' seconds still free, priced per trial (loading, scoring) and per trained step as the finished
+    trials measured (floe_dist/search/loop.py)."""
+    steps: float
+    trials: int
+    seconds: float = math.inf
+    per_trial: float = 0.0
+    per_step: float = 0.0
+
+    def hold(self, ledger: Ledger, steps: int, trials: int, trained: int) -> bool:
+        """Whether ``trials`` more trials fit: their ``steps`` budget steps beside those issued, and their
+        ``trained`` steps (a promotion trains only those beyond its checkpoint) in the seconds left."""
+        return (ledger.compute_used() + steps <= self.steps and len(ledger.trials) + trials <= self.trials
+                and trials * self.per_trial + trained * self.per_step <= self.seconds)
+
+
 def _plain(config) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
 
@@ -92,7 +121,7 @@ class GridProposer:
 
     learns = False  # a fixed list: results may arrive in any order
 
-    def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
+    def fits(self, ledger: Ledger, limits: Limits) -> bool:
         return True  # the grid runs every point: it is the reference the cap is measured against
 
     def waits(self, ledger: Ledger) -> bool:
@@ -231,43 +260,43 @@ class SmacProposer:
         self.asked[trial.key] = info
         return trial
 
-    def fits(self, ledger: Ledger, cap: float, max_trials: int) -> bool:
-        """Whether the next trial fits under ``cap`` steps and ``max_trials`` trials. The steps and trials every
-        started bracket still needs (its rungs' trials not yet issued, and all its promotions) are reserved, and a new
-        bracket is started only when all of it fits: a bracket cut off by either limit wastes its cheap trials (the
-        incumbent is taken at the top budget). Read from SMAC's own brackets, so the same rule holds for successive
-        halving and for Hyperband's brackets of different shapes. Under limits smaller than a bracket, one top-budget
+    def fits(self, ledger: Ledger, limits: Limits) -> bool:
+        """Whether the next trial fits the limits. The steps, trials and seconds every started bracket still
+        needs (its rungs' trials not yet issued, and all its promotions) are reserved, and a new bracket is started
+        only when all of it fits: a bracket cut off by a limit wastes its cheap trials (the incumbent is taken at
+        the top budget). Read from SMAC's own brackets, so the same rule holds for successive halving and for
+        Hyperband's brackets of different shapes. Under step or trial limits smaller than a bracket, one top-budget
         trial must fit."""
-        used, count = ledger.compute_used(), len(ledger.trials)
-        if count >= max_trials:
+        if len(ledger.trials) >= limits.trials:
             return False
-        if not self.brackets or any(_steps(r) > cap or _trials(r) > max_trials for r in self.brackets):
-            return used + self.max_steps <= cap  # limits below one bracket: as far as they go
-        steps_left, trials_left, runnable = self._open_brackets(ledger)
-        steps_room, trials_room = cap - used - steps_left, max_trials - count - trials_left
-        if runnable:
-            return steps_room >= 0 and trials_room >= 0
-        rungs = self.brackets[smac_patches.next_bracket(self.smac.intensifier)]
-        return steps_room >= _steps(rungs) and trials_room >= _trials(rungs)
+        if not self.brackets or any(_steps(r) > limits.steps or _trials(r) > limits.trials for r in self.brackets):
+            return limits.hold(ledger, self.max_steps, 1, self.max_steps)  # limits below a bracket: as far as they go
+        steps, trials, trained, runnable = self._open_brackets(ledger)
+        if not runnable:
+            rungs = self.brackets[smac_patches.next_bracket(self.smac.intensifier)]
+            steps, trials, trained = steps + _steps(rungs), trials + _trials(rungs), trained + _trained(rungs)
+        return limits.hold(ledger, steps, trials, trained)
 
-    def _open_brackets(self, ledger: Ledger) -> tuple[int, int, bool]:
-        """What the started brackets still need (steps, trials: rung trials not yet issued and every promotion),
-        and whether one of them has a trial to issue now (else SMAC's next ask draws a new bracket)."""
+    def _open_brackets(self, ledger: Ledger) -> tuple[int, int, int, bool]:
+        """What the started brackets still need (budget steps, trials and steps to train: rung trials not yet
+        issued and every promotion), and whether one of them has a trial to issue now (else SMAC's next ask draws
+        a new bracket)."""
         intensifier = self.smac.intensifier
         issued = {t.key: t for t in ledger.trials}
-        steps_left, trials_left = 0, 0  # what the started brackets still need
+        steps_left, trials_left, trained_left = 0, 0, 0  # what the started brackets still need
         runnable = False  # a started bracket has a trial to issue (SMAC asks for it first)
         for (bracket, stage), groups in smac_patches.rung_groups(intensifier):
             rungs = self.brackets[bracket]
-            steps = rungs[stage][1]
+            steps, below = rungs[stage][1], rungs[stage - 1][1] if stage else 0
             for _, configs in groups:
                 trials = [issued.get(trial_key(_plain(c), steps)) for c in configs]
                 unissued = sum(t is None for t in trials)
                 steps_left += unissued * steps + _steps(rungs[stage + 1:])
                 trials_left += unissued + _trials(rungs[stage + 1:])
+                trained_left += unissued * (steps - below) + _trained(rungs[stage + 1:], steps)
                 promoted = stage + 1 < len(rungs) and all(t is not None and t.told for t in trials)
                 runnable |= unissued > 0 or promoted
-        return steps_left, trials_left, runnable
+        return steps_left, trials_left, trained_left, runnable
 
     def waits(self, ledger: Ledger) -> bool:
         """Whether a free worker should wait for a running trial's result rather than ask now: the next trial would
@@ -276,7 +305,7 @@ class SmacProposer:
         configurations were drawn from 2 results at random while the trial bringing the third was running."""
         if self.mode == "random" or all(t.told for t in ledger.trials):
             return False  # the control arm draws at random anyway; with nothing running, waiting would never end
-        if self.multi and self._open_brackets(ledger)[2]:
+        if self.multi and self._open_brackets(ledger)[-1]:  # runnable
             return False  # a started bracket has a trial to issue: no new configuration is drawn
         return smac_patches.initial_design_used(self.smac) and not smac_patches.model_has_data(self.smac)
 
