@@ -705,6 +705,7 @@ TABLES = {
     "train-step": ("train_step", train_step),
     "campaign-repeat-sst2": ("campaign_sst2_budget600", campaign_repeat),
     "campaign-repeat-sst2-500": ("campaign_sst2_budget500", campaign_repeat),
+    "campaign-budgets-sst2": ("campaign_sst2_small_budgets", campaign_repeat),
     "campaign-length-chat": ("campaign_chat_retimed", campaign_length),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),
     "campaign-spare-zero-shot-arithmetic": ("campaign_arithmetic_spare_zero_shot", campaign_repeat),
