@@ -12,8 +12,9 @@ from floe_dist.search.ledger import Ledger
 from floe_dist.search.loop import SearchLoop, trial_prices
 from floe_dist.search.proposers import Limits, SmacProposer
 
-# The default SST-2 campaign at a 500 s budget (seed 0): its first Hyperband bracket, three 8-step trials and the
-# promotion to 24 steps, which continued from step 8. (wall seconds, train_seconds) as its ledger recorded them.
+# The default SST-2 campaign at a 500 s budget (seed 0), run before trials were priced in two parts: its first
+# Hyperband bracket, three 8-step trials and the promotion to 24 steps, which continued from step 8. (wall seconds,
+# train_seconds) as its ledger recorded them; it stopped there, with 64 s left on 2 workers.
 SST2_FIRST_BRACKET = [(27.4, 9.76), (27.6, 9.93), (23.8, 8.52), (31.8, 17.34)]
 SPLIT = (sum(s - t for s, t in SST2_FIRST_BRACKET) / 4, sum(t for _, t in SST2_FIRST_BRACKET) / 40)  # 40 trained
 PER_STEP_ONLY = (0.0, sum(s for s, _ in SST2_FIRST_BRACKET) / 40)
