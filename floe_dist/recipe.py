@@ -388,6 +388,8 @@ class SearchSection:
             found.append(f"search.separation must be >= 0, got {self.separation}")
         if self.max_compute <= 0 or self.trial_timeout <= 0:
             found.append("search.max_compute and search.trial_timeout must be > 0")
+        if self.time_limit is not None and self.time_limit <= 0:
+            found.append(f"search.time_limit must be > 0 seconds (or none), got {self.time_limit}")
         try:
             found += [f"search.candidates {name}={path}: file not found"
                       for name, path in self.candidate_files().items() if not Path(path).is_file()]
@@ -454,6 +456,8 @@ class TrainSection:
             found.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             found.append(f"train.lr must be > 0, got {self.lr}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            found.append(f"train.time_limit must be > 0 seconds (or none), got {self.time_limit}")
         if self.checkpoint_every < 0:
             found.append("train.checkpoint_every must be >= 0")
         if self.capacity_factor < 0:

@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,14 +54,13 @@ def trial_prices(ledger: Ledger) -> tuple[float, float] | None:
     Priced per step only, the loading and validation scoring of the short first rung, which measures the prices,
     was charged to every step of the longer trials it admits: on SST-2's 8-step trials 2.9 s a step against the
     1.05 s their training took, which at a 500 s campaign budget refused a second bracket that would have fitted."""
-    done = [t for t in ledger.finished() if t.seconds]
-    timed = [t for t in done if "train_seconds" in t.metrics and t.budget > ledger.resumes_from(t)]
+    done = [(t, t.budget - ledger.resumes_from(t)) for t in ledger.finished() if t.seconds]  # (trial, trained)
+    timed = [(t.seconds, t.metrics["train_seconds"], n) for t, n in done if n > 0 and "train_seconds" in t.metrics]
     if timed:
-        trained = sum(t.budget - ledger.resumes_from(t) for t in timed)
-        per_step = sum(t.metrics["train_seconds"] for t in timed) / trained
-        return sum(max(0.0, t.seconds - t.metrics["train_seconds"]) for t in timed) / len(timed), per_step
-    trained = sum(t.budget - ledger.resumes_from(t) for t in done)
-    return (0.0, sum(t.seconds for t in done) / trained) if trained else None
+        per_step = sum(train for _, train, _ in timed) / sum(n for _, _, n in timed)
+        return sum(max(0.0, wall - train) for wall, train, _ in timed) / len(timed), per_step
+    trained = sum(n for _, n in done)
+    return (0.0, sum(t.seconds for t, _ in done) / trained) if trained else None
 
 
 class SearchLoop:
@@ -214,8 +214,8 @@ class SearchLoop:
         trials measured (``trial_prices``). Before any result, the first bracket is let through: it measures them."""
         args, ledger = self.args, self.ledger
         limits = Limits(args.max_compute * args.max_steps, args.max_trials)
-        prices = trial_prices(ledger)
-        if args.time_limit is None or prices is None:
+        prices = None if args.time_limit is None else trial_prices(ledger)
+        if prices is None:
             return limits
         per_trial, per_step = prices
         now = time.time()
@@ -223,7 +223,7 @@ class SearchLoop:
         still_needed = sum(max(0.0, per_trial + per_step * (t.budget - ledger.resumes_from(t))
                                - (now - self.started.get(t.id, now))) for t in running)
         seconds = max(0.0, args.time_limit - (now - self.start)) * self.slots - still_needed
-        return Limits(limits.steps, limits.trials, seconds, per_trial, per_step)
+        return replace(limits, seconds=seconds, per_trial=per_trial, per_step=per_step)
 
     def run(self) -> None:
         args, ledger = self.args, self.ledger

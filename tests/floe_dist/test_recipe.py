@@ -156,9 +156,12 @@ def test_a_value_of_the_wrong_shape_names_its_setting_and_what_it_takes(tmp_path
 
 
 def test_bad_values_in_yaml_form_are_listed_by_the_recipe_check(tmp_path):
-    (tmp_path / "bad.yaml").write_text("search: {ranks: [0, 4], lr: [3.0e-3, 2.0e-4]}\n"
+    (tmp_path / "bad.yaml").write_text("search: {ranks: [0, 4], lr: [3.0e-3, 2.0e-4], time_limit: -5}\n"
+                                       "train: {time_limit: 0}\n"
                                        "data: {sources: [{task: a.jsonl, columns: [question]}]}\n")
     found = load_recipe(str(tmp_path / "bad.yaml")).problems()
+    assert "search.time_limit must be > 0 seconds (or none), got -5.0" in found
+    assert "train.time_limit must be > 0 seconds (or none), got 0.0" in found
     assert "search.ranks needs integers >= 1, got '0,4'" in found
     assert any(p.startswith("search.lr needs 0 < LO <= HI") for p in found)
     assert any(p.startswith("data.sources[0].columns: expected a map") for p in found)
