@@ -324,9 +324,10 @@ class SearchSection:
                                                                        "than one rank)")
     trial_threads: int = arg(1, "CPU threads per trial rank (local runner)", resume="runs")
     trial_timeout: float = arg(3600.0, "seconds before a trial is killed and recorded as a timeout", resume="runs")
-    time_limit: float | None = arg(None, "seconds the search may take: no trial (or bracket) starts that would not end "
-                                         "by then at the trials' measured speed (the campaign sets it from "
-                                         "campaign.budget); none: max_compute alone", resume="length")
+    time_limit: float | None = arg(None, "seconds the search may take from its stage's start: no trial (or bracket) "
+                                         "starts that would not end by then at the trials' measured speed (the "
+                                         "campaign sets it from campaign.budget); none: max_compute alone",
+                                   resume="length")
     trial_module: str = arg("floe_dist.search.trial", "trial program: `python -m MODULE TRIAL_DIR`, and its "
                                                       "run_trial(trial_dir, resources) on warm workers")
     sbatch_args: str = arg("", "slurm runners: extra sbatch flags, e.g. '--partition=gpu --gres=gpu:1'", resume="runs")

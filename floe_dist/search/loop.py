@@ -65,8 +65,10 @@ def trial_prices(ledger: Ledger) -> tuple[float, float] | None:
 
 class SearchLoop:
     def __init__(self, args: SearchSection, out: Path, ledger: Ledger, proposer, spec: Callable[[Trial], TrialSpec],
-                 spare: list[SpareJob] = ()):
+                 spare: list[SpareJob] = (), start: float | None = None):
+        """``start``: when search.time_limit began (the stage's start, so that its set-up counts); none: now."""
         self.args, self.out, self.ledger, self.proposer, self.spec = args, out, ledger, proposer, spec
+        self.start = time.time() if start is None else start
         worker_argv = lambda worker_dir: launch_argv(args, "floe_dist.search.worker", str(worker_dir),  # noqa: E731
                                                      "--trial-module", args.trial_module)
         workers = args.workers or default_workers(args.trial_nproc, args.trial_threads)
@@ -227,7 +229,6 @@ class SearchLoop:
 
     def run(self) -> None:
         args, ledger = self.args, self.ledger
-        self.start = time.time()
         pending = self.proposer.resume(ledger)
         self.by_id.update({t.id: t for t in ledger.trials})
         if ledger.trials:

@@ -89,7 +89,8 @@ def run(recipe: Recipe, output: str = OUTPUT, spare: list[SpareJob] = ()) -> dic
     proposer = GridProposer(args) if args.mode == "grid" else SmacProposer(args, out)
     names = list(bases)
     loop = SearchLoop(args, out, ledger, proposer,
-                      lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger), spare)
+                      lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger), spare,
+                      start)
     loop.run()
     return finish(args, out, ledger, bases, shape, time.time() - start, loop.spare_done)
 

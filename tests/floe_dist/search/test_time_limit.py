@@ -71,13 +71,13 @@ def test_the_seconds_left_are_the_workers_time_less_what_the_running_trials_stil
     trained steps) minus the 10 s it has run."""
     ledger, proposer = first_bracket(tmp_path)
     ledger.trials[3].status = "running"  # the promotion is still training
-    loop = SearchLoop(search_args(time_limit=100.0, workers=2), tmp_path, ledger, proposer, spec=None)
-    loop.start, loop.started = time.time() - 20.0, {3: time.time() - 10.0}
+    loop = SearchLoop(search_args(time_limit=100.0, workers=2), tmp_path, ledger, proposer, spec=None,
+                      start=time.time() - 20.0)
+    loop.started = {3: time.time() - 10.0}
     per_trial, per_step = trial_prices(ledger)  # from the three 8-step trials
     limits = loop.limits()
     assert (limits.per_trial, limits.per_step) == (per_trial, per_step)
     assert limits.seconds == pytest.approx(80.0 * 2 - (per_trial + 16 * per_step - 10.0), abs=0.5)
     assert (limits.steps, limits.trials) == (loop.args.max_compute * 24, loop.args.max_trials)
     no_limit = SearchLoop(search_args(workers=2), tmp_path, ledger, proposer, spec=None)
-    no_limit.start = time.time()
     assert no_limit.limits().seconds == math.inf

