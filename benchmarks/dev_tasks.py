@@ -3,7 +3,6 @@
 they never saw.
 
     python benchmarks/dev_tasks.py siqa runs/siqa.jsonl     # Social IQa, 1,954 questions, 3 answers each
-    python benchmarks/dev_tasks.py piqa runs/piqa.jsonl     # PIQA, 1,838 goals, 2 solutions each
 """
 from __future__ import annotations
 
@@ -21,13 +20,7 @@ def _siqa(row: dict) -> dict:
             "choices": [f" {row[k]}" for k in ("answerA", "answerB", "answerC")], "label": int(row["label"]) - 1}
 
 
-def _piqa(row: dict) -> dict:
-    return {"prompt": f"Goal: {row['goal']}\nSolution:", "choices": [f" {row['sol1']}", f" {row['sol2']}"],
-            "label": int(row["label"])}
-
-
-DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa),
-             "piqa": ("piqa/plain_text/validation/data-00000-of-00001.arrow", _piqa)}
+DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa)}
 
 
 def write_task(name: str, path: Path) -> int:

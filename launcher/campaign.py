@@ -356,8 +356,8 @@ def eval_scale(measured_threads: int, threads: int) -> float:
     """What an evaluation timed on ``measured_threads`` CPU threads is scaled by for the final one on ``threads``:
     the square root of their ratio, a speed-up the final evaluation has so far always beaten (1.46-2.1 on two threads
     against one, SST-2 at 1500 s; the ratio itself, 2, fell short there and on Social IQa, whose 610 examples then
-    ran 19 s past the reserve and the campaign 15 s past its budget). A Slurm job's limit is hard: an unused second
-    costs a second of training, an overrun the final evaluation. On a GPU the evaluation does not run on threads."""
+    ran 11-18 s past the reserve and the campaigns as much past their budget). A Slurm job's limit is hard: an unused
+    second costs a second of training, an overrun the final evaluation. On a GPU it does not run on threads."""
     import torch
 
     if torch.cuda.is_available():
