@@ -125,8 +125,8 @@ class Campaign:
             # it ran on a search worker of result["threads"] threads, in its spare time
             print(f"[campaign] zero_shot: a search worker ran it while it had no trial to run ({result['seconds']:.0f}s"
                   f" on {result['threads']} thread(s))")
-            return {**result, "on_search_worker": True,
-                    "reserve_seconds": result["seconds"] * eval_scale(result["threads"], torch.get_num_threads())}
+            scale = 1.0 if torch.cuda.is_available() else eval_scale(result["threads"], torch.get_num_threads())
+            return {**result, "on_search_worker": True, "reserve_seconds": result["seconds"] * scale}
 
         result = self.step("zero_shot", run)
         self.eval_reserve = result.get("reserve_seconds", result["_seconds"])
@@ -357,11 +357,7 @@ def eval_scale(measured_threads: int, threads: int) -> float:
     the square root of their ratio, a speed-up the final evaluation has so far always beaten (1.46-2.1 on two threads
     against one, SST-2 at 1500 s; the ratio itself, 2, fell short there and on Social IQa, whose 610 examples then
     ran 11-18 s past the reserve and the campaigns as much past their budget). A Slurm job's limit is hard: an unused
-    second costs a second of training, an overrun the final evaluation. On a GPU it does not run on threads."""
-    import torch
-
-    if torch.cuda.is_available():
-        return 1.0
+    second costs a second of training, an overrun the final evaluation."""
     return min(1.0, measured_threads / threads) ** 0.5
 
 

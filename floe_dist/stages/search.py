@@ -90,7 +90,7 @@ def run(recipe: Recipe, output: str = OUTPUT, spare: list[SpareJob] = ()) -> dic
     names = list(bases)
     loop = SearchLoop(args, out, ledger, proposer,
                       lambda trial: trial_spec(recipe, trial, out, files[base_of(trial.config, names)], ledger), spare,
-                      start)
+                      start=start)
     loop.run()
     return finish(args, out, ledger, bases, shape, time.time() - start, loop.spare_done)
 
