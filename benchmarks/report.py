@@ -196,6 +196,18 @@ def eval_choice_scoring(d):
                   "max abs. score difference", "accuracy (pairwise / shared)"], rows)
 
 
+
+def eval_order(d):
+    rows = [[r["task"], f"{r['examples']} × {r['choices']}", f"{r['mean_prompt_tokens']:.0f}",
+             f"{r['file_order_s']:.1f} s (×{r['padded_share_file_order']:.2f})",
+             f"{r['longest_first_s']:.1f} s (×{r['padded_share_longest_first']:.2f})", f"**{r['speedup']:.2f}×**",
+             f"{r['max_abs_score_diff']:.1e}", f"{r['accuracy_file_order']:.4f} / {r['accuracy_longest_first']:.4f}",
+             str(r["repeats"])] for r in d["rows"]]
+    return table(["task", "examples × choices", "mean prompt tokens", "file order (padded tokens / tokens)",
+                  "longest first (padded tokens / tokens)", "speed-up", "max abs. score difference",
+                  "accuracy (file order / longest first)", "runs an arm (fastest kept)"], rows)
+
+
 def nf4_cpu_path(d):
     rows = [[r["task"], r["model"], str(r["examples"]), str(r["threads"]), "yes" if r["cpu_has_avx512bf16"] else "no",
              f"{r['bnb_bf16_kernel_s']:.1f} s", f"{r['dequantise_fp32_s']:.1f} s", f"**{r['time_ratio']:.2f}**",
@@ -653,6 +665,7 @@ TABLES = {
     "search-methods-seeds400-cap30-smac": ("search_methods_seeds400_cap30_bohb-rule", search_methods),
     "search-methods-seeds400-cap30-random": ("search_methods_seeds400_cap30_random", search_methods),
     "eval-choice-scoring": ("eval_choice_scoring", eval_choice_scoring),
+    "eval-order": ("eval_order", eval_order),
     "tokenize": ("tokenize", tokenize_rows),
     "nf4-cpu-path": ("nf4_cpu_path", nf4_cpu_path),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
@@ -678,6 +691,7 @@ TABLES = {
     "campaign-vs-peft-sst2-spare": ("campaign_vs_peft_sst2_spare", campaign_vs_peft),
     "campaign-vs-peft-sst2-3x": ("campaign_vs_peft_sst2_3x", campaign_vs_peft),
     "campaign-vs-peft-siqa": ("campaign_vs_peft_siqa", campaign_vs_peft),
+    "campaign-vs-peft-boolq": ("campaign_vs_peft_boolq", campaign_vs_peft),
     "campaign-vs-peft-chat-budget-probe5": ("campaign_vs_peft_chat_budget_probe5", campaign_vs_peft),
     "search-fidelity": ("search_fidelity", search_fidelity),
     "search-fidelity-agreement": ("search_fidelity", rank_agreement),
@@ -708,6 +722,7 @@ TABLES = {
     "campaign-repeat-sst2-500": ("campaign_sst2_budget500", campaign_repeat),
     "campaign-budgets-sst2": ("campaign_sst2_small_budgets", campaign_repeat),
     "campaign-siqa-reserve": ("campaign_siqa_reserve", campaign_repeat),
+    "campaign-siqa-stop": ("campaign_siqa_stop", campaign_repeat),
     "campaign-budget400-stage-start": ("campaign_sst2_budget400_stage_start", campaign_repeat),
     "campaign-length-chat": ("campaign_chat_retimed", campaign_length),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),

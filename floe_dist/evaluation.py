@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from floe_dist.data import Example, collate, encode
 from floe_dist.distributed.sharded_eval import SINGLE, Ranks
-from floe_dist.generation import generate, numeric_answer, score_generations, stop_strings
+from floe_dist.generation import generate, longest_first, numeric_answer, score_generations, stop_strings
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import resolve_model
 from floe_dist.recipe import EvaluateSection, Recipe
@@ -32,18 +33,23 @@ def dummy_forward(model, tokenizer, device) -> Callable[[], object]:
     return lambda: model(**{k: v.to(device) for k, v in batch.items()})
 
 
+STOP_CHUNK = 4  # batches: an evaluation that may stop goes in chunks of this many, each taken longest first
+
+
 @torch.no_grad()
 def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
                   device: torch.device, progress: bool = True, share_prompts: bool = True,
-                  ranks: Ranks = SINGLE) -> list[list[float]]:
+                  ranks: Ranks = SINGLE, stop: Callable[[], bool] | None = None) -> list[list[float]] | None:
     """Summed log-probability of every choice of every example: the prompt runs once per example and its
     KV cache serves every choice (``AnswerLM.choice_logprobs``); an example whose prompt must be cut to fit
     ``max_length``, or has none (or every example, ``share_prompts=False``, or a partitioned model), is scored
-    pair by pair, each prompt + choice a sequence of its own, as ``encode`` cuts it. ``ranks`` keeps a
-    partitioned model's forwards in step with the other ranks' (these examples are this rank's share)."""
+    pair by pair, each prompt + choice a sequence of its own, as ``encode`` cuts it. Batches are taken longest
+    first (``longest_first``); the scores come back in the examples' order. ``ranks`` keeps a
+    partitioned model's forwards in step with the other ranks' (these examples are this rank's share). ``stop``
+    (one process) is asked before each batch: None once it is true (``choice_scores_until``)."""
     tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
-    shared, pairs = [], []
+    shared, pairs, pair_lengths = [], [], []
     share_prompts = share_prompts and not ranks.partitioned
     for i, ex in enumerate(examples):
         prompt, answers = tokens(ex.prompt) if ex.prompt else [], [tokens(c) for c in ex.choices]
@@ -51,15 +57,22 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
             shared.append((i, prompt, answers))
         else:
             pairs += [(i, c) for c in range(len(ex.choices))]
+            pair_lengths += [len(prompt) + len(a) for a in answers]
+    shared = [shared[k] for k in longest_first([len(p) + max(map(len, a)) for _, p, a in shared])]
+    pairs = [pairs[k] for k in longest_first(pair_lengths)]
     model.eval()
     with tqdm(total=len(shared) + len(pairs), desc="evaluate", disable=not progress, leave=False) as bar:
         for start in range(0, len(shared), batch_size):
+            if stop is not None and stop():
+                return None
             chunk = shared[start:start + batch_size]
             got = model.choice_logprobs([p for _, p, _ in chunk], [a for _, _, a in chunk], tokenizer.pad_token_id)
             for (i, _, _), s in zip(chunk, got):
                 scores[i] = s
             bar.update(len(chunk))
         for chunk in ranks.chunks(pairs, batch_size, dummy_forward(model, tokenizer, device)):
+            if stop is not None and stop():  # one process: no other rank waits for this one's forwards
+                return None
             batch = collate([encode(tokenizer, examples[i].prompt, examples[i].choices[c], max_length)
                              for i, c in chunk], tokenizer.pad_token_id)
             out = model(**{k: v.to(device) for k, v in batch.items()})
@@ -67,6 +80,22 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
                 scores[i][c] = s
             bar.update(len(chunk))
     return scores
+
+
+def choice_scores_until(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                        device: torch.device, stop: Callable[[], bool]) -> tuple[list[list[float]], float]:
+    """``choice_scores`` in chunks, in the examples' order (one batch, then ``STOP_CHUNK`` batches at a time), until
+    ``stop()`` is true (asked before each batch after the first): the scores of the chunks finished, those of the
+    examples' first part, and the seconds an example took in them (a chunk cut short counts in neither)."""
+    scores, seconds = [], 0.0
+    while len(scores) < len(examples):
+        start, began = len(scores), time.perf_counter()
+        chunk = choice_scores(model, tokenizer, examples[start:start + (STOP_CHUNK if start else 1) * batch_size],
+                              batch_size, max_length, device, progress=False, stop=stop if start else None)
+        if chunk is None:
+            break
+        scores, seconds = scores + chunk, seconds + time.perf_counter() - began
+    return scores, seconds / len(scores)
 
 
 def choice_errors(scores: list[list[float]], examples: list[Example]) -> list[float]:
@@ -82,14 +111,16 @@ def accuracy(scores: list[list[float]], examples: list[Example]) -> float:
 def answer_nlls(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
                 device: torch.device, ranks: Ranks = SINGLE) -> list[tuple[float, int]]:
     """Each example's summed negative log-likelihood of its answer tokens, and their count, in order (``model`` in
-    eval mode: an ``AnswerLM`` or a DeepSpeed engine around one; ``ranks``: see ``choice_scores``)."""
-    pairs = []
-    for chunk in ranks.chunks(examples, batch_size, dummy_forward(model, tokenizer, device)):
-        batch = collate([encode(tokenizer, e.prompt, e.choices[e.label], max_length) for e in chunk],
-                        tokenizer.pad_token_id)
+    eval mode: an ``AnswerLM`` or a DeepSpeed engine around one; ``ranks``: see ``choice_scores``); batches are
+    taken longest first (``longest_first``)."""
+    encoded = [encode(tokenizer, e.prompt, e.choices[e.label], max_length) for e in examples]
+    order, pairs = longest_first([len(ids) for ids, _ in encoded]), [(0.0, 0)] * len(examples)
+    for chunk in ranks.chunks(order, batch_size, dummy_forward(model, tokenizer, device)):
+        batch = collate([encoded[i] for i in chunk], tokenizer.pad_token_id)
         out = model(**{k: v.to(device) for k, v in batch.items()})
         counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-        pairs += zip((-out["seq_logprob"]).tolist(), counts)
+        for i, nll, n in zip(chunk, (-out["seq_logprob"]).tolist(), counts):
+            pairs[i] = (nll, n)
     return pairs
 
 
@@ -113,10 +144,10 @@ def choice_loss(scores: list[list[float]], examples: list[Example]) -> float:
 
 
 def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bool = False,
-             on_ranks: bool = False, generations: bool = True) -> dict:
+             on_ranks: bool = False, generations: bool = True, stop: Callable[[], bool] | None = None) -> dict:
     """Load the backbone (and ``model.adapter``) and score it on ``evaluate.split``: in this process, or
     ``on_ranks``, together with every rank of the job, each scoring its share (floe_dist/distributed/sharded_eval.py:
-    partitioned under ZeRO-3 as training is)."""
+    partitioned under ZeRO-3 as training is). ``stop``: see ``evaluate_lm``."""
     from floe_dist.distributed.sharded_eval import backbone_on_ranks, full_bytes, held_bytes
     from floe_dist.modeling.export import export_meta, load_adapter
 
@@ -137,7 +168,7 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
         lm.set_attn_implementation(m.attn_implementation)
         if m.adapter:
             load_adapter(lm, m.adapter)
-    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks, generations)
+    result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks, generations, stop)
     result.update(ranks=ranks.world, partitioned=ranks.partitioned, model_bytes=full_bytes(lm),
                   rank_model_bytes=max(ranks.gather([held_bytes(lm)])))
     if e.lm_eval_task_list:
@@ -148,8 +179,9 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
             else f"accuracy {result['accuracy']:.4f}")
     if ranks.rank == 0:
         on = f", {ranks.world} ranks" + (" (ZeRO-3)" if ranks.partitioned else "") if ranks.world > 1 else ""
+        part = f" of {result['examples_of']} (stopped)" if "examples_of" in result else ""
         print(f"{recipe.data.name}/{recipe.evaluate.split}: {what}, loss {result['loss']:.4f} on "
-              f"{result['examples']} examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}{on}, "
+              f"{result['examples']}{part} examples ({'adapter ' + m.adapter if m.adapter else 'zero-shot'}{on}, "
               f"{result['seconds']:.0f}s)")
     return result
 
@@ -167,12 +199,17 @@ def lm_eval_results(lm, tokenizer, settings: EvaluateSection, ranks: Ranks = SIN
 
 
 def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: Resources | None = None,
-                per_example: bool = False, ranks: Ranks = SINGLE, generations: bool = True) -> dict:
+                per_example: bool = False, ranks: Ranks = SINGLE, generations: bool = True,
+                stop: Callable[[], bool] | None = None) -> dict:
     """The task's scores for ``lm`` as it is (with or without adapters): the work of ``run`` after loading.
     ``per_example`` adds each example's loss (and a choice example's 0/1 error), in order (a search compares two
     trials example by example, so it can tell a margin from the noise of a small validation set); without
     ``generations`` a generative task is scored by its loss alone (accuracy None). With ``ranks`` each rank scores
-    its share and every rank returns the whole result."""
+    its share and every rank returns the whole result. ``stop`` (one process, multiple choice; a generative task
+    ignores it): the examples are scored in a random order (a user's test file may be sorted by label) and once
+    ``stop()`` is true the scores cover those finished (``choice_scores_until``), a random part of the split;
+    ``examples_of`` says how many the split holds, ``seconds_per_example`` what one took and ``scoring_seconds``
+    what the scoring took in all (a chunk cut short included)."""
     d, e, max_length = recipe.data, recipe.evaluate, recipe.model.max_length
     resources = resources or Resources()
     examples = resources.examples(d, e.split, tokenizer)[: e.limit]
@@ -184,8 +221,20 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
         result.update(evaluate_generative(e, max_length, model, lm, tokenizer, examples, device, ranks, per_example,
                                           generations))
     else:
-        scores = ranks.gather(choice_scores(model, tokenizer, mine, e.batch_size, max_length, device,
-                                            progress=ranks.rank == 0, ranks=ranks))
+        if stop is None:
+            scores = ranks.gather(choice_scores(model, tokenizer, mine, e.batch_size, max_length, device,
+                                                progress=ranks.rank == 0, ranks=ranks))
+        else:
+            if ranks.world > 1 or per_example:
+                raise ValueError("an evaluation that may stop early runs in one process, without per-example scores")
+            examples = [examples[i] for i in np.random.default_rng(0).permutation(len(examples))]
+            began = time.perf_counter()
+            scores, result["seconds_per_example"] = choice_scores_until(model, tokenizer, examples, e.batch_size,
+                                                                        max_length, device, stop)
+            result["scoring_seconds"] = time.perf_counter() - began
+        if len(scores) < len(examples):
+            result.update(examples=len(scores), examples_of=len(examples))
+            examples = examples[:len(scores)]
         result.update(accuracy=accuracy(scores, examples), choice_loss=choice_loss(scores, examples))
         result["loss"] = result["choice_loss"]
         if per_example:

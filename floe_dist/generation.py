@@ -13,12 +13,21 @@ import torch
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
 
+def longest_first(lengths: list[int]) -> list[int]:
+    """Positions of ``lengths`` from the longest to the shortest (ties in order): evaluation batches of alike lengths
+    carry little padding (in file order a batch of 32 carried 1.39-1.83 times its prompts' tokens on SST-2, Social
+    IQa and BoolQ test prompts), and the longest runs first, so a batch too large for memory fails at once
+    (lm-eval-harness orders its requests so)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
              max_length: int, device, ranks=None) -> list[str]:
-    """What ``lm`` writes after each prompt (greedy, left-padded batches), cut at the first stop string. With
-    partitioned ``ranks`` (floe_dist/distributed/sharded_eval.py) these prompts are this rank's share, and every
-    rank runs as many batches and token steps as the busiest (transformers' ``synced_gpus``)."""
+    """What ``lm`` writes after each prompt, in the prompts' order, cut at the first stop string (greedy, in
+    left-padded batches taken longest first: ``longest_first``). With partitioned ``ranks``
+    (floe_dist/distributed/sharded_eval.py) these prompts are this rank's share, and every rank runs as many
+    batches and token steps as the busiest (transformers' ``synced_gpus``)."""
     from tqdm import tqdm
 
     partitioned = ranks is not None and ranks.partitioned
@@ -38,17 +47,18 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: li
                           top_k=None, **({"synced_gpus": True} if partitioned else {}))
         return out[:, width:]
 
-    texts = []
-    batches = (ranks.chunks(prompts, batch_size, lambda: write([[tokenizer.pad_token_id]])) if ranks else
-               (prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)))
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids[-keep:] for p in prompts]
+    order, texts = longest_first([len(ids) for ids in prompt_ids]), [""] * len(prompts)
+    batches = (ranks.chunks(order, batch_size, lambda: write([[tokenizer.pad_token_id]])) if ranks else
+               (order[start:start + batch_size] for start in range(0, len(order), batch_size)))
     for chunk in tqdm(batches, total=-(-len(prompts) // batch_size), desc="generate", leave=False,
                       disable=bool(ranks and ranks.rank)):
-        ids = [tokenizer(p, add_special_tokens=False).input_ids[-keep:] for p in chunk]
-        for text in tokenizer.batch_decode(write(ids), skip_special_tokens=True):
+        for i, text in zip(chunk, tokenizer.batch_decode(write([prompt_ids[i] for i in chunk]),
+                                                         skip_special_tokens=True)):
             text = text.lstrip()  # a leading newline is not the end of an answer
             for s in stop:
                 text = text.split(s)[0]
-            texts.append(text.strip())
+            texts[i] = text.strip()
     return texts
 
 

@@ -581,6 +581,9 @@ class CampaignSection:
         "spare", "when the zero-shot evaluation runs: spare (on a search worker that has no trial to run, where the "
                  "search runs one-process trials on several local workers; first otherwise) or first (alone, before "
                  "allocation and search)", resume="runs")
+    zero_shot_share: float = arg(0.1, "with budget: the most of it a zero-shot evaluation the campaign runs itself "
+                                      "may take; it then ends with the part of the test split it scored (multiple "
+                                      "choice; on a search worker it ends when the trials do)", resume="runs")
 
     def budget_seconds(self) -> float | None:
         return duration_seconds(self.budget, "campaign.budget") if self.budget.strip() else None
@@ -588,6 +591,8 @@ class CampaignSection:
     def problems(self) -> list[str]:
         found = [] if 0 <= self.search_share < 1 else [f"campaign.search_share must be in [0, 1), got "
                                                        f"{self.search_share}"]
+        if not 0 < self.zero_shot_share <= 1:
+            found.append(f"campaign.zero_shot_share must be in (0, 1], got {self.zero_shot_share}")
         try:
             seconds = self.budget_seconds()
         except ValueError as err:

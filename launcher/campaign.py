@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -112,8 +113,9 @@ class Campaign:
         self.timings["imports"] = time.time() - start
 
     def zero_shot(self, recipe: Recipe) -> dict:
-        """The zero-shot evaluation: the search's spare work's result when a worker ran it, else run here. Its
-        duration, on this process's threads, is what ``time_left`` keeps back for the final evaluation."""
+        """The zero-shot evaluation: the search's spare work's result when a worker ran it, else run here (under a
+        budget, for at most ``campaign.zero_shot_share`` of it). Its duration for the whole test split, on this
+        process's threads, is what ``time_left`` keeps back for the final evaluation."""
         import torch
 
         from floe_dist.search.spare_work import evaluation_result
@@ -121,16 +123,29 @@ class Campaign:
         def run() -> dict:
             result = evaluation_result(self.out / "zero_shot", recipe)
             if result is None:
-                return evaluation(self, recipe, "zero_shot")
+                result = evaluation(self, recipe, "zero_shot", self.zero_shot_stop())
+                return {**result, "reserve_seconds": whole_split_seconds(result)} if "examples_of" in result else result
             # it ran on a search worker of result["threads"] threads, in its spare time
+            part = f", {result['examples']} of {result['examples_of']} examples" if "examples_of" in result else ""
             print(f"[campaign] zero_shot: a search worker ran it while it had no trial to run ({result['seconds']:.0f}s"
-                  f" on {result['threads']} thread(s))")
+                  f" on {result['threads']} thread(s){part})")
             scale = 1.0 if torch.cuda.is_available() else eval_scale(result["threads"], torch.get_num_threads())
-            return {**result, "on_search_worker": True, "reserve_seconds": result["seconds"] * scale}
+            whole = whole_split_seconds(result, validation_pace(self.out / "search" / "search.json"))
+            return {**result, "on_search_worker": True, "reserve_seconds": whole * scale}
 
         result = self.step("zero_shot", run)
         self.eval_reserve = result.get("reserve_seconds", result["_seconds"])
         return result
+
+    def zero_shot_stop(self) -> Callable[[], bool] | None:
+        """Under a budget, when the zero-shot evaluation run here ends: after ``campaign.zero_shot_share`` of the
+        budget, with the part of the test split it scored. It decides nothing (the search chooses on validation
+        data), so the rest of the budget trains the final run."""
+        budget = self.recipe.campaign.budget_seconds()
+        if budget is None:
+            return None
+        deadline = time.time() + self.recipe.campaign.zero_shot_share * budget
+        return lambda: time.time() > deadline
 
     def launch(self, stage: str, recipe: Recipe, folder: Path, result: str) -> dict:
         """Run a stage as a group of ranks (local ranks forked from the zygote or started, ``run_local_ranks``; srun
@@ -316,15 +331,37 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     return summarise(c, allocation, lr, zero_shot, trained, final)
 
 
-def evaluation(c: Campaign, recipe: Recipe, name: str) -> dict:
+def evaluation(c: Campaign, recipe: Recipe, name: str, stop: Callable[[], bool] | None = None) -> dict:
     """An evaluation of the campaign: in its own process, or launched on the job's ranks (``evaluate.ranks``; auto:
     when ZeRO-3 training spreads a backbone that does not fit one device) as the ``evaluate`` stage, each rank
-    scoring its share of the examples (floe_dist/distributed/sharded_eval.py)."""
+    scoring its share of the examples (floe_dist/distributed/sharded_eval.py); ``stop``: in its own process only
+    (floe_dist/evaluation.py ``evaluate_lm``)."""
     from floe_dist.evaluation import evaluate
 
     if not on_ranks(recipe):
-        return evaluate(recipe)
+        return evaluate(recipe, stop=stop)
     return c.launch("evaluate", recipe, c.out / name, "evaluate.json")
+
+
+def whole_split_seconds(result: dict, pace: float | None = None) -> float:
+    """An evaluation's seconds for its whole split: a stopped one's loading, and every example at the seconds one
+    took in its chunks finished, or at ``pace`` where that is faster."""
+    if "examples_of" not in result:
+        return result["seconds"]
+    per_example = min(result["seconds_per_example"], pace or float("inf"))
+    return result["seconds"] - result["scoring_seconds"] + per_example * result["examples_of"]
+
+
+def validation_pace(search_file: Path) -> float | None:
+    """The median seconds a search trial took to score one validation example (on a worker's threads, with its
+    adapter): a second measure of the final evaluation's pace where the zero-shot one stopped after a batch or two,
+    whose pace carries the first forward's start and batches not sorted together."""
+    if not search_file.is_file():
+        return None
+    paces = [t["metrics"]["eval_seconds"] / t["metrics"]["val_examples"]
+             for t in json.loads(search_file.read_text())["trials"]
+             if (t.get("metrics") or {}).get("eval_seconds") and t["metrics"].get("val_examples")]
+    return statistics.median(paces) if paces else None
 
 
 def on_ranks(recipe: Recipe) -> bool:
@@ -449,7 +486,8 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
     summary = {"model": r.model.name, "task": r.data.name, "method": r.allocate.method,
                "searched_allocation": searched.get("allocation"), "candidates": searched.get("candidates"),
                "ranks": r.parallel.nproc * r.parallel.nodes, "allocation": allocation, "lr": lr,
-               "zero_shot_accuracy": zero_shot["accuracy"], "final_accuracy": final["accuracy"],
+               "zero_shot_accuracy": zero_shot["accuracy"], "zero_shot_examples": zero_shot["examples"],
+               "final_accuracy": final["accuracy"],
                "trainable_parameters": trained["trainable_parameters"], "stage_seconds": c.timings,
                "train_steps": trained["steps"], "steps_reused": trained.get("resumed_from", 0),
                "budget_seconds": r.campaign.budget_seconds(), "start_margin_seconds": start_margin(),
@@ -467,7 +505,8 @@ def summarise(c: Campaign, allocation: str, lr: float, zero_shot: dict, trained:
         if close:
             print(f"                        (its margin over {', '.join(close)} is within two paired standard "
                   f"errors: the validation set does not resolve the choice)")
-    print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}")
+    part = f" (on {zero_shot['examples']} of {zero_shot['examples_of']})" if "examples_of" in zero_shot else ""
+    print(f"  zero-shot accuracy    {zero_shot['accuracy']:.4f}{part}")
     print(f"  final accuracy        {final['accuracy']:.4f}")
     print(f"  trainable parameters  {trained['trainable_parameters']:,}")
     print(f"  final training        {trained['steps']} steps, the first {summary['steps_reused']} the search's")

@@ -129,6 +129,17 @@ class SearchLoop:
             print(f"[search] {job.name} on {outcome.worker} {outcome.status}: {outcome.reason} (the campaign runs "
                   f"it itself)", file=sys.stderr)
 
+    def stop_spare(self) -> None:
+        """Under a time limit, tell the spare work still running to end with what it finished (a zero-shot
+        evaluation scores part of the split): the search's time is the trials', and the rest of the budget the final
+        run's. Without one, the spare work runs to its end (the campaign would otherwise run it itself)."""
+        if self.args.time_limit is None:
+            return
+        for job in self.spare_running.values():
+            if not job.stop_file.is_file():
+                job.stop_file.touch()
+                tqdm.write(f"[search] no trial left: {job.name} ends with the part it finished")
+
     def trial_dir(self, trial: Trial) -> Path:
         return self.out / "trials" / f"{trial.id:04d}"
 
@@ -253,10 +264,12 @@ class SearchLoop:
                     if job is not None:
                         batch.append((trial, job))
                 self.submit(batch)
-                if not self.runner.running:
+                if len(self.runner.running) == len(self.spare_running):  # no trial running
                     if self.tell_next():  # a finished trial the proposer has not heard of: it may propose again
                         continue
-                    break
+                    if not self.runner.running:
+                        break
+                    self.stop_spare()  # the search is over but for spare work
                 for outcome in self.wait():
                     self.spare_finished(outcome) if outcome.trial_id < 0 else self.record(outcome)
         finally:

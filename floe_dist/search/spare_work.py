@@ -37,6 +37,12 @@ class SpareJob:
     def result(self) -> Path:
         return self.folder / "result.json"
 
+    @property
+    def stop_file(self) -> Path:
+        """Written by the search once it has no trial left to run under a time limit (SearchLoop.stop_spare): the
+        evaluation then ends after its current batch, with the part of the split it finished."""
+        return self.folder / "stop"
+
 
 def evaluation_job(name: str, folder: Path, recipe) -> SpareJob:
     """``recipe``'s evaluation (floe_dist/evaluation.py ``evaluate``) as spare work in ``folder``; a result left there
@@ -46,7 +52,9 @@ def evaluation_job(name: str, folder: Path, recipe) -> SpareJob:
     if evaluation_result(folder, recipe) is None:
         (folder / "result.json").unlink(missing_ok=True)
     write_recipe(folder, recipe)
-    return SpareJob(name, folder)
+    job = SpareJob(name, folder)
+    job.stop_file.unlink(missing_ok=True)
+    return job
 
 
 def evaluation_result(folder: Path, recipe) -> dict | None:
@@ -61,14 +69,15 @@ def evaluation_result(folder: Path, recipe) -> dict | None:
 
 def run_trial(job_dir: Path, resources=None) -> dict:
     """The evaluation of ``JOB_DIR/recipe.yaml``, with the threads it ran on (the campaign scales its duration to
-    its own threads when it keeps time back for the final evaluation). Its backbone is its own, not a warm worker's
-    kept one: the worker's later trials do not carry a second copy."""
+    its own threads when it keeps time back for the final evaluation); it stops early once ``JOB_DIR/stop`` exists.
+    Its backbone is its own, not a warm worker's kept one: the worker's later trials do not carry a second copy."""
     import torch
 
     from floe_dist.evaluation import evaluate
     from floe_dist.recipe import read_recipe
 
-    result = evaluate(read_recipe(job_dir / "recipe.yaml"))
+    stop_file = SpareJob("", job_dir).stop_file
+    result = evaluate(read_recipe(job_dir / "recipe.yaml"), stop=stop_file.is_file)
     return {**result, "threads": torch.get_num_threads()}
 
 

@@ -198,3 +198,38 @@ def test_the_final_evaluation_is_kept_back_for_a_root_speed_up_of_the_threads_it
     assert eval_scale(1, 2) == pytest.approx(0.7071, abs=1e-4)
     assert eval_scale(1, 16) == pytest.approx(0.25)
     assert eval_scale(2, 2) == eval_scale(4, 2) == 1.0
+
+
+def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_at_most(tmp_path):
+    """Run by the campaign itself (no spare worker), the zero-shot evaluation ends past ``campaign.zero_shot_share``
+    of the budget with the part it scored, and keeps back the whole split's seconds, scaled up from that part's pace,
+    for the final one. Without a budget it scores every example."""
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from launcher.campaign import Campaign, whole_split_seconds
+
+    recipe = load_recipe("tiny")
+    recipe = replace(recipe, evaluate=replace(recipe.evaluate, limit=40, batch_size=4))
+    c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="100", zero_shot_share=1e-4)),
+                 str(tmp_path / "budget"))
+    part = c.zero_shot(c.recipe)
+    assert (part["examples"], part["examples_of"]) == (4, 40)  # the first batch, then the deadline had passed
+    fixed = part["seconds"] - part["scoring_seconds"]  # loading, reading the split, the chunk cut short
+    assert c.eval_reserve == whole_split_seconds(part) == pytest.approx(fixed + part["seconds_per_example"] * 40)
+    # a search worker's evaluation stopped early is scaled at its own pace or the trials' validation pace if faster
+    assert whole_split_seconds(part, pace=part["seconds_per_example"] / 2) == pytest.approx(
+        fixed + part["seconds_per_example"] * 20)
+    assert whole_split_seconds(part, pace=part["seconds_per_example"] * 2) == c.eval_reserve
+    whole = Campaign(recipe, str(tmp_path / "none")).zero_shot(recipe)
+    assert whole["examples"] == 40 and "examples_of" not in whole
+
+
+def test_the_trials_validation_pace_is_their_median_seconds_an_example(tmp_path):
+    from launcher.campaign import validation_pace
+
+    search_file = tmp_path / "search.json"
+    assert validation_pace(search_file) is None  # no search ran
+    trials = [{"metrics": {"eval_seconds": s, "val_examples": 100}} for s in (20.0, 30.0, 25.0)]
+    search_file.write_text(json.dumps({"trials": [*trials, {"metrics": None}, {"metrics": {"cost": 1.0}}]}))
+    assert validation_pace(search_file) == pytest.approx(0.25)

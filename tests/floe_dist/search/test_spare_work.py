@@ -72,3 +72,17 @@ def test_a_spare_evaluation_counts_only_for_the_recipe_it_ran(tmp_path):
     assert evaluation_result(job.folder, other) is None
     evaluation_job("the zero-shot evaluation", job.folder, other)
     assert not job.result.exists()
+
+
+def test_under_a_time_limit_spare_work_ends_with_the_trials(tmp_path, monkeypatch):
+    """With a time limit the search's seconds are the trials': once none is left, the spare work still running is
+    told to stop (a zero-shot evaluation keeps the part it scored). Without one it runs to its end."""
+    monkeypatch.setenv("SPARE_UNTIL_STOP", "60")
+    job = SpareJob("toy work", tmp_path / "job", "tests.spare_toy")
+    ledger = search(tmp_path / "limited", [job], max_trials=1, time_limit=600)
+    (done,) = ledger["summary"]["spare_work"]
+    assert done["status"] == "success" and json.loads(job.result.read_text())["stopped"]
+    monkeypatch.setenv("SPARE_UNTIL_STOP", "3")
+    job = SpareJob("toy work", tmp_path / "job2", "tests.spare_toy")
+    search(tmp_path / "unlimited", [job], max_trials=1)
+    assert not json.loads(job.result.read_text())["stopped"] and not job.stop_file.exists()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from floe_dist.data import Example, collate, encode
-from floe_dist.evaluation import accuracy, choice_loss, choice_scores
+from floe_dist.evaluation import accuracy, answer_nlls, choice_loss, choice_scores
+from floe_dist.generation import generate, longest_first
 from floe_dist.modeling.answer_lm import AnswerLM
 from floe_dist.modeling.backbone import load_backbone, load_tokenizer
 from tests.conftest import run_floe, run_here
@@ -41,6 +42,22 @@ def test_choice_scores_equal_full_logit_log_likelihood(tiny_model_dir):
     assert abs(choice_loss([[0.0, math.log(3)], [0.0, -50.0, -50.0]], examples[:2]) - math.log(4 / 3) / 2) < 1e-9
 
 
+def test_batches_run_longest_first_and_results_come_back_in_order(tiny_model_dir):
+    tok, lm = load_tokenizer(tiny_model_dir), load_backbone(tiny_model_dir)
+    assert longest_first([2, 5, 1, 5, 3]) == [1, 3, 4, 0, 2]
+    prompts = ["Q: one?\nA:", "Q: a rather longer question than the first one, about seven?\nA:", "Q: two?\nA:",
+               "Q: a question of middling length?\nA:", "Q: the longest question here, " * 3 + "eight?\nA:"]
+    examples = [Example(p, (f" {i}",), 0) for i, p in enumerate(prompts)]
+    cpu = torch.device("cpu")
+    batched = answer_nlls(AnswerLM(lm).eval(), tok, examples, batch_size=2, max_length=64, device=cpu)
+    alone = [answer_nlls(AnswerLM(lm).eval(), tok, [e], batch_size=1, max_length=64, device=cpu)[0] for e in examples]
+    assert [n for _, n in batched] == [n for _, n in alone]
+    assert [nll for nll, _ in batched] == pytest.approx([nll for nll, _ in alone], abs=1e-4)
+    written = generate(lm, tok, prompts, max_new_tokens=4, stop=[], batch_size=2, max_length=64, device=cpu)
+    assert written == [generate(lm, tok, [p], max_new_tokens=4, stop=[], batch_size=1, max_length=64,
+                                device=cpu)[0] for p in prompts]
+
+
 def answer_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain definition: cross-entropy of every labelled token from full logits (B, T, V)."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -66,3 +83,28 @@ def test_evaluate_command_and_its_errors(tmp_path):
     assert proc.returncode == 2 and "not a complete floe-dist export" in proc.stderr
     proc = run_here(["evaluate", "--model", str(tmp_path / "nomodel")])
     assert proc.returncode == 2 and "not a known name" in proc.stderr
+
+
+def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
+    """``stop`` asked before each batch after the first: the chunks finished count (one batch, then STOP_CHUNK
+    batches each), drawn in a random order, and their scores are the full evaluation's for those examples."""
+    from dataclasses import replace
+    from itertools import count
+
+    import numpy as np
+
+    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm
+    from floe_dist.recipe import load_recipe
+
+    recipe = load_recipe("tiny")
+    recipe = replace(recipe, evaluate=replace(recipe.evaluate, limit=40, batch_size=4))
+    tok, lm, cpu = load_tokenizer(tiny_model_dir), load_backbone(tiny_model_dir), torch.device("cpu")
+    full = evaluate_lm(recipe, lm, tok, cpu, per_example=True)
+    asked = count(1)
+    stopped = evaluate_lm(recipe, lm, tok, cpu, stop=lambda: next(asked) > STOP_CHUNK)  # true in the third chunk
+    assert (stopped["examples"], stopped["examples_of"]) == (4 + 4 * STOP_CHUNK, 40)
+    part = np.random.default_rng(0).permutation(40)[:stopped["examples"]]
+    assert stopped["choice_loss"] == pytest.approx(np.mean([full["example_losses"][i] for i in part]), abs=1e-4)
+    assert "examples_of" not in evaluate_lm(recipe, lm, tok, cpu, stop=lambda: False)
+    with pytest.raises(ValueError, match="one process, without per-example"):
+        evaluate_lm(recipe, lm, tok, cpu, per_example=True, stop=lambda: False)
