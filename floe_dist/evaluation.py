@@ -95,7 +95,7 @@ def choice_scores_until(model: AnswerLM, tokenizer, examples: list[Example], bat
         if chunk is None:
             break
         scores, seconds = scores + chunk, seconds + time.perf_counter() - began
-    return scores, seconds / len(scores)
+    return scores, seconds / max(len(scores), 1)
 
 
 def choice_errors(scores: list[list[float]], examples: list[Example]) -> list[float]:
