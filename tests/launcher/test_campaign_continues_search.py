@@ -200,29 +200,39 @@ def test_the_final_evaluation_is_kept_back_for_a_root_speed_up_of_the_threads_it
     assert eval_scale(2, 2) == eval_scale(4, 2) == 1.0
 
 
-def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_at_most(tmp_path):
-    """Run by the campaign itself (no spare worker), the zero-shot evaluation ends past ``campaign.zero_shot_share``
-    of the budget with the part it scored, and keeps back the whole split's seconds, scaled up from that part's pace,
-    for the final one. Without a budget it scores every example."""
+def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_at_most(tmp_path, monkeypatch):
+    """Run by the campaign itself (no spare worker), the zero-shot evaluation ends once ``campaign.zero_shot_share``
+    of the budget has passed (a clock that jumps 100 s at every reading: past it when first asked, after the first
+    batch) with the part it scored, and keeps back the whole split's seconds for the final one. Without a budget it
+    scores every example."""
+    import itertools
+    import types
     from dataclasses import replace
 
+    import launcher.campaign
     from floe_dist.recipe import load_recipe
     from launcher.campaign import Campaign, whole_split_seconds
 
     recipe = load_recipe("tiny")
     recipe = replace(recipe, evaluate=replace(recipe.evaluate, limit=40, batch_size=4))
-    c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="100", zero_shot_share=1e-4)),
-                 str(tmp_path / "budget"))
+    readings = itertools.count(step=100.0)
+    monkeypatch.setattr(launcher.campaign, "time", types.SimpleNamespace(time=lambda: next(readings)))
+    c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="100")), str(tmp_path / "budget"))
     part = c.zero_shot(c.recipe)
-    assert (part["examples"], part["examples_of"]) == (4, 40)  # the first batch, then the deadline had passed
-    fixed = part["seconds"] - part["scoring_seconds"]  # loading, reading the split, the chunk cut short
-    assert c.eval_reserve == whole_split_seconds(part) == pytest.approx(fixed + part["seconds_per_example"] * 40)
-    # a search worker's evaluation stopped early is scaled at its own pace or the trials' validation pace if faster
-    assert whole_split_seconds(part, pace=part["seconds_per_example"] / 2) == pytest.approx(
-        fixed + part["seconds_per_example"] * 20)
-    assert whole_split_seconds(part, pace=part["seconds_per_example"] * 2) == c.eval_reserve
+    assert (part["examples"], part["examples_of"]) == (4, 40)  # the first batch; then the share had passed
+    assert c.eval_reserve == whole_split_seconds(part)
     whole = Campaign(recipe, str(tmp_path / "none")).zero_shot(recipe)
     assert whole["examples"] == 40 and "examples_of" not in whole
+
+
+def test_a_stopped_evaluation_is_scaled_to_the_whole_split_at_the_faster_of_two_paces():
+    """Its loading and reading, then every example at its own pace, or at the trials' validation pace if faster."""
+    from launcher.campaign import whole_split_seconds
+
+    part = {"seconds": 12.0, "scoring_seconds": 10.0, "seconds_per_example": 0.5, "examples": 16, "examples_of": 40}
+    assert whole_split_seconds(part) == whole_split_seconds(part, pace=1.0) == 2.0 + 0.5 * 40
+    assert whole_split_seconds(part, pace=0.25) == 2.0 + 0.25 * 40
+    assert whole_split_seconds({"seconds": 12.0, "examples": 40}) == 12.0  # not stopped: its own seconds
 
 
 def test_the_trials_validation_pace_is_their_median_seconds_an_example(tmp_path):
