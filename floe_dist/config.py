@@ -37,7 +37,7 @@ def below_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> list[str]:
     return [f"{key(n)} must be >= 1, got {getattr(obj, n)}" for n in names if getattr(obj, n) < 1]
 
 
-DURATION_FORMS = "seconds (900), 900s, 45m, 2h, 1h30m or Slurm's H:MM:SS"
+DURATION_FORMS = "seconds (900), 900s, 45m, 2h, 1h30m or Slurm's H:MM:SS and D-HH:MM:SS"
 
 
 def duration_seconds(text: str, key: str) -> float:
@@ -49,6 +49,11 @@ def duration_seconds(text: str, key: str) -> float:
         return float(value)
     if re.fullmatch(r"\d+(:\d\d){1,2}", value):  # Slurm's --time: M:SS or H:MM:SS
         return float(sum(int(p) * 60 ** i for i, p in enumerate(reversed(value.split(":")))))
+    days = re.fullmatch(r"(\d+)-(\d+)((?::\d\d){0,2})", value)  # Slurm's D-H, D-H:MM, D-H:MM:SS (squeue's %L)
+    if days:
+        rest = [int(p) for p in days.group(3).split(":")[1:]]
+        return float(int(days.group(1)) * 86400 + int(days.group(2)) * 3600 + sum(
+            p * 60 ** (1 - i) for i, p in enumerate(rest)))
     number = r"(\d+(?:\.\d+)?)\s*"
     match = re.fullmatch(rf"(?:{number}h\s*)?(?:{number}m\s*)?(?:{number}s)?", value)
     if not value or match is None:

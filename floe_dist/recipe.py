@@ -572,10 +572,11 @@ class PlanSection:
 @dataclass
 class CampaignSection:
     """campaign: what the whole campaign may spend"""
-    budget: Duration = arg("", "wall-clock budget of the whole campaign, spent in full: 900 (seconds), 45m, 2h, 1h30m or "
-                          "H:MM:SS. The search gets search_share of what zero-shot and allocation leave, the final run "
-                          "the rest, its steps set from its measured speed (train.steps then sets only the warm-up); "
-                          "empty: train.steps")
+    budget: Duration = arg("", "wall-clock budget of the whole campaign, spent in full: 900 (seconds), 45m, 2h, 1h30m, "
+                          "H:MM:SS, or job (inside an sbatch job: the time it has left, less a minute to end in). The "
+                          "search gets search_share of what zero-shot and allocation leave, the final run the rest, "
+                          "its steps set from its measured speed (train.steps then sets only the warm-up); empty: "
+                          "train.steps")
     search_share: float = arg(0.3, "with budget: the search's share of the time zero-shot and allocation leave")
     zero_shot: Literal["spare", "first"] = arg(
         "spare", "when the zero-shot evaluation runs: spare (on a search worker that has no trial to run, where the "
@@ -585,7 +586,15 @@ class CampaignSection:
                                       "may take; it then ends with the part of the test split it scored (multiple "
                                       "choice; on a search worker it ends when the trials do)", resume="runs")
 
+    @property
+    def from_job(self) -> bool:
+        """``budget: job``: the Slurm job's time left, which the campaign reads when it starts (launcher/campaign.py
+        ``budget_in_job``) and writes here in seconds."""
+        return self.budget.strip().lower() == "job"
+
     def budget_seconds(self) -> float | None:
+        if self.from_job:
+            raise ValueError("campaign.budget job is the Slurm job's time left: known once the campaign runs in it")
         return duration_seconds(self.budget, "campaign.budget") if self.budget.strip() else None
 
     def problems(self) -> list[str]:
@@ -593,10 +602,12 @@ class CampaignSection:
                                                        f"{self.search_share}"]
         if not 0 < self.zero_shot_share <= 1:
             found.append(f"campaign.zero_shot_share must be in (0, 1], got {self.zero_shot_share}")
+        if self.from_job:
+            return found
         try:
             seconds = self.budget_seconds()
         except ValueError as err:
-            return found + [str(err)]
+            return found + [f"{err}, or job (an sbatch job's time left)"]
         return found + ([] if seconds is None or seconds > 0 else ["campaign.budget must be > 0"])
 
 

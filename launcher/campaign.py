@@ -43,6 +43,7 @@ DEPENDS["final_eval"] = DEPENDS["train"] + EVALUATION
 # logged, and the budget: it moves where training ends, not what a finished stage did (a resumed campaign takes it).
 HOW_TO_RUN = (marked("runs", "observes") - {"parallel.nproc", "parallel.nodes"}) | {"campaign.budget",
                                                                                    "campaign.search_share"}
+JOB_END_MARGIN = 60.0  # of an sbatch job's time left, kept for the campaign to end in: summary, srun steps' teardown
 START_MARGIN = 8.0  # seconds a launched stage takes to start its processes before its own clock runs (4 s measured)
 FORKED_START_MARGIN = 2.0  # the same forked from the zygote (the tiny campaign's whole final run: 1.8 s, measured)
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
@@ -194,7 +195,8 @@ def problems(recipe: Recipe) -> list[str]:
             searched_allocations(recipe)
         except ValueError as err:
             problems.append(str(err))
-    budget = None if recipe.campaign.problems() else recipe.campaign.budget_seconds()  # search_share in [0, 1) too
+    c = recipe.campaign  # search_share in [0, 1) too; a job's budget is checked once read (budget_in_job)
+    budget = None if c.problems() or c.from_job else c.budget_seconds()
     least = smallest_budget(recipe) if budget is not None else 0.0
     if budget is not None and budget < least:
         problems.append(f"campaign.budget {recipe.campaign.budget} ({budget:.0f}s) cannot hold the smallest trial and "
@@ -294,6 +296,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
     from floe_dist.search.spare_work import evaluation_job
     from floe_dist.stages.search import run as search
 
+    recipe = budget_in_job(recipe, Path(output))
     validate(recipe)
     c = Campaign(recipe, output)
     check_finished_stages(c.out, recipe)
@@ -413,6 +416,52 @@ def fits_one_device(model, copies: int = 1) -> bool:
     return need <= 0.8 * psutil.virtual_memory().available
 
 
+def finished_seconds(out: Path) -> float:
+    """What the stages finished in ``out`` took (``Campaign.spent`` before they are read)."""
+    return sum(json.loads((out / f).read_text()).get("_seconds", 0.0) for f in RESULT_FILES.values()
+               if (out / f).is_file())
+
+
+def budget_in_job(recipe: Recipe, out: Path) -> Recipe:
+    """Inside an sbatch job, the budget against the job's time limit, before any stage: ``campaign.budget job``
+    becomes what the job has left (less ``JOB_END_MARGIN``) on top of what the stages finished in ``out`` took (a
+    requeued job's earlier runs), in seconds; a duration that would outlast the job is refused, since Slurm would
+    kill the final run or its evaluation."""
+    from launcher.cluster import job_seconds_left
+
+    c, job = recipe.campaign, os.environ.get("SLURM_JOB_ID")
+    if not c.from_job and not (job and c.budget.strip() and not c.problems()):
+        return recipe
+    if not job:
+        raise ValueError("campaign.budget job spends the time an sbatch job has left: run the campaign in one "
+                         "(floe-dist slurm --template campaign), or give a duration such as 2h")
+    try:
+        left = job_seconds_left(job)
+    except (ValueError, FileNotFoundError):
+        if c.from_job:
+            raise
+        return recipe  # a duration, where the job's limit cannot be read: as outside a job
+    if left is None:
+        if c.from_job:
+            raise ValueError(f"campaign.budget job: Slurm job {job} has no time limit; give a duration such as 2h")
+        return recipe
+    spent = finished_seconds(out)
+    if c.from_job:
+        if left <= JOB_END_MARGIN:
+            raise ValueError(f"campaign.budget job: Slurm job {job} has {left:.0f}s left, no more than the "
+                             f"{JOB_END_MARGIN:.0f}s the campaign keeps to end in")
+        print(f"[campaign] campaign.budget job: Slurm job {job} has {left:.0f}s left; the campaign spends "
+              f"{left - JOB_END_MARGIN:.0f}s of it ({JOB_END_MARGIN:.0f}s kept to end in)"
+              + (f", on top of the {spent:.0f}s its finished stages took" if spent else ""))
+        return replace(recipe, campaign=replace(c, budget=f"{spent + left - JOB_END_MARGIN:.0f}"))
+    to_spend = c.budget_seconds() - spent
+    if to_spend > left - JOB_END_MARGIN:
+        raise ValueError(f"campaign.budget {c.budget} leaves {to_spend:.0f}s to spend, but Slurm job {job} ends in "
+                         f"{left:.0f}s ({JOB_END_MARGIN:.0f}s of it kept to end in): give sbatch a longer --time, a "
+                         f"smaller budget, or campaign.budget job")
+    return recipe
+
+
 def budgeted(recipe: Recipe, out: Path) -> Recipe:
     """With ``campaign.budget``, the warm-up fixed in steps (``warmup_ratio`` x ``train.steps``) before anything
     trains: the trials and the final run, whose length the budget sets later, then share it. A resumed campaign
@@ -421,8 +470,7 @@ def budgeted(recipe: Recipe, out: Path) -> Recipe:
     record = out / "budget.json"
     before = json.loads(record.read_text()) if record.is_file() else {"budget": c.budget}
     if before["budget"] != c.budget:
-        spent = sum(json.loads((out / f).read_text()).get("_seconds", 0.0) for f in RESULT_FILES.values()
-                    if (out / f).is_file())
+        spent = finished_seconds(out)
         left = {k: f"{s - spent:.0f}s" if s else "train.steps" for k, s in
                 (("before", before.get("seconds")), ("now", c.budget_seconds()))}
         print(f"[campaign] campaign.budget changed from {before['budget'] or 'none'} to {c.budget or 'none'}: after "

@@ -46,6 +46,24 @@ def slurm_hosts(nodelist: str | None = None) -> list[str]:
     return hosts
 
 
+def job_seconds_left(job_id: str | None = None) -> float | None:
+    """Seconds the Slurm job (this one, ``SLURM_JOB_ID``) has left before its time limit, as squeue reports it
+    (``%L``: a limit raised with ``scontrol update`` counts); None for a job without a limit."""
+    from floe_dist.config import duration_seconds
+
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise ValueError("not inside a Slurm job (SLURM_JOB_ID is unset)")
+    squeue = need_command("squeue", "reading the job's time left needs the Slurm client")
+    proc = subprocess.run([squeue, "--noheader", "--jobs", job_id, "--format", "%L"], capture_output=True, text=True)
+    left = proc.stdout.strip()
+    if proc.returncode != 0 or not left:
+        raise ValueError(f"squeue could not tell the time Slurm job {job_id} has left: {proc.stderr.strip()}")
+    if left in ("UNLIMITED", "NOT_SET"):
+        return None
+    return duration_seconds(left, f"the time Slurm job {job_id} has left (squeue)")
+
+
 def render_hostfile(hosts: list[str], slots: int) -> str:
     """DeepSpeed's hostfile: ``host slots=N`` per line."""
     if slots < 1:

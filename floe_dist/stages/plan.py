@@ -353,7 +353,10 @@ def run(recipe: Recipe, output: str | None = OUTPUT) -> dict:
     print(f"  {result['tokens_per_step']:,} tokens/step, ~{result['seconds_per_step']:.2f} s/step at MFU {args.mfu}")
     for tip in result["advice"]:
         print(f"  to fit: {tip}")
-    budget = recipe.campaign.budget_seconds()
+    budget = None if recipe.campaign.from_job else recipe.campaign.budget_seconds()
+    if recipe.campaign.from_job:
+        print("  campaign.budget job: the search's and the final run's shares are set from the time the sbatch job "
+              "has left when the campaign starts")
     if budget:
         result["budget"] = budget_split(budget, recipe.campaign.search_share, result["seconds_per_step"])
         b = result["budget"]

@@ -72,6 +72,23 @@ def test_requeued_training_resumes_the_same_loss_curve(slurm, uninterrupted_run,
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
 
 
+def test_a_job_budget_reads_the_time_the_job_has_left(slurm, tmp_path):
+    """``campaign.budget job`` inside a real job of 5 minutes: squeue's time left, less the minute kept to end in."""
+    code = ("from pathlib import Path; from floe_dist.recipe import load_recipe; from launcher.campaign import "
+            "budget_in_job; print('budget', budget_in_job(load_recipe('tiny', ['--campaign.budget', 'job']), "
+            "Path('none')).campaign.budget)")
+    log = tmp_path / "job.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--time=00:05:00", f"--chdir={REPO}", f"--output={log}",
+                           f"--wrap={shlex.quote(sys.executable)} -c {shlex.quote(code)}"],
+                          capture_output=True, text=True, check=True)
+    state = wait_for(proc.stdout.strip().split(";")[0])
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+    budget = float(text.split("budget ")[-1])
+    assert 300 - 60 - 30 < budget <= 300 - 60, text  # read within 30 s of the job's start
+    assert "campaign.budget job: Slurm job" in text
+
+
 def test_hostfile_from_a_slurm_node_list(slurm, tmp_path):
     assert slurm_hosts("node[1-2]") == ["node1", "node2"]
     path = tmp_path / "hostfile"

@@ -133,6 +133,11 @@ def test_plan_shows_how_a_campaign_budget_splits(tmp_path):
         0.7 * 86400)
     assert result["budget"]["train_steps"] == int(0.7 * 86400 / result["seconds_per_step"])
     assert "campaign.budget 24h (86400 s): the search at most 25920 s" in proc.stdout
+    proc = run_here(["plan", "--config", "recipes/llama3-70b-2node.yaml", "--campaign.budget", "job", "--output",
+                     str(out)])  # an sbatch job's time left: known when the campaign starts in it
+    assert proc.returncode == 0 and "budget" not in json.loads(out.read_text())
+    assert "campaign.budget job: the search's and the final run's shares are set from the time the sbatch job has " \
+           "left when the campaign starts" in proc.stdout
 
 
 def test_evaluation_memory_follows_the_training_partitioning():
