@@ -3,6 +3,8 @@
 they never saw.
 
     python benchmarks/dev_tasks.py siqa runs/siqa.jsonl     # Social IQa, 1,954 questions, 3 answers each
+    python benchmarks/dev_tasks.py piqa runs/piqa.jsonl     # PIQA, 1,838 goals, 2 solutions each
+    python benchmarks/dev_tasks.py sciq runs/sciq.jsonl     # SciQ, 1,000 science questions, 4 answers each
 """
 from __future__ import annotations
 
@@ -20,7 +22,24 @@ def _siqa(row: dict) -> dict:
             "choices": [f" {row[k]}" for k in ("answerA", "answerB", "answerC")], "label": int(row["label"]) - 1}
 
 
-DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa)}
+def _piqa(row: dict) -> dict:
+    return {"prompt": f"Question: {row['goal']}\nAnswer:", "choices": [f" {row['sol1']}", f" {row['sol2']}"],
+            "label": int(row["label"])}
+
+
+def _sciq(row: dict) -> dict:
+    """The correct answer among the three distractors at a place drawn from the question (the file keeps it last)."""
+    import zlib
+
+    answers = [row["distractor1"], row["distractor2"], row["distractor3"]]
+    label = zlib.crc32(row["question"].encode()) % 4
+    answers.insert(label, row["correct_answer"])
+    return {"prompt": f"Question: {row['question']}\nAnswer:", "choices": [f" {a}" for a in answers], "label": label}
+
+
+DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa),
+             "piqa": ("piqa/plain_text/validation/data-00000-of-00001.arrow", _piqa),
+             "sciq": ("sciq/none/validation/data-00000-of-00001.arrow", _sciq)}
 
 
 def write_task(name: str, path: Path) -> int:

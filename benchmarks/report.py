@@ -292,6 +292,35 @@ def adapter_targets(d):
                   "train stage seconds per final step", "adapter params", "campaign wall"], per_run + means)
 
 
+def search_pays(d):
+    """Per task and seed: the searched campaign's accuracy, choice and final steps beside the unsearched one's; then
+    per task each arm's mean and the paired difference with its standard error."""
+    from statistics import mean, stdev
+
+    of: dict[tuple[str, int], dict[str, dict]] = {}  # (task, seed) -> arm -> its campaign, in the file's order
+    for r in d["rows"]:
+        of.setdefault((r["task"], r["seed"]), {})[r["arm"]] = r["campaign"]
+    rows, by_task = [], {}
+    for (task, seed), arms in of.items():
+        s, n = arms.get("searched"), arms.get("no search")
+        rows.append([task, seed] + [f"{100 * s['accuracy']:.1f}%", f"r={s['rank']}, lr {s['lr']:.1e}",
+                                    f"{s['train_steps']} ({s['steps_reused']} the search's)",
+                                    f"{s['stage_seconds'].get('search', 0):.0f} s", f"{s['wall_s']:.0f} s"]
+                    + [f"{100 * n['accuracy']:.1f}%", str(n["train_steps"]), f"{n['wall_s']:.0f} s"]
+                    + [f"{100 * (s['accuracy'] - n['accuracy']):+.1f}"])
+        by_task.setdefault(task, []).append((s, n))
+    for task, pairs in by_task.items():
+        diffs = [100 * (s["accuracy"] - n["accuracy"]) for s, n in pairs]
+        se = stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        rows.append([f"**{task}**", "mean", f"**{mean_std_pct([s['accuracy'] for s, _ in pairs])}**", "",
+                     f"{mean(s['train_steps'] for s, _ in pairs):.0f}", "", "",
+                     f"**{mean_std_pct([n['accuracy'] for _, n in pairs])}**",
+                     f"{mean(n['train_steps'] for _, n in pairs):.0f}", "",
+                     f"**{mean(diffs):+.1f}** (s.e. {se:.1f})"])
+    return table(["task", "seed", "searched: accuracy", "its choice", "final steps", "search stage", "wall",
+                  "no search: accuracy", "final steps", "wall", "searched − no search (points)"], rows)
+
+
 def search_fidelity(d):
     """Per seed and configuration: the search's validation cost at each trial length, and the long run's test
     accuracy; then, per seed, the configuration each length would choose."""
@@ -670,6 +699,7 @@ TABLES = {
     "nf4-cpu-path": ("nf4_cpu_path", nf4_cpu_path),
     "campaign-vs-peft": ("campaign_vs_peft", campaign_vs_peft),
     "adapter-targets": ("adapter_targets", adapter_targets),
+    "search-pays": ("search_pays", search_pays),
     "campaign-vs-peft-rungs": ("campaign_vs_peft_rungs", campaign_vs_peft),
     "campaign-vs-peft-now": ("campaign_vs_peft_now", campaign_vs_peft),
     "campaign-vs-peft-arithmetic": ("campaign_vs_peft_arithmetic", campaign_vs_peft),

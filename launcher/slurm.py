@@ -25,6 +25,7 @@ from launcher.cluster import DeepSpeedLauncher, need_command, render_hostfile, s
 
 CLI_SCRIPT = Path(__file__).with_name("cli.py")  # the `floe-dist` entry point as a script
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+JOB_START = 60.0  # seconds into a job before the campaign reads its time left: the interpreter's start and imports
 
 
 @dataclass
@@ -76,8 +77,39 @@ class SlurmArgs:
             problems.append("--launch deepspeed applies to the train template (a campaign starts its stages with srun)")
         if "--output" in shlex.split(self.args):
             problems.append("--args must not set --output: the run folder is --output of this command")
+        if self.template == "campaign" and not problems:
+            problems += self.budget_problems()
         if problems:
             raise ValueError("bad slurm arguments:\n  - " + "\n  - ".join(problems))
+
+
+    def budget_problems(self) -> list[str]:
+        """A campaign's budget that --time cannot hold, refused now rather than when the job starts after its wait in
+        the queue (launcher/campaign.py ``budget_in_job``): the campaign starts up to ``JOB_START`` seconds into the
+        job and keeps ``JOB_END_MARGIN`` to end in."""
+        from floe_dist.recipe import load_recipe
+        from launcher.campaign import JOB_END_MARGIN
+
+        try:
+            c = load_recipe(self.recipe, shlex.split(self.args)).campaign
+        except ValueError:
+            return []  # the job's campaign names its recipe's problems itself
+        if c.from_job or c.problems() or not c.budget.strip():
+            return []
+        need, limit = c.budget_seconds() + JOB_END_MARGIN + JOB_START, slurm_seconds(self.time)
+        if limit >= need:
+            return []
+        minutes = -(-int(need) // 60)
+        return [f"--time {self.time} ({limit:.0f}s) cannot hold campaign.budget {c.budget} ({c.budget_seconds():.0f}s) "
+                f"with the campaign's start and end ({JOB_START:.0f}s and {JOB_END_MARGIN:.0f}s): give --time "
+                f"{minutes // 60}:{minutes % 60:02d}:00 or more, or --campaign.budget job"]
+
+
+def slurm_seconds(time: str) -> float:
+    """sbatch's --time in seconds: a bare number is minutes there."""
+    from floe_dist.config import duration_seconds
+
+    return 60.0 * int(time) if time.isdigit() else duration_seconds(time, "--time")
 
 
 def recipe_defaults(recipe) -> dict:

@@ -87,3 +87,17 @@ def test_a_budget_the_job_cannot_hold_or_a_job_budget_outside_a_job_is_refused_b
     assert not out.exists() and len(job.calls()) == 2
     proc = run_here([*tiny, "--campaign.budget", "2d"])
     assert proc.returncode == 2 and "or job (an sbatch job's time left)" in proc.stderr and not out.exists()
+
+
+def test_an_sbatch_script_whose_time_cannot_hold_the_campaigns_budget_is_refused_when_rendered(tmp_path):
+    """Before the job waits in the queue: --time must hold the budget, the campaign's start and its end."""
+    render = ["slurm", "--action", "render", "--template", "campaign", "--nodes", "1", "--tasks-per-node", "1",
+              "--gpus-per-node", "0", "--output", str(tmp_path)]
+    proc = run_here([*render, "--time", "02:00:00", "--args=--config tiny --campaign.budget 2h"])
+    assert proc.returncode == 2 and "--time 02:00:00 (7200s) cannot hold campaign.budget 2h (7200s) with the " \
+        "campaign's start and end (60s and 60s): give --time 2:02:00 or more, or --campaign.budget job" in proc.stderr
+    assert not (tmp_path / "campaign.sbatch").exists()
+    proc = run_here([*render, "--time", "30", "--args=--config tiny --campaign.budget 20m"])  # sbatch: 30 minutes
+    assert proc.returncode == 0 and "#SBATCH --time=30" in (tmp_path / "campaign.sbatch").read_text()
+    for fits in ("--time 2:02:00 --args=--campaign.budget=2h", "--time 1:00:00 --args=--campaign.budget=job"):
+        assert run_here([*render, *fits.split()]).returncode == 0
