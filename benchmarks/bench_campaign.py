@@ -55,6 +55,12 @@ def final_run_timing(train_dir: Path) -> dict:
             **{key: summary.get(key) for key in ("closing_seconds", "longest_save_seconds")}}
 
 
+# what the zero-shot evaluation scored and took, and what it kept back for the final evaluation (a stopped one's
+# part of the split, its pace and tokens: launcher/campaign.py whole_split_seconds)
+ZERO_SHOT_KEYS = ("examples", "examples_of", "seconds", "scoring_seconds", "seconds_per_example", "scored_tokens",
+                  "split_tokens", "threads", "reserve_seconds")
+
+
 def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "campaign"
@@ -67,6 +73,7 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
         searched = out / "search" / "search.json"
         ledger = json.loads(searched.read_text()) if searched.is_file() else None
         timing = final_run_timing(out / "train")
+        zero_shot = json.loads((out / "zero_shot.json").read_text())
     layers = sorted(int(layer) for layer in allocation["layers"])
     ranks = sorted({max(m["ranks"]) for mods in allocation["layers"].values() for m in mods.values()})
     row = {"recipe": recipe, "model": summary["model"], "task": summary["task"], "ranks": summary["ranks"],
@@ -74,7 +81,8 @@ def run_campaign(recipe: str, overrides: list[str] = ()) -> dict:
            "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
            "trainable_parameters": summary["trainable_parameters"], "stage_seconds": summary["stage_seconds"],
            "wall_s": wall, "budget_s": summary.get("budget_seconds"), "train_steps": summary.get("train_steps"),
-           "steps_reused": summary.get("steps_reused"), **timing}
+           "steps_reused": summary.get("steps_reused"), **timing,
+           "zero_shot_eval": {k: zero_shot.get(k) for k in ZERO_SHOT_KEYS}}
     if ledger:
         search = ledger["summary"]
         row["search"] = {k: search.get(k) for k in ("allocation", "rank", "lr", "trials", "trained_steps",

@@ -753,6 +753,7 @@ TABLES = {
     "campaign-budgets-sst2": ("campaign_sst2_small_budgets", campaign_repeat),
     "campaign-siqa-reserve": ("campaign_siqa_reserve", campaign_repeat),
     "campaign-siqa-stop": ("campaign_siqa_stop", campaign_repeat),
+    "campaign-piqa-tokens": ("campaign_piqa_tokens", campaign_repeat),
     "campaign-budget400-stage-start": ("campaign_sst2_budget400_stage_start", campaign_repeat),
     "campaign-sst2-budget500-stop": ("campaign_sst2_budget500_stop", campaign_repeat),
     "campaign-length-chat": ("campaign_chat_retimed", campaign_length),

@@ -36,6 +36,42 @@ def dummy_forward(model, tokenizer, device) -> Callable[[], object]:
 STOP_CHUNK = 4  # batches: an evaluation that may stop goes in chunks of this many, each taken longest first
 
 
+def scoring_plan(tokenizer, examples: list[Example], max_length: int, share_prompts: bool = True
+                 ) -> tuple[list[tuple[int, list[int], list[list[int]]]], list[tuple[int, int]], list[int]]:
+    """How ``choice_scores`` takes ``examples``: (example, prompt ids, choices' ids) whose prompt runs once for every
+    choice, longest first; then (example, choice) pairs scored one sequence each (a prompt cut to fit, or none),
+    longest first, with their lengths."""
+    tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    shared, pairs, pair_lengths = [], [], []
+    for i, ex in enumerate(examples):
+        prompt, answers = tokens(ex.prompt) if ex.prompt else [], [tokens(c) for c in ex.choices]
+        if share_prompts and prompt and len(prompt) + max(len(a) for a in answers) <= max_length:
+            shared.append((i, prompt, answers))
+        else:
+            pairs += [(i, c) for c in range(len(ex.choices))]
+            pair_lengths += [len(prompt) + len(a) for a in answers]
+    shared = [shared[k] for k in longest_first([len(p) + max(map(len, a)) for _, p, a in shared])]
+    order = longest_first(pair_lengths)
+    return shared, [pairs[k] for k in order], [pair_lengths[k] for k in order]
+
+
+def padded_tokens(tokenizer, examples: list[Example], batch_size: int, max_length: int) -> int:
+    """The tokens ``choice_scores`` runs for ``examples`` taken together, padding included: each batch's prompts
+    padded to the longest, then each choice position to its longest answer; a pair to its batch's longest. What
+    a multiple-choice evaluation's time goes with: a split scored in chunks of random examples (``choice_scores_
+    until``) pads more than the whole split sorted at once."""
+    shared, _, lengths = scoring_plan(tokenizer, examples, max_length)
+    lengths = [min(n, max_length) for n in lengths]  # ``encode`` cuts the prompt to fit
+    total = 0
+    for start in range(0, len(shared), batch_size):
+        batch = [(p, a) for _, p, a in shared[start:start + batch_size]]
+        total += len(batch) * max(len(p) for p, _ in batch)
+        total += sum(len(batch) * max(len(a[c]) if c < len(a) else len(a[0]) for _, a in batch)
+                     for c in range(max(len(a) for _, a in batch)))
+    return total + sum(len(lengths[s:s + batch_size]) * max(lengths[s:s + batch_size])
+                       for s in range(0, len(lengths), batch_size))
+
+
 @torch.no_grad()
 def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
                   device: torch.device, progress: bool = True, share_prompts: bool = True,
@@ -47,19 +83,8 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
     first (``longest_first``); the scores come back in the examples' order. ``ranks`` keeps a
     partitioned model's forwards in step with the other ranks' (these examples are this rank's share). ``stop``
     (one process) is asked before each batch: None once it is true (``choice_scores_until``)."""
-    tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
-    shared, pairs, pair_lengths = [], [], []
-    share_prompts = share_prompts and not ranks.partitioned
-    for i, ex in enumerate(examples):
-        prompt, answers = tokens(ex.prompt) if ex.prompt else [], [tokens(c) for c in ex.choices]
-        if share_prompts and prompt and len(prompt) + max(len(a) for a in answers) <= max_length:
-            shared.append((i, prompt, answers))
-        else:
-            pairs += [(i, c) for c in range(len(ex.choices))]
-            pair_lengths += [len(prompt) + len(a) for a in answers]
-    shared = [shared[k] for k in longest_first([len(p) + max(map(len, a)) for _, p, a in shared])]
-    pairs = [pairs[k] for k in longest_first(pair_lengths)]
+    shared, pairs, _ = scoring_plan(tokenizer, examples, max_length, share_prompts and not ranks.partitioned)
     model.eval()
     with tqdm(total=len(shared) + len(pairs), desc="evaluate", disable=not progress, leave=False) as bar:
         for start in range(0, len(shared), batch_size):
@@ -83,19 +108,22 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
 
 
 def choice_scores_until(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                        device: torch.device, stop: Callable[[], bool]) -> tuple[list[list[float]], float]:
+                        device: torch.device, stop: Callable[[], bool]) -> tuple[list[list[float]], float, int]:
     """``choice_scores`` in chunks, in the examples' order (one batch, then ``STOP_CHUNK`` batches at a time), until
     ``stop()`` is true (asked before each batch after the first): the scores of the chunks finished, those of the
-    examples' first part, and the seconds an example took in them (a chunk cut short counts in neither)."""
-    scores, seconds = [], 0.0
+    examples' first part, the seconds an example took in them and the tokens they ran (``padded_tokens``; a chunk
+    cut short counts in none)."""
+    scores, seconds, tokens = [], 0.0, 0
     while len(scores) < len(examples):
         start, began = len(scores), time.perf_counter()
-        chunk = choice_scores(model, tokenizer, examples[start:start + (STOP_CHUNK if start else 1) * batch_size],
-                              batch_size, max_length, device, progress=False, stop=stop if start else None)
+        part = examples[start:start + (STOP_CHUNK if start else 1) * batch_size]
+        chunk = choice_scores(model, tokenizer, part, batch_size, max_length, device, progress=False,
+                              stop=stop if start else None)
         if chunk is None:
             break
         scores, seconds = scores + chunk, seconds + time.perf_counter() - began
-    return scores, seconds / max(len(scores), 1)
+        tokens += padded_tokens(tokenizer, part, batch_size, max_length)
+    return scores, seconds / max(len(scores), 1), tokens
 
 
 def choice_errors(scores: list[list[float]], examples: list[Example]) -> list[float]:
@@ -209,7 +237,8 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
     ignores it): the examples are scored in a random order (a user's test file may be sorted by label) and once
     ``stop()`` is true the scores cover those finished (``choice_scores_until``), a random part of the split;
     ``examples_of`` says how many the split holds, ``seconds_per_example`` what one took and ``scoring_seconds``
-    what the scoring took in all (a chunk cut short included)."""
+    what the scoring took in all (a chunk cut short included); ``scored_tokens`` and ``split_tokens`` are the tokens
+    the finished chunks ran and those the whole split would, sorted at once (``padded_tokens``)."""
     d, e, max_length = recipe.data, recipe.evaluate, recipe.model.max_length
     resources = resources or Resources()
     examples = resources.examples(d, e.split, tokenizer)[: e.limit]
@@ -229,9 +258,10 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
                 raise ValueError("an evaluation that may stop early runs in one process, without per-example scores")
             examples = [examples[i] for i in np.random.default_rng(0).permutation(len(examples))]
             began = time.perf_counter()
-            scores, result["seconds_per_example"] = choice_scores_until(model, tokenizer, examples, e.batch_size,
-                                                                        max_length, device, stop)
+            scores, result["seconds_per_example"], result["scored_tokens"] = choice_scores_until(
+                model, tokenizer, examples, e.batch_size, max_length, device, stop)
             result["scoring_seconds"] = time.perf_counter() - began
+            result["split_tokens"] = padded_tokens(tokenizer, examples, e.batch_size, max_length)
         if len(scores) < len(examples):
             result.update(examples=len(scores), examples_of=len(examples))
             examples = examples[:len(scores)]

@@ -347,12 +347,15 @@ def evaluation(c: Campaign, recipe: Recipe, name: str, stop: Callable[[], bool] 
 
 
 def whole_split_seconds(result: dict, pace: float | None = None) -> float:
-    """An evaluation's seconds for its whole split: a stopped one's loading, and every example at the seconds one
-    took in its chunks finished, or at ``pace`` where that is faster."""
+    """An evaluation's seconds for its whole split: a stopped one's loading, and the split's tokens sorted at once at
+    the seconds a token took in its chunks finished (``padded_tokens``: chunks of random examples pad more), or
+    every example at ``pace`` where that is faster."""
     if "examples_of" not in result:
         return result["seconds"]
-    per_example = min(result["seconds_per_example"], pace or float("inf"))
-    return result["seconds"] - result["scoring_seconds"] + per_example * result["examples_of"]
+    finished = result["seconds_per_example"] * result["examples"]
+    scoring = (finished * result["split_tokens"] / result["scored_tokens"] if result.get("scored_tokens")
+               else result["seconds_per_example"] * result["examples_of"])  # a result from before tokens were kept
+    return result["seconds"] - result["scoring_seconds"] + min(scoring, (pace or float("inf")) * result["examples_of"])
 
 
 def validation_pace(search_file: Path) -> float | None:

@@ -82,7 +82,6 @@ class SlurmArgs:
         if problems:
             raise ValueError("bad slurm arguments:\n  - " + "\n  - ".join(problems))
 
-
     def budget_problems(self) -> list[str]:
         """A campaign's budget that --time cannot hold, refused now rather than when the job starts after its wait in
         the queue (launcher/campaign.py ``budget_in_job``): the campaign starts up to ``JOB_START`` seconds into the

@@ -226,12 +226,16 @@ def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_a
 
 
 def test_a_stopped_evaluation_is_scaled_to_the_whole_split_at_the_faster_of_two_paces():
-    """Its loading and reading, then every example at its own pace, or at the trials' validation pace if faster."""
+    """Its loading and reading, then the split's tokens at the pace its finished chunks ran theirs, or every example
+    at the trials' validation pace if faster."""
     from launcher.campaign import whole_split_seconds
 
-    part = {"seconds": 12.0, "scoring_seconds": 10.0, "seconds_per_example": 0.5, "examples": 16, "examples_of": 40}
-    assert whole_split_seconds(part) == whole_split_seconds(part, pace=1.0) == 2.0 + 0.5 * 40
+    part = {"seconds": 12.0, "scoring_seconds": 10.0, "seconds_per_example": 0.5, "examples": 16, "examples_of": 40,
+            "scored_tokens": 1000, "split_tokens": 2000}  # 16 examples in 8 s ran 1000 tokens: the split sorted 2000
+    assert whole_split_seconds(part) == whole_split_seconds(part, pace=1.0) == 2.0 + 8.0 * 2
     assert whole_split_seconds(part, pace=0.25) == 2.0 + 0.25 * 40
+    untokened = {k: v for k, v in part.items() if not k.endswith("_tokens")}  # written before they were counted
+    assert whole_split_seconds(untokened) == 2.0 + 0.5 * 40
     assert whole_split_seconds({"seconds": 12.0, "examples": 40}) == 12.0  # not stopped: its own seconds
 
 

@@ -85,6 +85,22 @@ def test_evaluate_command_and_its_errors(tmp_path):
     assert proc.returncode == 2 and "not a known name" in proc.stderr
 
 
+def test_padded_tokens_count_what_choice_scoring_runs_padding_included():
+    """Batches taken longest first: each batch's prompts padded to the longest, then each choice position to its
+    longest answer; an example whose prompt must be cut is scored pair by pair, each pair padded to its batch's
+    longest (words as tokens here)."""
+    from types import SimpleNamespace
+
+    from floe_dist.evaluation import padded_tokens
+
+    tok = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=text.split())  # noqa: E731
+    a, b = Example("p p p", (" x", " y y y"), 0), Example("p", (" x x", " y"), 1)  # 3+3 and 1+2 tokens long
+    assert padded_tokens(tok, [a, b], 2, 100) == 2 * 3 + 2 * 2 + 2 * 3  # prompts to 3, choice 0 to 2, choice 1 to 3
+    assert padded_tokens(tok, [b, a], 1, 100) == (3 + 1 + 3) + (1 + 2 + 1)  # a first: one batch each
+    long = Example("p p p p p", (" x", " y y"), 0)  # 5 + 2 > 6: two pairs, 6 and 7 tokens, cut to 6
+    assert padded_tokens(tok, [long, b], 2, 6) == (1 + 2 + 1) + 2 * 6
+
+
 def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
     """``stop`` asked before each batch after the first: the chunks finished count (one batch, then STOP_CHUNK
     batches each), drawn in a random order, and their scores are the full evaluation's for those examples."""
@@ -93,7 +109,8 @@ def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
 
     import numpy as np
 
-    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm
+    from floe_dist.data import load_data
+    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm, padded_tokens
     from floe_dist.recipe import load_recipe
 
     recipe = load_recipe("tiny")
@@ -105,6 +122,11 @@ def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
     assert (stopped["examples"], stopped["examples_of"]) == (4 + 4 * STOP_CHUNK, 40)
     part = np.random.default_rng(0).permutation(40)[:stopped["examples"]]
     assert stopped["choice_loss"] == pytest.approx(np.mean([full["example_losses"][i] for i in part]), abs=1e-4)
+    examples = load_data(recipe.data, "test", tok)[:40]
+    shuffled = [examples[i] for i in np.random.default_rng(0).permutation(40)]
+    chunks = [shuffled[:4], shuffled[4:4 + 4 * STOP_CHUNK]]  # each sorted on its own, as it ran
+    assert stopped["scored_tokens"] == sum(padded_tokens(tok, c, 4, recipe.model.max_length) for c in chunks)
+    assert stopped["split_tokens"] == padded_tokens(tok, shuffled, 4, recipe.model.max_length)
     assert "examples_of" not in evaluate_lm(recipe, lm, tok, cpu, stop=lambda: False)
     with pytest.raises(ValueError, match="one process, without per-example"):
         evaluate_lm(recipe, lm, tok, cpu, per_example=True, stop=lambda: False)
