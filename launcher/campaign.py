@@ -361,7 +361,7 @@ def whole_split_seconds(result: dict, pace: float | None = None) -> float:
 def validation_pace(search_file: Path) -> float | None:
     """The median seconds a search trial took to score one validation example (on a worker's threads, with its
     adapter): a second measure of the final evaluation's pace where the zero-shot one stopped after a batch or two,
-    whose pace carries the first forward's start and batches not sorted together."""
+    whose pace carries the first forward's start."""
     if not search_file.is_file():
         return None
     paces = [t["metrics"]["eval_seconds"] / t["metrics"]["val_examples"]
