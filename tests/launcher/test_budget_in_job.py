@@ -17,7 +17,7 @@ from tests.conftest import run_here
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
-    """Inside Slurm job 77, whose squeue reports the time left written to ``job.left``; each call is logged."""
+    """Inside Slurm job 77, whose squeue reports the time left given to ``job.set_left``; each call is logged."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     squeue = bin_dir / "squeue"
