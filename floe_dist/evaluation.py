@@ -55,12 +55,12 @@ def scoring_plan(tokenizer, examples: list[Example], max_length: int, share_prom
     return shared, [pairs[k] for k in order], [pair_lengths[k] for k in order]
 
 
-def padded_tokens(tokenizer, examples: list[Example], batch_size: int, max_length: int) -> int:
-    """The tokens ``choice_scores`` runs for ``examples`` taken together, padding included: each batch's prompts
+def padded_tokens(plan: tuple, batch_size: int, max_length: int) -> int:
+    """The tokens ``choice_scores`` runs for a ``scoring_plan``'s examples, padding included: each batch's prompts
     padded to the longest, then each choice position to its longest answer; a pair to its batch's longest. What
     a multiple-choice evaluation's time goes with: a split scored in chunks of random examples (``choice_scores_
     until``) pads more than the whole split sorted at once."""
-    shared, _, lengths = scoring_plan(tokenizer, examples, max_length)
+    shared, _, lengths = plan
     lengths = [min(n, max_length) for n in lengths]  # ``encode`` cuts the prompt to fit
     total = 0
     for start in range(0, len(shared), batch_size):
@@ -75,16 +75,18 @@ def padded_tokens(tokenizer, examples: list[Example], batch_size: int, max_lengt
 @torch.no_grad()
 def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
                   device: torch.device, progress: bool = True, share_prompts: bool = True,
-                  ranks: Ranks = SINGLE, stop: Callable[[], bool] | None = None) -> list[list[float]] | None:
+                  ranks: Ranks = SINGLE, stop: Callable[[], bool] | None = None, plan: tuple | None = None
+                  ) -> list[list[float]] | None:
     """Summed log-probability of every choice of every example: the prompt runs once per example and its
     KV cache serves every choice (``AnswerLM.choice_logprobs``); an example whose prompt must be cut to fit
     ``max_length``, or has none (or every example, ``share_prompts=False``, or a partitioned model), is scored
     pair by pair, each prompt + choice a sequence of its own, as ``encode`` cuts it. Batches are taken longest
     first (``longest_first``); the scores come back in the examples' order. ``ranks`` keeps a
     partitioned model's forwards in step with the other ranks' (these examples are this rank's share). ``stop``
-    (one process) is asked before each batch: None once it is true (``choice_scores_until``)."""
+    (one process) is asked before each batch: None once it is true (``choice_scores_until``). ``plan``: these
+    examples' ``scoring_plan`` where the caller made it already."""
     scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
-    shared, pairs, _ = scoring_plan(tokenizer, examples, max_length, share_prompts and not ranks.partitioned)
+    shared, pairs, _ = plan or scoring_plan(tokenizer, examples, max_length, share_prompts and not ranks.partitioned)
     model.eval()
     with tqdm(total=len(shared) + len(pairs), desc="evaluate", disable=not progress, leave=False) as bar:
         for start in range(0, len(shared), batch_size):
@@ -117,12 +119,13 @@ def choice_scores_until(model: AnswerLM, tokenizer, examples: list[Example], bat
     while len(scores) < len(examples):
         start, began = len(scores), time.perf_counter()
         part = examples[start:start + (STOP_CHUNK if start else 1) * batch_size]
+        plan = scoring_plan(tokenizer, part, max_length)  # tokenised once: scored and counted
         chunk = choice_scores(model, tokenizer, part, batch_size, max_length, device, progress=False,
-                              stop=stop if start else None)
+                              stop=stop if start else None, plan=plan)
         if chunk is None:
             break
         scores, seconds = scores + chunk, seconds + time.perf_counter() - began
-        tokens += padded_tokens(tokenizer, part, batch_size, max_length)
+        tokens += padded_tokens(plan, batch_size, max_length)
     return scores, seconds / max(len(scores), 1), tokens
 
 
@@ -261,7 +264,8 @@ def evaluate_lm(recipe: Recipe, lm, tokenizer, device: torch.device, resources: 
             scores, result["seconds_per_example"], result["scored_tokens"] = choice_scores_until(
                 model, tokenizer, examples, e.batch_size, max_length, device, stop)
             result["scoring_seconds"] = time.perf_counter() - began
-            result["split_tokens"] = padded_tokens(tokenizer, examples, e.batch_size, max_length)
+            result["split_tokens"] = padded_tokens(scoring_plan(tokenizer, examples, max_length), e.batch_size,
+                                                   max_length)
         if len(scores) < len(examples):
             result.update(examples=len(scores), examples_of=len(examples))
             examples = examples[:len(scores)]

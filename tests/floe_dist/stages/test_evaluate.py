@@ -91,14 +91,15 @@ def test_padded_tokens_count_what_choice_scoring_runs_padding_included():
     longest (words as tokens here)."""
     from types import SimpleNamespace
 
-    from floe_dist.evaluation import padded_tokens
+    from floe_dist.evaluation import padded_tokens, scoring_plan
 
     tok = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=text.split())  # noqa: E731
+    count = lambda examples, batch, most: padded_tokens(scoring_plan(tok, examples, most), batch, most)  # noqa: E731
     a, b = Example("p p p", (" x", " y y y"), 0), Example("p", (" x x", " y"), 1)  # 3+3 and 1+2 tokens long
-    assert padded_tokens(tok, [a, b], 2, 100) == 2 * 3 + 2 * 2 + 2 * 3  # prompts to 3, choice 0 to 2, choice 1 to 3
-    assert padded_tokens(tok, [b, a], 1, 100) == (3 + 1 + 3) + (1 + 2 + 1)  # a first: one batch each
+    assert count([a, b], 2, 100) == 2 * 3 + 2 * 2 + 2 * 3  # prompts to 3, choice 0 to 2, choice 1 to 3
+    assert count([b, a], 1, 100) == (3 + 1 + 3) + (1 + 2 + 1)  # a first: one batch each
     long = Example("p p p p p", (" x", " y y"), 0)  # 5 + 2 > 6: two pairs, 6 and 7 tokens, cut to 6
-    assert padded_tokens(tok, [long, b], 2, 6) == (1 + 2 + 1) + 2 * 6
+    assert count([long, b], 2, 6) == (1 + 2 + 1) + 2 * 6
 
 
 def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
@@ -110,7 +111,7 @@ def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
     import numpy as np
 
     from floe_dist.data import load_data
-    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm, padded_tokens
+    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm, padded_tokens, scoring_plan
     from floe_dist.recipe import load_recipe
 
     recipe = load_recipe("tiny")
@@ -125,8 +126,9 @@ def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
     examples = load_data(recipe.data, "test", tok)[:40]
     shuffled = [examples[i] for i in np.random.default_rng(0).permutation(40)]
     chunks = [shuffled[:4], shuffled[4:4 + 4 * STOP_CHUNK]]  # each sorted on its own, as it ran
-    assert stopped["scored_tokens"] == sum(padded_tokens(tok, c, 4, recipe.model.max_length) for c in chunks)
-    assert stopped["split_tokens"] == padded_tokens(tok, shuffled, 4, recipe.model.max_length)
+    count = lambda part: padded_tokens(scoring_plan(tok, part, recipe.model.max_length), 4,  # noqa: E731
+                                       recipe.model.max_length)
+    assert stopped["scored_tokens"] == sum(count(c) for c in chunks) and stopped["split_tokens"] == count(shuffled)
     assert "examples_of" not in evaluate_lm(recipe, lm, tok, cpu, stop=lambda: False)
     with pytest.raises(ValueError, match="one process, without per-example"):
         evaluate_lm(recipe, lm, tok, cpu, per_example=True, stop=lambda: False)
