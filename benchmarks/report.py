@@ -125,6 +125,21 @@ def campaign_length(d):
                   "moves of its end", "final steps", "after the last step (checkpoint, export)", "test score"], rows)
 
 
+def job_budget(d):
+    """Campaigns given ``campaign.budget: job`` in a real sbatch job: each run of the job against its time limit."""
+    rows = []
+    for r in d["rows"]:
+        read = [re.search(r"has (\d+)s left; the campaign spends (\d+)s", run.get("budget_line", "")) for run in
+                r["runs"]]  # the line each run of the campaign printed
+        runs = "; ".join(f"{run['seconds']:.0f} s, {run['ended'].lower()}"
+                         + (f" (read {m[1]} s left, spends {m[2]} s)" if m else "") for run, m in zip(r["runs"], read))
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in (r["stage_seconds"] or {}).items())
+        rows.append([r["arm"], f"{r['time_limit_s']:.0f} s", runs, r["final_state"], stages, f"{r['train_steps']}",
+                     f"**{pct(r['final_accuracy'])}**" if r["final_accuracy"] is not None else "none"])
+    return table(["job", "--time", "each run: seconds running, how it ended (the time left it read, what it spends)",
+                  "job ended", "stage seconds (each stage's finishing run)", "final steps", "test accuracy"], rows)
+
+
 def busy(trials: list[dict], search_s: float) -> str:
     """Per worker, its trials' wall seconds and steps in order (then its spare work's), and what of the search stage's
     time they filled."""
@@ -756,6 +771,10 @@ TABLES = {
     "campaign-piqa-tokens": ("campaign_piqa_tokens", campaign_repeat),
     "campaign-budget400-stage-start": ("campaign_sst2_budget400_stage_start", campaign_repeat),
     "campaign-sst2-budget500-stop": ("campaign_sst2_budget500_stop", campaign_repeat),
+    "campaign-sst2-budget500-yield": ("campaign_sst2_budget500_yield", campaign_repeat),
+    "campaign-nq-stop": ("campaign_nq_stop", campaign_repeat),
+    "campaign-nq-before": ("campaign_nq_before", campaign_repeat),
+    "job-budget": ("job_budget", job_budget),
     "campaign-length-chat": ("campaign_chat_retimed", campaign_length),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),
     "campaign-spare-zero-shot-arithmetic": ("campaign_arithmetic_spare_zero_shot", campaign_repeat),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 
 import torch
 
@@ -23,11 +24,12 @@ def longest_first(lengths: list[int]) -> list[int]:
 
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
-             max_length: int, device, ranks=None) -> list[str]:
+             max_length: int, device, ranks=None, until: Callable[[], bool] | None = None) -> list[str] | None:
     """What ``lm`` writes after each prompt, in the prompts' order, cut at the first stop string (greedy, in
     left-padded batches taken longest first: ``longest_first``). With partitioned ``ranks``
     (floe_dist/distributed/sharded_eval.py) these prompts are this rank's share, and every rank runs as many
-    batches and token steps as the busiest (transformers' ``synced_gpus``)."""
+    batches and token steps as the busiest (transformers' ``synced_gpus``). ``until`` (one process) is asked before
+    each batch: None once it is true (an evaluation that may stop: floe_dist/evaluation.py)."""
     from tqdm import tqdm
 
     partitioned = ranks is not None and ranks.partitioned
@@ -53,6 +55,8 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, stop: li
                (order[start:start + batch_size] for start in range(0, len(order), batch_size)))
     for chunk in tqdm(batches, total=-(-len(prompts) // batch_size), desc="generate", leave=False,
                       disable=bool(ranks and ranks.rank)):
+        if until is not None and until():
+            return None
         for i, text in zip(chunk, tokenizer.batch_decode(write([prompt_ids[i] for i in chunk]),
                                                          skip_special_tokens=True)):
             text = text.lstrip()  # a leading newline is not the end of an answer

@@ -583,8 +583,8 @@ class CampaignSection:
                  "search runs one-process trials on several local workers; first otherwise) or first (alone, before "
                  "allocation and search)", resume="runs")
     zero_shot_share: float = arg(0.1, "with budget: the most of it a zero-shot evaluation the campaign runs itself "
-                                      "may take; it then ends with the part of the test split it scored (multiple "
-                                      "choice; on a search worker it ends when the trials do)", resume="runs")
+                                      "may take; it then ends with the part of the test split it scored (on a search "
+                                      "worker it ends when the trials do)", resume="runs")
 
     @property
     def from_job(self) -> bool:

@@ -131,7 +131,8 @@ class Campaign:
             print(f"[campaign] zero_shot: a search worker ran it while it had no trial to run ({result['seconds']:.0f}s"
                   f" on {result['threads']} thread(s){part})")
             scale = 1.0 if torch.cuda.is_available() else eval_scale(result["threads"], torch.get_num_threads())
-            whole = whole_split_seconds(result, validation_pace(self.out / "search" / "search.json"))
+            pace = validation_pace(self.out / "search" / "search.json") if "choice_loss" in result else None
+            whole = whole_split_seconds(result, pace)  # a generative trial's validation need not generate
             return {**result, "on_search_worker": True, "reserve_seconds": whole * scale}
 
         result = self.step("zero_shot", run)
@@ -314,7 +315,7 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
             files = search_candidates(c, allocation)
             chosen, candidates = replace(chosen, file=None), ",".join(f"{n}={f}" for n, f in files.items())
         searched = replace(recipe, allocate=chosen, search=replace(recipe.search, candidates=candidates))
-        if recipe.campaign.budget:
+        if recipe.campaign.budget and not (c.out / RESULT_FILES["search"]).is_file():
             searched = replace(searched, search=replace(searched.search, time_limit=search_time(c)))
         write_recipe(c.out / "search", searched)
         jobs = [evaluation_job("the zero-shot evaluation", c.out / "zero_shot", base)] if spare else []
@@ -348,13 +349,14 @@ def evaluation(c: Campaign, recipe: Recipe, name: str, stop: Callable[[], bool] 
 
 def whole_split_seconds(result: dict, pace: float | None = None) -> float:
     """An evaluation's seconds for its whole split: a stopped one's loading, and the split's tokens sorted at once at
-    the seconds a token took in its chunks finished (``padded_tokens``: chunks of random examples pad more), or
-    every example at ``pace`` where that is faster."""
+    the seconds a token took in its chunks finished (``padded_tokens``: chunks of random examples pad more; a
+    generative evaluation, whose time goes with the tokens it writes, at the seconds an example took), or every
+    example at ``pace`` where that is faster."""
     if "examples_of" not in result:
         return result["seconds"]
     finished = result["seconds_per_example"] * result["examples"]
     scoring = (finished * result["split_tokens"] / result["scored_tokens"] if result.get("scored_tokens")
-               else result["seconds_per_example"] * result["examples_of"])  # a result from before tokens were kept
+               else result["seconds_per_example"] * result["examples_of"])
     return result["seconds"] - result["scoring_seconds"] + min(scoring, (pace or float("inf")) * result["examples_of"])
 
 
@@ -509,22 +511,28 @@ def train_time(c: Campaign) -> float:
     c.wait_for_imports()
     budget, left = c.recipe.campaign.budget_seconds(), c.time_left()
     if left < 2 * START_MARGIN:
+        evaluation = "" if c.eval_reserve <= c.spent() else " or evaluate.limit (the final evaluation's test examples)"
         raise ValueError(f"campaign.budget {c.recipe.campaign.budget} ({budget:.0f}s) leaves the final run "
-                         f"{max(left, 0):.0f}s after {c.spent():.0f}s of earlier stages; give at least "
+                         f"{max(left, 0):.0f}s after {c.spent():.0f}s of earlier stages and about "
+                         f"{c.eval_reserve:.0f}s kept for the final evaluation; give at least "
                          f"{budget - left + 2 * START_MARGIN:.0f}s plus the final run's time, or a smaller "
-                         f"campaign.search_share")
+                         f"campaign.search_share{evaluation}")
     print(f"[campaign] budget {budget:.0f}s: {c.spent():.0f}s spent, {left:.0f}s for the final run")
     return left
 
 
 def train_stage(c: Campaign, recipe: Recipe) -> dict:
     """The final run: it continues the search's winning line where it can (floe_dist/search/handoff.py)."""
-    from floe_dist.search.handoff import continue_line
+    from floe_dist.search.handoff import HANDOFF, continue_line
 
     if c.recipe.search.enabled:
         line = Path(json.loads((c.out / RESULT_FILES["search"]).read_text())["line"]) / "train"
+        resumed = (c.out / "train" / HANDOFF).is_file()  # a run interrupted after the handoff resumes its own steps
         handoff = continue_line(line, recipe, c.out / "train")
-        if handoff["step"]:
+        if resumed:
+            print(f"[campaign] train resumes its own checkpoints (it continued the search's winning line at step "
+                  f"{handoff['step']})")
+        elif handoff["step"]:
             print(f"[campaign] train continues the search's winning line at step {handoff['step']} ({line})")
         else:
             print(f"[campaign] train starts from step 0: {handoff['reason']}")

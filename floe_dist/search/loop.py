@@ -8,7 +8,8 @@ Results reach a proposer that learns (SMAC) in trial order, and trial k is propo
 trials 0 .. k - workers have reached it and no others: what it knows at each proposal does not depend on which
 trial happened to finish first, so the same recipe and seed make the same choices whatever the workers' timing.
 A worker that has no trial to run while others train takes the spare work it was given (the campaign's zero-shot
-evaluation: floe_dist/search/spare_work.py) once it has waited its grace, else it waits.
+evaluation: floe_dist/search/spare_work.py) once it has waited its grace, else it waits; under a time limit the spare
+work ends, with the part it finished, as soon as a trial could use its worker.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ class SearchLoop:
             print(f"[search] {job.name} on {outcome.worker} {outcome.status}: {outcome.reason} (the campaign runs "
                   f"it itself)", file=sys.stderr)
 
-    def stop_spare(self) -> None:
+    def stop_spare(self, why: str) -> None:
         """Under a time limit, tell the spare work still running to end with what it finished (a zero-shot
         evaluation scores part of the split): the search's time is the trials', and the rest of the budget the final
         run's. Without one, the spare work runs to its end (the campaign would otherwise run it itself)."""
@@ -138,7 +139,16 @@ class SearchLoop:
         for job in self.spare_running.values():
             if not job.stop_file.is_file():
                 job.stop_file.touch()
-                tqdm.write(f"[search] no trial left: {job.name} ends with the part it finished")
+                tqdm.write(f"[search] {why}: {job.name} ends with the part it finished")
+
+    def trial_waits_for_spare(self, pending: list[Trial]) -> bool:
+        """Whether a trial could be issued now but every worker is busy, one of them with spare work: under a time
+        limit that work gives its worker back (``stop_spare``), since the limit counts every worker's seconds for
+        the trials (``limits``). A proposer that then has nothing to give costs the spare work the rest of its
+        split, never a trial."""
+        if not self.spare_running or self.runner.free_slots or self.args.time_limit is None:
+            return False
+        return bool(pending) or (self.ready_to_ask() and self.proposer.fits(self.ledger, self.limits()))
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.out / "trials" / f"{trial.id:04d}"
@@ -264,12 +274,14 @@ class SearchLoop:
                     if job is not None:
                         batch.append((trial, job))
                 self.submit(batch)
+                if self.trial_waits_for_spare(pending):
+                    self.stop_spare("a trial waits for a worker")
                 if len(self.runner.running) == len(self.spare_running):  # no trial running
                     if self.tell_next():  # a finished trial the proposer has not heard of: it may propose again
                         continue
                     if not self.runner.running:
                         break
-                    self.stop_spare()  # the search is over but for spare work
+                    self.stop_spare("no trial left")  # the search is over but for spare work
                 for outcome in self.wait():
                     self.spare_finished(outcome) if outcome.trial_id < 0 else self.record(outcome)
         finally:

@@ -5,12 +5,13 @@ waits for the rung's last trial, the model's next configuration for the results 
 last trials of the search leave workers with nothing to take. The campaign hands the search work that depends on
 nothing the search decides (the base model's zero-shot evaluation, which it ran alone before the search), and such
 a worker runs it in that time; the campaign reads its result afterwards. It is offered only where no trial can be
-issued and a trial is running, so it takes no trial's place: at most it delays a trial that becomes issuable while
-it runs. A worker takes it only once it has waited ``GRACE`` of a finished trial's mean seconds: offered however
-short the wait, on the arithmetic recipe, whose trials finish in pairs, it took a worker that would have waited
-0.4 s and the search ran 17 s longer (BENCHMARKS.md, "The zero-shot evaluation as the search's spare work"). Before
-any trial has finished there is no grace: the wait lasts until one does. Local workers only (a Slurm worker may sit
-in another allocation), one process a trial.
+issued and a trial is running, so it takes no trial's place: under a time limit it ends as soon as a trial could use
+its worker (loop.py ``trial_waits_for_spare``), and without one at most it delays such a trial. A worker takes it
+only once it has waited ``GRACE`` of a finished trial's mean seconds: offered however short the wait, on the
+arithmetic recipe, whose trials finish in pairs, it took a worker that would have waited 0.4 s and the search ran
+17 s longer (BENCHMARKS.md, "The zero-shot evaluation as the search's spare work"). Before any trial has finished
+there is no grace: the wait lasts until one does. Local workers only (a Slurm worker may sit in another
+allocation), one process a trial.
 
     python -m floe_dist.search.spare_work JOB_DIR     # on a cold worker; a warm one calls run_trial
 """
@@ -39,8 +40,9 @@ class SpareJob:
 
     @property
     def stop_file(self) -> Path:
-        """Written by the search once it has no trial left to run under a time limit (SearchLoop.stop_spare): the
-        evaluation then ends after its current batch, with the part of the split it finished."""
+        """Written by the search under a time limit once it has no trial left to run, or a trial waits for this
+        job's worker (SearchLoop.stop_spare): the evaluation then ends before its next batch, with the part of the
+        split it finished."""
         return self.folder / "stop"
 
 

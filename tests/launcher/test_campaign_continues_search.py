@@ -192,6 +192,25 @@ def test_the_final_runs_limit_counts_the_wait_for_the_zygote_as_spent(tmp_path, 
     assert left == pytest.approx(90 - 10.0 - c.timings["imports"] - FORKED_START_MARGIN)
 
 
+def test_a_final_run_left_no_time_is_refused_naming_the_evaluation_kept_back(tmp_path):
+    """Where the final evaluation's reserve outweighs the stages spent (a generative test split of 1,128 questions
+    on Natural Questions: about 467 s against 172 s), the refusal names it and ``evaluate.limit``."""
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from launcher.campaign import Campaign, train_time
+
+    recipe = load_recipe("tiny")
+    c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="100")), str(tmp_path))
+    c.timings, c.eval_reserve = {"search": 30.0}, 65.0
+    with pytest.raises(ValueError, match=r"after 30s of earlier stages and about 65s kept for the final evaluation; "
+                                         r"give at least \d+s .*or evaluate.limit"):
+        train_time(c)
+    c.timings, c.eval_reserve = {"search": 65.0}, 30.0
+    with pytest.raises(ValueError, match=r"campaign.search_share$"):
+        train_time(c)
+
+
 def test_the_final_evaluation_is_kept_back_for_a_root_speed_up_of_the_threads_it_gains():
     """A zero-shot evaluation timed on one thread keeps back 1/sqrt(2) of its seconds for the final one on two (the
     ratio, a half, ran 11-18 s short on Social IQa); on as many threads or more, its own seconds."""
@@ -200,11 +219,12 @@ def test_the_final_evaluation_is_kept_back_for_a_root_speed_up_of_the_threads_it
     assert eval_scale(2, 2) == eval_scale(4, 2) == 1.0
 
 
-def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_at_most(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["multiple choice", "arithmetic"])
+def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_at_most(tmp_path, monkeypatch, task):
     """Run by the campaign itself (no spare worker), the zero-shot evaluation ends once ``campaign.zero_shot_share``
     of the budget has passed (a clock that jumps 100 s at every reading: past it when first asked, after the first
-    batch) with the part it scored, and keeps back the whole split's seconds for the final one. Without a budget it
-    scores every example."""
+    batch) with the part it scored, and keeps back the whole split's seconds for the final one; a generative task's
+    too. Without a budget it scores every example."""
     import itertools
     import types
     from dataclasses import replace
@@ -214,7 +234,9 @@ def test_under_a_budget_the_campaigns_own_zero_shot_evaluation_takes_its_share_a
     from launcher.campaign import Campaign, whole_split_seconds
 
     recipe = load_recipe("tiny")
-    recipe = replace(recipe, evaluate=replace(recipe.evaluate, limit=40, batch_size=4))
+    recipe = replace(recipe, evaluate=replace(recipe.evaluate, limit=40, batch_size=4, max_new_tokens=2))
+    if task == "arithmetic":
+        recipe = replace(recipe, data=replace(recipe.data, task="arithmetic"))
     readings = itertools.count(step=100.0)
     monkeypatch.setattr(launcher.campaign, "time", types.SimpleNamespace(time=lambda: next(readings)))
     c = Campaign(replace(recipe, campaign=replace(recipe.campaign, budget="100")), str(tmp_path / "budget"))
@@ -234,9 +256,32 @@ def test_a_stopped_evaluation_is_scaled_to_the_whole_split_at_the_faster_of_two_
             "scored_tokens": 1000, "split_tokens": 2000}  # 16 examples in 8 s ran 1000 tokens: the split sorted 2000
     assert whole_split_seconds(part) == whole_split_seconds(part, pace=1.0) == 2.0 + 8.0 * 2
     assert whole_split_seconds(part, pace=0.25) == 2.0 + 0.25 * 40
-    untokened = {k: v for k, v in part.items() if not k.endswith("_tokens")}  # written before they were counted
-    assert whole_split_seconds(untokened) == 2.0 + 0.5 * 40
+    generative = {k: v for k, v in part.items() if not k.endswith("_tokens")}  # by examples: no tokens counted
+    assert whole_split_seconds(generative) == 2.0 + 0.5 * 40
     assert whole_split_seconds({"seconds": 12.0, "examples": 40}) == 12.0  # not stopped: its own seconds
+
+
+@pytest.mark.parametrize("task", ["multiple choice", "generative"])
+def test_a_spare_zero_shot_is_scaled_at_the_trials_pace_only_where_they_score_as_it_does(tmp_path, task):
+    """Run on a search worker and stopped: the reserve takes the trials' validation pace where faster for a
+    multiple-choice task (a trial scores its choices as the final evaluation does), never for a generative one (a
+    trial's validation may score the loss alone, without the generating that takes an evaluation's time)."""
+    from floe_dist.recipe import load_recipe, write_recipe
+    from launcher.campaign import Campaign
+
+    recipe = load_recipe("tiny")
+    c = Campaign(recipe, str(tmp_path))
+    write_recipe(tmp_path / "zero_shot", recipe)
+    scored = {"choice_loss": 0.6} if task == "multiple choice" else {"perplexity": 2.0}
+    (tmp_path / "zero_shot" / "result.json").write_text(json.dumps({
+        "seconds": 12.0, "scoring_seconds": 10.0, "seconds_per_example": 0.5, "examples": 16, "examples_of": 40,
+        "threads": 64, "accuracy": 0.5, "loss": 0.6, **scored}))  # 64 threads: no scaling to this machine's
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(json.dumps(
+        {"trials": [{"metrics": {"eval_seconds": 25.0, "val_examples": 100}}]}))  # 0.25 s an example
+    result = c.zero_shot(recipe)
+    assert result["on_search_worker"] and c.eval_reserve == (2.0 + 0.25 * 40 if task == "multiple choice" else
+                                                             2.0 + 0.5 * 40)
 
 
 def test_the_trials_validation_pace_is_their_median_seconds_an_example(tmp_path):

@@ -86,3 +86,20 @@ def test_under_a_time_limit_spare_work_ends_with_the_trials(tmp_path, monkeypatc
     job = SpareJob("toy work", tmp_path / "job2", "tests.spare_toy")
     search(tmp_path / "unlimited", [job], max_trials=1)
     assert not json.loads(job.result.read_text())["stopped"] and not job.stop_file.exists()
+
+
+def test_under_a_time_limit_spare_work_gives_its_worker_back_to_a_waiting_trial(tmp_path, monkeypatch, capsys):
+    """Trials of 2 s, trial 0 of 5 s: trial 1's worker cannot have trial 2 (proposed only once trial 0's result is
+    known) and takes the spare work. When trial 0 ends, trials 2 and 3 (both of the initial design) can be proposed:
+    its worker takes trial 2, and the spare work, told to stop, gives its worker to trial 3 (it would otherwise run
+    60 s)."""
+    monkeypatch.setenv("TOY_DELAY", "2")
+    monkeypatch.setenv("TOY_DELAY_TRIAL", "0:3")
+    monkeypatch.setenv("SPARE_UNTIL_STOP", "60")
+    job = SpareJob("toy work", tmp_path / "job", "tests.spare_toy")
+    ledger = search(tmp_path / "limited", [job], max_trials=4, time_limit=600, initial_configs=4)
+    (done,) = ledger["summary"]["spare_work"]
+    assert done["worker"].startswith("warm:1:") and json.loads(job.result.read_text())["stopped"]
+    workers = [t["worker"].split(":")[1] for t in ledger["trials"]]
+    assert workers == ["0", "1", "0", "1"] and all(t["status"] == "success" for t in ledger["trials"])
+    assert done["seconds"] < 30 and "a trial waits for a worker: toy work ends" in capsys.readouterr().out

@@ -132,3 +132,34 @@ def test_a_stopped_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
     assert "examples_of" not in evaluate_lm(recipe, lm, tok, cpu, stop=lambda: False)
     with pytest.raises(ValueError, match="one process, without per-example"):
         evaluate_lm(recipe, lm, tok, cpu, per_example=True, stop=lambda: False)
+
+
+def test_a_stopped_generative_evaluation_scores_a_random_part_of_the_split(tiny_model_dir):
+    """A generative task stops as a multiple-choice one does: the chunks finished (one batch, then STOP_CHUNK
+    batches), drawn in a random order; its loss and generation scores are those of exactly those examples."""
+    from itertools import count
+
+    import numpy as np
+
+    from floe_dist.data import load_data
+    from floe_dist.evaluation import STOP_CHUNK, evaluate_lm
+    from floe_dist.generation import score_generations
+    from tests.conftest import recipe_for
+
+    recipe = recipe_for("evaluate", model="tiny", task="arithmetic", limit=40, max_new_tokens=2, batch_size=4)
+    tok, lm, cpu = load_tokenizer(tiny_model_dir), load_backbone(tiny_model_dir), torch.device("cpu")
+    asked = count(1)
+    stopped = evaluate_lm(recipe, lm, tok, cpu, stop=lambda: next(asked) > 1 + STOP_CHUNK)  # true in chunk three
+    n = 4 + 4 * STOP_CHUNK
+    assert (stopped["examples"], stopped["examples_of"]) == (n, 40)
+    examples = load_data(recipe.data, "test", tok)[:40]
+    part = [examples[i] for i in np.random.default_rng(0).permutation(40)[:n]]
+    pairs = answer_nlls(AnswerLM(lm).eval(), tok, part, 4, recipe.model.max_length, cpu)
+    assert stopped["loss"] == pytest.approx(sum(x for x, _ in pairs) / sum(k for _, k in pairs), rel=1e-5)
+    write = lambda chunk: generate(lm, tok, [e.prompt for e in chunk], max_new_tokens=2, stop=["\n"],  # noqa: E731
+                                   batch_size=4, max_length=recipe.model.max_length, device=cpu)
+    texts = write(part[:4]) + write(part[4:])  # each chunk sorted on its own, as it ran
+    assert stopped["numeric_match"] == score_generations(texts, [e.reference for e in part])["numeric_match"]
+    assert stopped["seconds_per_example"] > 0 and stopped["scoring_seconds"] > 0
+    whole = evaluate_lm(recipe, lm, tok, cpu, stop=lambda: False)
+    assert "examples_of" not in whole and whole["examples"] == 40
