@@ -6,7 +6,7 @@ submitted by ``floe-dist slurm --template campaign``, its stages launched by sru
 
 Two jobs one after the other: one left alone; one requeued (``scontrol requeue``, as a preemption or a node failure
 does) once it has run ``--requeue-after`` seconds, which Slurm restarts with the same ``--time``. Per job run: the
-seconds from the moment squeue first showed it running to the moment it showed it ended (polled every second), the
+seconds from the moment scontrol first showed it running to the moment it showed it ended (polled every second), the
 budget the campaign resolved from the time the job had left (its log), and how the run ended. Result:
 benchmarks/results/job_budget.json.
 """
@@ -34,7 +34,7 @@ RUNNING = ("RUNNING", "COMPLETING")  # a run's processes are still ending while 
 
 
 def state(job: str) -> str:
-    """The job's state as scontrol shows it (squeue lists no ended job)."""
+    """The job's state as scontrol shows it (squeue lists no ended job by default)."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
     return out.split("JobState=")[1].split()[0] if "JobState=" in out else "UNKNOWN"
 
@@ -51,7 +51,7 @@ def submit(out: Path, time_limit: str, args: str) -> str:
 
 
 def follow(job: str, requeue_after: float | None) -> list[dict]:
-    """Each run of ``job``: its seconds as squeue showed it running, and the state it ended in (a requeued run:
+    """Each run of ``job``: its seconds as scontrol showed it running, and the state it ended in (a requeued run:
     REQUEUED); ``requeue_after``: requeue the first run once it has run that long."""
     runs, began, requeued = [], None, False
     while True:
