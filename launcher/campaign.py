@@ -315,9 +315,10 @@ def run(recipe: Recipe, output: str = OUTPUT) -> dict:
             files = search_candidates(c, allocation)
             chosen, candidates = replace(chosen, file=None), ",".join(f"{n}={f}" for n, f in files.items())
         searched = replace(recipe, allocate=chosen, search=replace(recipe.search, candidates=candidates))
-        if recipe.campaign.budget and not (c.out / RESULT_FILES["search"]).is_file():
-            searched = replace(searched, search=replace(searched.search, time_limit=search_time(c)))
-        write_recipe(c.out / "search", searched)
+        if not (c.out / RESULT_FILES["search"]).is_file():  # a finished search's recipe stays as it ran
+            if recipe.campaign.budget:
+                searched = replace(searched, search=replace(searched.search, time_limit=search_time(c)))
+            write_recipe(c.out / "search", searched)
         jobs = [evaluation_job("the zero-shot evaluation", c.out / "zero_shot", base)] if spare else []
         found = c.step("search", lambda: search(searched, str(c.out / "search"), jobs))
         allocation, lr = str(c.out / "search" / "allocation.json"), found["lr"]
@@ -530,8 +531,9 @@ def train_stage(c: Campaign, recipe: Recipe) -> dict:
         resumed = (c.out / "train" / HANDOFF).is_file()  # a run interrupted after the handoff resumes its own steps
         handoff = continue_line(line, recipe, c.out / "train")
         if resumed:
-            print(f"[campaign] train resumes its own checkpoints (it continued the search's winning line at step "
-                  f"{handoff['step']})")
+            began = f"it continued the search's winning line at step {handoff['step']}" if handoff["step"] else \
+                f"it started from step 0: {handoff['reason']}"
+            print(f"[campaign] train resumes its own checkpoints ({began})")
         elif handoff["step"]:
             print(f"[campaign] train continues the search's winning line at step {handoff['step']} ({line})")
         else:
