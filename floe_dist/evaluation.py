@@ -109,24 +109,35 @@ def choice_scores(model: AnswerLM, tokenizer, examples: list[Example], batch_siz
     return scores
 
 
+def score_until(examples: list, batch_size: int, stop: Callable[[], bool], score: Callable) -> tuple[list, float]:
+    """``score(part, stop)`` over ``examples`` in chunks, in their order (one batch, then ``STOP_CHUNK`` batches at a
+    time), until ``stop()`` is true: ``score`` asks it before each batch of a chunk after the first and returns None
+    once it is. The chunks' results, in order, and the seconds an example took in them (a chunk cut short counts in
+    neither): an evaluation that may stop, multiple choice or generative."""
+    done, finished, seconds = [], 0, 0.0
+    while finished < len(examples):
+        began = time.perf_counter()
+        part = examples[finished:finished + (STOP_CHUNK if finished else 1) * batch_size]
+        got = score(part, stop if finished else None)
+        if got is None:
+            break
+        done.append(got)
+        finished, seconds = finished + len(part), seconds + time.perf_counter() - began
+    return done, seconds / max(finished, 1)
+
+
 def choice_scores_until(model: AnswerLM, tokenizer, examples: list[Example], batch_size: int, max_length: int,
                         device: torch.device, stop: Callable[[], bool]) -> tuple[list[list[float]], float, int]:
-    """``choice_scores`` in chunks, in the examples' order (one batch, then ``STOP_CHUNK`` batches at a time), until
-    ``stop()`` is true (asked before each batch after the first): the scores of the chunks finished, those of the
-    examples' first part, the seconds an example took in them and the tokens they ran (``padded_tokens``; a chunk
-    cut short counts in none)."""
-    scores, seconds, tokens = [], 0.0, 0
-    while len(scores) < len(examples):
-        start, began = len(scores), time.perf_counter()
-        part = examples[start:start + (STOP_CHUNK if start else 1) * batch_size]
+    """``choice_scores`` by ``score_until``: the scores of the chunks finished (those of the examples' first part),
+    the seconds an example took in them and the tokens they ran (``padded_tokens``)."""
+    def score(part: list[Example], until: Callable[[], bool] | None):
         plan = scoring_plan(tokenizer, part, max_length)  # tokenised once: scored and counted
-        chunk = choice_scores(model, tokenizer, part, batch_size, max_length, device, progress=False,
-                              stop=stop if start else None, plan=plan)
-        if chunk is None:
-            break
-        scores, seconds = scores + chunk, seconds + time.perf_counter() - began
-        tokens += padded_tokens(plan, batch_size, max_length)
-    return scores, seconds / max(len(scores), 1), tokens
+        got = choice_scores(model, tokenizer, part, batch_size, max_length, device, progress=False, stop=until,
+                            plan=plan)
+        return None if got is None else (got, padded_tokens(plan, batch_size, max_length))
+
+    chunks, pace = score_until(examples, batch_size, stop, score)
+    return [s for scores, _ in chunks for s in scores], pace, sum(tokens for _, tokens in chunks)
 
 
 def choice_errors(scores: list[list[float]], examples: list[Example]) -> list[float]:
@@ -327,25 +338,19 @@ def evaluate_generative(settings: EvaluateSection, max_length: int, model: Answe
 def generative_until(settings: EvaluateSection, max_length: int, model: AnswerLM, lm, tokenizer,
                      examples: list[Example], device, generations: bool, stop: Callable[[], bool]
                      ) -> tuple[list[tuple[float, int]], list[str], float]:
-    """``evaluate_generative``'s work in chunks, in the examples' order (one batch, then ``STOP_CHUNK`` batches at a
-    time), until ``stop()`` is true (asked before each batch after the first): the answer losses of the chunks
-    finished, the generations of their examples with a prompt, and the seconds an example took in them (a chunk cut
-    short counts in none). Generating is the slow part: on Natural Questions 0.48 s a question on one thread."""
-    pairs: list[tuple[float, int]] = []
-    written: list[str] = []
-    seconds = 0.0
-    while len(pairs) < len(examples):
-        start, began = len(pairs), time.perf_counter()
-        if start and stop():
-            break
-        part = examples[start:start + (STOP_CHUNK if start else 1) * settings.batch_size]
+    """``evaluate_generative``'s work by ``score_until``, each chunk's generations and answer losses together: those
+    of the chunks finished, and the seconds an example took in them. Generating is the slow part: on Natural
+    Questions 0.48 s a question on one thread."""
+    def score(part: list[Example], until: Callable[[], bool] | None):
         prompts = [e.prompt for e in part if e.prompt] if generations else []
+        if not prompts and until is not None and until():  # nothing to generate: asked once for the chunk
+            return None
         texts = generate(lm, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                          stop=stop_strings(settings.stop), batch_size=settings.batch_size, max_length=max_length,
-                         device=device, until=stop if start else None) if prompts else []
+                         device=device, until=until) if prompts else []
         if texts is None:
-            break
-        pairs += answer_nlls(model.eval(), tokenizer, part, settings.batch_size, max_length, device)
-        written += texts
-        seconds += time.perf_counter() - began
-    return pairs, written, seconds / max(len(pairs), 1)
+            return None
+        return answer_nlls(model.eval(), tokenizer, part, settings.batch_size, max_length, device), texts
+
+    chunks, pace = score_until(examples, settings.batch_size, stop, score)
+    return [p for pairs, _ in chunks for p in pairs], [t for _, texts in chunks for t in texts], pace

@@ -149,7 +149,7 @@ def test_a_stopped_generative_evaluation_scores_a_random_part_of_the_split(tiny_
     recipe = recipe_for("evaluate", model="tiny", task="arithmetic", limit=40, max_new_tokens=2, batch_size=4)
     tok, lm, cpu = load_tokenizer(tiny_model_dir), load_backbone(tiny_model_dir), torch.device("cpu")
     asked = count(1)
-    stopped = evaluate_lm(recipe, lm, tok, cpu, stop=lambda: next(asked) > 1 + STOP_CHUNK)  # true in chunk three
+    stopped = evaluate_lm(recipe, lm, tok, cpu, stop=lambda: next(asked) > STOP_CHUNK)  # true in chunk three
     n = 4 + 4 * STOP_CHUNK
     assert (stopped["examples"], stopped["examples_of"]) == (n, 40)
     examples = load_data(recipe.data, "test", tok)[:40]
