@@ -49,10 +49,11 @@ def overhead_share(runs: list[dict], search_s: float) -> float:
 
 def final_run_timing(train_dir: Path) -> dict:
     """A budgeted final run's length (steps.json: when it was set, and each move of its end), the seconds its last
-    checkpoint and export took after its last step, and its slowest checkpoint save."""
+    checkpoint and export took after its last step, its slowest checkpoint save, and the final evaluation it timed
+    (``eval_reserve``: the seconds it took back of the reserve)."""
     length, summary = train_dir / "steps.json", json.loads((train_dir / "train.json").read_text())
     return {"final_length": json.loads(length.read_text()) if length.is_file() else None,
-            **{key: summary.get(key) for key in ("closing_seconds", "longest_save_seconds")}}
+            **{key: summary.get(key) for key in ("closing_seconds", "longest_save_seconds", "eval_reserve")}}
 
 
 # what the zero-shot evaluation scored and took, and what it kept back for the final evaluation (a stopped one's

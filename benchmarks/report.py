@@ -125,6 +125,23 @@ def campaign_length(d):
                   "moves of its end", "final steps", "after the last step (checkpoint, export)", "test score"], rows)
 
 
+def final_eval_reserve(d):
+    """Budgeted campaigns on a generative task: the final evaluation's reserve read from the base model, what the final
+    run timed of it with its own adapter and took back, and what the final evaluation then took."""
+    rows = []
+    for r in d["rows"]:
+        probe, zero_shot = r.get("eval_reserve"), r["zero_shot_eval"]
+        timed = (f"step {probe['at_step']}: {probe['batch_examples']} questions in {probe['batch_seconds']:.1f} s, "
+                 f"{probe['test_batches']} batches → {probe['kept']:.0f} s kept, time limit +"
+                 f"{probe['reserve'] - probe['kept']:.0f} s" if probe else "not timed")
+        rows.append([r.get("arm", r["run"]), f"{r['wall_s']:.0f} s of {r['budget_s']:.0f} s",
+                     f"{zero_shot['reserve_seconds']:.0f} s", timed, f"{r['stage_seconds']['train']:.0f} s",
+                     f"{r['train_steps']}", f"{r['stage_seconds']['final_eval']:.0f} s",
+                     f"**{pct(r['final_accuracy'])}**"])
+    return table(["run", "campaign wall", "reserve read from the base model", "timed by the final run, taken back",
+                  "train stage", "final steps", "final evaluation", "test score"], rows)
+
+
 def job_budget(d):
     """Campaigns given ``campaign.budget: job`` in a real sbatch job: each run of the job against its time limit."""
     rows = []
@@ -774,6 +791,8 @@ TABLES = {
     "campaign-sst2-budget500-yield": ("campaign_sst2_budget500_yield", campaign_repeat),
     "campaign-nq-stop": ("campaign_nq_stop", campaign_repeat),
     "campaign-nq-before": ("campaign_nq_before", campaign_repeat),
+    "campaign-nq-probe": ("campaign_nq_probe", campaign_repeat),
+    "campaign-nq-reserve": ("campaign_nq_probe", final_eval_reserve),
     "job-budget": ("job_budget", job_budget),
     "campaign-length-chat": ("campaign_chat_retimed", campaign_length),
     "campaign-spare-zero-shot-sst2": ("campaign_sst2_spare_zero_shot", campaign_repeat),

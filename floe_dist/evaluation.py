@@ -210,7 +210,9 @@ def evaluate(recipe: Recipe, resources: Resources | None = None, per_example: bo
         lm.set_attn_implementation(m.attn_implementation)
         if m.adapter:
             load_adapter(lm, m.adapter)
+    scoring_start = time.time()
     result = evaluate_lm(recipe, lm, tokenizer, device, resources, per_example, ranks, generations, stop)
+    result.setdefault("scoring_seconds", time.time() - scoring_start)  # a stopped one's: its chunks' own
     result.update(ranks=ranks.world, partitioned=ranks.partitioned, model_bytes=full_bytes(lm),
                   rank_model_bytes=max(ranks.gather([held_bytes(lm)])))
     if e.lm_eval_task_list:

@@ -430,6 +430,10 @@ class TrainSection:
     time_limit: float | None = arg(None, "seconds this run may take from its start: it measures its steps and sets "
                                          "their number to what fits, the cooldown ending at the limit (the campaign "
                                          "sets it from campaign.budget); none: train.steps", resume="length")
+    eval_reserve: float | None = arg(None, "with time_limit: seconds kept after this run for a generative final "
+                                           "evaluation's scoring; four fifths in, the run times a batch of it with "
+                                           "its adapter and trains on in what it will not need (the campaign sets "
+                                           "it)", resume="length")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     balance_coef: float = arg(0.01, "weight of the Switch load-balancing loss (top-k routers)")
     split: Literal["train", "fit"] = arg("train", "training split: train, or fit (train minus the search's "
@@ -459,6 +463,9 @@ class TrainSection:
             found.append(f"train.lr must be > 0, got {self.lr}")
         if self.time_limit is not None and self.time_limit <= 0:
             found.append(f"train.time_limit must be > 0 seconds (or none), got {self.time_limit}")
+        if self.eval_reserve is not None and (self.eval_reserve <= 0 or self.time_limit is None):
+            found.append(f"train.eval_reserve must be > 0 seconds and goes with train.time_limit, got "
+                         f"{self.eval_reserve} (time_limit {self.time_limit})")
         if self.checkpoint_every < 0:
             found.append("train.checkpoint_every must be >= 0")
         if self.capacity_factor < 0:

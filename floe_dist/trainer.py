@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,7 +29,7 @@ from floe_dist.modeling.backbone import resolve_model
 from floe_dist.modeling.export import save_adapter
 from floe_dist.modeling.inject import adapter_modules, inject_adapters, lora_state_dict
 from floe_dist.modeling.lora_moe import compiled_router_ran
-from floe_dist.recipe import Recipe, marked, settings_of
+from floe_dist.recipe import Recipe, TrainSection, from_dict, marked, settings_of
 from floe_dist.resources import Resources
 from floe_dist.resume import guard
 from floe_dist.schedule import retimed
@@ -51,6 +52,10 @@ KEEP_FOR_SAVES = 0.03  # of the time left at each check of a time-limited run's 
 KEEP_AT_END = 0.01  # ... and at least this share of its limit, for the last checkpoint and the export after the last
 # check (``closing_seconds`` in train.json is what they took)
 RETIME_TOLERANCE = 0.02  # the share of its steps left by which a set length's end may miss its time limit unmoved
+RESERVE_PROBE_AT = 0.8  # of its steps, where a run given train.eval_reserve times the final evaluation: a wsd run's
+# cooldown starts there (decay_ratio 0.2), and its adapter writes answers as the final one will
+RESERVE_MARGIN = 1.25  # what the timed batch is scaled by for the whole split: its prompts are a random draw, the final
+# evaluation's are sorted longest first, and one batch's time varies with its longest answer
 UNSET = 10 ** 9  # a time-limited run's length before it is set: its schedule stays before the cooldown
 LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
 
@@ -58,6 +63,20 @@ LAYOUT_KEYS = marked("layout")  # what a portable checkpoint resumes under
 def run_settings(recipe: Recipe) -> dict:
     """``train_args.json``: the settings a run's checkpoints were made with, and the allocation file it trains."""
     return {**settings_of(recipe, SECTIONS), "allocate.file": recipe.allocate.file}
+
+
+def saved_train(settings: dict) -> TrainSection:
+    """The train section a run's ``train_args.json`` (``run_settings``) holds."""
+    return from_dict(TrainSection, {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("train.")})
+
+
+def same_warmup(saved_file: Path, train: TrainSection) -> set[str]:
+    """The warm-up's keys where the saved run warmed up for as many steps as ``train`` does: a budget (or a time
+    limit) fixes in ``warmup_steps`` what ``warmup_ratio`` x ``train.steps`` gave a run made without one, and a
+    campaign resumed with a budget continues that run."""
+    if not saved_file.is_file() or saved_train(json.loads(saved_file.read_text())).warmup != train.warmup:
+        return set()
+    return {"train.warmup_steps", "train.warmup_ratio"}
 
 
 def build_allocation(recipe: Recipe, num_layers: int) -> Allocation:
@@ -76,6 +95,7 @@ class Trainer:
         self.t0, self.out = time.time(), Path(output)
         self.longest_save = 0.0  # seconds of this run's slowest checkpoint save (``longest_save_seconds``)
         self.length_record = {}  # what STEPS_FILE holds: the length first set, when, and each move of it since
+        self.reserve_record = None  # train.eval_reserve: the final evaluation timed, and the seconds taken back
         if recipe.train.time_limit:  # the warm-up stays the one train.steps sets; the length is set by the clock
             if (self.out / STEPS_FILE).is_file():
                 self.length_record = json.loads((self.out / STEPS_FILE).read_text())
@@ -100,6 +120,10 @@ class Trainer:
         self.examples = res.examples(d, t.split, self.tokenizer)[: d.max_train_examples]
         if not self.examples:
             raise ValueError(f"data {d.name!r} has no training examples")
+        prompted = any(x.generative and x.prompt for x in self.examples)
+        if t.eval_reserve is not None and (layout.world_size > 1 or not prompted):
+            raise ValueError("train.eval_reserve times a generative final evaluation as one process runs it: give it "
+                             "to a run of one rank on prompted examples, or leave it unset")
         with main_rank_first():  # the others then read the tokenised rows rank 0 cached
             self.rows, self.truncated = res.tokenized((*data_key(d, t.split), d.max_train_examples), self.examples,
                                                       self.tokenizer, m.max_length, d.pack)
@@ -135,12 +159,13 @@ class Trainer:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = AnswerLM(lm, t.balance_coef)
         portable_resume = self.latest is not None and (self.ckpt_dir / self.latest / portable.FILE).is_file()
-        guard(self.out / "train_args.json", run_settings(self.recipe), what="checkpoints of a run", write=False,
-              may_change=RESUME_MAY_CHANGE | (LAYOUT_KEYS if portable_resume else set()),
+        saved = self.out / "train_args.json"
+        guard(saved, run_settings(self.recipe), what="checkpoints of a run", write=False,
+              may_change=RESUME_MAY_CHANGE | (LAYOUT_KEYS if portable_resume else set()) | same_warmup(saved, t),
               active=self.latest is not None)
         if layout.is_main:
             self.allocation.save(self.out / "allocation.json")  # `floe-dist export` rebuilds modules from these two
-            write_json_atomic(self.out / "train_args.json", run_settings(self.recipe))
+            write_json_atomic(saved, run_settings(self.recipe))
         self.engine, self.scheduler = ds.initialize(self.model, config, self.lr_factor())
         if self.experts:
             self.experts.attach(self.engine, config)
@@ -322,6 +347,43 @@ class Trainer:
             return measured >= 1
         return measured >= max(PROBE_STEPS, t.warmup) and seconds >= PROBE_SHARE * t.time_limit
 
+    def reserve_probe_due(self, step: int) -> bool:
+        t = self.recipe.train
+        return (t.eval_reserve is not None and self.reserve_record is None and self.fixed_steps is not None
+                and step >= RESERVE_PROBE_AT * t.end)
+
+    def take_back_reserve(self, step: int) -> None:
+        """Time one batch of the final evaluation's work (greedy generation and answer losses, as
+        floe_dist/evaluation.py runs them, on training prompts) with this run's adapter, and move train.time_limit
+        later by what train.eval_reserve holds beyond that pace for the test split (x RESERVE_MARGIN). The campaign
+        reads the reserve from the base model, which writes every token it may: on Natural Questions it kept 466 s
+        for a final evaluation that took 229 s."""
+        from floe_dist.evaluation import answer_nlls
+        from floe_dist.generation import generate, stop_strings
+
+        (t, m, d, _), e, device = self.sections, self.recipe.evaluate, self.layout.torch_device
+        tests = self.resources.examples(d, e.split, self.tokenizer)[: e.limit]
+        prompted = [x for x in self.examples if x.generative and x.prompt]
+        picked = np.random.default_rng(step).permutation(len(prompted))[: e.batch_size]
+        batch = [prompted[i] for i in picked]
+        began = time.perf_counter()
+        generate(self.lm, self.tokenizer, [x.prompt for x in batch], max_new_tokens=e.max_new_tokens,
+                 stop=stop_strings(e.stop), batch_size=e.batch_size, max_length=m.max_length, device=device)
+        self.engine.module.eval()
+        answer_nlls(self.engine, self.tokenizer, batch, e.batch_size, m.max_length, device)
+        seconds = time.perf_counter() - began
+        self.engine.module.train()
+        batches = -(-len(tests) // e.batch_size)
+        kept = min(t.eval_reserve, RESERVE_MARGIN * seconds * batches)
+        self.reserve_record = {"at_step": step, "batch_examples": len(batch), "batch_seconds": seconds,
+                               "test_batches": batches, "reserve": t.eval_reserve, "kept": kept,
+                               "time_limit": t.time_limit + t.eval_reserve - kept}
+        self.recipe = replace(self.recipe, train=replace(t, time_limit=self.reserve_record["time_limit"]))
+        self.sections = (self.recipe.train, *self.sections[1:])
+        print(f"final evaluation timed at step {step}: a batch of {len(batch)} took {seconds:.1f}s with this adapter, "
+              f"so about {kept:.0f}s for the {len(tests)} test examples (x{RESERVE_MARGIN}) of the "
+              f"{t.eval_reserve:.0f}s kept back: time limit {t.time_limit:.0f}s -> {self.recipe.train.time_limit:.0f}s")
+
     def fit(self) -> dict:
         t, m, d, p = self.sections
         start_step = self.resume()
@@ -344,6 +406,12 @@ class Trainer:
                 since_set = since_set or (step, time.perf_counter())
                 if step > since_set[0] and (step - since_set[0]) % RECHECK_EVERY == 0:
                     self.retime_to_time(step, (time.perf_counter() - since_set[1]) / (step - since_set[0]))
+            if self.reserve_probe_due(step):  # its seconds are no step's: the speed is measured again after it
+                speed = ((time.perf_counter() - since_set[1]) / (step - since_set[0])
+                         if since_set and step > since_set[0] else self.length_record["seconds_per_step"])
+                self.take_back_reserve(step)
+                self.retime_to_time(step, speed)
+                since_set = None
             if t is not self.recipe.train:
                 t = self.recipe.train
                 pbar.total = None if self.fixed_steps is None else t.end
@@ -384,7 +452,8 @@ class Trainer:
                    "trainable_parameters": trainable, "seconds": time.time() - self.t0, "resumed_from": start_step,
                    "step_seconds": self.step_seconds, "router": "compiled" if compiled_router_ran() else "eager",
                    "adapter_state_bytes_rank0": ds.local_state_bytes(self.engine)
-                   + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe)}
+                   + (self.experts.state_bytes() if self.experts else 0), "args": run_settings(self.recipe),
+                   **({"eval_reserve": self.reserve_record} if self.reserve_record else {})}
         with main_rank_first():  # every rank returns once the adapter is written (a trial's ranks then evaluate it)
             if layout.is_main:
                 save_adapter(self.out / "adapter", state, self.allocation,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from floe_dist.allocation import Allocation
 from floe_dist.files import write_json_atomic, write_text_atomic
-from floe_dist.recipe import Recipe, TrainSection, from_dict
+from floe_dist.recipe import Recipe
 from floe_dist.resume import changed_settings, describe
 
 HANDOFF = "handoff.json"
@@ -28,9 +28,9 @@ def global_batch(settings: dict) -> int:
 
 def lr_factors(settings: dict, steps: int) -> list[float]:
     """The learning-rate multipliers of a run's first steps (a time-limited run's before it sets its length)."""
-    from floe_dist.trainer import UNSET
+    from floe_dist.trainer import UNSET, saved_train
 
-    train = from_dict(TrainSection, {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("train.")})
+    train = saved_train(settings)
     factor = train.lr_factor(UNSET if train.time_limit else None)
     return [factor(step) for step in range(steps)]
 

@@ -42,6 +42,30 @@ def test_a_setting_added_since_the_work_was_saved_counts_as_changed_only_when_tu
         guard(saved, {"rank": 4, "pack": True}, what="a run")
 
 
+def test_a_run_made_without_a_budget_resumes_with_one_where_its_warm_up_is_the_same(tmp_path):
+    """A campaign given a budget only when it resumes fixes the warm-up in steps (``budgeted``, and the trainer under
+    a time limit) where the run made without one read ``warmup_ratio`` x ``train.steps``: the same 8 steps, so that
+    run's checkpoints resume (they were refused: "train.warmup_steps (None -> 8)"); another count is still refused."""
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from floe_dist.trainer import RESUME_MAY_CHANGE, UNSET, run_settings, same_warmup
+
+    recipe = load_recipe("tiny", ["--train.steps", "400", "--train.warmup_ratio", "0.02"])
+    saved = tmp_path / "train_args.json"
+    saved.write_text(json.dumps(run_settings(recipe)))  # the run without a budget
+    assert json.loads(saved.read_text())["train.warmup_steps"] is None
+
+    def resume(warmup_steps: int) -> None:
+        budgeted = replace(recipe.train, warmup_steps=warmup_steps, time_limit=300.0, steps=UNSET)
+        guard(saved, run_settings(replace(recipe, train=budgeted)), what="checkpoints of a run", write=False,
+              may_change=RESUME_MAY_CHANGE | same_warmup(saved, budgeted))
+
+    resume(8)
+    with pytest.raises(ValueError, match=r"train.warmup_steps \(None -> 20\)"):
+        resume(20)
+
+
 HOLD = ("import sys, time; from floe_dist.files import exclusive; hold = exclusive(sys.argv[1]); hold.__enter__(); "
         "print('held', flush=True); time.sleep(600)")
 

@@ -286,6 +286,28 @@ def test_a_spare_zero_shot_is_scaled_at_the_trials_pace_only_where_they_score_as
                                                              2.0 + 0.5 * 40)
 
 
+def test_the_final_run_may_take_back_the_scoring_part_of_a_generative_tasks_reserve(tmp_path):
+    """``train.eval_reserve``: the reserve less the zero-shot evaluation's loading, for a generative task whose final
+    run and final evaluation each run in one process; none for multiple choice (its reserve is read at a pace that
+    training does not change), on two ranks, or with lm-eval tasks (the trainer times the task's own scoring)."""
+    from dataclasses import replace
+
+    from floe_dist.recipe import load_recipe
+    from launcher.campaign import Campaign, generation_reserve
+
+    recipe = load_recipe("tiny", ["--parallel.nproc", "1", "--parallel.zero", "0", "--data.task", "arithmetic"])
+    c = Campaign(recipe, str(tmp_path))
+    c.eval_reserve = 30.0
+    generative = {"seconds": 12.0, "scoring_seconds": 10.0, "exact_match": 0.1, "accuracy": 0.1, "examples": 32,
+                  "examples_of": 8 * 32}  # stopped after one batch of a split of eight
+    assert generation_reserve(c, recipe, generative) == 30.0 - 2.0
+    assert generation_reserve(c, recipe, {**generative, "examples_of": 7 * 32}) is None  # too few batches to time one
+    assert generation_reserve(c, recipe, {"seconds": 12.0, "scoring_seconds": 10.0, "choice_loss": 0.6}) is None
+    two_ranks = replace(recipe, parallel=replace(recipe.parallel, nproc=2))
+    with_lm_eval = replace(recipe, evaluate=replace(recipe.evaluate, lm_eval_tasks="arc_easy"))
+    assert generation_reserve(c, two_ranks, generative) is generation_reserve(c, with_lm_eval, generative) is None
+
+
 def test_the_trials_validation_pace_is_their_median_seconds_an_example(tmp_path):
     from launcher.campaign import validation_pace
 

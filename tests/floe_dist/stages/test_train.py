@@ -430,6 +430,51 @@ def test_a_time_limited_run_moves_its_end_when_its_steps_slow_down_or_speed_up(t
     assert [recipe.train.lr * resumed(i) for i in range(since, fixed["steps"])] == pytest.approx(lrs[since:], rel=1e-6)
 
 
+def test_a_run_given_the_final_evaluations_reserve_times_it_and_trains_on_in_what_it_will_not_need(tmp_path,
+                                                                                                    monkeypatch):
+    """Four fifths in, a time-limited run given ``train.eval_reserve`` generates a batch of training prompts as the
+    final evaluation will and times it: what the reserve holds beyond that pace for the test split (x the margin)
+    moves its time limit later, and its end with it, the rate still falling to the last step. Without a prompted
+    task, or on two ranks, the setting is refused before anything is written."""
+    from dataclasses import replace
+
+    from floe_dist import trainer as trainer_module
+    from floe_dist.trainer import RESERVE_MARGIN, STEPS_FILE, Trainer
+
+    monkeypatch.setattr(trainer_module, "RECHECK_EVERY", 2)
+    recipe = recipe_for("train", model="tiny", steps=8, zero="0", micro_batch=2, checkpoint_every=0,
+                        data__task="arithmetic", evaluate__limit=16, evaluate__batch_size=8,
+                        evaluate__max_new_tokens=4, train__time_limit=3.0, train__eval_reserve=4.0,
+                        train__warmup_steps=1, train__report_to="none")
+    trainer = Trainer(recipe, str(tmp_path))
+    step = trainer.step
+
+    def paced(i):
+        time.sleep(0.05)
+        return step(i)
+
+    trainer.step = paced
+    trainer.t0 = time.time()  # the limit from the first step: a busy machine's setup would leave it no time
+    trainer.fit()
+    record = json.loads((tmp_path / "train.json").read_text())["eval_reserve"]
+    fixed = json.loads((tmp_path / STEPS_FILE).read_text())
+    assert record["batch_examples"] == 8 and record["test_batches"] == 2  # 16 test examples, 8 a batch
+    assert record["kept"] == pytest.approx(min(4.0, RESERVE_MARGIN * record["batch_seconds"] * 2))
+    assert record["time_limit"] == pytest.approx(3.0 + 4.0 - record["kept"]) and record["kept"] < 4.0
+    moves = fixed.get("retimed", [])
+    before = [m for m in moves if m["at_step"] < record["at_step"]]
+    length_then = before[-1]["steps"] if before else fixed["retimed"][0]["from"]
+    assert fixed["set_at_step"] <= record["at_step"] and record["at_step"] >= 0.8 * length_then
+    moved = [m for m in moves if m["at_step"] == record["at_step"]]
+    assert moved and moved[-1]["steps"] > moved[-1]["from"]  # the seconds taken back: more steps, at once
+    lrs = [m["lr"] for m in read_metrics(tmp_path)]
+    assert len(lrs) == fixed["steps"] and all(a > b for a, b in zip(lrs[fixed["set_at_step"] - 1:],
+                                                                  lrs[fixed["set_at_step"]:])) and lrs[-1] > 0
+    with pytest.raises(ValueError, match="train.eval_reserve times a generative final evaluation"):
+        Trainer(replace(recipe, data=replace(recipe.data, task="sst2")), str(tmp_path / "choice"))
+    assert not (tmp_path / "choice").exists()
+
+
 def test_a_moved_end_stretches_or_squeezes_the_rest_of_the_schedule():
     """Moving a cosine run's end at step 50 (of 100) to 80, then at 60 to 130, then at its last step to 140: the rate
     at each move is the one the step had, every later step's is lower than the one before, and the curve ends where
