@@ -50,7 +50,8 @@ def write_result(name: str, rows: list[dict], merge_key: str | None = None, **ex
     """Write benchmarks/results/<name>.json: the rows, the command line, machine and versions.
 
     With ``merge_key``, rows of the existing file whose key this run did not measure are kept (a script
-    run once per preset or batch size fills one table); they keep their own provenance and command."""
+    run once per preset or batch size fills one table; a row without the key, run before arms were named, too);
+    they keep their own provenance and command."""
     RESULTS.mkdir(exist_ok=True)
     command = " ".join(["python", *sys.argv])
     path = RESULTS / f"{name}.json"
@@ -58,7 +59,7 @@ def write_result(name: str, rows: list[dict], merge_key: str | None = None, **ex
         old = json.loads(path.read_text())
         mine = {row[merge_key] for row in rows}
         kept = [{"provenance": old["provenance"], "command": old["command"], **row}
-                for row in old["rows"] if row[merge_key] not in mine]
+                for row in old["rows"] if row.get(merge_key) not in mine]
         rows = [*kept, *({"provenance": "measured by the script", "command": command, **row} for row in rows)]
         carried = ("rows", "command", "provenance", "script", "machine", "versions")  # this run's own, below
         extra = {**{k: v for k, v in old.items() if k not in carried}, **extra}
