@@ -45,8 +45,9 @@ HOW_TO_RUN = (marked("runs", "observes") - {"parallel.nproc", "parallel.nodes"})
                                                                                    "campaign.search_share"}
 JOB_END_MARGIN = 60.0  # of an sbatch job's time left, kept for the campaign to end in: summary, srun steps' teardown
 START_MARGIN = 8.0  # seconds a launched stage takes to start its processes before its own clock runs (4 s measured)
-RESERVE_PROBE_BATCHES = 8  # test batches from which the final run times one (train.eval_reserve): it then costs at
-# most an eighth of the evaluation (Natural Questions' 36 batches took 229 s of the 466 s read from the base model)
+RESERVE_PROBE_BATCHES = 8  # test batches from which the final run times one (train.eval_reserve): the timing then
+# costs at most an eighth of the evaluation; the arithmetic recipe's 7 took 15-20 s against a zero-shot evaluation's
+# 19-22 s (campaign_vs_peft_arithmetic_packed.json), a gap of about what timing a batch would cost
 FORKED_START_MARGIN = 2.0  # the same forked from the zygote (the tiny campaign's whole final run: 1.8 s, measured)
 RESULT_FILES = {"prepare": "prepare.json", "zero_shot": "zero_shot.json", "allocate": "allocate_stage.json",
                 "search": "search_stage.json", "train": "train_stage.json", "final_eval": "final_eval.json"}
