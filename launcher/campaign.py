@@ -528,8 +528,8 @@ def train_time(c: Campaign) -> float:
 
 def generation_reserve(c: Campaign, recipe: Recipe, zero_shot: dict) -> float | None:
     """What the final run may take back of the final evaluation's reserve (``train.eval_reserve``: its scoring part,
-    loading left out): where the task generates, which the base model does to the last token allowed, the final
-    run and evaluation each run in one process (the trainer times a batch as the evaluation will run it), and the
+    loading left out): where the task generates, which the base model did more slowly than the trained one, the
+    final run and evaluation each run in one process (the trainer times a batch as the evaluation will run it), and the
     test split holds RESERVE_PROBE_BATCHES batches or more."""
     single = recipe.parallel.nproc * recipe.parallel.nodes == 1 and not on_ranks(recipe)
     examples = zero_shot.get("examples_of", zero_shot.get("examples", 0))
