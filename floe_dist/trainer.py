@@ -353,26 +353,22 @@ class Trainer:
                 and step >= RESERVE_PROBE_AT * t.end)
 
     def take_back_reserve(self, step: int) -> None:
-        """Time one batch of the final evaluation's work (greedy generation and answer losses, as
-        floe_dist/evaluation.py runs them, on training prompts) with this run's adapter, and move train.time_limit
+        """Time one batch of the final evaluation's work (``evaluate_generative``: greedy generation and answer
+        losses, on a random batch of training prompts) with this run's adapter, and move train.time_limit
         later by what train.eval_reserve holds beyond that pace for the test split (x RESERVE_MARGIN). The campaign
         reads the reserve from the base model, which generated a batch of Natural Questions in 30.6 s on one thread
         where the trained one took 6.8-7.8 s on two: it kept 466 s there for a final evaluation that took 229 s."""
-        from floe_dist.evaluation import answer_nlls
-        from floe_dist.generation import generate, stop_strings
+        from floe_dist.evaluation import evaluate_generative
 
-        (t, m, d, _), e, device = self.sections, self.recipe.evaluate, self.layout.torch_device
+        (t, m, d, _), e = self.sections, self.recipe.evaluate
         tests = self.resources.examples(d, e.split, self.tokenizer)[: e.limit]
         prompted = [x for x in self.examples if x.generative and x.prompt]
         picked = np.random.default_rng(step).permutation(len(prompted))[: e.batch_size]
         batch = [prompted[i] for i in picked]
         began = time.perf_counter()
-        generate(self.lm, self.tokenizer, [x.prompt for x in batch], max_new_tokens=e.max_new_tokens,
-                 stop=stop_strings(e.stop), batch_size=e.batch_size, max_length=m.max_length, device=device)
-        self.engine.module.eval()
-        answer_nlls(self.engine, self.tokenizer, batch, e.batch_size, m.max_length, device)
+        evaluate_generative(e, m.max_length, self.model, self.lm, self.tokenizer, batch, self.layout.torch_device)
         seconds = time.perf_counter() - began
-        self.engine.module.train()
+        self.model.train()
         batches = -(-len(tests) // e.batch_size)
         kept = min(t.eval_reserve, RESERVE_MARGIN * seconds * batches)
         self.reserve_record = {"at_step": step, "batch_examples": len(batch), "batch_seconds": seconds,
